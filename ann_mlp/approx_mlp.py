@@ -1,0 +1,121 @@
+"""ApproxMLP: an MLP computed from the top-k keys a MIPS index retrieves.
+
+y = sum over retrieved i of act(k_i . x + b_i) [* (u_i . x + c_i)] * v_i + out_bias
+
+First layer: the index returns the top-k keys of [x; 1] against [k_i; b_i].
+Second layer: one fused weighted sum of k value rows (embedding_bag).
+With k = d_ff and an exhaustive index this is the exact MLP.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+from ann_mlp.checkpoint.base import MlpWeights
+from ann_mlp.errors import InputError
+from ann_mlp.index.base import MipsIndex
+
+
+def augmented_keys(weights: MlpWeights) -> np.ndarray:
+    """[k_i; b_i] rows: (d_ff, d_model + 1) float32, the vectors every index holds."""
+    bias = weights.key_bias if weights.key_bias is not None else torch.zeros(weights.d_ff)
+    return torch.cat([weights.keys.float(), bias.float()[:, None]], dim=1).numpy()
+
+
+def augmented_queries(x: torch.Tensor) -> np.ndarray:
+    """[x; 1] rows: (N, d_model) -> (N, d_model + 1) float32, matching augmented_keys."""
+    return torch.cat([x.float(), x.new_ones(x.shape[0], 1, dtype=torch.float32)], dim=1).numpy()
+
+
+def rows_dot(rows: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor,
+             x: torch.Tensor, max_gathered: int = 1 << 22) -> torch.Tensor:
+    """Inner products of each query with its own selected rows, plus bias.
+
+    rows (d_ff, d_model), ids (N, k), x (N, d_model) -> (N, k). Queries are taken
+    in chunks so the gathered (chunk, k, d_model) block stays bounded.
+    """
+    n, k = ids.shape
+    chunk = max(1, max_gathered // max(1, k * rows.shape[1]))
+    out = torch.empty(n, k, dtype=torch.float32)
+    for start in range(0, n, chunk):
+        stop = start + chunk
+        gathered = rows[ids[start:stop]].float()  # (chunk, k, d_model)
+        out[start:stop] = torch.einsum("nkd,nd->nk", gathered, x[start:stop])
+    if bias is not None:
+        out += bias.float()[ids]
+    return out
+
+
+@dataclass
+class SearchStats:
+    """Counters accumulated over forward calls (reset by the caller)."""
+
+    queries: int = 0
+    keys_scored: int = 0
+    bytes_read: int = 0
+    search_seconds: float = 0.0
+    total_seconds: float = 0.0
+
+    def reset(self) -> None:
+        self.__init__()
+
+
+class ApproxMLP(nn.Module):
+    """Drop-in replacement for one MLP: same input and output shape (..., d_model)."""
+
+    def __init__(self, weights: MlpWeights, index: MipsIndex, k: int,
+                 search_params: dict | None = None) -> None:
+        super().__init__()
+        if not 1 <= k <= weights.d_ff:
+            raise InputError(f"k must be in [1, d_ff={weights.d_ff}], got {k}")
+        self.weights = weights
+        self.index = index
+        self.k = k
+        self.search_params = dict(search_params or {})
+        self.act = ACT2FN[weights.activation]
+        # embedding_bag gathers rows of a contiguous (d_ff, d_model) table.
+        self.value_rows = weights.values.float().contiguous()  # (d_ff, d_model)
+        self.stats = SearchStats()
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, index={self.index}, search={self.search_params}"
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        w = self.weights
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, w.d_model).float()  # (N, d_model)
+
+        search_start = time.perf_counter()
+        result = self.index.search(augmented_queries(x), self.k, **self.search_params)
+        search_seconds = time.perf_counter() - search_start
+
+        ids = torch.from_numpy(result.ids)  # (N, k), -1 = nothing found
+        found = ids >= 0  # (N, k)
+        ids = ids.clamp_min(0)
+        if self.index.exact_scores:
+            scores = torch.from_numpy(result.scores)  # (N, k)
+        else:
+            scores = rows_dot(w.keys, w.key_bias, ids, x)  # (N, k)
+        activations = self.act(scores)  # (N, k)
+        if w.gated:
+            activations = activations * rows_dot(w.up, w.up_bias, ids, x)  # (N, k)
+        activations = torch.where(found, activations, torch.zeros_like(activations))
+        y = F.embedding_bag(ids, self.value_rows, per_sample_weights=activations, mode="sum")  # (N, d_model)
+        if w.out_bias is not None:
+            y = y + w.out_bias
+
+        stats = self.stats
+        stats.queries += x.shape[0]
+        stats.keys_scored += result.keys_scored
+        stats.bytes_read += result.bytes_read
+        stats.search_seconds += search_seconds
+        stats.total_seconds += time.perf_counter() - start
+        return y.reshape(shape).to(hidden_states.dtype)

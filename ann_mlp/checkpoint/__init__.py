@@ -1,0 +1,137 @@
+"""Load a checkpoint (folder of safetensors, GGUF file, or built-in name) with its family adapter."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ann_mlp.checkpoint.base import FamilyAdapter, MlpWeights, ModelKind
+from ann_mlp.checkpoint.bert import BertAdapter
+from ann_mlp.checkpoint.builtin import BUILTIN_CHECKPOINTS, resolve_builtin
+from ann_mlp.checkpoint.gpt2 import Gpt2Adapter
+from ann_mlp.checkpoint.llama import LlamaAdapter
+from ann_mlp.checkpoint.opt import OptAdapter
+from ann_mlp.checkpoint.t5 import T5Adapter
+from ann_mlp.errors import CheckpointError
+
+__all__ = ["Checkpoint", "FamilyAdapter", "MlpWeights", "ModelKind", "load_checkpoint",
+           "resolve_checkpoint", "sha256_file", "BUILTIN_CHECKPOINTS"]
+
+log = logging.getLogger(__name__)
+
+ADAPTERS: dict[str, type[FamilyAdapter]] = {
+    model_type: adapter
+    for adapter in (BertAdapter, Gpt2Adapter, OptAdapter, T5Adapter, LlamaAdapter)
+    for model_type in adapter.model_types
+}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class CheckpointSource:
+    """Where the weights came from, and their checksums (for store verification)."""
+
+    spec: str  # what the user typed: a path or a built-in name
+    folder: Path  # what from_pretrained is pointed at
+    gguf_file: str | None  # file name inside `folder` for GGUF checkpoints
+    weight_files: dict[str, str]  # file name -> sha256
+
+    def to_json(self) -> dict:
+        return {"spec": self.spec, "path": str(self.folder), "gguf_file": self.gguf_file,
+                "weight_files": self.weight_files}
+
+
+@dataclass
+class Checkpoint:
+    model: nn.Module
+    tokenizer: object
+    adapter: FamilyAdapter
+    family: str  # config.model_type
+    source: CheckpointSource
+
+    @property
+    def kind(self) -> ModelKind:
+        return self.adapter.kind
+
+    @property
+    def num_layers(self) -> int:
+        return self.adapter.num_layers()
+
+
+def resolve_checkpoint(spec: str) -> CheckpointSource:
+    """Find the weight files for `spec` and checksum them; refuse pickles. No model is loaded."""
+    path = resolve_builtin(spec) if spec in BUILTIN_CHECKPOINTS else Path(spec).expanduser()
+    if not path.exists():
+        raise CheckpointError(
+            f"checkpoint {spec!r} not found (a folder, a .gguf file, or one of: "
+            f"{', '.join(BUILTIN_CHECKPOINTS)})")
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return CheckpointSource(spec, path.parent.resolve(), path.name,
+                                    {path.name: sha256_file(path)})
+        if path.suffix in PICKLE_SUFFIXES:
+            raise CheckpointError(f"refusing pickled weights {path.name}: convert them to safetensors")
+        raise CheckpointError(f"{path} is not a checkpoint folder or a .gguf file")
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} has no config.json: not a Hugging Face model folder")
+    weights = sorted(p for p in path.glob("*.safetensors"))
+    if not weights:
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise CheckpointError(
+                f"refusing pickled weights in {path} ({', '.join(pickles)}): only safetensors or GGUF are loaded")
+        raise CheckpointError(f"{path} has no .safetensors weights")
+    return CheckpointSource(spec, path.resolve(), None,
+                            {p.name: sha256_file(p) for p in weights})
+
+
+def _model_type(source: CheckpointSource) -> str:
+    if source.gguf_file is None:
+        config = json.loads((source.folder / "config.json").read_text())
+        return config.get("model_type", "")
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(source.folder, gguf_file=source.gguf_file).model_type
+
+
+def load_checkpoint(spec: str | CheckpointSource) -> Checkpoint:
+    """Load weights (fp32, eval mode) and tokenizer; pick the family adapter by model_type."""
+    import transformers
+
+    source = spec if isinstance(spec, CheckpointSource) else resolve_checkpoint(spec)
+    family = _model_type(source)
+    adapter_cls = ADAPTERS.get(family)
+    if adapter_cls is None:
+        raise CheckpointError(
+            f"unsupported model family {family!r}; supported: {', '.join(sorted(ADAPTERS))}")
+    auto = {"encoder": transformers.AutoModel, "causal_lm": transformers.AutoModelForCausalLM,
+            "seq2seq": transformers.AutoModelForSeq2SeqLM}[adapter_cls.kind]
+    gguf = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    # use_safetensors=True: never fall back to a pickled file next to the weights.
+    weights = gguf or {"use_safetensors": True}
+    log.info("loading %s (%s) from %s", source.spec, family, source.folder)
+    try:
+        model = auto.from_pretrained(source.folder, dtype=torch.float32, **weights)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source.folder, **gguf)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot load {source.spec}: {err}".splitlines()[0]) from err
+    model.eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return Checkpoint(model=model, tokenizer=tokenizer, adapter=adapter_cls(model),
+                      family=family, source=source)
+

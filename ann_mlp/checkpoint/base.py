@@ -1,0 +1,84 @@
+"""What every family adapter yields, and the interface adapters implement."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from torch import nn
+
+ModelKind = Literal["encoder", "causal_lm", "seq2seq"]
+
+
+@dataclass(frozen=True)
+class MlpWeights:
+    """One MLP layer as y = values^T act(keys x + key_bias) + out_bias.
+
+    Gated MLPs (SwiGLU, GEGLU) compute act(keys x) * (up x); `keys` then holds
+    the gate rows, which are what the index retrieves by.
+    All tensors are views of the model's own parameters where the layout allows.
+    """
+
+    keys: torch.Tensor  # (d_ff, d_model)
+    key_bias: torch.Tensor | None  # (d_ff,)
+    values: torch.Tensor  # (d_ff, d_model)
+    out_bias: torch.Tensor | None  # (d_model,)
+    activation: str  # a key of transformers.activations.ACT2FN
+    up: torch.Tensor | None = None  # (d_ff, d_model), gated MLPs only
+    up_bias: torch.Tensor | None = None  # (d_ff,)
+
+    def __post_init__(self) -> None:
+        d_ff, d_model = self.keys.shape
+        assert self.values.shape == (d_ff, d_model), (self.values.shape, self.keys.shape)
+        assert self.key_bias is None or self.key_bias.shape == (d_ff,)
+        assert self.out_bias is None or self.out_bias.shape == (d_model,)
+        assert self.up is None or self.up.shape == (d_ff, d_model)
+        assert self.up_bias is None or self.up is not None
+
+    @property
+    def d_model(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def d_ff(self) -> int:
+        return self.keys.shape[0]
+
+    @property
+    def gated(self) -> bool:
+        return self.up is not None
+
+
+class FamilyAdapter(ABC):
+    """Knows where one model family keeps its MLPs and how to swap them.
+
+    `replace` returns the module path to set to the approximate MLP, and the
+    paths to set to identity, because some families (BERT, OPT) split the MLP
+    over modules that also do other work (residual + LayerNorm).
+    """
+
+    model_types: ClassVar[tuple[str, ...]]
+    kind: ClassVar[ModelKind]
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    @abstractmethod
+    def num_layers(self) -> int: ...
+
+    @abstractmethod
+    def mlp_weights(self, layer: int) -> MlpWeights: ...
+
+    @abstractmethod
+    def mlp_input_path(self, layer: int) -> str:
+        """Module whose *input* is the MLP input x (hook point for calibration)."""
+
+    @abstractmethod
+    def mlp_output_path(self, layer: int) -> str:
+        """Module whose *output* is the MLP output y, before any residual add."""
+
+    @abstractmethod
+    def replacement(self, layer: int) -> tuple[str, tuple[str, ...]]:
+        """(path that takes the ApproxMLP, paths that become nn.Identity)."""
+

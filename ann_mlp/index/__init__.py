@@ -1,0 +1,36 @@
+"""Registry of MIPS backends: `make_index(name, keys)` and `load_index(...)`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ann_mlp.errors import BackendError
+from ann_mlp.index.base import MipsIndex, SearchResult
+from ann_mlp.index.exact import ExactIndex
+from ann_mlp.index.faiss_hnsw import HnswIndex
+from ann_mlp.index.faiss_ivf import IvfIndex
+from ann_mlp.index.faiss_pq import PqRefineIndex
+from ann_mlp.index.scann_index import ScannIndex
+
+__all__ = ["BACKENDS", "MipsIndex", "SearchResult", "backend_class", "build_index"]
+
+BACKENDS: dict[str, type[MipsIndex]] = {
+    cls.name: cls for cls in (ExactIndex, IvfIndex, HnswIndex, PqRefineIndex, ScannIndex)
+}
+
+
+def backend_class(name: str) -> type[MipsIndex]:
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise BackendError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}") from None
+
+
+def build_index(name: str, keys: np.ndarray, **build_params: Any) -> MipsIndex:
+    cls = backend_class(name)
+    try:
+        return cls.build(np.ascontiguousarray(keys, dtype=np.float32), **build_params)
+    except (TypeError, KeyError, RuntimeError) as err:
+        raise BackendError(f"cannot build {name} with {build_params}: {err}") from err

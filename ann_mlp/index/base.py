@@ -1,0 +1,94 @@
+"""The MIPS index interface every backend implements.
+
+Backends see only augmented vectors: keys [k_i; b_i] and queries [x; 1], both
+(·, D) float32 with D = d_model + 1, never normalised (key norms matter for
+inner products). Build parameters are fixed at build time; the search effort is
+a query-time parameter, so one built index can be swept or tuned.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+BYTES_PER_FLOAT = 4
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    scores: np.ndarray  # (N, k) float32; exact inner products iff the index has exact_scores
+    ids: np.ndarray  # (N, k) int64; -1 where fewer than k keys were found
+    keys_scored: int  # keys whose score was computed, at any precision, summed over the N queries
+    bytes_read: int  # index bytes read to choose the candidates, summed over the N queries
+
+
+class MipsIndex(ABC):
+    """Top-k maximum inner product search over the rows of one key matrix."""
+
+    name: ClassVar[str]  # registry key, as typed on the command line
+    effort_param: ClassVar[str]  # the query-time knob that trades speed for recall
+    exact_scores: ClassVar[bool]  # True when returned scores are full-precision inner products
+
+    def __init__(self, num_keys: int, dim: int, build_params: dict[str, Any],
+                 search_params: dict[str, Any]) -> None:
+        self.num_keys = num_keys
+        self.dim = dim
+        self.build_params = dict(build_params)
+        self.search_params = dict(search_params)
+
+    # -- construction -------------------------------------------------------
+    @classmethod
+    def default_build_params(cls, num_keys: int, dim: int) -> dict[str, Any]:
+        """Build parameters as a pure function of the data's size."""
+        return {}
+
+    @classmethod
+    @abstractmethod
+    def build(cls, keys: np.ndarray, **build_params: Any) -> "MipsIndex":
+        """keys: (num_keys, D) float32, augmented with the bias column."""
+
+    # -- query --------------------------------------------------------------
+    @abstractmethod
+    def effort_range(self, k: int) -> tuple[int, int]:
+        """Smallest and largest meaningful values of `effort_param` for top-k."""
+
+    @abstractmethod
+    def search(self, queries: np.ndarray, k: int, **search_params: Any) -> SearchResult:
+        """queries: (N, D) float32. Unset search params fall back to self.search_params."""
+
+    def _effort(self, k: int, overrides: dict[str, Any]) -> int:
+        unknown = set(overrides) - {self.effort_param}
+        if unknown:
+            from ann_mlp.errors import BackendError
+
+            raise BackendError(f"{self.name} has no search parameter {', '.join(sorted(unknown))}"
+                               f" (it has {self.effort_param})")
+        effort = overrides.get(self.effort_param)
+        if effort is None:
+            effort = self.search_params.get(self.effort_param, self.effort_range(k)[1])
+        lo, hi = self.effort_range(k)
+        return int(min(max(int(effort), lo), hi))
+
+    # -- persistence ----------------------------------------------------------
+    @abstractmethod
+    def save(self, folder: Path, stem: str) -> list[str]:
+        """Write the index under folder; return the file names written (relative)."""
+
+    @classmethod
+    @abstractmethod
+    def load(cls, folder: Path, stem: str, num_keys: int, dim: int,
+             build_params: dict[str, Any], search_params: dict[str, Any]) -> "MipsIndex":
+        """Read what save() wrote. Never unpickles."""
+
+    def __str__(self) -> str:
+        params = ", ".join(f"{k}={v}" for k, v in {**self.build_params, **self.search_params}.items())
+        return f"{type(self).__name__}({params})"
+
+    @property
+    def full_scan_bytes(self) -> int:
+        """Bytes of an exhaustive full-precision scan, per query: the cost baseline."""
+        return self.num_keys * self.dim * BYTES_PER_FLOAT

@@ -1,0 +1,55 @@
+"""faiss IVF-Flat with inner product: k-means lists over the keys, probe `nprobe` of them."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import faiss
+import numpy as np
+
+from ann_mlp.index.base import BYTES_PER_FLOAT, SearchResult
+from ann_mlp.index.faiss_base import FaissIndex
+
+
+class IvfIndex(FaissIndex):
+    name = "ivf"
+    effort_param = "nprobe"
+    exact_scores = True  # IVF-Flat scores the candidates at full precision
+
+    def __init__(self, index, build_params, search_params) -> None:
+        super().__init__(index, build_params, search_params)
+        self.ivf = faiss.extract_index_ivf(index)
+        self.list_sizes = np.array([self.ivf.invlists.list_size(i) for i in range(self.ivf.nlist)])
+
+    @classmethod
+    def default_build_params(cls, num_keys: int, dim: int) -> dict[str, Any]:
+        # ~1.5 sqrt(n) lists, a power of two: 64 lists of 24 keys for d_ff = 1536.
+        nlist = 2 ** round(math.log2(1.5 * math.sqrt(num_keys)))
+        return {"nlist": int(min(max(nlist, 4), num_keys))}
+
+    @classmethod
+    def build(cls, keys: np.ndarray, **build_params: Any) -> "IvfIndex":
+        params = {**cls.default_build_params(*keys.shape), **build_params}
+        quantizer = faiss.IndexFlatIP(keys.shape[1])
+        index = faiss.IndexIVFFlat(quantizer, keys.shape[1], params["nlist"],
+                                   faiss.METRIC_INNER_PRODUCT)
+        index.cp.min_points_per_centroid = 1  # MLPs have few keys per list; that is expected
+        index.train(keys)
+        index.add(keys)
+        return cls(index, params, {})
+
+    def effort_range(self, k: int) -> tuple[int, int]:
+        return (1, self.ivf.nlist)
+
+    def search(self, queries: np.ndarray, k: int, **search_params: Any) -> SearchResult:
+        nprobe = self._effort(k, search_params)
+        # Assign first, then search the assigned lists: the same work as search(),
+        # and it tells exactly how many keys were scored, without global counters.
+        centroid_scores, lists = self.ivf.quantizer.search(queries, nprobe)  # (N, nprobe)
+        params = faiss.SearchParametersIVF(nprobe=nprobe)
+        scores, ids = self.ivf.search_preassigned(queries, k, lists, centroid_scores, params=params)
+        keys_scored = int(self.list_sizes[lists[lists >= 0]].sum())
+        centroid_count = queries.shape[0] * self.ivf.nlist
+        return SearchResult(scores, ids, keys_scored,
+                            (keys_scored + centroid_count) * self.dim * BYTES_PER_FLOAT)

@@ -1,0 +1,89 @@
+"""ScaNN (optional extra `scann`): k-means leaves, anisotropic 4-bit scoring, exact re-order."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ann_mlp.errors import BackendError
+from ann_mlp.index.base import BYTES_PER_FLOAT, MipsIndex, SearchResult
+
+ASSETS = "scann_assets.pbtxt"
+
+
+def _scann():
+    try:
+        from scann.scann_ops.py import scann_ops_pybind
+    except ImportError as err:
+        raise BackendError("the scann backend needs the optional extra: pip install 'ann-mlp[scann]'") from err
+    return scann_ops_pybind
+
+
+class ScannIndex(MipsIndex):
+    name = "scann"
+    effort_param = "leaves_to_search"
+    exact_scores = True  # the re-order stage scores candidates at full precision
+
+    def __init__(self, searcher, num_keys: int, dim: int, build_params, search_params) -> None:
+        super().__init__(num_keys, dim, build_params, search_params)
+        self.searcher = searcher
+
+    @classmethod
+    def default_build_params(cls, num_keys: int, dim: int) -> dict[str, Any]:
+        num_leaves = 2 ** round(math.log2(1.5 * math.sqrt(num_keys)))
+        return {"num_leaves": int(min(max(num_leaves, 4), num_keys)),
+                "dims_per_block": 2, "anisotropic_threshold": 0.2, "reorder_factor": 4}
+
+    @classmethod
+    def build(cls, keys: np.ndarray, **build_params: Any) -> "ScannIndex":
+        params = {**cls.default_build_params(*keys.shape), **build_params}
+        searcher = (
+            _scann().builder(keys, 10, "dot_product")
+            .tree(num_leaves=params["num_leaves"], num_leaves_to_search=params["num_leaves"],
+                  training_sample_size=keys.shape[0])
+            .score_ah(params["dims_per_block"], anisotropic_quantization_threshold=params["anisotropic_threshold"])
+            .reorder(keys.shape[0])
+            .build()
+        )
+        return cls(searcher, keys.shape[0], keys.shape[1], params, {})
+
+    def effort_range(self, k: int) -> tuple[int, int]:
+        return (1, self.build_params["num_leaves"])
+
+    def search(self, queries: np.ndarray, k: int, **search_params: Any) -> SearchResult:
+        leaves = self._effort(k, search_params)
+        reorder = min(self.num_keys, self.build_params["reorder_factor"] * k)
+        ids, scores = self.searcher.search_batched(
+            queries, final_num_neighbors=k, pre_reorder_num_neighbors=reorder, leaves_to_search=leaves)
+        ids = ids.astype(np.int64)
+        if ids.shape[1] < k:  # fewer keys in the searched leaves than k
+            pad = k - ids.shape[1]
+            ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+            scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+        n_queries = queries.shape[0]
+        # Leaves are balanced by k-means only on average: count the expected keys per leaf.
+        scanned = n_queries * self.num_keys * leaves / self.build_params["num_leaves"]
+        code_bytes = scanned * math.ceil(self.dim / self.build_params["dims_per_block"]) / 2
+        centroid_bytes = n_queries * self.build_params["num_leaves"] * self.dim * BYTES_PER_FLOAT
+        rerank_bytes = n_queries * reorder * self.dim * BYTES_PER_FLOAT
+        return SearchResult(scores.astype(np.float32), ids, int(scanned),
+                            int(code_bytes + centroid_bytes + rerank_bytes))
+
+    def save(self, folder: Path, stem: str) -> list[str]:
+        target = folder / stem
+        target.mkdir()
+        # relative asset paths, so the store can be renamed into place after writing
+        self.searcher.serialize(str(target), relative_path=True)
+        return sorted(str(p.relative_to(folder)) for p in target.iterdir())
+
+    @classmethod
+    def load(cls, folder, stem, num_keys, dim, build_params, search_params) -> "ScannIndex":
+        ops = _scann()
+        target = Path(folder) / stem
+        # Build the searcher from its assets directly: scann's load_searcher would
+        # unpickle a docids file if one were present.
+        native = ops.scann_pybind.ScannNumpy(str(target), (target / ASSETS).read_text())
+        return cls(ops.ScannSearcher(native), num_keys, dim, build_params, search_params)
