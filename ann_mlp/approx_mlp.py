@@ -20,7 +20,7 @@ from transformers.activations import ACT2FN
 
 from ann_mlp.checkpoint.base import MlpWeights
 from ann_mlp.errors import InputError
-from ann_mlp.index.base import MipsIndex
+from ann_mlp.index.base import MipsIndex, SearchResult
 
 
 def augmented_keys(weights: MlpWeights) -> np.ndarray:
@@ -88,6 +88,10 @@ class ApproxMLP(nn.Module):
         return f"k={self.k}, index={self.index}, search={self.search_params}"
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_selection(hidden_states)[0]
+
+    def forward_with_selection(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, SearchResult]:
+        """(output (..., d_model), retrieved ids (N, k) with -1 for none, the raw search result)."""
         start = time.perf_counter()
         w = self.weights
         shape = hidden_states.shape
@@ -97,9 +101,9 @@ class ApproxMLP(nn.Module):
         result = self.index.search(augmented_queries(x), self.k, **self.search_params)
         search_seconds = time.perf_counter() - search_start
 
-        ids = torch.from_numpy(result.ids)  # (N, k), -1 = nothing found
-        found = ids >= 0  # (N, k)
-        ids = ids.clamp_min(0)
+        retrieved = torch.from_numpy(result.ids)  # (N, k), -1 = nothing found
+        found = retrieved >= 0  # (N, k)
+        ids = retrieved.clamp_min(0)
         if self.index.exact_scores:
             scores = torch.from_numpy(result.scores)  # (N, k)
         else:
@@ -118,4 +122,4 @@ class ApproxMLP(nn.Module):
         stats.bytes_read += result.bytes_read
         stats.search_seconds += search_seconds
         stats.total_seconds += time.perf_counter() - start
-        return y.reshape(shape).to(hidden_states.dtype)
+        return y.reshape(shape).to(hidden_states.dtype), retrieved, result

@@ -60,7 +60,7 @@ class MipsIndex(ABC):
     def search(self, queries: np.ndarray, k: int, **search_params: Any) -> SearchResult:
         """queries: (N, D) float32. Unset search params fall back to self.search_params."""
 
-    def _effort(self, k: int, overrides: dict[str, Any]) -> int:
+    def resolve_effort(self, k: int, overrides: dict[str, Any]) -> int:
         unknown = set(overrides) - {self.effort_param}
         if unknown:
             from ann_mlp.errors import BackendError

@@ -29,7 +29,7 @@ class ExactIndex(MipsIndex):
         return (0, 0)
 
     def search(self, queries: np.ndarray, k: int, **search_params: Any) -> SearchResult:
-        self._effort(k, search_params)
+        self.resolve_effort(k, search_params)
         scores = torch.from_numpy(queries) @ self.keys.T  # (N, n)
         top = torch.topk(scores, k, dim=1)
         n_queries = queries.shape[0]

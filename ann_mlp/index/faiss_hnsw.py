@@ -32,7 +32,7 @@ class HnswIndex(FaissIndex):
         return (k, max(k, self.num_keys))
 
     def search(self, queries: np.ndarray, k: int, **search_params: Any) -> SearchResult:
-        ef = self._effort(k, search_params)
+        ef = self.resolve_effort(k, search_params)
         # faiss counts HNSW distance computations only in a global; searches are
         # serialised per index by the caller, so reading it around one call is exact.
         faiss.cvar.hnsw_stats.reset()

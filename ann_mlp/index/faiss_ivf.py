@@ -20,7 +20,6 @@ class IvfIndex(FaissIndex):
     def __init__(self, index, build_params, search_params) -> None:
         super().__init__(index, build_params, search_params)
         self.ivf = faiss.extract_index_ivf(index)
-        self.list_sizes = np.array([self.ivf.invlists.list_size(i) for i in range(self.ivf.nlist)])
 
     @classmethod
     def default_build_params(cls, num_keys: int, dim: int) -> dict[str, Any]:
@@ -43,13 +42,19 @@ class IvfIndex(FaissIndex):
         return (1, self.ivf.nlist)
 
     def search(self, queries: np.ndarray, k: int, **search_params: Any) -> SearchResult:
-        nprobe = self._effort(k, search_params)
-        # Assign first, then search the assigned lists: the same work as search(),
-        # and it tells exactly how many keys were scored, without global counters.
+        nprobe = self.resolve_effort(k, search_params)
+        n_queries = queries.shape[0]
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        # Assign, then scan the assigned lists: the same work as search(), with
+        # per-call stats instead of faiss' global counters (safe under concurrency).
         centroid_scores, lists = self.ivf.quantizer.search(queries, nprobe)  # (N, nprobe)
-        params = faiss.SearchParametersIVF(nprobe=nprobe)
-        scores, ids = self.ivf.search_preassigned(queries, k, lists, centroid_scores, params=params)
-        keys_scored = int(self.list_sizes[lists[lists >= 0]].sum())
-        centroid_count = queries.shape[0] * self.ivf.nlist
+        scores = np.empty((n_queries, k), dtype=np.float32)
+        ids = np.empty((n_queries, k), dtype=np.int64)
+        stats = faiss.IndexIVFStats()
+        self.ivf.search_preassigned_c(
+            n_queries, faiss.swig_ptr(queries), k, faiss.swig_ptr(lists), faiss.swig_ptr(centroid_scores),
+            faiss.swig_ptr(scores), faiss.swig_ptr(ids), False, faiss.SearchParametersIVF(nprobe=nprobe), stats)
+        keys_scored = int(stats.ndis)
+        centroid_count = n_queries * self.ivf.nlist
         return SearchResult(scores, ids, keys_scored,
                             (keys_scored + centroid_count) * self.dim * BYTES_PER_FLOAT)

@@ -62,7 +62,7 @@ class PqRefineIndex(FaissIndex):
         return (1, max(1, math.ceil(self.num_keys / k)))
 
     def search(self, queries: np.ndarray, k: int, **search_params: Any) -> SearchResult:
-        k_factor = self._effort(k, search_params)
+        k_factor = self.resolve_effort(k, search_params)
         params = faiss.IndexRefineSearchParameters(k_factor=float(k_factor))
         scores, ids = self.index.search(self._pad(queries), k, params=params)
         n_queries = queries.shape[0]

@@ -54,7 +54,7 @@ class ScannIndex(MipsIndex):
         return (1, self.build_params["num_leaves"])
 
     def search(self, queries: np.ndarray, k: int, **search_params: Any) -> SearchResult:
-        leaves = self._effort(k, search_params)
+        leaves = self.resolve_effort(k, search_params)
         reorder = min(self.num_keys, self.build_params["reorder_factor"] * k)
         ids, scores = self.searcher.search_batched(
             queries, final_num_neighbors=k, pre_reorder_num_neighbors=reorder, leaves_to_search=leaves)

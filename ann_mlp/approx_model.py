@@ -1,0 +1,78 @@
+"""A checkpoint together with its verified index store: the model with approximate MLPs."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from ann_mlp.approx_mlp import ApproxMLP
+from ann_mlp.checkpoint import BUILTIN_CHECKPOINTS, Checkpoint, load_checkpoint, resolve_checkpoint
+from ann_mlp.errors import InputError
+from ann_mlp.patch import patched
+from ann_mlp.index import MipsIndex
+from ann_mlp.store import Manifest, Store
+
+
+class ApproxModel:
+    """Loads the store's checkpoint (checksums verified) and one ApproxMLP per layer."""
+
+    def __init__(self, manifest: Manifest, checkpoint: Checkpoint, indexes: dict[int, MipsIndex],
+                 k: int | None = None, search_params: dict[str, Any] | None = None) -> None:
+        self.manifest = manifest
+        self.checkpoint = checkpoint
+        self.mlps: dict[int, ApproxMLP] = {}
+        for entry in manifest.layers:
+            weights = checkpoint.adapter.mlp_weights(entry.layer)
+            assert (weights.d_ff, weights.d_model) == (entry.d_ff, entry.d_model)
+            self.mlps[entry.layer] = ApproxMLP(weights, indexes[entry.layer], manifest.k)
+        self.configure(k, search_params)
+
+    @classmethod
+    def open(cls, store_path: Path | str, checkpoint: str | None = None, **options) -> "ApproxModel":
+        """checkpoint: override where the weights are (default: the path in the manifest)."""
+        store = Store.open(store_path)
+        source = resolve_checkpoint(checkpoint or _recorded_checkpoint(store))
+        store.verify_source(source)
+        checkpoint = load_checkpoint(source)
+        indexes = {entry.layer: store.load_index(entry.layer) for entry in store.manifest.layers}
+        return cls(store.manifest, checkpoint, indexes, **options)
+
+    def configure(self, k: int | None = None, search_params: dict[str, Any] | None = None) -> None:
+        """Set k and query-time search parameters for every layer (None: the store's tuned values)."""
+        k = self.manifest.k if k is None else k
+        for layer, mlp in self.mlps.items():
+            if not 1 <= k <= mlp.weights.d_ff:
+                raise InputError(f"k must be in [1, d_ff={mlp.weights.d_ff}], got {k}")
+            entry = self.manifest.layers[layer]
+            params = dict(entry.search_params)
+            for name, value in (search_params or {}).items():
+                if name != entry.effort_param:
+                    raise InputError(f"backend {entry.backend} has no search parameter {name!r} "
+                                     f"(it has {entry.effort_param!r})")
+                lo, hi = mlp.index.effort_range(k)
+                if not lo <= int(value) <= hi:
+                    raise InputError(f"{name} must be in [{lo}, {hi}], got {value}")
+                params[name] = int(value)
+            mlp.k, mlp.search_params = k, params
+
+    @contextmanager
+    def approximate(self) -> Iterator[None]:
+        """Within the block, the checkpoint's model runs with approximate MLPs."""
+        with patched(self.checkpoint.adapter, self.mlps), torch.inference_mode():
+            yield
+
+    def reset_stats(self) -> None:
+        for mlp in self.mlps.values():
+            mlp.stats.reset()
+
+
+def _recorded_checkpoint(store: Store) -> str:
+    """The weights' recorded location; a built-in name is re-resolved (packages move between venvs)."""
+    source = store.manifest.source
+    if source["spec"] in BUILTIN_CHECKPOINTS:
+        return source["spec"]
+    path = Path(source["path"])
+    return str(path / source["gguf_file"]) if source.get("gguf_file") else str(path)

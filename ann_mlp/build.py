@@ -1,0 +1,109 @@
+"""`ann-mlp build`: checkpoint -> calibration hidden states -> one tuned index per layer -> store."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from ann_mlp.approx_mlp import augmented_keys, augmented_queries
+from ann_mlp.capture import batches, forward_capturing
+from ann_mlp.checkpoint import Checkpoint, load_checkpoint
+from ann_mlp.config import BuildConfig
+from ann_mlp.errors import InputError
+from ann_mlp.index import MipsIndex, backend_class, build_index
+from ann_mlp.store import LayerEntry, Manifest, StoreWriter
+from ann_mlp.text import describe, passages
+from ann_mlp.tuning import measure, tune_effort
+
+log = logging.getLogger(__name__)
+MAX_TUNING_QUERIES = 4096
+
+
+def capture_calibration(checkpoint: Checkpoint, config: BuildConfig, text: Path | None,
+                        progress: bool) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+    """MLP inputs per layer on calibration text, split into (tune, holdout) by batch."""
+    layers = range(checkpoint.num_layers)
+    tune: list[list[torch.Tensor]] = [[] for _ in layers]
+    holdout: list[list[torch.Tensor]] = [[] for _ in layers]
+    every = max(2, round(1 / config.holdout_fraction))
+    tokens = 0
+    stream = batches(checkpoint, passages(text, "calibration"), config.calibration)
+    for i, batch in enumerate(tqdm(stream, desc="calibration batches", disable=not progress)):
+        _, captured = forward_capturing(checkpoint, batch, layers)
+        side = holdout if i % every == every - 1 else tune
+        for layer in layers:
+            side[layer].append(captured[layer])
+        tokens += batch.num_tokens
+    if not holdout[0]:  # a single batch: hold out the last part of its tokens
+        for layer in layers:
+            x = tune[layer].pop()
+            cut = max(1, int(len(x) * (1 - config.holdout_fraction)))
+            tune[layer], holdout[layer] = [x[:cut]], [x[cut:]]
+    return [torch.cat(t) for t in tune], [torch.cat(h) for h in holdout], tokens
+
+
+def _sample(x: torch.Tensor, limit: int, seed: int) -> torch.Tensor:
+    if len(x) <= limit:
+        return x
+    generator = torch.Generator().manual_seed(seed)
+    return x[torch.randperm(len(x), generator=generator)[:limit]]
+
+
+def build_indexes(checkpoint: Checkpoint, config: BuildConfig, calib_text: Path | None = None,
+                  progress: bool = True, save: Callable[[int, MipsIndex], dict[str, str]] | None = None,
+                  name: str = "in-memory") -> tuple[Manifest, dict[int, MipsIndex]]:
+    """One index per layer, tuned on calibration text; `save` persists each as it is built."""
+    backend = backend_class(config.backend)
+    d_ffs = [checkpoint.adapter.mlp_weights(layer).d_ff for layer in range(checkpoint.num_layers)]
+    if config.k > min(d_ffs):
+        raise InputError(f"k={config.k} exceeds d_ff={min(d_ffs)} of {checkpoint.source.spec}")
+    tune_inputs, holdout_inputs, tokens = capture_calibration(checkpoint, config, calib_text, progress)
+    entries, indexes = [], {}
+    for layer in tqdm(range(checkpoint.num_layers), desc="layers", disable=not progress):
+        start = time.perf_counter()
+        weights = checkpoint.adapter.mlp_weights(layer)
+        keys = augmented_keys(weights)  # (d_ff, d_model + 1)
+        index = build_index(backend.name, keys, **config.build_params)
+        tune_q = augmented_queries(_sample(tune_inputs[layer], MAX_TUNING_QUERIES, config.seed))
+        holdout_q = augmented_queries(_sample(holdout_inputs[layer], MAX_TUNING_QUERIES, config.seed))
+        key_t = torch.from_numpy(keys)
+        if config.target_recall is not None:
+            point = tune_effort(index, tune_q, torch.from_numpy(tune_q) @ key_t.T, config.k,
+                                config.target_recall)
+            index.search_params = {index.effort_param: point.effort}
+        held = measure(index, holdout_q, torch.from_numpy(holdout_q) @ key_t.T, config.k)
+        log.info("layer %d: %s recall@%d=%.3f scanned=%.3f", layer, index, config.k,
+                 held.recall, held.scanned_fraction)
+        indexes[layer] = index
+        entries.append(LayerEntry(
+            layer=layer, d_model=weights.d_model, d_ff=weights.d_ff, gated=weights.gated,
+            activation=weights.activation, backend=backend.name, build_params=index.build_params,
+            search_params=index.search_params, effort_param=index.effort_param,
+            effort_range=list(index.effort_range(config.k)),
+            files=save(layer, index) if save else {},
+            build_recall=round(held.recall, 6), build_scanned_fraction=round(held.scanned_fraction, 6),
+            build_seconds=round(time.perf_counter() - start, 3)))
+    manifest = Manifest(
+        name=name, family=checkpoint.family, kind=checkpoint.kind, backend=backend.name,
+        k=config.k, target_recall=config.target_recall, source=checkpoint.source.to_json(),
+        calibration={"text": describe(calib_text, "calibration"), "tokens": tokens,
+                     "tune_queries": int(min(len(tune_inputs[0]), MAX_TUNING_QUERIES)),
+                     "holdout_queries": int(min(len(holdout_inputs[0]), MAX_TUNING_QUERIES)),
+                     "seed": config.seed},
+        layers=entries)
+    return manifest, indexes
+
+
+def build_store(spec: str, out: Path, config: BuildConfig, calib_text: Path | None = None,
+                overwrite: bool = False, progress: bool = True) -> Path:
+    backend_class(config.backend)  # an unknown backend fails before the model loads
+    with StoreWriter(out, overwrite=overwrite) as writer:
+        checkpoint = load_checkpoint(spec)
+        manifest, _ = build_indexes(checkpoint, config, calib_text, progress, save=writer.add_layer,
+                                    name=Path(out).name)
+        return writer.commit(manifest)

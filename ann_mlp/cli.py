@@ -1,0 +1,137 @@
+"""The `ann-mlp` command line: thin verbs over the library."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ann_mlp.config import DEFAULT_BACKEND, DEFAULT_K, DEFAULT_STORE_ROOT, DEFAULT_TARGET_RECALL, BuildConfig, EvalConfig, TextConfig
+from ann_mlp.errors import AnnMlpError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Approximate-nearest-neighbour MLPs for Transformer checkpoints.")
+
+
+def _progress() -> bool:
+    return sys.stderr.isatty()
+
+
+def _parse_params(pairs: list[str]) -> dict:
+    """NAME=VALUE pairs; values parsed as JSON when they can be (numbers, booleans)."""
+    params = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise AnnMlpError(f"expected NAME=VALUE, got {pair!r}")
+        try:
+            params[name] = json.loads(value)
+        except json.JSONDecodeError:
+            params[name] = value
+    return params
+
+
+@app.callback()
+def main_options(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details.")) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def build(
+    checkpoint: str = typer.Argument(..., help="Model folder (safetensors), .gguf file, or built-in name (minilm, smollm2)."),
+    out: Optional[Path] = typer.Option(None, help="Store folder [default: indexes/<checkpoint name>]."),
+    backend: str = typer.Option(DEFAULT_BACKEND, help="exact | ivf | hnsw | pq | scann"),
+    k: int = typer.Option(DEFAULT_K, help="Keys retrieved per token."),
+    target_recall: float = typer.Option(DEFAULT_TARGET_RECALL, help="Tune each layer's search effort to this recall@k; 0 to skip tuning."),
+    calib_text: Optional[Path] = typer.Option(None, help="Calibration text file [default: Python standard library docstrings]."),
+    calib_tokens: int = typer.Option(TextConfig.max_tokens, help="Calibration tokens to run through the model."),
+    param: list[str] = typer.Option([], "--param", help="Backend build parameter NAME=VALUE (repeatable)."),
+    force: bool = typer.Option(False, help="Replace an existing store."),
+) -> None:
+    """Build one MIPS index per MLP layer of CHECKPOINT into a checksummed store."""
+    from ann_mlp.build import build_store
+
+    if target_recall != 0 and not 0 < target_recall <= 1:
+        raise AnnMlpError(f"target recall must be in (0, 1], got {target_recall}")
+    config = BuildConfig(backend=backend, k=k, target_recall=target_recall or None,
+                         build_params=_parse_params(param),
+                         calibration=TextConfig(max_tokens=calib_tokens))
+    out = out or DEFAULT_STORE_ROOT / Path(checkpoint.rstrip("/")).stem
+    path = build_store(checkpoint, out, config, calib_text, overwrite=force, progress=_progress())
+    from ann_mlp.store import Store
+
+    manifest = Store.open(path).manifest
+    typer.echo(f"built {path}: {manifest.family}, {len(manifest.layers)} layers, backend={manifest.backend}, k={manifest.k}")
+    for entry in manifest.layers:
+        typer.echo(f"  layer {entry.layer:>3}: {entry.search_params} recall@{manifest.k}={entry.build_recall:.3f} "
+                   f"scanned={entry.build_scanned_fraction:.3f} ({entry.build_seconds:.1f}s)")
+
+
+@app.command("eval")
+def evaluate(
+    store: Path = typer.Argument(..., help="Index store folder written by `ann-mlp build`."),
+    text: Optional[Path] = typer.Option(None, help="Text file [default: held-out Python standard library docstrings]."),
+    k: Optional[int] = typer.Option(None, help="Keys retrieved per token [default: the store's k]."),
+    backend: Optional[str] = typer.Option(None, help="Evaluate another backend, built in memory and tuned like the store."),
+    effort: Optional[int] = typer.Option(None, help="Search effort for every layer (nprobe, efSearch, ...) [default: tuned]."),
+    max_tokens: int = typer.Option(EvalConfig().text.max_tokens, help="Evaluation tokens."),
+    checkpoint: Optional[str] = typer.Option(None, help="Where the store's checkpoint is now, if it moved."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON."),
+    plots: Optional[Path] = typer.Option(None, help="Write PNG plots into this folder."),
+) -> None:
+    """Run exact and approximate model on real text; report recall and fidelity per layer and end to end."""
+    from ann_mlp.approx_model import ApproxModel
+    from ann_mlp.evaluate import evaluate as run_eval
+    from ann_mlp.report import table, write_json, write_plots
+
+    model = ApproxModel.open(store, checkpoint)
+    if backend is not None:
+        model = _rebuilt(model, backend)
+    search = {} if effort is None else {model.manifest.layers[0].effort_param: effort}
+    config = EvalConfig(k=k, search_params=search, text=TextConfig(max_tokens=max_tokens))
+    report = run_eval(model, config, text, progress=_progress())
+    typer.echo(table(report))
+    if json_out:
+        write_json(report, json_out)
+    if plots:
+        for path in write_plots(report, plots):
+            typer.echo(f"plot: {path}")
+
+
+def _rebuilt(model, backend: str):
+    """The same checkpoint with indexes of another backend, built and tuned as the store was."""
+    from ann_mlp.approx_model import ApproxModel
+    from ann_mlp.build import build_indexes
+
+    manifest = model.manifest
+    calib = manifest.calibration["text"]
+    config = BuildConfig(backend=backend, k=manifest.k, target_recall=manifest.target_recall,
+                         calibration=TextConfig(max_tokens=manifest.calibration["tokens"]))
+    calib_path = None if calib.startswith("python-stdlib-docstrings") else Path(calib)
+    new_manifest, indexes = build_indexes(model.checkpoint, config, calib_path, _progress(),
+                                          name=manifest.name)
+    return ApproxModel(new_manifest, model.checkpoint, indexes)
+
+
+@app.command()
+def info(store: Path = typer.Argument(..., help="Index store folder.")) -> None:
+    """Verify a store's checksums and print its manifest."""
+    from ann_mlp.store import Store
+
+    typer.echo(json.dumps(Store.open(store).manifest.to_json(), indent=2))
+
+
+def main() -> None:
+    try:
+        app()
+    except AnnMlpError as err:
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)

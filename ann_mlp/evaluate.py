@@ -1,0 +1,179 @@
+"""`ann-mlp eval`: exact vs approximate model on real text, per layer and end to end.
+
+Per-layer metrics are measured on the exact model's MLP inputs, so each layer
+is judged on its own; end-to-end metrics run the fully approximate model,
+where errors compound through the layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers.activations import ACT2FN
+
+from ann_mlp.approx_mlp import ApproxMLP, augmented_keys, augmented_queries
+from ann_mlp.approx_model import ApproxModel
+from ann_mlp.capture import Batch, batches, forward, forward_capturing
+from ann_mlp.config import EvalConfig
+from ann_mlp.metrics import (
+    cosine, kl_divergence, mass_recall, nearest_neighbour_agreement, recall_at_k, relative_error,
+    sum_squared_error, token_nll,
+)
+from ann_mlp.text import describe, passages
+
+
+@dataclass
+class LayerReport:
+    layer: int
+    d_ff: int
+    recall_at_k: float
+    mass_recall: float
+    scanned_fraction: float
+    bytes_read_fraction: float
+    rel_output_error: float
+    search_params: dict[str, Any]
+
+
+@dataclass
+class Report:
+    model: str
+    backend: str
+    k: int
+    text: str
+    tokens: int
+    layers: list[LayerReport]
+    end_to_end: dict[str, float]
+    family: str = ""
+    kind: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _LayerTotals:
+    """Running sums for one layer over all evaluated tokens."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.recall = 0.0
+        self.mass = 0.0
+        self.keys_scored = 0
+        self.bytes_read = 0
+        self.sq_error = 0.0
+        self.sq_norm = 0.0
+
+    def add(self, mlp: ApproxMLP, x: torch.Tensor, keys: torch.Tensor) -> None:
+        """x (n, d_model) exact MLP inputs; keys (d_ff, d_model + 1) augmented."""
+        w = mlp.weights
+        scores = torch.from_numpy(augmented_queries(x)) @ keys.T  # (n, d_ff)
+        activations = ACT2FN[w.activation](scores)  # (n, d_ff)
+        if w.gated:
+            up = x @ w.up.float().T  # (n, d_ff)
+            activations = activations * (up + w.up_bias if w.up_bias is not None else up)
+        # Error is measured on the neurons' contribution: the output bias is
+        # reproduced exactly and would only dilute it.
+        exact = activations @ mlp.value_rows  # (n, d_model)
+        approx, retrieved, result = mlp.forward_with_selection(x)
+        if w.out_bias is not None:
+            approx = approx - w.out_bias
+        self.tokens += len(x)
+        self.recall += float(recall_at_k(scores, retrieved, mlp.k).sum())
+        self.mass += float(mass_recall(activations, retrieved).sum())
+        self.keys_scored += result.keys_scored
+        self.bytes_read += result.bytes_read
+        err, norm = sum_squared_error(approx, exact)
+        self.sq_error += err
+        self.sq_norm += norm
+
+    def report(self, layer: int, mlp: ApproxMLP) -> LayerReport:
+        n = max(self.tokens, 1)
+        return LayerReport(
+            layer=layer, d_ff=mlp.weights.d_ff, recall_at_k=self.recall / n, mass_recall=self.mass / n,
+            scanned_fraction=self.keys_scored / (n * mlp.index.num_keys),
+            bytes_read_fraction=self.bytes_read / (n * mlp.index.full_scan_bytes),
+            rel_output_error=relative_error(self.sq_error, self.sq_norm),
+            search_params=dict(mlp.search_params))
+
+
+class _EndToEnd:
+    """End-to-end agreement between the exact and the approximate model's outputs."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.exact_embeddings: list[torch.Tensor] = []
+        self.approx_embeddings: list[torch.Tensor] = []
+        self.positions = 0
+        self.agree = 0
+        self.kl = 0.0
+        self.nll_exact = 0.0
+        self.nll_approx = 0.0
+
+    def add(self, batch: Batch, exact, approx) -> None:
+        if self.kind == "encoder":
+            mask = batch.mask.unsqueeze(-1).float()  # (B, T, 1)
+
+            def pooled(out):  # mean over real tokens, as sentence-transformers pools MiniLM
+                return (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp_min(1)  # (B, d_model)
+
+            self.exact_embeddings.append(pooled(exact))
+            self.approx_embeddings.append(pooled(approx))
+            return
+        if self.kind == "causal_lm":  # position t predicts token t + 1
+            valid = batch.mask[:, :-1] & batch.mask[:, 1:]  # (B, T-1)
+            exact_logits, approx_logits = exact.logits[:, :-1][valid], approx.logits[:, :-1][valid]
+            targets = batch.input_ids[:, 1:][valid]
+        else:  # seq2seq, teacher-forced on its own input: position t predicts token t
+            valid = batch.mask
+            exact_logits, approx_logits = exact.logits[valid], approx.logits[valid]
+            targets = batch.input_ids[valid]
+        self.positions += len(targets)
+        self.agree += int((exact_logits.argmax(-1) == approx_logits.argmax(-1)).sum())
+        self.kl += float(kl_divergence(exact_logits, approx_logits).sum())
+        self.nll_exact += float(token_nll(exact_logits, targets).sum())
+        self.nll_approx += float(token_nll(approx_logits, targets).sum())
+
+    def report(self) -> dict[str, float]:
+        if self.kind == "encoder":
+            exact = torch.cat(self.exact_embeddings)
+            approx = torch.cat(self.approx_embeddings)
+            cos = cosine(exact, approx)
+            return {"embedding_cosine_mean": float(cos.mean()), "embedding_cosine_min": float(cos.min()),
+                    "neighbour_agreement": nearest_neighbour_agreement(exact, approx),
+                    "sentences": float(len(exact))}
+        n = max(self.positions, 1)
+        return {"next_token_agreement": self.agree / n, "kl_mean": self.kl / n,
+                "perplexity_exact": float(torch.exp(torch.tensor(self.nll_exact / n))),
+                "perplexity_approx": float(torch.exp(torch.tensor(self.nll_approx / n))),
+                "positions": float(self.positions)}
+
+
+def evaluate(model: ApproxModel, config: EvalConfig, text: Path | None = None,
+             progress: bool = True) -> Report:
+    checkpoint = model.checkpoint
+    model.configure(config.k, config.search_params)
+    layers = sorted(model.mlps)
+    keys = {layer: torch.from_numpy(augmented_keys(model.mlps[layer].weights)) for layer in layers}
+    totals = {layer: _LayerTotals() for layer in layers}
+    end_to_end = _EndToEnd(checkpoint.kind)
+    tokens = 0
+    stream = batches(checkpoint, passages(text, "evaluation"), config.text)
+    for batch in tqdm(stream, desc="eval batches", disable=not progress):
+        exact, captured = forward_capturing(checkpoint, batch, layers)
+        with torch.inference_mode():
+            for layer in layers:
+                totals[layer].add(model.mlps[layer], captured[layer], keys[layer])
+        with model.approximate():
+            approx = forward(checkpoint, batch)
+        end_to_end.add(batch, exact, approx)
+        tokens += batch.num_tokens
+    manifest = model.manifest
+    return Report(
+        model=manifest.name, backend=manifest.backend, k=next(iter(model.mlps.values())).k,
+        text=describe(text, "evaluation"), tokens=tokens,
+        layers=[totals[layer].report(layer, model.mlps[layer]) for layer in layers],
+        end_to_end=end_to_end.report(), family=manifest.family, kind=manifest.kind)

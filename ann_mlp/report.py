@@ -1,0 +1,56 @@
+"""Render an evaluation report: a table for the terminal, JSON for tools, PNG plots for people."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ann_mlp.evaluate import Report
+
+LAYER_COLUMNS = ("recall_at_k", "mass_recall", "scanned_fraction", "bytes_read_fraction", "rel_output_error")
+
+
+def table(report: Report) -> str:
+    head = f"{'layer':>5} {'d_ff':>6} " + " ".join(f"{c:>19}" for c in LAYER_COLUMNS) + "  search"
+    rows = [head]
+    for layer in report.layers:
+        values = " ".join(f"{getattr(layer, c):>19.4f}" for c in LAYER_COLUMNS)
+        rows.append(f"{layer.layer:>5} {layer.d_ff:>6} {values}  {layer.search_params}")
+    count = max(len(report.layers), 1)
+    means = " ".join(f"{sum(getattr(l, c) for l in report.layers) / count:>19.4f}" for c in LAYER_COLUMNS)
+    rows.append(f"{'mean':>5} {'':>6} {means}")
+    rows.append("")
+    rows.append(f"end to end ({report.model}, {report.family}, backend={report.backend}, k={report.k}, "
+                f"{report.tokens} tokens of {report.text}):")
+    rows.extend(f"  {name:<24} {value:.4f}" for name, value in report.end_to_end.items())
+    return "\n".join(rows)
+
+
+def write_json(report: Report, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+
+
+def write_plots(report: Report, folder: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    layers = [l.layer for l in report.layers]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6, 0.35 * len(layers) + 3), 7), sharex=True)
+    for column, marker in zip(("recall_at_k", "mass_recall", "scanned_fraction", "bytes_read_fraction"), "osv^"):
+        top.plot(layers, [getattr(l, column) for l in report.layers], marker=marker, label=column)
+    top.set_ylim(0, 1.05)
+    top.set_ylabel("fraction")
+    top.legend(loc="best", fontsize=8)
+    top.set_title(f"{report.model}: backend={report.backend}, k={report.k}")
+    bottom.bar(layers, [l.rel_output_error for l in report.layers], color="tab:red")
+    bottom.set_ylabel("relative MLP output error")
+    bottom.set_xlabel("layer")
+    fig.tight_layout()
+    path = folder / f"eval_{report.model}_{report.backend}_k{report.k}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]

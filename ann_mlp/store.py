@@ -1,0 +1,161 @@
+"""The on-disk index store: manifest.json + one index per layer, every file checksummed.
+
+A store is written into a hidden temporary folder beside its destination and
+renamed into place only once complete, so an interrupted build never leaves a
+folder that looks like a valid store. Loading checks every file against the
+manifest first: a missing, extra or altered file is an error naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ann_mlp import __version__
+from ann_mlp.checkpoint import sha256_file
+from ann_mlp.checkpoint import CheckpointSource
+from ann_mlp.config import STORE_FORMAT_VERSION
+from ann_mlp.errors import CheckpointError, StoreError
+from ann_mlp.index import MipsIndex, backend_class
+
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class LayerEntry:
+    layer: int
+    d_model: int
+    d_ff: int
+    gated: bool
+    activation: str
+    backend: str
+    build_params: dict[str, Any]
+    search_params: dict[str, Any]  # tuned query-time parameters
+    effort_param: str
+    effort_range: list[int]  # [lo, hi] allowed for effort_param at the store's k
+    files: dict[str, str]  # file name -> sha256
+    build_recall: float | None  # recall@k on held-out calibration tokens at search_params
+    build_scanned_fraction: float | None
+    build_seconds: float
+
+
+@dataclass
+class Manifest:
+    name: str
+    family: str
+    kind: str
+    backend: str
+    k: int
+    target_recall: float | None
+    source: dict[str, Any]  # CheckpointSource.to_json()
+    calibration: dict[str, Any]
+    layers: list[LayerEntry]
+    format_version: int = STORE_FORMAT_VERSION
+    ann_mlp_version: str = __version__
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Manifest":
+        version = data.get("format_version")
+        if version != STORE_FORMAT_VERSION:
+            raise StoreError(f"store format version {version!r} is not supported (expected {STORE_FORMAT_VERSION})")
+        try:
+            layers = [LayerEntry(**entry) for entry in data["layers"]]
+            return cls(**{**data, "layers": layers})
+        except (KeyError, TypeError) as err:
+            raise StoreError(f"malformed manifest: {err}") from err
+
+
+class StoreWriter:
+    """Write a store atomically: `with StoreWriter(dest) as w: w.add_layer(...); w.commit(manifest)`."""
+
+    def __init__(self, dest: Path, overwrite: bool = False) -> None:
+        self.dest = Path(dest)
+        if self.dest.exists() and not overwrite:
+            raise StoreError(f"{self.dest} already exists (use --force to replace it)")
+        self.dest.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.tmp-", dir=self.dest.parent))
+        self.committed = False
+
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.committed:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def add_layer(self, layer: int, index: MipsIndex) -> dict[str, str]:
+        """Save one layer's index; return its files with checksums."""
+        names = index.save(self.tmp, f"layer_{layer:03d}")
+        return {name: sha256_file(self.tmp / name) for name in names}
+
+    def commit(self, manifest: Manifest) -> Path:
+        path = self.tmp / MANIFEST
+        with open(path, "w") as f:
+            json.dump(manifest.to_json(), f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        if self.dest.exists():  # --force: move the old store aside, swap, then delete it
+            old = self.dest.with_name(f".{self.dest.name}.old-{os.getpid()}")
+            os.replace(self.dest, old)
+            os.replace(self.tmp, self.dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.dest)
+        self.committed = True
+        return self.dest
+
+
+def _listed_files(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+
+
+class Store:
+    """A verified store: manifest plus lazily loaded per-layer indexes."""
+
+    def __init__(self, path: Path, manifest: Manifest) -> None:
+        self.path = path
+        self.manifest = manifest
+
+    @classmethod
+    def open(cls, path: Path | str) -> "Store":
+        path = Path(path)
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            raise StoreError(f"{path} is not an index store (no {MANIFEST})")
+        try:
+            manifest = Manifest.from_json(json.loads(manifest_path.read_text()))
+        except json.JSONDecodeError as err:
+            raise StoreError(f"{manifest_path} is corrupted: {err}") from err
+        expected = {name: sha for entry in manifest.layers for name, sha in entry.files.items()}
+        present = _listed_files(path) - {MANIFEST}
+        for name in sorted(set(expected) - present):
+            raise StoreError(f"store {path} is missing {name}")
+        for name in sorted(present - set(expected)):
+            raise StoreError(f"store {path} has an unexpected file {name}")
+        for name, sha in sorted(expected.items()):
+            if sha256_file(path / name) != sha:
+                raise StoreError(f"store {path}: {name} is corrupted (sha256 mismatch)")
+        return cls(path, manifest)
+
+    def load_index(self, layer: int) -> MipsIndex:
+        entry = self.manifest.layers[layer]
+        cls = backend_class(entry.backend)
+        return cls.load(self.path, f"layer_{layer:03d}", entry.d_ff, entry.d_model + 1,
+                        entry.build_params, entry.search_params)
+
+    def verify_source(self, source: CheckpointSource) -> None:
+        """Refuse a checkpoint whose weights are not the ones this store was built from."""
+        built_from = self.manifest.source["weight_files"]
+        if built_from != source.weight_files:
+            raise CheckpointError(
+                f"store {self.path} was built from other weights ({self.manifest.source['spec']}), "
+                f"not {source.spec}")

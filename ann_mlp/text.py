@@ -1,0 +1,80 @@
+"""Real text available offline: Python standard library docstrings, or any text file.
+
+The standard library is split by module file into a calibration part and an
+evaluation part, so that `eval` by default measures on text the tuner never saw.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import inspect
+import re
+import sysconfig
+from pathlib import Path
+from typing import Iterator, Literal
+
+from ann_mlp.errors import InputError
+
+Split = Literal["calibration", "evaluation"]
+MIN_PASSAGE_CHARS = 40
+_SKIP_DIRS = {"test", "tests", "site-packages", "idle_test", "__pycache__"}
+
+
+def _clean(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _file_split(relative: str) -> Split:
+    # One module in four goes to evaluation; stable across machines and versions.
+    return "evaluation" if hashlib.sha1(relative.encode()).digest()[0] % 4 == 0 else "calibration"
+
+
+def _docstrings(path: Path) -> Iterator[str]:
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        return
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node, clean=False)
+            if doc:
+                yield _clean(inspect.cleandoc(doc))
+
+
+def stdlib_passages(split: Split) -> Iterator[str]:
+    """Docstrings of the standard library's modules in `split`, in a fixed pseudo-random module order."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [p for p in root.rglob("*.py") if not _SKIP_DIRS.intersection(p.relative_to(root).parts)]
+    relative = {p: p.relative_to(root).as_posix() for p in files}
+    ordered = sorted(files, key=lambda p: hashlib.sha1(relative[p].encode()).hexdigest())
+    seen: set[str] = set()
+    for path in ordered:
+        if _file_split(relative[path]) != split:
+            continue
+        for doc in _docstrings(path):
+            if len(doc) >= MIN_PASSAGE_CHARS and doc not in seen:
+                seen.add(doc)
+                yield doc
+
+
+def file_passages(path: Path) -> list[str]:
+    """Paragraphs (blank-line separated) of a UTF-8 text file; an error if there are none."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"cannot read text file {path}: {err}") from err
+    passages = [_clean(p) for p in re.split(r"\n\s*\n", text)]
+    passages = [p for p in passages if p]
+    if not passages:
+        raise InputError(f"text file {path} is empty")
+    return passages
+
+
+def passages(path: Path | None, split: Split) -> Iterator[str]:
+    """The user's file when given, else the standard library split."""
+    return iter(file_passages(path)) if path is not None else stdlib_passages(split)
+
+
+def describe(path: Path | None, split: Split) -> str:
+    return str(path) if path is not None else f"python-stdlib-docstrings:{split}"
