@@ -14,14 +14,16 @@ def recall_at_k(exact_scores: torch.Tensor, retrieved: torch.Tensor, k: int) -> 
     """Tie-aware recall@k per query.
 
     exact_scores (N, n) full-precision scores of every key; retrieved (N, k)
-    ids, -1 for missing. A retrieved key counts when its exact score reaches
-    the k-th largest: any k of a tied set are a correct top-k.
+    ids, -1 for missing. Keys strictly above the k-th largest score must be
+    found; the remaining slots may be filled by any of the keys tied at it.
     """
-    threshold = kth_largest(exact_scores, k)  # (N,)
+    threshold = kth_largest(exact_scores, k)[:, None]  # (N, 1)
     valid = retrieved >= 0  # (N, k)
     got = exact_scores.gather(1, retrieved.clamp_min(0))  # (N, k)
-    hits = ((got >= threshold[:, None]) & valid).sum(dim=1)  # (N,)
-    return hits.float() / k
+    above = ((got > threshold) & valid).sum(dim=1)  # (N,)
+    tied = ((got == threshold) & valid).sum(dim=1)  # (N,)
+    slots_for_ties = k - (exact_scores > threshold).sum(dim=1)  # (N,)
+    return (above + torch.minimum(tied, slots_for_ties)).float() / k
 
 
 def mass_recall(activations: torch.Tensor, retrieved: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,14 @@ def _padded_dim(dim: int, dims_per_subquantizer: int) -> int:
     return m * dims_per_subquantizer
 
 
+def _pad(x: np.ndarray, dim: int) -> np.ndarray:
+    if x.shape[1] == dim:
+        return x
+    out = np.zeros((x.shape[0], dim), dtype=np.float32)
+    out[:, : x.shape[1]] = x
+    return out
+
+
 class PqRefineIndex(FaissIndex):
     name = "pq"
     effort_param = "k_factor"
@@ -39,11 +47,7 @@ class PqRefineIndex(FaissIndex):
         return {"dims_per_subquantizer": 2}
 
     def _pad(self, x: np.ndarray) -> np.ndarray:
-        if x.shape[1] == self.padded_dim:
-            return x
-        out = np.zeros((x.shape[0], self.padded_dim), dtype=np.float32)
-        out[:, : x.shape[1]] = x
-        return out
+        return _pad(x, self.padded_dim)
 
     @classmethod
     def build(cls, keys: np.ndarray, **build_params: Any) -> "PqRefineIndex":
@@ -51,12 +55,12 @@ class PqRefineIndex(FaissIndex):
         padded = _padded_dim(keys.shape[1], params["dims_per_subquantizer"])
         m = padded // params["dims_per_subquantizer"]
         base = faiss.IndexPQFastScan(padded, m, 4, faiss.METRIC_INNER_PRODUCT)
+        base.pq.cp.min_points_per_centroid = 1  # 16 centroids per sub-space; few keys is expected
         index = faiss.IndexRefineFlat(base)
-        self = cls(index, params, {})
-        padded_keys = self._pad(keys)
+        padded_keys = _pad(keys, padded)
         index.train(padded_keys)
         index.add(padded_keys)
-        return self
+        return cls(index, params, {})
 
     def effort_range(self, k: int) -> tuple[int, int]:
         return (1, max(1, math.ceil(self.num_keys / k)))

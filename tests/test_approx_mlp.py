@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ann_mlp.approx_mlp import ApproxMLP, augmented_keys
+from ann_mlp.capture import forward, make_batch
+from ann_mlp.checkpoint import load_checkpoint
+from ann_mlp.errors import InputError
+from ann_mlp.index import build_index
+from ann_mlp.patch import patched
+
+TEXTS = ["Return the sum of a and b, raising TypeError on strings.", "A short one."]
+
+
+def _output(out) -> torch.Tensor:
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("backend", ["exact", "ivf", "pq"])
+def test_full_k_exhaustive_equals_exact_model(tiny_checkpoint, backend):
+    """k = d_ff with an exhaustive search reproduces the model, for every family."""
+    checkpoint = load_checkpoint(str(tiny_checkpoint))
+    batch = make_batch(checkpoint, TEXTS, 64)
+    exact = _output(forward(checkpoint, batch))
+    mlps = {}
+    for layer in range(checkpoint.num_layers):
+        weights = checkpoint.adapter.mlp_weights(layer)
+        index = build_index(backend, augmented_keys(weights))
+        effort = {} if backend == "exact" else {index.effort_param: index.effort_range(weights.d_ff)[1]}
+        mlps[layer] = ApproxMLP(weights, index, k=weights.d_ff, search_params=effort)
+    with patched(checkpoint.adapter, mlps):
+        approx = _output(forward(checkpoint, batch))
+    assert _rel(approx, exact) < 1e-5
+    # unpatched: the original modules are back
+    torch.testing.assert_close(_output(forward(checkpoint, batch)), exact, rtol=0, atol=0)
+
+
+def test_layer_output_matches_the_family_module(tiny_checkpoints):
+    """One ApproxMLP against the model's own MLP module on the same input (gated and not)."""
+    for family in ("gpt2", "llama"):
+        checkpoint = load_checkpoint(str(tiny_checkpoints[family]))
+        weights = checkpoint.adapter.mlp_weights(0)
+        mlp = ApproxMLP(weights, build_index("exact", augmented_keys(weights)), k=weights.d_ff)
+        module = checkpoint.model.get_submodule(checkpoint.adapter.mlp_input_path(0))
+        x = torch.randn(2, 5, weights.d_model)
+        with torch.no_grad():
+            assert _rel(mlp(x), module(x)) < 1e-5
+            assert mlp(x).shape == x.shape
+
+
+def test_small_k_keeps_only_the_top_k_neurons(tiny_checkpoints):
+    checkpoint = load_checkpoint(str(tiny_checkpoints["opt"]))
+    weights = checkpoint.adapter.mlp_weights(0)
+    k = 8
+    mlp = ApproxMLP(weights, build_index("exact", augmented_keys(weights)), k=k)
+    x = torch.randn(4, weights.d_model)
+    scores = x @ weights.keys.T + weights.key_bias  # (4, d_ff)
+    kept = torch.zeros_like(scores).scatter(1, scores.topk(k, dim=1).indices, 1.0)
+    expected = (torch.relu(scores) * kept) @ weights.values + weights.out_bias
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), expected, rtol=1e-5, atol=1e-5)
+    assert mlp.stats.queries == 4 and mlp.stats.keys_scored == 4 * weights.d_ff
+
+
+def test_k_outside_range_is_refused(tiny_checkpoints):
+    checkpoint = load_checkpoint(str(tiny_checkpoints["bert"]))
+    weights = checkpoint.adapter.mlp_weights(0)
+    index = build_index("exact", augmented_keys(weights))
+    for k in (0, weights.d_ff + 1):
+        with pytest.raises(InputError, match="k must be in"):
+            ApproxMLP(weights, index, k=k)

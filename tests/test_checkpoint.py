@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from ann_mlp.checkpoint import load_checkpoint, resolve_checkpoint
+from ann_mlp.errors import CheckpointError
+from tests.tiny_checkpoints import D_FF, D_MODEL, LAYERS
+
+
+def test_adapter_yields_weights_of_every_layer(tiny_checkpoint):
+    checkpoint = load_checkpoint(str(tiny_checkpoint))
+    expected_layers = 2 * LAYERS if checkpoint.family == "t5" else LAYERS
+    assert checkpoint.num_layers == expected_layers
+    for layer in range(checkpoint.num_layers):
+        weights = checkpoint.adapter.mlp_weights(layer)
+        assert weights.keys.shape == (D_FF, D_MODEL)
+        assert weights.values.shape == (D_FF, D_MODEL)
+        assert weights.gated == (checkpoint.family in ("llama", "mistral", "qwen2"))
+        has_bias = checkpoint.family in ("bert", "gpt2", "opt")
+        assert (weights.key_bias is not None) == has_bias
+        assert (weights.out_bias is not None) == has_bias
+
+
+def test_gpt2_conv1d_weights_are_transposed_to_rows(tiny_checkpoints):
+    checkpoint = load_checkpoint(str(tiny_checkpoints["gpt2"]))
+    mlp = checkpoint.model.transformer.h[0].mlp
+    x = torch.randn(3, D_MODEL)
+    weights = checkpoint.adapter.mlp_weights(0)
+    # Conv1D computes x @ W + b; key rows must give the same pre-activations.
+    torch.testing.assert_close(x @ weights.keys.T + weights.key_bias, mlp.c_fc(x))
+
+
+def test_source_records_sha256_of_every_weight_file(tiny_checkpoints):
+    source = resolve_checkpoint(str(tiny_checkpoints["bert"]))
+    assert list(source.weight_files) == ["model.safetensors"]
+    assert all(len(sha) == 64 for sha in source.weight_files.values())
+
+
+def test_sharded_safetensors_load(tiny_checkpoints, tmp_path):
+    checkpoint = load_checkpoint(str(tiny_checkpoints["opt"]))
+    checkpoint.model.save_pretrained(tmp_path, max_shard_size="20KB")
+    shutil.copy(tiny_checkpoints["opt"] / "tokenizer.json", tmp_path)
+    shutil.copy(tiny_checkpoints["opt"] / "tokenizer_config.json", tmp_path)
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    sharded = load_checkpoint(str(tmp_path))
+    assert len(sharded.source.weight_files) > 1
+    torch.testing.assert_close(sharded.adapter.mlp_weights(1).keys, checkpoint.adapter.mlp_weights(1).keys)
+
+
+def test_pickled_weights_are_refused_without_unpickling(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    # Not a valid pickle: unpickling it would fail differently than the refusal.
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not a pickle")
+    with pytest.raises(CheckpointError, match="refusing pickled weights"):
+        resolve_checkpoint(str(tmp_path))
+    with pytest.raises(CheckpointError, match="refusing pickled weights"):
+        resolve_checkpoint(str(tmp_path / "pytorch_model.bin"))
+
+
+def test_folder_without_weights_and_unknown_family(tmp_path, tiny_checkpoints):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(CheckpointError, match="no .safetensors"):
+        resolve_checkpoint(str(tmp_path))
+    unknown = tmp_path / "unknown"
+    shutil.copytree(tiny_checkpoints["bert"], unknown)
+    config = json.loads((unknown / "config.json").read_text())
+    (unknown / "config.json").write_text(json.dumps({**config, "model_type": "electra"}))
+    with pytest.raises(CheckpointError, match="unsupported model family 'electra'"):
+        load_checkpoint(str(unknown))
+    with pytest.raises(CheckpointError, match="not found"):
+        resolve_checkpoint(str(tmp_path / "nowhere"))
+
+
+def test_builtin_minilm_is_bert_gelu_6_layers():
+    checkpoint = load_checkpoint("minilm")
+    assert checkpoint.family == "bert" and checkpoint.kind == "encoder"
+    assert checkpoint.num_layers == 6
+    weights = checkpoint.adapter.mlp_weights(5)
+    assert (weights.d_ff, weights.d_model, weights.activation) == (1536, 384, "gelu")
+
+
+def test_builtin_smollm2_gguf_is_gated_llama_30_layers():
+    source = resolve_checkpoint("smollm2")
+    assert source.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    checkpoint = load_checkpoint(source)
+    assert checkpoint.family == "llama" and checkpoint.num_layers == 30
+    weights = checkpoint.adapter.mlp_weights(29)
+    assert (weights.d_ff, weights.d_model, weights.gated, weights.activation) == (1536, 576, True, "silu")

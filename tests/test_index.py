@@ -1,0 +1,116 @@
+"""Backend contract: every backend against the exact ground truth."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ann_mlp.errors import BackendError
+from ann_mlp.index import BACKENDS, build_index
+from ann_mlp.metrics import recall_at_k
+from ann_mlp.tuning import measure, tune_effort
+
+NUM_KEYS, DIM, K = 512, 33, 16
+APPROXIMATE = [name for name in BACKENDS if name != "exact"]
+
+
+def _backend_available(name: str) -> bool:
+    if name != "scann":
+        return True
+    try:
+        import scann  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    # Keys with a spread of norms and a bias column, as MLP keys [k; b] are.
+    keys = rng.standard_normal((NUM_KEYS, DIM)).astype(np.float32) * rng.uniform(0.5, 2, (NUM_KEYS, 1)).astype(np.float32)
+    queries = rng.standard_normal((200, DIM)).astype(np.float32)
+    queries[:, -1] = 1.0
+    return keys, queries, torch.from_numpy(queries) @ torch.from_numpy(keys).T
+
+
+def _index(name, keys):
+    if not _backend_available(name):
+        pytest.skip(f"optional backend {name} is not installed")
+    return build_index(name, keys)
+
+
+def test_exact_backend_is_the_ground_truth(data):
+    keys, queries, truth = data
+    result = build_index("exact", keys).search(queries, K)
+    assert recall_at_k(truth, torch.from_numpy(result.ids), K).min() == 1.0
+    torch.testing.assert_close(torch.from_numpy(result.scores), truth.topk(K, dim=1).values)
+
+
+@pytest.mark.parametrize("name", APPROXIMATE)
+def test_full_effort_recovers_the_exact_top_k(data, name):
+    keys, queries, truth = data
+    index = _index(name, keys)
+    point = measure(index, queries, truth, K, index.effort_range(K)[1])
+    assert point.recall >= 0.97, (str(index), point)
+    result = index.search(queries, K)
+    assert result.ids.shape == (len(queries), K) and result.ids.dtype == np.int64
+    assert index.exact_scores
+    # returned scores are the true inner products of the returned keys
+    found = result.ids >= 0
+    true_scores = truth.gather(1, torch.from_numpy(result.ids).clamp_min(0)).numpy()
+    np.testing.assert_allclose(result.scores[found], true_scores[found], rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", APPROXIMATE)
+def test_effort_trades_scanning_for_recall(data, name):
+    keys, queries, truth = data
+    index = _index(name, keys)
+    lo, hi = index.effort_range(K)
+    low, high = measure(index, queries, truth, K, lo), measure(index, queries, truth, K, hi)
+    assert low.recall <= high.recall
+    assert low.bytes_read_fraction < high.bytes_read_fraction
+    assert 0 < low.scanned_fraction <= high.scanned_fraction
+    if name != "hnsw":  # a graph walk can compute more distances than there are keys
+        assert high.scanned_fraction <= 1.0 + 1e-9
+
+
+@pytest.mark.parametrize("name", APPROXIMATE)
+def test_tuning_finds_the_smallest_effort_reaching_the_target(data, name):
+    keys, queries, truth = data
+    index = _index(name, keys)
+    point = tune_effort(index, queries, truth, K, 0.9)
+    assert point.recall >= 0.9
+    if point.effort > index.effort_range(K)[0]:
+        assert measure(index, queries, truth, K, point.effort - 1).recall < 0.9
+
+
+@pytest.mark.parametrize("name", list(BACKENDS))
+def test_save_load_round_trip(data, name, tmp_path):
+    keys, queries, _ = data
+    index = _index(name, keys)
+    index.search_params = {index.effort_param: index.effort_range(K)[0]} if name != "exact" else {}
+    files = index.save(tmp_path, "layer_000")
+    assert files and all((tmp_path / f).is_file() for f in files)
+    loaded = type(index).load(tmp_path, "layer_000", NUM_KEYS, DIM, index.build_params, index.search_params)
+    np.testing.assert_array_equal(loaded.search(queries, K).ids, index.search(queries, K).ids)
+    assert str(loaded) == str(index)
+
+
+@pytest.mark.parametrize("name", APPROXIMATE)
+def test_str_names_build_and_search_parameters(data, name):
+    index = _index(name, data[0])
+    index.search_params = {index.effort_param: 3}
+    text = str(index)
+    assert f"{index.effort_param}=3" in text
+    for param in index.build_params:
+        assert f"{param}=" in text
+
+
+def test_unknown_backend_and_search_parameter(data):
+    with pytest.raises(BackendError, match="unknown backend"):
+        build_index("annoy", data[0])
+    index = build_index("ivf", data[0])
+    with pytest.raises(BackendError, match="no search parameter efSearch"):
+        index.search(data[1], K, efSearch=10)
