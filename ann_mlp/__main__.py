@@ -1,0 +1,3 @@
+from ann_mlp.cli import main
+
+main()

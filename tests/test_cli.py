@@ -1,0 +1,112 @@
+"""The `ann-mlp` command end to end, on the real MiniLM checkpoint and on bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+TEXT = """The quick brown fox jumps over the lazy dog near the river bank.
+
+A database index speeds up lookups at the cost of extra writes and storage.
+
+Photosynthesis converts light energy into chemical energy stored in glucose.
+
+The treaty was signed after months of negotiation between the two governments.
+
+Neural networks learn representations by adjusting weights with gradient descent.
+
+She played the cello every evening, and the neighbours never once complained.
+"""
+
+
+def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "ann_mlp", *args], capture_output=True, text=True,
+                          env=env, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, match: str) -> None:
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and match in lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def minilm_store(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "minilm"
+    proc = run("build", "minilm", "--out", str(out), "--k", "64", "--calib-tokens", "1500")
+    assert "built" in proc.stdout and "layer   5" in proc.stdout
+    return out
+
+
+def test_build_and_eval_minilm_report_contract(minilm_store, tmp_path):
+    text = tmp_path / "held_out.txt"
+    text.write_text(TEXT)
+    report_path, plots = tmp_path / "report.json", tmp_path / "plots"
+    proc = run("eval", str(minilm_store), "--text", str(text), "--json", str(report_path),
+               "--plots", str(plots))
+    assert "recall_at_k" in proc.stdout and "embedding_cosine_mean" in proc.stdout
+    report = json.loads(report_path.read_text())
+    assert report["model"] == "minilm" and report["backend"] == "ivf" and report["k"] == 64
+    assert len(report["layers"]) == 6
+    for layer in report["layers"]:
+        assert {"layer", "d_ff", "recall_at_k", "mass_recall", "scanned_fraction", "rel_output_error"} <= layer.keys()
+        assert layer["d_ff"] == 1536
+        assert 0 <= layer["recall_at_k"] <= 1 and 0 < layer["scanned_fraction"] <= 1
+        assert layer["rel_output_error"] > 0  # GELU's tail: top-64 of 1536 is never exact
+    e2e = report["end_to_end"]
+    assert -1 <= e2e["embedding_cosine_min"] <= e2e["embedding_cosine_mean"] <= 1
+    assert 0 <= e2e["neighbour_agreement"] <= 1 and e2e["sentences"] == 6
+    assert list(plots.glob("*.png"))
+
+
+def test_eval_with_full_effort_and_k_is_exact(minilm_store, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    report_path = tmp_path / "r.json"
+    run("eval", str(minilm_store), "--text", str(text), "--k", "1536", "--effort", "64", "--json", str(report_path))
+    report = json.loads(report_path.read_text())
+    assert all(layer["recall_at_k"] == 1.0 and layer["rel_output_error"] < 1e-5 for layer in report["layers"])
+    assert report["end_to_end"]["embedding_cosine_min"] > 0.99999
+
+
+def test_info_verifies_and_prints_the_manifest(minilm_store):
+    manifest = json.loads(run("info", str(minilm_store)).stdout)
+    assert manifest["family"] == "bert" and len(manifest["layers"]) == 6
+
+
+def test_bad_input_gives_one_line_errors(minilm_store, tiny_checkpoints, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text('{"model_type": "bert"}')
+    (pickled / "pytorch_model.bin").write_bytes(b"x")
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text('{"model_type": "bert"}')
+    out = tmp_path / "out"
+    cases = [
+        (("build", str(no_weights), "--out", str(out)), "no .safetensors"),
+        (("build", str(pickled), "--out", str(out)), "refusing pickled weights"),
+        (("build", str(tiny_checkpoints["opt"]), "--out", str(out), "--k", "97"), "exceeds d_ff=96"),
+        (("build", str(tiny_checkpoints["opt"]), "--out", str(out), "--target-recall", "1.5"), "target recall"),
+        (("build", str(tiny_checkpoints["opt"]), "--out", str(out), "--backend", "annoy"), "unknown backend"),
+        (("build", str(tiny_checkpoints["opt"]), "--out", str(out), "--k", "8", "--calib-text", str(empty)), "empty"),
+        (("eval", str(minilm_store), "--text", str(empty)), "empty"),
+        (("eval", str(minilm_store), "--k", "5000"), "k must be in"),
+        (("eval", str(minilm_store), "--checkpoint", str(tiny_checkpoints["bert"])), "built from other weights"),
+        (("eval", str(tmp_path)), "not an index store"),
+    ]
+    for args, match in cases:
+        assert_one_line_error(run(*args, check=False), match)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]

@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ann_mlp.approx_model import ApproxModel
+from ann_mlp.build import build_store
+from ann_mlp.capture import forward, make_batch
+from ann_mlp.config import BuildConfig, TextConfig
+from ann_mlp.errors import CheckpointError, InputError, StoreError
+from ann_mlp.store import Store
+
+CONFIG = BuildConfig(backend="ivf", k=16, target_recall=0.9, calibration=TextConfig(max_tokens=600, batch_size=8))
+
+
+@pytest.fixture(scope="module")
+def store(tiny_checkpoints, tmp_path_factory):
+    out = tmp_path_factory.mktemp("stores") / "opt"
+    return build_store(str(tiny_checkpoints["opt"]), out, CONFIG, progress=False)
+
+
+def _copy(store, tmp_path):
+    import shutil
+
+    target = tmp_path / "copy"
+    shutil.copytree(store, target)
+    return target
+
+
+def test_manifest_records_source_layers_and_tuning(store, tiny_checkpoints):
+    manifest = Store.open(store).manifest
+    assert manifest.format_version == 1 and manifest.family == "opt" and manifest.k == 16
+    assert manifest.source["weight_files"].keys() == {"model.safetensors"}
+    assert manifest.calibration["tokens"] >= 600
+    assert len(manifest.layers) == 2
+    for entry in manifest.layers:
+        assert entry.backend == "ivf" and entry.effort_param == "nprobe"
+        lo, hi = entry.effort_range
+        assert lo <= entry.search_params["nprobe"] <= hi
+        assert entry.build_recall >= 0.8  # held-out tokens; tuned to 0.9 on the others
+        assert all(len(sha) == 64 for sha in entry.files.values())
+
+
+def test_round_trip_runs_the_model(store, tiny_checkpoints):
+    model = ApproxModel.open(store)
+    batch = make_batch(model.checkpoint, ["Hello there, general store."], 32)
+    exact = forward(model.checkpoint, batch).logits
+    with model.approximate():
+        approx = forward(model.checkpoint, batch).logits
+    assert approx.shape == exact.shape and torch.isfinite(approx).all()
+    model.configure(k=96, search_params={"nprobe": model.manifest.layers[0].effort_range[1]})
+    with model.approximate():
+        full = forward(model.checkpoint, batch).logits
+    assert float((full - exact).norm() / exact.norm()) < 1e-5
+    with pytest.raises(InputError, match="nprobe must be in"):
+        model.configure(search_params={"nprobe": 10_000})
+    with pytest.raises(InputError, match="no search parameter"):
+        model.configure(search_params={"efSearch": 3})
+
+
+def test_corrupted_missing_and_extra_files_are_named(store, tmp_path):
+    copy = _copy(store, tmp_path)
+    layer_file = copy / "layer_001.faiss"
+    data = bytearray(layer_file.read_bytes())
+    data[-1] ^= 0xFF
+    layer_file.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="layer_001.faiss is corrupted"):
+        Store.open(copy)
+    layer_file.unlink()
+    with pytest.raises(StoreError, match="missing layer_001.faiss"):
+        Store.open(copy)
+    copy2 = _copy(store, tmp_path / "b")
+    (copy2 / "scann_docids.pkl").write_bytes(b"x")
+    with pytest.raises(StoreError, match="unexpected file scann_docids.pkl"):
+        Store.open(copy2)
+    (copy2 / "scann_docids.pkl").unlink()
+    manifest = json.loads((copy2 / "manifest.json").read_text())
+    (copy2 / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
+    with pytest.raises(StoreError, match="format version 99"):
+        Store.open(copy2)
+    (copy2 / "manifest.json").write_text("{not json")
+    with pytest.raises(StoreError, match="corrupted"):
+        Store.open(copy2)
+
+
+def test_store_from_another_checkpoint_is_refused(store, tiny_checkpoints):
+    with pytest.raises(CheckpointError, match="built from other weights"):
+        ApproxModel.open(store, checkpoint=str(tiny_checkpoints["gpt2"]))
+
+
+def test_interrupted_build_leaves_nothing(tiny_checkpoints, tmp_path):
+    out = tmp_path / "store"
+    config = BuildConfig(backend="ivf", k=16, target_recall=None, calibration=TextConfig(max_tokens=200))
+    with pytest.raises(InputError, match="empty"):
+        build_store(str(tiny_checkpoints["opt"]), out, config, calib_text=_empty(tmp_path), progress=False)
+    assert list(tmp_path.iterdir()) == [tmp_path / "empty.txt"]
+
+
+def test_existing_store_is_kept_unless_forced(store, tiny_checkpoints, tmp_path):
+    copy = _copy(store, tmp_path)
+    before = (copy / "manifest.json").read_text()
+    config = BuildConfig(backend="exact", k=8, target_recall=None, calibration=TextConfig(max_tokens=200))
+    with pytest.raises(StoreError, match="already exists"):
+        build_store(str(tiny_checkpoints["opt"]), copy, config, progress=False)
+    assert (copy / "manifest.json").read_text() == before
+    build_store(str(tiny_checkpoints["opt"]), copy, config, overwrite=True, progress=False)
+    assert Store.open(copy).manifest.backend == "exact"
+    assert sorted(p.name for p in copy.parent.iterdir()) == ["copy"]
+
+
+def _empty(tmp_path):
+    path = tmp_path / "empty.txt"
+    path.write_text("\n\n")
+    return path
