@@ -20,8 +20,7 @@ from ann_mlp.approx_model import ApproxModel
 from ann_mlp.capture import Batch, batches, forward, forward_capturing
 from ann_mlp.config import EvalConfig
 from ann_mlp.metrics import (
-    cosine, kl_divergence, mass_recall, nearest_neighbour_agreement, recall_at_k, relative_error,
-    sum_squared_error, token_nll,
+    cosine, kl_divergence, mass_recall, nearest_neighbour_agreement, recall_at_k, relative_errors, token_nll,
 )
 from ann_mlp.text import describe, passages
 
@@ -64,8 +63,7 @@ class _LayerTotals:
         self.mass = 0.0
         self.keys_scored = 0
         self.bytes_read = 0
-        self.sq_error = 0.0
-        self.sq_norm = 0.0
+        self.rel_error = 0.0
 
     def add(self, mlp: ApproxMLP, x: torch.Tensor, keys: torch.Tensor) -> None:
         """x (n, d_model) exact MLP inputs; keys (d_ff, d_model + 1) augmented."""
@@ -86,9 +84,7 @@ class _LayerTotals:
         self.mass += float(mass_recall(activations, retrieved).sum())
         self.keys_scored += result.keys_scored
         self.bytes_read += result.bytes_read
-        err, norm = sum_squared_error(approx, exact)
-        self.sq_error += err
-        self.sq_norm += norm
+        self.rel_error += float(relative_errors(approx, exact).sum())
 
     def report(self, layer: int, mlp: ApproxMLP) -> LayerReport:
         n = max(self.tokens, 1)
@@ -96,7 +92,7 @@ class _LayerTotals:
             layer=layer, d_ff=mlp.weights.d_ff, recall_at_k=self.recall / n, mass_recall=self.mass / n,
             scanned_fraction=self.keys_scored / (n * mlp.index.num_keys),
             bytes_read_fraction=self.bytes_read / (n * mlp.index.full_scan_bytes),
-            rel_output_error=relative_error(self.sq_error, self.sq_norm),
+            rel_output_error=self.rel_error / n,
             search_params=dict(mlp.search_params))
 
 

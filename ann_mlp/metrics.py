@@ -37,13 +37,14 @@ def mass_recall(activations: torch.Tensor, retrieved: torch.Tensor) -> torch.Ten
     return captured / total
 
 
-def sum_squared_error(approx: torch.Tensor, exact: torch.Tensor) -> tuple[float, float]:
-    """(sum ||approx - exact||^2, sum ||exact||^2): accumulate, then sqrt(a / b) = relative L2 error."""
-    return float(((approx - exact) ** 2).sum()), float((exact**2).sum())
+def relative_errors(approx: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+    """Per-row relative L2 error ||approx - exact|| / ||exact||; (N, d) -> (N,).
 
-
-def relative_error(squared_error: float, squared_norm: float) -> float:
-    return (squared_error / squared_norm) ** 0.5 if squared_norm > 0 else 0.0
+    Averaged per token rather than pooled: a few tokens with huge MLP outputs
+    (e.g. separators) would otherwise dominate and hide the typical error.
+    """
+    norm = exact.norm(dim=1).clamp_min(torch.finfo(exact.dtype).tiny)
+    return (approx - exact).norm(dim=1) / norm
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ann_mlp.metrics import mass_recall, nearest_neighbour_agreement, recall_at_k
+from ann_mlp.metrics import mass_recall, nearest_neighbour_agreement, recall_at_k, relative_errors
 
 
 def test_recall_is_tie_aware():
@@ -37,3 +37,10 @@ def test_neighbour_agreement():
     assert nearest_neighbour_agreement(exact, exact) == 1.0
     swapped = exact[[0, 2, 1, 3]]  # rows 1 and 2 trade places
     assert nearest_neighbour_agreement(exact, swapped) < 1.0
+
+
+def test_relative_errors_are_per_token():
+    exact = torch.tensor([[100.0, 0.0], [1.0, 0.0]])
+    approx = torch.tensor([[100.0, 0.0], [0.0, 0.0]])
+    # the large row is exact, the small one entirely wrong: per-token errors 0 and 1
+    assert relative_errors(approx, exact).tolist() == [0.0, 1.0]
