@@ -26,7 +26,21 @@ class Batch:
 def make_batch(checkpoint: Checkpoint, texts: list[str], max_seq_len: int) -> Batch:
     encoded = checkpoint.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
                                    max_length=max_seq_len)
-    input_ids, mask = encoded["input_ids"], encoded["attention_mask"]
+    return _batch(checkpoint, encoded["input_ids"], encoded["attention_mask"])
+
+
+def batch_from_ids(checkpoint: Checkpoint, token_ids: list[list[int]]) -> Batch:
+    """Right-padded batch of already tokenized inputs."""
+    longest = max(len(ids) for ids in token_ids)
+    input_ids = torch.full((len(token_ids), longest), checkpoint.tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(token_ids), longest), dtype=torch.long)
+    for row, ids in enumerate(token_ids):
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        mask[row, : len(ids)] = 1
+    return _batch(checkpoint, input_ids, mask)
+
+
+def _batch(checkpoint: Checkpoint, input_ids: torch.Tensor, mask: torch.Tensor) -> Batch:
     inputs = {"input_ids": input_ids, "attention_mask": mask}
     if checkpoint.kind == "seq2seq":
         # Teacher-forced reconstruction of the input: the decoder runs on real text too.

@@ -123,6 +123,49 @@ def _rebuilt(model, backend: str):
 
 
 @app.command()
+def serve(
+    stores: list[Path] = typer.Argument(None, help="Index stores to serve [default: indexes/minilm, built on first run]."),
+    host: Optional[str] = typer.Option(None, help="Bind address [127.0.0.1]."),
+    port: Optional[int] = typer.Option(None, help="Port [8000]."),
+    shadow_rate: Optional[float] = typer.Option(None, help="Share of requests re-run exactly, off the request path, for live recall."),
+) -> None:
+    """Serve approximate-MLP inference over HTTP (OpenAI-compatible and native routes)."""
+    import uvicorn
+
+    from server.app import create_app
+    from server.settings import ServerSettings
+
+    overrides = {name: value for name, value in
+                 {"stores": stores or None, "host": host, "port": port, "shadow_rate": shadow_rate}.items()
+                 if value is not None}
+    try:
+        settings = ServerSettings(**overrides)
+    except ValueError as err:
+        raise AnnMlpError(str(err).replace("\n", " ")) from err
+    from ann_mlp.store import Store
+
+    for path in settings.stores:  # fail fast, with one line, before the server starts
+        if not (path / "manifest.json").exists() and path == DEFAULT_STORE_ROOT / "minilm":
+            from ann_mlp.build import build_store
+
+            typer.echo(f"building the default store {path} (first run)", err=True)
+            build_store("minilm", path, BuildConfig(), progress=_progress())
+        Store.open(path)
+    app = create_app(settings)
+    engine = app.state.engine
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            engine.begin_drain()  # readiness goes 503 and new requests are refused at once
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
+                            timeout_graceful_shutdown=int(settings.drain_timeout_s))
+    if not DrainingServer(config).run():
+        raise AnnMlpError("the server did not start (see the log above)")
+
+
+@app.command()
 def info(store: Path = typer.Argument(..., help="Index store folder.")) -> None:
     """Verify a store's checksums and print its manifest."""
     from ann_mlp.store import Store

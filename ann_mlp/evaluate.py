@@ -148,28 +148,42 @@ class _EndToEnd:
                 "positions": float(self.positions)}
 
 
+class Comparison:
+    """Exact vs approximate on batches of real inputs, accumulated: per-layer and end-to-end metrics."""
+
+    def __init__(self, model: ApproxModel) -> None:
+        self.model = model
+        self.layers = sorted(model.mlps)
+        self.keys = {layer: torch.from_numpy(augmented_keys(model.mlps[layer].weights)) for layer in self.layers}
+        self.totals = {layer: _LayerTotals() for layer in self.layers}
+        self.end_to_end = _EndToEnd(model.checkpoint.kind)
+        self.tokens = 0
+
+    def add(self, batch: Batch) -> tuple[Any, Any]:
+        """Run the batch both ways; return (exact output, approximate output)."""
+        exact, captured = forward_capturing(self.model.checkpoint, batch, self.layers)
+        with torch.inference_mode():
+            for layer in self.layers:
+                self.totals[layer].add(self.model.mlps[layer], captured[layer], self.keys[layer])
+        with self.model.approximate():
+            approx = forward(self.model.checkpoint, batch)
+        self.end_to_end.add(batch, exact, approx)
+        self.tokens += batch.num_tokens
+        return exact, approx
+
+    def layer_reports(self) -> list[LayerReport]:
+        return [self.totals[layer].report(layer, self.model.mlps[layer]) for layer in self.layers]
+
+
 def evaluate(model: ApproxModel, config: EvalConfig, text: Path | None = None,
              progress: bool = True) -> Report:
-    checkpoint = model.checkpoint
     model.configure(config.k, config.search_params)
-    layers = sorted(model.mlps)
-    keys = {layer: torch.from_numpy(augmented_keys(model.mlps[layer].weights)) for layer in layers}
-    totals = {layer: _LayerTotals() for layer in layers}
-    end_to_end = _EndToEnd(checkpoint.kind)
-    tokens = 0
-    stream = batches(checkpoint, passages(text, "evaluation"), config.text)
+    comparison = Comparison(model)
+    stream = batches(model.checkpoint, passages(text, "evaluation"), config.text)
     for batch in tqdm(stream, desc="eval batches", disable=not progress):
-        exact, captured = forward_capturing(checkpoint, batch, layers)
-        with torch.inference_mode():
-            for layer in layers:
-                totals[layer].add(model.mlps[layer], captured[layer], keys[layer])
-        with model.approximate():
-            approx = forward(checkpoint, batch)
-        end_to_end.add(batch, exact, approx)
-        tokens += batch.num_tokens
+        comparison.add(batch)
     manifest = model.manifest
     return Report(
         model=manifest.name, backend=manifest.backend, k=next(iter(model.mlps.values())).k,
-        text=describe(text, "evaluation"), tokens=tokens,
-        layers=[totals[layer].report(layer, model.mlps[layer]) for layer in layers],
-        end_to_end=end_to_end.report(), family=manifest.family, kind=manifest.kind)
+        text=describe(text, "evaluation"), tokens=comparison.tokens, layers=comparison.layer_reports(),
+        end_to_end=comparison.end_to_end.report(), family=manifest.family, kind=manifest.kind)

@@ -1,0 +1,1 @@
+"""HTTP service: OpenAI-compatible and native routes over models with approximate MLPs."""

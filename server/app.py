@@ -1,0 +1,121 @@
+"""FastAPI app factory: the lifespan owns one engine; routers are thin; one error shape."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ann_mlp.errors import AnnMlpError
+from server.engine import Engine
+from server.errors import BodyTooLarge, InvalidRequest, Overloaded, ServiceError
+from server.metrics import Metrics
+from server.routes import native, openai, system
+from server.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+
+def error_response(status: int, message: str, kind: str, code: str, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    """OpenAI's error shape, on every route."""
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class BodyLimit:
+    """413 for bodies over the limit, counted on the bytes actually received (not only Content-Length)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            response = error_response(413, f"body of {int(declared)} bytes exceeds {self.max_bytes}",
+                                      BodyTooLarge.kind, BodyTooLarge.code)
+            return await response(scope, receive, send)
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise BodyTooLarge(f"body exceeds {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+
+def create_app(settings: ServerSettings) -> FastAPI:
+    metrics = Metrics()
+    engine = Engine(settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await asyncio.to_thread(engine.load)  # verify checksums, load, warm up: then serve
+        yield
+        engine.begin_drain()
+        await asyncio.to_thread(engine.shutdown)
+
+    app = FastAPI(title="ann-mlp", version="0.1.0", lifespan=lifespan)
+    app.state.engine = engine
+    app.state.settings = settings
+    for router in (openai.router, native.router, system.router):
+        app.include_router(router)
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        route = request.url.path
+        metrics.in_flight.inc()
+        start = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            metrics.in_flight.dec()
+            mode = getattr(request.state, "mode", "-")
+            metrics.latency.labels(route, mode).observe(time.perf_counter() - start)
+            metrics.requests.labels(route, str(status)).inc()
+
+    @app.exception_handler(ServiceError)
+    async def service_error(_request: Request, err: ServiceError) -> JSONResponse:
+        headers = {"Retry-After": str(err.retry_after_s)} if isinstance(err, Overloaded) else None
+        return error_response(err.status, err.message, err.kind, err.code, err.param, headers)
+
+    @app.exception_handler(AnnMlpError)
+    async def library_error(_request: Request, err: AnnMlpError) -> JSONResponse:
+        return error_response(400, str(err), InvalidRequest.kind, InvalidRequest.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(part) for part in first["loc"] if part != "body")
+        message = f"{where}: {first['msg']}" if where else first["msg"]
+        return error_response(422, message, "invalid_request_error", "invalid_value", where or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, err: StarletteHTTPException) -> JSONResponse:
+        return error_response(err.status_code, str(err.detail), "invalid_request_error", "http_error")
+
+    @app.exception_handler(Exception)
+    async def unexpected(_request: Request, err: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return error_response(500, "internal error", "server_error", "internal_error")
+
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    return app

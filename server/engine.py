@@ -1,0 +1,239 @@
+"""The engine: models with approximate MLPs, run one job at a time off the event loop.
+
+One worker thread executes every job, so a job's k, search effort and mode
+(set on the shared model at the start of the job) can never leak into another.
+Jobs wait in a bounded queue: when it is full the caller gets 429 at once.
+Shadow comparisons (exact vs approximate on a sampled request) run on the same
+worker, only when no request is waiting, and never hold a request up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, TypeVar
+
+import torch
+
+from ann_mlp.approx_model import ApproxModel
+from ann_mlp.capture import Batch, batch_from_ids, forward
+from ann_mlp.evaluate import Comparison
+from ann_mlp.errors import AnnMlpError
+from server.errors import DeadlineExceeded, InvalidRequest, NotReady, Overloaded, UnknownModel
+from server.metrics import Metrics
+from server.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+Mode = Literal["approx", "exact", "compare"]
+T = TypeVar("T")
+MAX_PENDING_SHADOWS = 2
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """Per-request options; None means the store's tuned value."""
+
+    mode: Mode = "approx"
+    k: int | None = None
+    effort: int | None = None
+
+
+@dataclass
+class Timing:
+    total_ms: float = 0.0
+    index_search_ms: float = 0.0
+    rest_ms: float = 0.0
+
+
+@dataclass
+class Run:
+    """What one forward pass produced, with its costs and (compare mode) its fidelity report."""
+
+    output: Any  # the model output used for the answer (approximate unless mode == exact)
+    batch: Batch
+    timing: Timing
+    scanned_fraction: float | None
+    report: dict[str, Any] | None = None
+
+
+@dataclass
+class ServedModel:
+    name: str
+    approx: ApproxModel
+    shadow: Comparison | None = None  # running exact-vs-approximate aggregate of shadow samples
+    shadow_samples: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def kind(self) -> str:
+        return self.approx.checkpoint.kind
+
+    @property
+    def tokenizer(self):
+        return self.approx.checkpoint.tokenizer
+
+    def live_summary(self) -> dict[str, Any] | None:
+        with self.lock:
+            if self.shadow is None or self.shadow_samples == 0:
+                return None
+            layers = self.shadow.layer_reports()
+            return {
+                "samples": self.shadow_samples,
+                "recall_at_k": sum(l.recall_at_k for l in layers) / len(layers),
+                "rel_output_error": sum(l.rel_output_error for l in layers) / len(layers),
+                "scanned_fraction": sum(l.scanned_fraction for l in layers) / len(layers),
+                "end_to_end": self.shadow.end_to_end.report(),
+            }
+
+
+class Engine:
+    def __init__(self, settings: ServerSettings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.models: dict[str, ServedModel] = {}
+        self.ready = False
+        self.draining = False
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ann-mlp-engine")
+        self._pending = 0
+        self._pending_shadows = 0
+        self._pending_lock = threading.Lock()
+        self._random = random.Random(0)
+
+    # -- lifecycle ------------------------------------------------------------------
+    def load(self) -> None:
+        """Verify and load every store, then warm each model up in every mode."""
+        torch.set_num_threads(self.settings.torch_threads)
+        for path in self.settings.stores:
+            approx = ApproxModel.open(path)
+            name = approx.manifest.name
+            if name in self.models:
+                raise AnnMlpError(f"two stores are named {name!r}; serve each model once")
+            self.models[name] = ServedModel(name, approx)
+        for served in self.models.values():
+            ids = served.tokenizer("warm up", add_special_tokens=True)["input_ids"]
+            for mode in ("approx", "exact", "compare"):
+                self._run(served, batch_from_ids(served.approx.checkpoint, [ids]), Knobs(mode=mode), record=False)
+        self.ready = True
+        log.info("serving %s", ", ".join(self.models))
+
+    def begin_drain(self) -> None:
+        self.draining = True
+
+    def shutdown(self) -> None:
+        self.ready = False
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    # -- requests ---------------------------------------------------------------------
+    def model(self, name: str | None) -> ServedModel:
+        if name is None:
+            return next(iter(self.models.values()))
+        try:
+            return self.models[name]
+        except KeyError:
+            raise UnknownModel(f"model {name!r} is not served; see GET /v1/models", param="model") from None
+
+    async def submit(self, job: Callable[[], T]) -> T:
+        """Queue a job for the worker; wait for it within the request deadline."""
+        if self.draining or not self.ready:
+            raise NotReady("the server is shutting down" if self.draining else "the server is not ready yet")
+        with self._pending_lock:
+            if self._pending >= self.settings.queue_size:
+                raise Overloaded(f"{self._pending} requests are waiting; retry later", self.settings.retry_after_s)
+            self._pending += 1
+        deadline = time.monotonic() + self.settings.request_timeout_s
+
+        def run_if_in_time() -> T:
+            if time.monotonic() > deadline:  # waited past its deadline: the caller has gone
+                raise DeadlineExceeded("request deadline passed while queued")
+            return job()
+
+        future = self._executor.submit(run_if_in_time)
+        future.add_done_callback(self._job_done)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), timeout=self.settings.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(f"no answer within {self.settings.request_timeout_s:g} s") from None
+
+    def _job_done(self, _future: Future) -> None:
+        with self._pending_lock:
+            self._pending -= 1
+
+    # -- work, on the worker thread -------------------------------------------------------
+    def run(self, served: ServedModel, batch: Batch, knobs: Knobs) -> Run:
+        run = self._run(served, batch, knobs, record=True)
+        if knobs.mode == "approx":
+            self._maybe_shadow(served, batch, knobs)
+        return run
+
+    def _configure(self, served: ServedModel, knobs: Knobs) -> None:
+        manifest = served.approx.manifest
+        search = {} if knobs.effort is None else {manifest.layers[0].effort_param: knobs.effort}
+        try:
+            served.approx.configure(knobs.k, search)
+        except AnnMlpError as err:
+            raise InvalidRequest(str(err), param="ann_mlp") from err
+
+    def _run(self, served: ServedModel, batch: Batch, knobs: Knobs, record: bool) -> Run:
+        self._configure(served, knobs)
+        approx = served.approx
+        approx.reset_stats()
+        start = time.perf_counter()
+        report = None
+        if knobs.mode == "exact":
+            output = forward(approx.checkpoint, batch)
+        elif knobs.mode == "approx":
+            with approx.approximate():
+                output = forward(approx.checkpoint, batch)
+        else:
+            comparison = Comparison(approx)
+            _, output = comparison.add(batch)
+            report = {"layers": [vars(l) for l in comparison.layer_reports()],
+                      "end_to_end": comparison.end_to_end.report()}
+        total = time.perf_counter() - start
+        search = sum(m.stats.search_seconds for m in approx.mlps.values())
+        queries = sum(m.stats.queries * m.index.num_keys for m in approx.mlps.values())
+        scanned = sum(m.stats.keys_scored for m in approx.mlps.values()) / queries if queries else None
+        if record and scanned is not None:
+            self.metrics.scanned_fraction.labels(served.name).observe(scanned)
+        timing = Timing(total * 1e3, search * 1e3, (total - search) * 1e3)
+        return Run(output, batch, timing, scanned, report)
+
+    def _maybe_shadow(self, served: ServedModel, batch: Batch, knobs: Knobs) -> None:
+        if self.settings.shadow_rate <= 0 or self._random.random() >= self.settings.shadow_rate:
+            return
+        with self._pending_lock:
+            if self._pending_shadows >= MAX_PENDING_SHADOWS:
+                self.metrics.shadow_dropped.labels(served.name).inc()
+                return
+            self._pending_shadows += 1
+        self._executor.submit(self._shadow, served, batch, knobs)
+
+    def _shadow(self, served: ServedModel, batch: Batch, knobs: Knobs) -> None:
+        try:
+            if self.draining or self._pending > 0:  # requests first: a shadow is never worth a delay
+                self.metrics.shadow_dropped.labels(served.name).inc()
+                return
+            self._configure(served, knobs)
+            with served.lock:
+                if served.shadow is None:
+                    served.shadow = Comparison(served.approx)
+                served.shadow.add(batch)
+                served.shadow_samples += 1
+            live = served.live_summary()
+            self.metrics.shadow_samples.labels(served.name).inc()
+            self.metrics.live_recall.labels(served.name).set(live["recall_at_k"])
+            self.metrics.live_output_error.labels(served.name).set(live["rel_output_error"])
+        except Exception:  # a failed shadow must never take the worker down
+            log.exception("shadow comparison failed")
+        finally:
+            with self._pending_lock:
+                self._pending_shadows -= 1

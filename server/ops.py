@@ -1,0 +1,135 @@
+"""The work behind each route, as plain functions run on the engine's worker thread."""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import asdict
+
+import torch
+
+from ann_mlp.capture import batch_from_ids
+from server.engine import Engine, Knobs, Run, ServedModel
+from server.errors import InvalidRequest
+from server.schemas import RunInfo
+from server.settings import ServerSettings
+
+
+def tokenize(served: ServedModel, inputs: list[str] | list[list[int]], settings: ServerSettings,
+             param: str) -> list[list[int]]:
+    """Texts or token ids -> token id lists, checked against the request limits."""
+    if not inputs:
+        raise InvalidRequest("no inputs given", param=param)
+    if len(inputs) > settings.max_inputs:
+        raise InvalidRequest(f"{len(inputs)} inputs exceed the limit of {settings.max_inputs}", param=param)
+    if isinstance(inputs[0], str):
+        if any(not text for text in inputs):
+            raise InvalidRequest("inputs must not be empty strings", param=param)
+        ids = served.tokenizer(list(inputs), add_special_tokens=True)["input_ids"]
+    else:
+        ids = [list(x) for x in inputs]
+        vocab = len(served.tokenizer)
+        if any(not x for x in ids):
+            raise InvalidRequest("token id lists must not be empty", param=param)
+        if any(t < 0 or t >= vocab for x in ids for t in x):
+            raise InvalidRequest(f"token ids must be in [0, {vocab})", param=param)
+    longest = max(len(x) for x in ids)
+    if longest > settings.max_input_tokens:
+        raise InvalidRequest(f"an input has {longest} tokens; the limit is {settings.max_input_tokens}",
+                             param=param)
+    return ids
+
+
+def as_list(value) -> list:
+    """OpenAI inputs: a string, a list of strings, a token list, or a list of token lists."""
+    if isinstance(value, str):
+        return [value]
+    if value and isinstance(value[0], int):
+        return [value]
+    return list(value)
+
+
+def run_info(served: ServedModel, knobs: Knobs, run: Run) -> RunInfo:
+    first = next(iter(served.approx.mlps.values()))
+    return RunInfo(mode=knobs.mode, k=first.k, search_params=dict(first.search_params),
+                   scanned_fraction=None if knobs.mode == "exact" else run.scanned_fraction,
+                   timing=asdict(run.timing), report=run.report)
+
+
+def pooled_embeddings(run: Run) -> torch.Tensor:
+    """Mean over real tokens, L2-normalised: what sentence-transformers returns for MiniLM."""
+    mask = run.batch.mask.unsqueeze(-1).float()  # (B, T, 1)
+    pooled = (run.output.last_hidden_state * mask).sum(1) / mask.sum(1).clamp_min(1)  # (B, d_model)
+    return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+def encode_embedding(vector: torch.Tensor, encoding_format: str) -> list[float] | str:
+    if encoding_format == "base64":  # what the openai client asks for by default
+        return base64.b64encode(vector.numpy().astype("<f4").tobytes()).decode()
+    return vector.tolist()
+
+
+def last_position_logprobs(run: Run) -> torch.Tensor:
+    """(B, V) log-probabilities of the next token after each input's last real token."""
+    last = run.batch.mask.sum(1) - 1  # (B,)
+    logits = run.output.logits[torch.arange(len(last)), last]  # (B, V)
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def top_alternatives(served: ServedModel, logprobs: torch.Tensor, count: int) -> list[dict]:
+    values, ids = logprobs.topk(count)
+    return [{"token_id": int(i), "token": served.tokenizer.decode([int(i)]), "logprob": float(v)}
+            for v, i in zip(values, ids)]
+
+
+def generate(engine: Engine, served: ServedModel, prompt_ids: list[int], request, knobs: Knobs) -> dict:
+    """Sample or greedy-decode a continuation with the model in the request's mode."""
+    checkpoint = served.approx.checkpoint
+    prompt = batch_from_ids(checkpoint, [prompt_ids])
+    run = engine.run(served, prompt, knobs)  # the prompt pass: timing, scanned fraction, compare report
+    sampling = request.temperature is not None and request.temperature > 0
+    options = {"max_new_tokens": request.max_tokens, "do_sample": sampling,
+               "pad_token_id": served.tokenizer.pad_token_id, "output_scores": True,
+               "return_dict_in_generate": True}
+    if sampling:
+        options.update(temperature=request.temperature, top_p=request.top_p or 1.0)
+    if request.seed is not None:
+        torch.manual_seed(request.seed)
+    model = checkpoint.model
+    with torch.inference_mode():
+        if knobs.mode == "exact":
+            out = model.generate(**prompt.inputs, **options)
+        else:
+            with served.approx.approximate():
+                out = model.generate(**prompt.inputs, **options)
+    new_ids = out.sequences[0, len(prompt_ids):].tolist()
+    step_logprobs = [torch.log_softmax(s[0].float(), dim=-1) for s in out.scores]
+    eos = served.tokenizer.eos_token_id
+    finish = "length"
+    if eos in new_ids:
+        cut = new_ids.index(eos)
+        new_ids, step_logprobs, finish = new_ids[:cut], step_logprobs[:cut], "stop"
+    text = served.tokenizer.decode(new_ids, skip_special_tokens=True)
+    stops = [request.stop] if isinstance(request.stop, str) else (request.stop or [])
+    for stop in stops:
+        if stop and stop in text:
+            text, finish = text[: text.index(stop)], "stop"
+    logprobs = None
+    if request.logprobs is not None:
+        tokens = [served.tokenizer.decode([t]) for t in new_ids]
+        offsets, position = [], 0
+        for token in tokens:
+            offsets.append(position)
+            position += len(token)
+        logprobs = {
+            "tokens": tokens,
+            "token_logprobs": [float(lp[t]) for lp, t in zip(step_logprobs, new_ids)],
+            "top_logprobs": [{a["token"]: a["logprob"] for a in top_alternatives(served, lp, request.logprobs)}
+                             for lp in step_logprobs] if request.logprobs > 0 else None,
+            "text_offset": offsets,
+        }
+    return {"text": text, "finish_reason": finish, "logprobs": logprobs, "completion_tokens": len(new_ids),
+            "run": run}
+
+
+def embed_batch(engine: Engine, served: ServedModel, ids: list[list[int]], knobs: Knobs) -> Run:
+    return engine.run(served, batch_from_ids(served.approx.checkpoint, ids), knobs)

@@ -1,0 +1,46 @@
+"""POST /v1/infer: the native route, with modes, knobs and the fidelity report."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+
+from server import ops
+from server.deps import engine as get_engine
+from server.deps import require_api_key
+from server.engine import Engine, Knobs
+from server.errors import InvalidRequest
+from server.schemas import InferRequest
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+
+
+@router.post("/infer")
+async def infer(request: InferRequest, http: Request, engine: Engine = Depends(get_engine)) -> dict:
+    http.state.mode = request.mode
+    served = engine.model(request.model)
+    if (request.texts is None) == (request.token_ids is None):
+        raise InvalidRequest("give exactly one of texts or token_ids", param="texts")
+    param = "texts" if request.texts is not None else "token_ids"
+    ids = ops.tokenize(served, request.texts or request.token_ids, engine.settings, param)
+    knobs = Knobs(mode=request.mode, k=request.k, effort=request.effort)
+
+    def job():
+        run = ops.embed_batch(engine, served, ids, knobs)
+        if served.kind == "encoder":
+            outputs = [{"embedding": v.tolist()} for v in ops.pooled_embeddings(run)]
+        elif served.kind == "causal_lm":
+            logprobs = ops.last_position_logprobs(run)
+            outputs = []
+            for row in logprobs:
+                best = int(row.argmax())
+                outputs.append({"next_token_id": best, "next_token": served.tokenizer.decode([best]),
+                                "next_token_logprob": float(row[best]),
+                                "top_logprobs": ops.top_alternatives(served, row, request.top_logprobs)})
+        else:  # seq2seq: teacher-forced reconstruction loss of each input
+            outputs = [{"decoder_argmax_ids": row[mask].tolist()}
+                       for row, mask in zip(run.output.logits.argmax(-1), run.batch.mask)]
+        return outputs, ops.run_info(served, knobs, run)
+
+    outputs, info = await engine.submit(job)
+    return {"model": served.name, "kind": served.kind, "outputs": outputs,
+            "tokens": sum(len(x) for x in ids), **info.model_dump()}

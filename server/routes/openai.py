@@ -1,0 +1,76 @@
+"""OpenAI-compatible routes: /v1/embeddings (encoders) and /v1/completions (causal LMs)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from fastapi import APIRouter, Depends, Request
+
+from server import ops
+from server.deps import engine as get_engine
+from server.deps import require_api_key
+from server.engine import Engine, Knobs
+from server.errors import InvalidRequest
+from server.schemas import CompletionRequest, EmbeddingRequest
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+
+
+@router.post("/embeddings")
+async def embeddings(request: EmbeddingRequest, http: Request, engine: Engine = Depends(get_engine)) -> dict:
+    http.state.mode = request.ann_mlp.mode
+    served = engine.model(request.model)
+    if served.kind != "encoder":
+        raise InvalidRequest(f"model {served.name!r} is a {served.kind}, not an encoder: use /v1/completions",
+                             param="model")
+    if request.dimensions is not None:
+        raise InvalidRequest("dimensions is not supported: embeddings have the model's width", param="dimensions")
+    knobs = Knobs(**request.ann_mlp.model_dump())
+    ids = ops.tokenize(served, ops.as_list(request.input), engine.settings, "input")
+
+    def job():
+        run = ops.embed_batch(engine, served, ids, knobs)
+        return run, ops.pooled_embeddings(run), ops.run_info(served, knobs, run)
+
+    run, vectors, info = await engine.submit(job)
+    tokens = sum(len(x) for x in ids)
+    return {
+        "object": "list",
+        "model": served.name,
+        "data": [{"object": "embedding", "index": i, "embedding": ops.encode_embedding(v, request.encoding_format)}
+                 for i, v in enumerate(vectors)],
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        "ann_mlp": info.model_dump(),
+    }
+
+
+@router.post("/completions")
+async def completions(request: CompletionRequest, http: Request, engine: Engine = Depends(get_engine)) -> dict:
+    http.state.mode = request.ann_mlp.mode
+    served = engine.model(request.model)
+    if served.kind != "causal_lm":
+        raise InvalidRequest(f"model {served.name!r} is a {served.kind}, not a causal LM", param="model")
+    if request.max_tokens > engine.settings.max_new_tokens:
+        raise InvalidRequest(f"max_tokens {request.max_tokens} exceeds {engine.settings.max_new_tokens}",
+                             param="max_tokens")
+    prompts = ops.tokenize(served, ops.as_list(request.prompt), engine.settings, "prompt")
+    knobs = Knobs(**request.ann_mlp.model_dump())
+
+    def job():
+        return [ops.generate(engine, served, ids, request, knobs) for ids in prompts]
+
+    results = await engine.submit(job)
+    prompt_tokens = sum(len(x) for x in prompts)
+    completion_tokens = sum(r["completion_tokens"] for r in results)
+    return {
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": served.name,
+        "choices": [{"index": i, "text": r["text"], "logprobs": r["logprobs"], "finish_reason": r["finish_reason"]}
+                    for i, r in enumerate(results)],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens},
+        "ann_mlp": [ops.run_info(served, knobs, r["run"]).model_dump() for r in results],
+    }

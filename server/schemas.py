@@ -1,0 +1,83 @@
+"""Request and response bodies. OpenAI-compatible where the route is, plus our `ann_mlp` options."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Mode = Literal["approx", "exact", "compare"]
+TextOrTokens = str | list[str] | list[int] | list[list[int]]
+
+
+class AnnMlpOptions(BaseModel):
+    """Per-request knobs, within the bounds the store's manifest records."""
+
+    model_config = ConfigDict(extra="forbid")
+    mode: Mode = "approx"
+    k: int | None = Field(None, ge=1, description="keys retrieved per token [the store's k]")
+    effort: int | None = Field(None, ge=0, description="search effort (nprobe, efSearch, ...) [tuned]")
+
+
+class EmbeddingRequest(BaseModel):
+    input: TextOrTokens
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+    ann_mlp: AnnMlpOptions = AnnMlpOptions()
+
+
+class CompletionRequest(BaseModel):
+    prompt: TextOrTokens
+    model: str | None = None
+    max_tokens: int = Field(16, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="absent or 0: greedy")
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    seed: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=5)
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1, le=1)
+    stream: Literal[False] = False
+    echo: Literal[False] = False
+    user: str | None = None
+    ann_mlp: AnnMlpOptions = AnnMlpOptions()
+
+
+class InferRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    texts: list[str] | None = None
+    token_ids: list[list[int]] | None = None
+    mode: Mode = "approx"
+    k: int | None = Field(None, ge=1)
+    effort: int | None = Field(None, ge=0)
+    top_logprobs: int = Field(5, ge=0, le=20, description="causal LMs: alternatives at the last position")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+    completion_tokens: int | None = None
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class RunInfo(BaseModel):
+    """What every answer tells about how it was computed."""
+
+    mode: Mode
+    k: int
+    search_params: dict[str, Any]
+    scanned_fraction: float | None
+    timing: dict[str, float]  # total_ms, index_search_ms, rest_ms
+    report: dict[str, Any] | None = None  # compare mode: per-layer and end-to-end metrics

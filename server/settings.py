@@ -1,0 +1,34 @@
+"""Server settings: one typed place, read once at start (env prefix ANN_MLP_)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ANN_MLP_", frozen=True)
+
+    stores: list[Path] = Field(default_factory=lambda: [Path("indexes/minilm")])
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: SecretStr | None = None  # bearer token required on every route but health
+    shadow_rate: float = Field(0.0, ge=0.0, le=1.0)  # share of requests re-run exactly, off the request path
+    max_body_bytes: int = Field(2 * 1024 * 1024, gt=0)
+    max_inputs: int = Field(64, gt=0)  # texts or token lists per request
+    max_input_tokens: int = Field(512, gt=0)  # tokens per input
+    max_new_tokens: int = Field(256, gt=0)  # completions
+    queue_size: int = Field(64, gt=0)  # jobs waiting for the engine before 429
+    request_timeout_s: float = Field(60.0, gt=0)  # deadline per request before 504
+    drain_timeout_s: float = Field(30.0, gt=0)  # SIGTERM: how long in-flight requests may finish
+    retry_after_s: int = Field(1, ge=0)
+    torch_threads: int = Field(2, gt=0)
+
+    @field_validator("stores")
+    @classmethod
+    def _non_empty(cls, stores: list[Path]) -> list[Path]:
+        if not stores:
+            raise ValueError("at least one index store is needed")
+        return stores
