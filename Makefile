@@ -4,7 +4,7 @@ PYTHON := $(VENV)/bin/python
 STORE ?= indexes/minilm
 RESULTS ?= results
 
-.PHONY: setup run test clean
+.PHONY: setup run eval test clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -17,8 +17,12 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# Main job: index the embedded default (MiniLM) on first run, then report its fidelity.
+# Main job: serve the embedded default (MiniLM) on 127.0.0.1:8000, building its store on first run.
 run: setup
+	$(VENV)/bin/ann-mlp serve $(STORE) --shadow-rate 0.1
+
+# Fidelity report of the default store: table, JSON and plots.
+eval: setup
 	test -f $(STORE)/manifest.json || $(VENV)/bin/ann-mlp build minilm --out $(STORE)
 	$(VENV)/bin/ann-mlp eval $(STORE) --json $(RESULTS)/eval_minilm.json --plots $(RESULTS)
 

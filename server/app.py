@@ -45,18 +45,31 @@ class BodyLimit:
             response = error_response(413, f"body of {int(declared)} bytes exceeds {self.max_bytes}",
                                       BodyTooLarge.kind, BodyTooLarge.code)
             return await response(scope, receive, send)
-        received = 0
-
-        async def counting_receive() -> Message:
-            nonlocal received
+        # Read the body first (it is small by definition), stopping at the limit,
+        # then replay it: an over-long body is answered here, before any parsing.
+        chunks, received, more = [], 0, True
+        while more:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise BodyTooLarge(f"body exceeds {self.max_bytes} bytes")
-            return message
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            received += len(chunks[-1])
+            more = message.get("more_body", False)
+            if received > self.max_bytes:
+                response = error_response(413, f"body exceeds {self.max_bytes} bytes",
+                                          BodyTooLarge.kind, BodyTooLarge.code)
+                return await response(scope, receive, send)
+        body = b"".join(chunks)
+        replayed = False
 
-        await self.app(scope, counting_receive, send)
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
 
 
 def create_app(settings: ServerSettings) -> FastAPI:

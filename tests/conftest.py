@@ -16,3 +16,29 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(params=FAMILIES)
 def tiny_checkpoint(request, tiny_checkpoints) -> Path:
     return tiny_checkpoints[request.param]
+
+
+@pytest.fixture(scope="session")
+def tiny_stores(tiny_checkpoints, tmp_path_factory) -> dict[str, Path]:
+    """Index stores of a tiny encoder (BERT) and a tiny gated causal LM (LLaMA)."""
+    from ann_mlp.build import build_store
+    from ann_mlp.config import BuildConfig, TextConfig
+
+    root = tmp_path_factory.mktemp("stores")
+    config = BuildConfig(backend="ivf", k=16, target_recall=0.9, calibration=TextConfig(max_tokens=800))
+    return {name: build_store(str(tiny_checkpoints[family]), root / name, config, progress=False)
+            for name, family in (("tiny-bert", "bert"), ("tiny-llama", "llama"))}
+
+
+@pytest.fixture(scope="session")
+def minilm_store(tmp_path_factory) -> Path:
+    """A store of the real MiniLM checkpoint, built through the CLI with a small calibration budget."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("minilm") / "minilm"
+    proc = subprocess.run([sys.executable, "-m", "ann_mlp", "build", "minilm", "--out", str(out), "--k", "64",
+                           "--calib-tokens", "1500"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "built" in proc.stdout and "layer   5" in proc.stdout
+    return out

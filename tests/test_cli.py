@@ -7,8 +7,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 TEXT = """The quick brown fox jumps over the lazy dog near the river bank.
 
 A database index speeds up lookups at the cost of extra writes and storage.
@@ -37,14 +35,6 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, match: str) -> None
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and match in lines[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
-
-
-@pytest.fixture(scope="module")
-def minilm_store(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cli") / "minilm"
-    proc = run("build", "minilm", "--out", str(out), "--k", "64", "--calib-tokens", "1500")
-    assert "built" in proc.stdout and "layer   5" in proc.stdout
-    return out
 
 
 def test_build_and_eval_minilm_report_contract(minilm_store, tmp_path):

@@ -1,0 +1,202 @@
+"""In-process tests of every route and error code (FastAPI TestClient runs the lifespan)."""
+
+from __future__ import annotations
+
+import base64
+import threading
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from server.app import create_app
+from server.settings import ServerSettings
+
+
+def make_client(tiny_stores, **overrides) -> TestClient:
+    settings = ServerSettings(stores=[tiny_stores["tiny-bert"], tiny_stores["tiny-llama"]], **overrides)
+    return TestClient(create_app(settings))
+
+
+@pytest.fixture(scope="module")
+def client(tiny_stores):
+    with make_client(tiny_stores, shadow_rate=1.0) as client:
+        yield client
+
+
+def assert_error(response, status: int, code: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert {"message", "type", "param", "code"} <= error.keys() and error["message"]
+    if code:
+        assert error["code"] == code
+    return error
+
+
+def test_health_and_models(client):
+    assert client.get("/health/live").json() == {"status": "alive"}
+    ready = client.get("/health/ready")
+    assert ready.status_code == 200 and set(ready.json()["models"]) == {"tiny-bert", "tiny-llama"}
+    models = {m["id"]: m["ann_mlp"] for m in client.get("/v1/models").json()["data"]}
+    assert models["tiny-bert"]["kind"] == "encoder" and models["tiny-llama"]["kind"] == "causal_lm"
+    assert models["tiny-llama"]["backend"] == "ivf" and models["tiny-llama"]["k"] == 16
+    assert len(models["tiny-llama"]["tuned_search_params"]) == 2
+    assert 0 < models["tiny-bert"]["build_recall_mean"] <= 1
+
+
+def test_embeddings_float_and_base64(client):
+    body = {"model": "tiny-bert", "input": ["hello", "a longer sentence here"], "encoding_format": "float"}
+    floats = client.post("/v1/embeddings", json=body).json()
+    assert [d["index"] for d in floats["data"]] == [0, 1]
+    vector = np.array(floats["data"][0]["embedding"])
+    assert vector.shape == (32,) and abs(np.linalg.norm(vector) - 1) < 1e-5
+    assert floats["usage"]["prompt_tokens"] == floats["usage"]["total_tokens"] > 0
+    encoded = client.post("/v1/embeddings", json={**body, "encoding_format": "base64"}).json()
+    decoded = np.frombuffer(base64.b64decode(encoded["data"][0]["embedding"]), dtype="<f4")
+    np.testing.assert_allclose(decoded, vector, rtol=1e-6)
+
+
+def test_mode_exact_and_full_k_agree(client):
+    texts = {"model": "tiny-bert", "input": "the same words", "encoding_format": "float"}
+    exact = client.post("/v1/embeddings", json={**texts, "ann_mlp": {"mode": "exact"}}).json()
+    full = client.post("/v1/embeddings", json={**texts, "ann_mlp": {"k": 96, "effort": 1000}})
+    assert_error(full, 400, "invalid_request")  # effort outside the manifest's bounds
+    hi = client.get("/v1/models").json()["data"][0]["ann_mlp"]["effort_range"][1]
+    full = client.post("/v1/embeddings", json={**texts, "ann_mlp": {"k": 96, "effort": hi}}).json()
+    np.testing.assert_allclose(full["data"][0]["embedding"], exact["data"][0]["embedding"], atol=1e-5)
+    assert exact["ann_mlp"]["mode"] == "exact" and exact["ann_mlp"]["scanned_fraction"] is None
+    assert full["ann_mlp"]["k"] == 96
+
+
+def test_infer_compare_reports_core_metrics(client):
+    response = client.post("/v1/infer", json={"model": "tiny-llama", "texts": ["def f(x): return x"],
+                                              "mode": "compare", "top_logprobs": 3})
+    body = response.json()
+    assert response.status_code == 200, body
+    output = body["outputs"][0]
+    assert len(output["top_logprobs"]) == 3 and output["next_token_logprob"] <= 0
+    layers = body["report"]["layers"]
+    assert len(layers) == 2
+    for layer in layers:
+        assert {"recall_at_k", "mass_recall", "scanned_fraction", "rel_output_error"} <= layer.keys()
+    assert {"next_token_agreement", "kl_mean"} <= body["report"]["end_to_end"].keys()
+    timing = body["timing"]
+    assert timing["total_ms"] >= timing["index_search_ms"] > 0
+
+
+def test_infer_with_token_ids_and_encoder(client):
+    ids = client.post("/v1/infer", json={"model": "tiny-llama", "token_ids": [[5, 6, 7], [8]]}).json()
+    assert len(ids["outputs"]) == 2 and ids["tokens"] == 4
+    enc = client.post("/v1/infer", json={"model": "tiny-bert", "texts": ["x y z"], "mode": "exact"}).json()
+    assert len(enc["outputs"][0]["embedding"]) == 32
+
+
+def test_completions_greedy_is_deterministic_and_reports_logprobs(client):
+    body = {"model": "tiny-llama", "prompt": "Once upon", "max_tokens": 5, "logprobs": 2}
+    first = client.post("/v1/completions", json=body).json()
+    second = client.post("/v1/completions", json=body).json()
+    assert first["choices"][0]["text"] == second["choices"][0]["text"]
+    logprobs = first["choices"][0]["logprobs"]
+    assert len(logprobs["token_logprobs"]) == first["usage"]["completion_tokens"] <= 5
+    assert all(len(top) <= 2 for top in logprobs["top_logprobs"])
+    sampled = {**body, "temperature": 1.0, "top_p": 0.9, "seed": 3}
+    assert (client.post("/v1/completions", json=sampled).json()["choices"][0]["text"]
+            == client.post("/v1/completions", json=sampled).json()["choices"][0]["text"])
+
+
+def test_shadow_sampling_feeds_metrics_and_models(client):
+    client.post("/v1/infer", json={"model": "tiny-bert", "texts": ["shadow me please"]})
+    for _ in range(50):  # the shadow runs after the answer, on the worker
+        live = {m["id"]: m["ann_mlp"]["live"] for m in client.get("/v1/models").json()["data"]}
+        if live["tiny-bert"]:
+            break
+        threading.Event().wait(0.05)
+    assert live["tiny-bert"]["samples"] >= 1 and 0 <= live["tiny-bert"]["recall_at_k"] <= 1
+    metrics = client.get("/metrics").text
+    assert 'ann_mlp_live_recall_at_k{model="tiny-bert"}' in metrics
+    assert 'ann_mlp_request_seconds_bucket{le="0.005",mode="approx",route="/v1/infer"}' in metrics
+    assert 'ann_mlp_requests_total{route="/v1/infer",status="200"}' in metrics
+    assert "ann_mlp_requests_in_flight" in metrics and "ann_mlp_keys_scanned_fraction_bucket" in metrics
+
+
+@pytest.mark.parametrize("path, body, status, code", [
+    ("/v1/embeddings", {"input": 5}, 422, "invalid_value"),
+    ("/v1/embeddings", {"input": "x", "ann_mlp": {"mode": "fast"}}, 422, "invalid_value"),
+    ("/v1/embeddings", {"input": "x", "ann_mlp": {"k": 0}}, 422, "invalid_value"),
+    ("/v1/embeddings", {"input": "x", "ann_mlp": {"k": 97}}, 400, "invalid_request"),
+    ("/v1/embeddings", {"input": "x", "model": "gpt-9"}, 404, "model_not_found"),
+    ("/v1/embeddings", {"input": "x", "model": "tiny-llama"}, 400, "invalid_request"),
+    ("/v1/embeddings", {"input": [""]}, 400, "invalid_request"),
+    ("/v1/embeddings", {"input": ["a"] * 65}, 400, "invalid_request"),
+    ("/v1/embeddings", {"input": "word " * 600}, 400, "invalid_request"),
+    ("/v1/completions", {"prompt": "x", "model": "tiny-llama", "stream": True}, 422, "invalid_value"),
+    ("/v1/completions", {"prompt": "x", "model": "tiny-llama", "max_tokens": 10_000}, 400, "invalid_request"),
+    ("/v1/completions", {"prompt": "x", "model": "tiny-bert"}, 400, "invalid_request"),
+    ("/v1/infer", {"model": "tiny-llama"}, 400, "invalid_request"),
+    ("/v1/infer", {"model": "tiny-llama", "token_ids": [[10**6]]}, 400, "invalid_request"),
+    ("/v1/infer", {"model": "tiny-llama", "texts": ["a"], "unknown": 1}, 422, "invalid_value"),
+    ("/v1/nowhere", {}, 404, None),
+])
+def test_bad_requests(client, path, body, status, code):
+    assert_error(client.post(path, json=body), status, code)
+
+
+def test_malformed_json_is_422(client):
+    response = client.post("/v1/infer", content=b"{not json", headers={"content-type": "application/json"})
+    assert_error(response, 422)
+
+
+def test_body_limit_counts_received_bytes(tiny_stores):
+    with make_client(tiny_stores, max_body_bytes=1000) as client:
+        assert_error(client.post("/v1/infer", json={"texts": ["a" * 2000]}), 413, "body_too_large")
+
+        def chunks():  # no Content-Length: the limit must hold on the bytes themselves
+            yield b'{"texts": ["'
+            for _ in range(20):
+                yield b"a" * 100
+            yield b'"]}'
+
+        response = client.post("/v1/infer", content=chunks(), headers={"content-type": "application/json"})
+        assert_error(response, 413, "body_too_large")
+
+
+def test_api_key_on_every_route_but_health(tiny_stores):
+    with make_client(tiny_stores, api_key="s3cret") as client:
+        assert client.get("/health/live").status_code == 200
+        assert client.get("/health/ready").status_code == 200
+        for method, path in (("get", "/v1/models"), ("get", "/metrics"), ("post", "/v1/infer")):
+            assert_error(getattr(client, method)(path), 401, "invalid_api_key")
+            wrong = getattr(client, method)(path, headers={"Authorization": "Bearer nope"})
+            assert_error(wrong, 401)
+        ok = client.get("/v1/models", headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+
+
+def test_deadline_gives_504(tiny_stores):
+    with make_client(tiny_stores, request_timeout_s=0.0005) as client:
+        response = client.post("/v1/completions", json={"model": "tiny-llama", "prompt": "x", "max_tokens": 64})
+        assert_error(response, 504, "deadline_exceeded")
+
+
+def test_full_queue_gives_429_with_retry_after(tiny_stores):
+    with make_client(tiny_stores, queue_size=1, retry_after_s=2) as client:
+        slow = {"model": "tiny-llama", "prompt": "x", "max_tokens": 200}
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(client.post("/v1/completions", json=slow)))
+                   for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        statuses = sorted(r.status_code for r in results)
+        assert statuses[0] == 200 and 429 in statuses, statuses
+        rejected = next(r for r in results if r.status_code == 429)
+        assert rejected.headers["retry-after"] == "2"
+        assert_error(rejected, 429, "queue_full")
+
+
+def test_draining_refuses_new_requests(tiny_stores):
+    with make_client(tiny_stores) as client:
+        client.app.state.engine.begin_drain()
+        assert client.get("/health/ready").status_code == 503
+        assert_error(client.post("/v1/infer", json={"texts": ["a"]}), 503, "not_ready")

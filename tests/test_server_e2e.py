@@ -1,0 +1,140 @@
+"""A real uvicorn process on 127.0.0.1: the openai client, concurrency, and SIGTERM during load."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_server(stores: list[Path], *args: str, env: dict | None = None):
+    port = free_port()
+    log = open(Path(stores[0]).parent / f"server-{port}.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "ann_mlp", "serve", *map(str, stores), "--port", str(port), *args],
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, open(log.name).read()[-3000:]
+            try:
+                if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        else:
+            raise AssertionError("server never became ready")
+        yield url, proc, Path(log.name)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def server(minilm_store, tiny_stores):
+    with running_server([minilm_store, tiny_stores["tiny-llama"]], "--shadow-rate", "0.5") as (url, _, _log):
+        yield url
+
+
+def test_openai_client_embeddings_match_sentence_transformers(server):
+    from sentence_transformers import SentenceTransformer
+
+    from ann_mlp.checkpoint.builtin import resolve_builtin
+
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
+    texts = ["A man is eating food.", "The new movie is awesome.", "Offline inference on two cores."]
+    exact = client.embeddings.create(model="minilm", input=texts, extra_body={"ann_mlp": {"mode": "exact"}})
+    approx = client.embeddings.create(model="minilm", input=texts)  # the client asks for base64
+    reference = SentenceTransformer(str(resolve_builtin("minilm")), device="cpu").encode(texts)
+    exact_vectors = np.array([d.embedding for d in exact.data])
+    assert exact_vectors.shape == (3, 384) and exact.usage.prompt_tokens > 0
+    np.testing.assert_allclose(exact_vectors, reference, atol=1e-4)
+    approx_vectors = np.array([d.embedding for d in approx.data])
+    cosines = (approx_vectors * exact_vectors).sum(1)
+    assert np.all(cosines > 0) and np.all(cosines < 1 - 1e-6)  # approximate, and it shows
+
+
+def test_openai_client_completions(server):
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
+    completion = client.completions.create(model="tiny-llama", prompt="The kernel", max_tokens=4, logprobs=1,
+                                           extra_body={"ann_mlp": {"mode": "compare"}})
+    choice = completion.choices[0]
+    assert choice.finish_reason in ("length", "stop") and isinstance(choice.text, str)
+    assert completion.usage.completion_tokens == len(choice.logprobs.token_logprobs)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x", max_tokens=1)
+    models = {m.id for m in client.models.list()}
+    assert models == {"minilm", "tiny-llama"}
+
+
+def test_sixteen_concurrent_clients_are_isolated(server):
+    """Per-request k and mode must not leak: each answer equals the same request made alone."""
+    requests = [{"model": "tiny-llama", "texts": [f"request {i} " * (1 + i % 3)], "k": 4 + 4 * (i % 5),
+                 "mode": ("approx", "exact", "compare")[i % 3], "top_logprobs": 2} for i in range(16)]
+    with httpx.Client(timeout=60) as client:
+        alone = [client.post(f"{server}/v1/infer", json=r).json() for r in requests]
+
+    def send(request):
+        with httpx.Client(timeout=60) as client:
+            return client.post(f"{server}/v1/infer", json=request)
+
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(send, requests))
+    for request, single, response in zip(requests, alone, together):
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["k"] == request["k"] and body["mode"] == request["mode"]
+        assert body["outputs"][0]["top_logprobs"] == single["outputs"][0]["top_logprobs"]
+
+
+def test_metrics_after_shadow_sampled_traffic(server):
+    with httpx.Client(timeout=60) as client:
+        for i in range(6):
+            client.post(f"{server}/v1/embeddings", json={"model": "minilm", "input": f"sentence number {i}"})
+        time.sleep(1.0)
+        metrics = client.get(f"{server}/metrics").text
+        live = {m["id"]: m["ann_mlp"]["live"] for m in client.get(f"{server}/v1/models").json()["data"]}
+    assert 'ann_mlp_shadow_samples_total{model="minilm"}' in metrics
+    assert live["minilm"] is not None and 0 < live["minilm"]["recall_at_k"] <= 1
+
+
+def test_sigterm_drains_in_flight_requests(tiny_stores):
+    with running_server([tiny_stores["tiny-llama"]]) as (url, proc, log):
+        slow = {"model": "tiny-llama", "prompt": "drain", "max_tokens": 60}
+
+        def send(_):
+            with httpx.Client(timeout=60) as client:
+                return client.post(f"{url}/v1/completions", json=slow)
+
+        with ThreadPoolExecutor(6) as pool:
+            futures = [pool.submit(send, i) for i in range(6)]
+            time.sleep(0.5)  # the requests are in flight (queued or running)
+            proc.send_signal(signal.SIGTERM)
+            responses = [f.result() for f in futures]
+        assert [r.status_code for r in responses] == [200] * 6, [r.text for r in responses]
+        # uvicorn re-raises the signal once drained, so the exit reads as a SIGTERM stop
+        assert proc.wait(timeout=60) == -signal.SIGTERM
+        assert "Finished server process" in log.read_text()
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{url}/health/live", timeout=2)
