@@ -123,6 +123,28 @@ def _rebuilt(model, backend: str):
 
 
 @app.command()
+def sparsity(
+    checkpoint: str = typer.Argument(..., help="Model folder, .gguf file, or built-in name."),
+    text: Optional[Path] = typer.Option(None, help="Text file [default: held-out Python standard library docstrings]."),
+    max_tokens: int = typer.Option(EvalConfig().text.max_tokens, help="Tokens to run."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON."),
+    plots: Optional[Path] = typer.Option(None, help="Write PNG plots into this folder."),
+) -> None:
+    """Per layer: share of MLP neurons firing per token, its percentiles, firing frequencies, dead neurons."""
+    from ann_mlp.checkpoint import load_checkpoint
+    from ann_mlp.sparsity import measure_sparsity, sparsity_plots, sparsity_table
+
+    report = measure_sparsity(load_checkpoint(checkpoint), text, TextConfig(max_tokens=max_tokens), _progress())
+    typer.echo(sparsity_table(report))
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    if plots:
+        for path in sparsity_plots(report, plots):
+            typer.echo(f"plot: {path}")
+
+
+@app.command()
 def serve(
     stores: list[Path] = typer.Argument(None, help="Index stores to serve [default: indexes/minilm, built on first run]."),
     host: Optional[str] = typer.Option(None, help="Bind address [127.0.0.1]."),

@@ -95,6 +95,8 @@ def test_bad_input_gives_one_line_errors(minilm_store, tiny_checkpoints, tmp_pat
         (("eval", str(minilm_store), "--k", "5000"), "k must be in"),
         (("eval", str(minilm_store), "--checkpoint", str(tiny_checkpoints["bert"])), "built from other weights"),
         (("eval", str(tmp_path)), "not an index store"),
+        (("sparsity", str(no_weights)), "no .safetensors"),
+        (("sparsity", str(tiny_checkpoints["opt"]), "--text", str(empty)), "empty"),
     ]
     for args, match in cases:
         assert_one_line_error(run(*args, check=False), match)
