@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ann_mlp import __version__
-from ann_mlp.checkpoint import sha256_file
-from ann_mlp.checkpoint import CheckpointSource
+from ann_mlp.checkpoint import CheckpointSource, sha256_file
 from ann_mlp.config import STORE_FORMAT_VERSION
 from ann_mlp.errors import CheckpointError, StoreError
 from ann_mlp.index import MipsIndex, backend_class

@@ -68,6 +68,16 @@ def test_eval_with_full_effort_and_k_is_exact(minilm_store, tmp_path):
     assert report["end_to_end"]["embedding_cosine_min"] > 0.99999
 
 
+def test_eval_another_backend_built_in_memory(minilm_store, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    report_path = tmp_path / "r.json"
+    run("eval", str(minilm_store), "--text", str(text), "--backend", "exact", "--json", str(report_path))
+    report = json.loads(report_path.read_text())
+    assert report["backend"] == "exact"
+    assert all(layer["recall_at_k"] == 1.0 and layer["scanned_fraction"] == 1.0 for layer in report["layers"])
+
+
 def test_info_verifies_and_prints_the_manifest(minilm_store):
     manifest = json.loads(run("info", str(minilm_store)).stdout)
     assert manifest["family"] == "bert" and len(manifest["layers"]) == 6

@@ -19,7 +19,7 @@ def test_relu_sparsity_matches_the_models_own_activations(tiny_checkpoints, tmp_
     config = TextConfig(max_tokens=1000, batch_size=2)
     report = measure_sparsity(checkpoint, path, config, progress=False)
 
-    fired, total = {}, {}
+    fired = {}
     hooks = []
     for i, layer in enumerate(checkpoint.model.model.decoder.layers):
         def hook(_m, _inp, out, i=i):
