@@ -108,6 +108,9 @@ class ApproxMLP(nn.Module):
             scores = torch.from_numpy(result.scores)  # (N, k)
         else:
             scores = rows_dot(w.keys, w.key_bias, ids, x)  # (N, k)
+        if w.topk and w.topk < self.k:  # Top-k model: only the K best of the retrieved fire
+            best = scores.masked_fill(~found, -torch.inf).topk(w.topk, dim=1).indices  # (N, K)
+            found = found & torch.zeros_like(found).scatter(1, best, True)
         activations = self.act(scores)  # (N, k)
         if w.gated:
             activations = activations * rows_dot(w.up, w.up_bias, ids, x)  # (N, k)

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers.activations import ACT2FN
 
+from ann_mlp.activations import activation_module
 from ann_mlp.approx_mlp import ApproxMLP, augmented_keys, augmented_queries
 from ann_mlp.approx_model import ApproxModel
 from ann_mlp.capture import Batch, batches, forward, forward_capturing
@@ -69,7 +69,7 @@ class _LayerTotals:
         """x (n, d_model) exact MLP inputs; keys (d_ff, d_model + 1) augmented."""
         w = mlp.weights
         scores = torch.from_numpy(augmented_queries(x)) @ keys.T  # (n, d_ff)
-        activations = ACT2FN[w.activation](scores)  # (n, d_ff)
+        activations = activation_module(w.activation, w.topk)(scores)  # (n, d_ff)
         if w.gated:
             up = x @ w.up.float().T  # (n, d_ff)
             activations = activations * (up + w.up_bias if w.up_bias is not None else up)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ann_mlp.activations import activation_module
 from ann_mlp.capture import batches, forward_capturing
 from ann_mlp.checkpoint import Checkpoint
 from ann_mlp.config import TextConfig
@@ -63,7 +64,10 @@ def measure_sparsity(checkpoint: Checkpoint, text: Path | None, config: TextConf
             scores = captured[layer] @ w.keys.float().T  # (n_tokens, d_ff)
             if w.key_bias is not None:
                 scores += w.key_bias.float()
-            fired = scores > 0  # (n_tokens, d_ff)
+            if w.activation in RELU_ACTIVATIONS:  # exact zeros: count what the activation leaves non-zero
+                fired = activation_module(w.activation, w.topk)(scores) != 0  # (n_tokens, d_ff)
+            else:
+                fired = scores > 0  # (n_tokens, d_ff)
             fired_per_neuron[layer] += fired.sum(0)
             fired_per_token[layer].append(fired.sum(1))
         tokens += batch.num_tokens

@@ -32,6 +32,8 @@ import transformers
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from ann_mlp.activations import TopK
+
 REPO = Path(__file__).resolve().parent.parent
 CORPUS_PACKAGE = "linux-doc-6.1"
 SOURCES = "usr/share/doc/linux-doc-6.1/html/_sources"
@@ -90,18 +92,6 @@ def encode(tokenizer, texts: list[str]) -> np.ndarray:
 
 
 # -- model ----------------------------------------------------------------------
-class TopK(torch.nn.Module):
-    """Keep the k largest pre-activations per token, ReLU them, zero the rest (Top-k Transformer)."""
-
-    def __init__(self, k: int) -> None:
-        super().__init__()
-        self.k = k
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., d_ff)
-        top = torch.topk(x, self.k, dim=-1)
-        return torch.zeros_like(x).scatter(-1, top.indices, torch.relu(top.values))
-
-
 def make_model(args, vocab_size: int) -> transformers.OPTForCausalLM:
     config = transformers.OPTConfig(
         vocab_size=vocab_size, hidden_size=args.d_model, ffn_dim=args.d_ff, num_hidden_layers=args.layers,
@@ -113,9 +103,10 @@ def make_model(args, vocab_size: int) -> transformers.OPTForCausalLM:
 
 
 def set_activation(model, topk: int | None) -> None:
+    """Top-k Transformer: the same module ann-mlp installs when it loads the finished checkpoint."""
     if topk:
         for layer in model.model.decoder.layers:
-            layer.activation_fn = TopK(topk)
+            layer.activation_fn = TopK(topk, "relu")
 
 
 # -- training state (safetensors + JSON, never pickle) ------------------------------
@@ -308,7 +299,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        set_activation(model, None)  # the saved module tree is plain OPT; Top-k is recorded in the config
+        # Stock OPT has no Top-k: record it in the config, where ann-mlp's loader finds it.
         model.config.ann_mlp_topk = args.topk or None
         model.half().save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

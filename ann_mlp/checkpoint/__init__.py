@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ann_mlp.activations import TopK
 from ann_mlp.checkpoint.base import FamilyAdapter, MlpWeights, ModelKind
 from ann_mlp.checkpoint.bert import BertAdapter
 from ann_mlp.checkpoint.builtin import BUILTIN_CHECKPOINTS, resolve_builtin
@@ -132,6 +133,10 @@ def load_checkpoint(spec: str | CheckpointSource) -> Checkpoint:
     model.eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return Checkpoint(model=model, tokenizer=tokenizer, adapter=adapter_cls(model),
-                      family=family, source=source)
+    adapter = adapter_cls(model)
+    if adapter.topk:  # a Top-k checkpoint: the stock module tree only knows the plain activation
+        for layer in range(adapter.num_layers()):
+            activation = adapter.layer_weights(layer).activation
+            model.set_submodule(adapter.activation_path(layer), TopK(adapter.topk, activation))
+    return Checkpoint(model=model, tokenizer=tokenizer, adapter=adapter, family=family, source=source)
 

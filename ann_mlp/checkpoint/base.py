@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar, Literal
 
 import torch
@@ -28,6 +28,7 @@ class MlpWeights:
     activation: str  # a key of transformers.activations.ACT2FN
     up: torch.Tensor | None = None  # (d_ff, d_model), gated MLPs only
     up_bias: torch.Tensor | None = None  # (d_ff,)
+    topk: int | None = None  # Top-k Transformer: only the k largest pre-activations are kept
 
     def __post_init__(self) -> None:
         d_ff, d_model = self.keys.shape
@@ -63,12 +64,21 @@ class FamilyAdapter(ABC):
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+        self.topk: int | None = getattr(model.config, "ann_mlp_topk", None)
 
     @abstractmethod
     def num_layers(self) -> int: ...
 
+    def mlp_weights(self, layer: int) -> MlpWeights:
+        return replace(self.layer_weights(layer), topk=self.topk)
+
     @abstractmethod
-    def mlp_weights(self, layer: int) -> MlpWeights: ...
+    def layer_weights(self, layer: int) -> MlpWeights:
+        """The layer's weights as the family stores them, transposed to rows."""
+
+    @abstractmethod
+    def activation_path(self, layer: int) -> str:
+        """The module applying the activation (where a Top-k module is installed)."""
 
     @abstractmethod
     def mlp_input_path(self, layer: int) -> str:

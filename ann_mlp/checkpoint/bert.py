@@ -19,7 +19,7 @@ class BertAdapter(FamilyAdapter):
     def num_layers(self) -> int:
         return len(self.model.encoder.layer)
 
-    def mlp_weights(self, layer: int) -> MlpWeights:
+    def layer_weights(self, layer: int) -> MlpWeights:
         block = self.model.encoder.layer[layer]
         fc_in, fc_out = block.intermediate.dense, block.output.dense
         # nn.Linear stores (out, in): fc_in.weight is (d_ff, d_model) = keys as is;
@@ -31,6 +31,9 @@ class BertAdapter(FamilyAdapter):
             out_bias=fc_out.bias.detach(),
             activation=self.model.config.hidden_act,
         )
+
+    def activation_path(self, layer: int) -> str:
+        return f"encoder.layer.{layer}.intermediate.intermediate_act_fn"
 
     def mlp_input_path(self, layer: int) -> str:
         return f"encoder.layer.{layer}.intermediate"

@@ -13,7 +13,7 @@ class Gpt2Adapter(FamilyAdapter):
     def num_layers(self) -> int:
         return len(self.model.transformer.h)
 
-    def mlp_weights(self, layer: int) -> MlpWeights:
+    def layer_weights(self, layer: int) -> MlpWeights:
         mlp = self.model.transformer.h[layer].mlp
         # Conv1D stores (in, out): c_fc.weight is (d_model, d_ff) -> transpose to
         # key rows; c_proj.weight is (d_ff, d_model) = value rows as is.
@@ -24,6 +24,9 @@ class Gpt2Adapter(FamilyAdapter):
             out_bias=mlp.c_proj.bias.detach(),
             activation=self.model.config.activation_function,
         )
+
+    def activation_path(self, layer: int) -> str:
+        return f"transformer.h.{layer}.mlp.act"
 
     def mlp_input_path(self, layer: int) -> str:
         return f"transformer.h.{layer}.mlp"

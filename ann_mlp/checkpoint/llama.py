@@ -18,7 +18,7 @@ class LlamaAdapter(FamilyAdapter):
     def num_layers(self) -> int:
         return len(self.model.model.layers)
 
-    def mlp_weights(self, layer: int) -> MlpWeights:
+    def layer_weights(self, layer: int) -> MlpWeights:
         mlp = self.model.model.layers[layer].mlp
         # nn.Linear (out, in): gate/up weights are (d_ff, d_model) = rows as is;
         # down.weight is (d_model, d_ff), transposed to value rows.
@@ -31,6 +31,9 @@ class LlamaAdapter(FamilyAdapter):
             up=mlp.up_proj.weight.detach(),
             up_bias=_bias(mlp.up_proj),
         )
+
+    def activation_path(self, layer: int) -> str:
+        return f"model.layers.{layer}.mlp.act_fn"
 
     def mlp_input_path(self, layer: int) -> str:
         return f"model.layers.{layer}.mlp"

@@ -17,7 +17,7 @@ class OptAdapter(FamilyAdapter):
     def num_layers(self) -> int:
         return len(self.model.model.decoder.layers)
 
-    def mlp_weights(self, layer: int) -> MlpWeights:
+    def layer_weights(self, layer: int) -> MlpWeights:
         block = self.model.model.decoder.layers[layer]
         # nn.Linear (out, in): fc1.weight (d_ff, d_model) = keys; fc2.weight
         # (d_model, d_ff) transposed to value rows.
@@ -31,6 +31,9 @@ class OptAdapter(FamilyAdapter):
 
     def _prefix(self, layer: int) -> str:
         return f"model.decoder.layers.{layer}"
+
+    def activation_path(self, layer: int) -> str:
+        return f"{self._prefix(layer)}.activation_fn"
 
     def mlp_input_path(self, layer: int) -> str:
         return f"{self._prefix(layer)}.fc1"

@@ -25,7 +25,7 @@ class T5Adapter(FamilyAdapter):
         # decoder blocks: self-attention, cross-attention, then the MLP
         return f"decoder.block.{layer - num_encoder}.layer.2.DenseReluDense"
 
-    def mlp_weights(self, layer: int) -> MlpWeights:
+    def layer_weights(self, layer: int) -> MlpWeights:
         mlp = self.model.get_submodule(self._path(layer))
         activation = self.model.config.dense_act_fn
         # nn.Linear (out, in): wi*/wo weights are (d_ff, d_model) / (d_model, d_ff).
@@ -36,6 +36,9 @@ class T5Adapter(FamilyAdapter):
         return MlpWeights(keys=mlp.wi.weight.detach(), key_bias=None,
                           values=mlp.wo.weight.detach().t(), out_bias=None,
                           activation=activation)
+
+    def activation_path(self, layer: int) -> str:
+        return f"{self._path(layer)}.act"
 
     def mlp_input_path(self, layer: int) -> str:
         return self._path(layer)
