@@ -61,6 +61,8 @@ def split_files(sources: Path) -> tuple[list[Path], list[Path]]:
     files = sorted(p for p in sources.rglob("*.txt")
                    if "translations" not in p.relative_to(sources).parts)
     held = [p for p in files if hashlib.sha1(str(p.relative_to(sources)).encode()).digest()[0] % 20 == 0]
+    if not held or len(held) == len(files):
+        raise SystemExit(f"error: {sources} has too few files ({len(files)}) to hold some out by file")
     held_set = set(held)
     return [p for p in files if p not in held_set], held
 
@@ -204,6 +206,8 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=None, help="finished model folder [bench/models/NAME]")
     p.add_argument("--state-dir", type=Path, default=None, help="[~/.cache/ann-mlp/train/NAME]")
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "ann-mlp")
+    p.add_argument("--sources", type=Path, default=None,
+                   help="folder of .txt files to train on instead of Debian's linux-doc reST sources")
     p.add_argument("--minutes", type=float, default=60.0, help="train for this long in this run, then save")
     p.add_argument("--finish", action="store_true", help="write the Hugging Face folder from the current state")
     p.add_argument("--force", action="store_true", help="overwrite a finished model folder")
@@ -232,7 +236,7 @@ def main(argv=None) -> int:
         print(f"error: {out} holds a finished model; pass --force to overwrite it", file=sys.stderr)
         return 1
     torch.set_num_threads(args.threads)
-    sources = fetch_corpus(args.cache)
+    sources = args.sources or fetch_corpus(args.cache)
     train_files, held_files = split_files(sources)
 
     # Shared by every model of the same vocabulary size (relu-lm and topk-lm see the same tokens).
