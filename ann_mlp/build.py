@@ -68,8 +68,13 @@ def build_indexes(checkpoint: Checkpoint, config: BuildConfig, calib_text: Path 
         start = time.perf_counter()
         weights = checkpoint.adapter.mlp_weights(layer)
         keys = augmented_keys(weights)  # (d_ff, d_model + 1)
-        index = build_index(backend.name, keys, **config.build_params)
-        tune_q = augmented_queries(_sample(tune_inputs[layer], MAX_TUNING_QUERIES, config.seed))
+        # Query-aware backends learn from calibration queries: the effort is then
+        # tuned on other queries than they learnt from, so the target is not met in-sample only.
+        order = torch.randperm(len(tune_inputs[layer]), generator=torch.Generator().manual_seed(config.seed))
+        tune_rows = order[: min(MAX_TUNING_QUERIES, len(order) // 4 if backend.needs_queries else len(order))]
+        tune_q = augmented_queries(tune_inputs[layer][tune_rows])
+        learn_q = augmented_queries(tune_inputs[layer][order[len(tune_rows):]]) if backend.needs_queries else None
+        index = build_index(backend.name, keys, queries=learn_q, k=config.k, **config.build_params)
         holdout_q = augmented_queries(_sample(holdout_inputs[layer], MAX_TUNING_QUERIES, config.seed))
         key_t = torch.from_numpy(keys)
         if config.target_recall is not None:

@@ -30,19 +30,20 @@ def data():
     rng = np.random.default_rng(0)
     # Keys with a spread of norms and a bias column, as MLP keys [k; b] are.
     keys = rng.standard_normal((NUM_KEYS, DIM)).astype(np.float32) * rng.uniform(0.5, 2, (NUM_KEYS, 1)).astype(np.float32)
-    queries = rng.standard_normal((200, DIM)).astype(np.float32)
+    queries = rng.standard_normal((1200, DIM)).astype(np.float32)
     queries[:, -1] = 1.0
-    return keys, queries, torch.from_numpy(queries) @ torch.from_numpy(keys).T
+    # the first 1000 queries calibrate query-aware backends; tests search the other 200
+    return keys, queries[1000:], torch.from_numpy(queries[1000:]) @ torch.from_numpy(keys).T, queries[:1000]
 
 
-def _index(name, keys):
+def _index(name, data):
     if not _backend_available(name):
         pytest.skip(f"optional backend {name} is not installed")
-    return build_index(name, keys)
+    return build_index(name, data[0], queries=data[3], k=K)
 
 
 def test_exact_backend_is_the_ground_truth(data):
-    keys, queries, truth = data
+    keys, queries, truth, _ = data
     result = build_index("exact", keys).search(queries, K)
     assert recall_at_k(truth, torch.from_numpy(result.ids), K).min() == 1.0
     torch.testing.assert_close(torch.from_numpy(result.scores), truth.topk(K, dim=1).values)
@@ -50,8 +51,8 @@ def test_exact_backend_is_the_ground_truth(data):
 
 @pytest.mark.parametrize("name", APPROXIMATE)
 def test_full_effort_recovers_the_exact_top_k(data, name):
-    keys, queries, truth = data
-    index = _index(name, keys)
+    keys, queries, truth, _ = data
+    index = _index(name, data)
     point = measure(index, queries, truth, K, index.effort_range(K)[1])
     assert point.recall >= 0.97, (str(index), point)
     result = index.search(queries, K)
@@ -65,8 +66,8 @@ def test_full_effort_recovers_the_exact_top_k(data, name):
 
 @pytest.mark.parametrize("name", APPROXIMATE)
 def test_effort_trades_scanning_for_recall(data, name):
-    keys, queries, truth = data
-    index = _index(name, keys)
+    keys, queries, truth, _ = data
+    index = _index(name, data)
     lo, hi = index.effort_range(K)
     low, high = measure(index, queries, truth, K, lo), measure(index, queries, truth, K, hi)
     assert low.recall <= high.recall
@@ -78,8 +79,8 @@ def test_effort_trades_scanning_for_recall(data, name):
 
 @pytest.mark.parametrize("name", APPROXIMATE)
 def test_tuning_finds_the_smallest_effort_reaching_the_target(data, name):
-    keys, queries, truth = data
-    index = _index(name, keys)
+    keys, queries, truth, _ = data
+    index = _index(name, data)
     point = tune_effort(index, queries, truth, K, 0.9)
     assert point.recall >= 0.9
     if point.effort > index.effort_range(K)[0]:
@@ -88,8 +89,8 @@ def test_tuning_finds_the_smallest_effort_reaching_the_target(data, name):
 
 @pytest.mark.parametrize("name", list(BACKENDS))
 def test_save_load_round_trip(data, name, tmp_path):
-    keys, queries, _ = data
-    index = _index(name, keys)
+    keys, queries, _, _ = data
+    index = _index(name, data)
     index.search_params = {index.effort_param: index.effort_range(K)[0]} if name != "exact" else {}
     files = index.save(tmp_path, "layer_000")
     assert files and all((tmp_path / f).is_file() for f in files)
@@ -98,9 +99,30 @@ def test_save_load_round_trip(data, name, tmp_path):
     assert str(loaded) == str(index)
 
 
+def test_query_aware_backend_needs_calibration_queries(data):
+    with pytest.raises(BackendError, match="calibration queries"):
+        build_index("cells", data[0])
+
+
+def test_query_cells_learns_where_queries_go():
+    """Queries near calibration queries find their top-k among few candidates; key-space IVF does not."""
+    rng = np.random.default_rng(1)
+    keys = rng.standard_normal((1024, DIM)).astype(np.float32)
+    modes = rng.standard_normal((8, DIM)).astype(np.float32) * 3  # queries come from 8 contexts
+    def draw(n):
+        q = modes[rng.integers(0, 8, n)] + 0.3 * rng.standard_normal((n, DIM)).astype(np.float32)
+        q[:, -1] = 1.0
+        return q
+    calibration, test = draw(2000), draw(300)
+    truth = torch.from_numpy(test) @ torch.from_numpy(keys).T
+    cells = build_index("cells", keys, queries=calibration, k=K)
+    point = measure(cells, test, truth, K, 4 * K)
+    assert point.recall > 0.95 and point.bytes_read_fraction < 0.25, point
+
+
 @pytest.mark.parametrize("name", APPROXIMATE)
 def test_str_names_build_and_search_parameters(data, name):
-    index = _index(name, data[0])
+    index = _index(name, data)
     index.search_params = {index.effort_param: 3}
     text = str(index)
     assert f"{index.effort_param}=3" in text

@@ -12,12 +12,13 @@ from ann_mlp.index.exact import ExactIndex
 from ann_mlp.index.faiss_hnsw import HnswIndex
 from ann_mlp.index.faiss_ivf import IvfIndex
 from ann_mlp.index.faiss_pq import PqRefineIndex
+from ann_mlp.index.query_cells import QueryCellsIndex
 from ann_mlp.index.scann_index import ScannIndex
 
 __all__ = ["BACKENDS", "MipsIndex", "SearchResult", "backend_class", "build_index"]
 
 BACKENDS: dict[str, type[MipsIndex]] = {
-    cls.name: cls for cls in (ExactIndex, IvfIndex, HnswIndex, PqRefineIndex, ScannIndex)
+    cls.name: cls for cls in (ExactIndex, IvfIndex, HnswIndex, PqRefineIndex, ScannIndex, QueryCellsIndex)
 }
 
 
@@ -28,8 +29,12 @@ def backend_class(name: str) -> type[MipsIndex]:
         raise BackendError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}") from None
 
 
-def build_index(name: str, keys: np.ndarray, **build_params: Any) -> MipsIndex:
+def build_index(name: str, keys: np.ndarray, queries: np.ndarray | None = None, k: int | None = None,
+                **build_params: Any) -> MipsIndex:
+    """Build backend `name`; calibration queries and k are passed to the backends that use them."""
     cls = backend_class(name)
+    if cls.needs_queries:
+        build_params = {**build_params, "queries": queries, "k": k}
     try:
         return cls.build(np.ascontiguousarray(keys, dtype=np.float32), **build_params)
     except (TypeError, KeyError, RuntimeError) as err:

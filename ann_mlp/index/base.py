@@ -32,6 +32,7 @@ class MipsIndex(ABC):
     name: ClassVar[str]  # registry key, as typed on the command line
     effort_param: ClassVar[str]  # the query-time knob that trades speed for recall
     exact_scores: ClassVar[bool]  # True when returned scores are full-precision inner products
+    needs_queries: ClassVar[bool] = False  # built from calibration queries as well as keys
 
     def __init__(self, num_keys: int, dim: int, build_params: dict[str, Any],
                  search_params: dict[str, Any]) -> None:
@@ -49,7 +50,11 @@ class MipsIndex(ABC):
     @classmethod
     @abstractmethod
     def build(cls, keys: np.ndarray, **build_params: Any) -> "MipsIndex":
-        """keys: (num_keys, D) float32, augmented with the bias column."""
+        """keys: (num_keys, D) float32, augmented with the bias column.
+
+        Backends with `needs_queries` also take `queries` (N, D), real calibration
+        queries, and `k`, the number of keys the model will retrieve.
+        """
 
     # -- query --------------------------------------------------------------
     @abstractmethod
