@@ -152,10 +152,13 @@ def serve(
     shadow_rate: Optional[float] = typer.Option(None, help="Share of requests re-run exactly, off the request path, for live recall."),
 ) -> None:
     """Serve approximate-MLP inference over HTTP (OpenAI-compatible and native routes)."""
-    import uvicorn
+    try:
+        import uvicorn
 
-    from server.app import create_app
-    from server.settings import ServerSettings
+        from server.app import create_app
+        from server.settings import ServerSettings
+    except ImportError as err:
+        raise AnnMlpError(f"serving needs the server extra ({err.name} is missing): pip install 'ann-mlp[server]'") from err
 
     overrides = {name: value for name, value in
                  {"stores": stores or None, "host": host, "port": port, "shadow_rate": shadow_rate}.items()

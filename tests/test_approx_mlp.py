@@ -7,7 +7,7 @@ from ann_mlp.approx_mlp import ApproxMLP, augmented_keys
 from ann_mlp.capture import forward, make_batch
 from ann_mlp.checkpoint import load_checkpoint
 from ann_mlp.errors import InputError
-from ann_mlp.index import build_index
+from ann_mlp.index import SearchResult, build_index
 from ann_mlp.patch import patched
 
 TEXTS = ["Return the sum of a and b, raising TypeError on strings.", "A short one."]
@@ -74,3 +74,29 @@ def test_k_outside_range_is_refused(tiny_checkpoints):
     for k in (0, weights.d_ff + 1):
         with pytest.raises(InputError, match="k must be in"):
             ApproxMLP(weights, index, k=k)
+
+
+class _CoarseScores:
+    """An index that finds the right keys but reports rounded scores, as a quantized scan would."""
+
+    exact_scores = False
+
+    def __init__(self, index):
+        self.index = index
+
+    def search(self, queries, k, **params):
+        result = self.index.search(queries, k, **params)
+        return SearchResult(result.scores.round(0), result.ids, result.keys_scored, result.bytes_read)
+
+
+def test_approximate_scores_are_rescored_exactly(tiny_checkpoints):
+    """The activation sees exact scores of the retrieved keys, whatever precision the index scored at."""
+    for family in ("opt", "llama"):
+        checkpoint = load_checkpoint(str(tiny_checkpoints[family]))
+        weights = checkpoint.adapter.mlp_weights(0)
+        exact_index = build_index("exact", augmented_keys(weights))
+        x = torch.randn(6, weights.d_model)
+        with torch.no_grad():
+            reference = ApproxMLP(weights, exact_index, k=12)(x)
+            rescored = ApproxMLP(weights, _CoarseScores(exact_index), k=12)(x)
+        torch.testing.assert_close(rescored, reference, rtol=1e-5, atol=1e-5)
