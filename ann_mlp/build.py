@@ -68,12 +68,14 @@ def build_indexes(checkpoint: Checkpoint, config: BuildConfig, calib_text: Path 
         start = time.perf_counter()
         weights = checkpoint.adapter.mlp_weights(layer)
         keys = augmented_keys(weights)  # (d_ff, d_model + 1)
-        # Query-aware backends learn from calibration queries: the effort is then
-        # tuned on other queries than they learnt from, so the target is not met in-sample only.
-        order = torch.randperm(len(tune_inputs[layer]), generator=torch.Generator().manual_seed(config.seed))
-        tune_rows = order[: min(MAX_TUNING_QUERIES, len(order) // 4 if backend.needs_queries else len(order))]
-        tune_q = augmented_queries(tune_inputs[layer][tune_rows])
-        learn_q = augmented_queries(tune_inputs[layer][order[len(tune_rows):]]) if backend.needs_queries else None
+        inputs = tune_inputs[layer]  # (n_tokens, d_model), in passage order
+        learn_q = None
+        if backend.needs_queries:
+            # Learn from the first passages, tune the effort on the last ones: tokens of
+            # one passage look alike, so a random token split would tune in-sample.
+            cut = len(inputs) * 3 // 4
+            learn_q, inputs = augmented_queries(inputs[:cut]), inputs[cut:]
+        tune_q = augmented_queries(_sample(inputs, MAX_TUNING_QUERIES, config.seed))
         index = build_index(backend.name, keys, queries=learn_q, k=config.k, **config.build_params)
         holdout_q = augmented_queries(_sample(holdout_inputs[layer], MAX_TUNING_QUERIES, config.seed))
         key_t = torch.from_numpy(keys)
