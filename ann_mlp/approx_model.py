@@ -27,7 +27,7 @@ class ApproxModel:
         for entry in manifest.layers:
             weights = checkpoint.adapter.mlp_weights(entry.layer)
             assert (weights.d_ff, weights.d_model) == (entry.d_ff, entry.d_model)
-            self.mlps[entry.layer] = ApproxMLP(weights, indexes[entry.layer], manifest.k)
+            self.mlps[entry.layer] = ApproxMLP(weights, indexes[entry.layer], entry.k or manifest.k)
         self.configure(k, search_params)
 
     @classmethod
@@ -41,22 +41,22 @@ class ApproxModel:
         return cls(store.manifest, checkpoint, indexes, **options)
 
     def configure(self, k: int | None = None, search_params: dict[str, Any] | None = None) -> None:
-        """Set k and query-time search parameters for every layer (None: the store's tuned values)."""
-        k = self.manifest.k if k is None else k
+        """Set k and query-time search parameters for every layer (None: the store's values per layer)."""
         for layer, mlp in self.mlps.items():
-            if not 1 <= k <= mlp.weights.d_ff:
-                raise InputError(f"k must be in [1, d_ff={mlp.weights.d_ff}], got {k}")
             entry = self.manifest.layers[layer]
+            layer_k = (entry.k or self.manifest.k) if k is None else k
+            if not 1 <= layer_k <= mlp.weights.d_ff:
+                raise InputError(f"k must be in [1, d_ff={mlp.weights.d_ff}], got {layer_k}")
             params = dict(entry.search_params)
             for name, value in (search_params or {}).items():
                 if name != entry.effort_param:
                     raise InputError(f"backend {entry.backend} has no search parameter {name!r} "
                                      f"(it has {entry.effort_param!r})")
-                lo, hi = mlp.index.effort_range(k)
+                lo, hi = mlp.index.effort_range(layer_k)
                 if not lo <= int(value) <= hi:
                     raise InputError(f"{name} must be in [{lo}, {hi}], got {value}")
                 params[name] = int(value)
-            mlp.k, mlp.search_params = k, params
+            mlp.k, mlp.search_params = layer_k, params
 
     @contextmanager
     def approximate(self) -> Iterator[None]:

@@ -7,9 +7,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ann_mlp.activations import activation_module
 from ann_mlp.approx_mlp import augmented_keys, augmented_queries
 from ann_mlp.capture import batches, forward_capturing
 from ann_mlp.checkpoint import Checkpoint, load_checkpoint
@@ -47,6 +49,22 @@ def capture_calibration(checkpoint: Checkpoint, config: BuildConfig, text: Path 
     return [torch.cat(t) for t in tune], [torch.cat(h) for h in holdout], tokens
 
 
+def k_for_mass(weights, queries: np.ndarray, mass_target: float, k_max: int) -> int:
+    """Smallest k (a multiple of 16, at most k_max) whose exact top-k by score keeps
+    `mass_target` of sum |h| on average over the calibration queries."""
+    scores = torch.from_numpy(queries) @ torch.from_numpy(augmented_keys(weights)).T  # (N, d_ff)
+    activations = activation_module(weights.activation, weights.topk)(scores)  # (N, d_ff)
+    if weights.gated:
+        x = torch.from_numpy(queries[:, :-1])
+        up = x @ weights.up.float().T
+        activations = activations * (up + weights.up_bias if weights.up_bias is not None else up)
+    order = scores.argsort(dim=1, descending=True)  # retrieval order: by score
+    mass = activations.abs().gather(1, order).cumsum(dim=1)  # (N, d_ff)
+    captured = (mass / mass[:, -1:].clamp_min(1e-30)).mean(0)  # (d_ff,) mean share kept by the top-(i+1)
+    reaching = int(torch.searchsorted(captured, torch.tensor(mass_target)).item()) + 1
+    return int(min(k_max, max(16, -(-reaching // 16) * 16)))
+
+
 def _sample(x: torch.Tensor, limit: int, seed: int) -> torch.Tensor:
     if len(x) <= limit:
         return x
@@ -76,28 +94,30 @@ def build_indexes(checkpoint: Checkpoint, config: BuildConfig, calib_text: Path 
             cut = len(inputs) * 3 // 4
             learn_q, inputs = augmented_queries(inputs[:cut]), inputs[cut:]
         tune_q = augmented_queries(_sample(inputs, MAX_TUNING_QUERIES, config.seed))
-        index = build_index(backend.name, keys, queries=learn_q, k=config.k, **config.build_params)
+        k = config.k if config.mass_target is None else k_for_mass(weights, tune_q, config.mass_target, config.k)
+        index = build_index(backend.name, keys, queries=learn_q, k=k, **config.build_params)
         holdout_q = augmented_queries(_sample(holdout_inputs[layer], MAX_TUNING_QUERIES, config.seed))
         key_t = torch.from_numpy(keys)
         if config.target_recall is not None:
-            point = tune_effort(index, tune_q, torch.from_numpy(tune_q) @ key_t.T, config.k,
+            point = tune_effort(index, tune_q, torch.from_numpy(tune_q) @ key_t.T, k,
                                 config.target_recall)
             index.search_params = {index.effort_param: point.effort}
-        held = measure(index, holdout_q, torch.from_numpy(holdout_q) @ key_t.T, config.k)
-        log.info("layer %d: %s recall@%d=%.3f scanned=%.3f", layer, index, config.k,
+        held = measure(index, holdout_q, torch.from_numpy(holdout_q) @ key_t.T, k)
+        log.info("layer %d: %s recall@%d=%.3f scanned=%.3f", layer, index, k,
                  held.recall, held.scanned_fraction)
         indexes[layer] = index
         entries.append(LayerEntry(
             layer=layer, d_model=weights.d_model, d_ff=weights.d_ff, gated=weights.gated,
             activation=weights.activation, backend=backend.name, build_params=index.build_params,
             search_params=index.search_params, effort_param=index.effort_param,
-            effort_range=list(index.effort_range(config.k)),
+            effort_range=list(index.effort_range(k)), k=k if config.mass_target is not None else None,
             files=save(layer, index) if save else {},
             build_recall=round(held.recall, 6), build_scanned_fraction=round(held.scanned_fraction, 6),
             build_seconds=round(time.perf_counter() - start, 3)))
     manifest = Manifest(
         name=name, family=checkpoint.family, kind=checkpoint.kind, backend=backend.name,
         k=config.k, target_recall=config.target_recall, source=checkpoint.source.to_json(),
+        extra={"mass_target": config.mass_target} if config.mass_target is not None else {},
         calibration={"text": describe(calib_text, "calibration"), "tokens": tokens,
                      "tune_queries": int(min(len(tune_inputs[0]), MAX_TUNING_QUERIES)),
                      "holdout_queries": int(min(len(holdout_inputs[0]), MAX_TUNING_QUERIES)),

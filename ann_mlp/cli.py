@@ -52,6 +52,7 @@ def build(
     backend: str = typer.Option(DEFAULT_BACKEND, help="exact | ivf | hnsw | pq | scann"),
     k: int = typer.Option(DEFAULT_K, help="Keys retrieved per token."),
     target_recall: float = typer.Option(DEFAULT_TARGET_RECALL, help="Tune each layer's search effort to this recall@k; 0 to skip tuning."),
+    mass_target: Optional[float] = typer.Option(None, help="Per layer, the smallest k (<= --k) whose exact top-k keeps this share of activation mass."),
     calib_text: Optional[Path] = typer.Option(None, help="Calibration text file [default: Python standard library docstrings]."),
     calib_tokens: int = typer.Option(TextConfig.max_tokens, help="Calibration tokens to run through the model."),
     param: list[str] = typer.Option([], "--param", help="Backend build parameter NAME=VALUE (repeatable)."),
@@ -62,7 +63,7 @@ def build(
 
     if target_recall != 0 and not 0 < target_recall <= 1:
         raise AnnMlpError(f"target recall must be in (0, 1], got {target_recall}")
-    config = BuildConfig(backend=backend, k=k, target_recall=target_recall or None,
+    config = BuildConfig(backend=backend, k=k, target_recall=target_recall or None, mass_target=mass_target,
                          build_params=_parse_params(param),
                          calibration=TextConfig(max_tokens=calib_tokens))
     out = out or DEFAULT_STORE_ROOT / Path(checkpoint.rstrip("/")).stem
@@ -72,7 +73,7 @@ def build(
     manifest = Store.open(path).manifest
     typer.echo(f"built {path}: {manifest.family}, {len(manifest.layers)} layers, backend={manifest.backend}, k={manifest.k}")
     for entry in manifest.layers:
-        typer.echo(f"  layer {entry.layer:>3}: {entry.search_params} recall@{manifest.k}={entry.build_recall:.3f} "
+        typer.echo(f"  layer {entry.layer:>3}: {entry.search_params} recall@{entry.k or manifest.k}={entry.build_recall:.3f} "
                    f"scanned={entry.build_scanned_fraction:.3f} ({entry.build_seconds:.1f}s)")
 
 
@@ -115,6 +116,7 @@ def _rebuilt(model, backend: str):
     manifest = model.manifest
     calib = manifest.calibration["text"]
     config = BuildConfig(backend=backend, k=manifest.k, target_recall=manifest.target_recall,
+                         mass_target=manifest.extra.get("mass_target"),
                          calibration=TextConfig(max_tokens=manifest.calibration["tokens"]))
     calib_path = None if calib.startswith("python-stdlib-docstrings") else Path(calib)
     new_manifest, indexes = build_indexes(model.checkpoint, config, calib_path, _progress(),

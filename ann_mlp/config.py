@@ -34,6 +34,9 @@ class BuildConfig:
     backend: str = DEFAULT_BACKEND
     k: int = DEFAULT_K
     target_recall: float | None = DEFAULT_TARGET_RECALL
+    # When set, each layer gets the smallest k whose exact top-k keeps this share of
+    # the activation mass on calibration tokens (`k` is then the largest allowed).
+    mass_target: float | None = None
     build_params: dict = field(default_factory=dict)
     calibration: TextConfig = TextConfig()
     # Share of calibration tokens kept apart to report build-time recall on
@@ -46,6 +49,8 @@ class BuildConfig:
             raise InputError(f"k must be >= 1, got {self.k}")
         if self.target_recall is not None and not 0.0 < self.target_recall <= 1.0:
             raise InputError(f"target recall must be in (0, 1], got {self.target_recall}")
+        if self.mass_target is not None and not 0.0 < self.mass_target <= 1.0:
+            raise InputError(f"mass target must be in (0, 1], got {self.mass_target}")
         if not 0.0 < self.holdout_fraction < 1.0:
             raise InputError("holdout fraction must be in (0, 1)")
 

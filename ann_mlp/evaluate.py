@@ -29,6 +29,7 @@ from ann_mlp.text import describe, passages
 class LayerReport:
     layer: int
     d_ff: int
+    k: int
     recall_at_k: float
     mass_recall: float
     scanned_fraction: float
@@ -89,7 +90,7 @@ class _LayerTotals:
     def report(self, layer: int, mlp: ApproxMLP) -> LayerReport:
         n = max(self.tokens, 1)
         return LayerReport(
-            layer=layer, d_ff=mlp.weights.d_ff, recall_at_k=self.recall / n, mass_recall=self.mass / n,
+            layer=layer, d_ff=mlp.weights.d_ff, k=mlp.k, recall_at_k=self.recall / n, mass_recall=self.mass / n,
             scanned_fraction=self.keys_scored / (n * mlp.index.num_keys),
             bytes_read_fraction=self.bytes_read / (n * mlp.index.full_scan_bytes),
             rel_output_error=self.rel_error / n,
@@ -184,6 +185,6 @@ def evaluate(model: ApproxModel, config: EvalConfig, text: Path | None = None,
         comparison.add(batch)
     manifest = model.manifest
     return Report(
-        model=manifest.name, backend=manifest.backend, k=next(iter(model.mlps.values())).k,
+        model=manifest.name, backend=manifest.backend, k=config.k or manifest.k,
         text=describe(text, "evaluation"), tokens=comparison.tokens, layers=comparison.layer_reports(),
         end_to_end=comparison.end_to_end.report(), family=manifest.family, kind=manifest.kind)

@@ -11,14 +11,14 @@ LAYER_COLUMNS = ("recall_at_k", "mass_recall", "scanned_fraction", "bytes_read_f
 
 
 def table(report: Report) -> str:
-    head = f"{'layer':>5} {'d_ff':>6} " + " ".join(f"{c:>19}" for c in LAYER_COLUMNS) + "  search"
+    head = f"{'layer':>5} {'d_ff':>6} {'k':>5} " + " ".join(f"{c:>19}" for c in LAYER_COLUMNS) + "  search"
     rows = [head]
     for layer in report.layers:
         values = " ".join(f"{getattr(layer, c):>19.4f}" for c in LAYER_COLUMNS)
-        rows.append(f"{layer.layer:>5} {layer.d_ff:>6} {values}  {layer.search_params}")
+        rows.append(f"{layer.layer:>5} {layer.d_ff:>6} {layer.k:>5} {values}  {layer.search_params}")
     count = max(len(report.layers), 1)
     means = " ".join(f"{sum(getattr(l, c) for l in report.layers) / count:>19.4f}" for c in LAYER_COLUMNS)
-    rows.append(f"{'mean':>5} {'':>6} {means}")
+    rows.append(f"{'mean':>5} {'':>6} {'':>5} {means}")
     rows.append("")
     rows.append(f"end to end ({report.model}, {report.family}, backend={report.backend}, k={report.k}, "
                 f"{report.tokens} tokens of {report.text}):")

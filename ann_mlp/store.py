@@ -41,6 +41,7 @@ class LayerEntry:
     build_recall: float | None  # recall@k on held-out calibration tokens at search_params
     build_scanned_fraction: float | None
     build_seconds: float
+    k: int | None = None  # this layer's k when chosen per layer (None: the store's k)
 
 
 @dataclass

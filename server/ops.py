@@ -49,8 +49,10 @@ def as_list(value) -> list:
 
 
 def run_info(served: ServedModel, knobs: Knobs, run: Run) -> RunInfo:
-    first = next(iter(served.approx.mlps.values()))
-    return RunInfo(mode=knobs.mode, k=first.k, search_params=dict(first.search_params),
+    mlps = list(served.approx.mlps.values())
+    ks = sorted({mlp.k for mlp in mlps})
+    return RunInfo(mode=knobs.mode, k=ks[0] if len(ks) == 1 else [mlp.k for mlp in mlps],
+                   search_params=dict(mlps[0].search_params),
                    scanned_fraction=None if knobs.mode == "exact" else run.scanned_fraction,
                    timing=asdict(run.timing), report=run.report)
 

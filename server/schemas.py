@@ -76,7 +76,7 @@ class RunInfo(BaseModel):
     """What every answer tells about how it was computed."""
 
     mode: Mode
-    k: int
+    k: int | list[int]  # one k, or one per layer when the store chose k per layer
     search_params: dict[str, Any]
     scanned_fraction: float | None
     timing: dict[str, float]  # total_ms, index_search_ms, rest_ms

@@ -114,3 +114,34 @@ def _empty(tmp_path):
     path = tmp_path / "empty.txt"
     path.write_text("\n\n")
     return path
+
+
+def test_mass_target_chooses_k_per_layer(tiny_checkpoints, tmp_path):
+    config = BuildConfig(backend="exact", k=96, target_recall=None, mass_target=0.9,
+                         calibration=TextConfig(max_tokens=600, batch_size=8))
+    store = build_store(str(tiny_checkpoints["opt"]), tmp_path / "mass", config, progress=False)
+    manifest = Store.open(store).manifest
+    assert manifest.extra == {"mass_target": 0.9}
+    for entry in manifest.layers:
+        assert entry.k is not None and entry.k % 16 == 0 and 16 <= entry.k <= 96
+    model = ApproxModel.open(store)
+    assert [mlp.k for mlp in model.mlps.values()] == [e.k for e in manifest.layers]
+    model.configure(k=32)  # an explicit k still applies to every layer
+    assert {mlp.k for mlp in model.mlps.values()} == {32}
+    with pytest.raises(InputError, match="mass target"):
+        BuildConfig(mass_target=1.5)
+
+
+def test_k_for_mass_keeps_the_target_share_of_activation():
+    from ann_mlp.approx_mlp import augmented_queries
+    from ann_mlp.build import k_for_mass
+    from ann_mlp.checkpoint.base import MlpWeights
+
+    d = 64
+    weights = MlpWeights(keys=torch.eye(d), key_bias=None, values=torch.eye(d), out_bias=None, activation="relu")
+    x = -torch.ones(5, d)
+    x[:, :20] = 1.0  # 20 neurons fire, equally: a share m needs ceil(20 m) of them
+    queries = augmented_queries(x)
+    assert k_for_mass(weights, queries, 0.5, 64) == 16  # 10 neurons, rounded up to 16
+    assert k_for_mass(weights, queries, 0.9, 64) == 32  # 18 -> 32
+    assert k_for_mass(weights, queries, 1.0, 24) == 24  # capped at k
