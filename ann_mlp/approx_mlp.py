@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
+from ann_mlp.activations import activation_module
 from ann_mlp.checkpoint.base import MlpWeights
 from ann_mlp.errors import InputError
 from ann_mlp.index.base import MipsIndex, SearchResult
@@ -32,6 +33,20 @@ def augmented_keys(weights: MlpWeights) -> np.ndarray:
 def augmented_queries(x: torch.Tensor) -> np.ndarray:
     """[x; 1] rows: (N, d_model) -> (N, d_model + 1) float32, matching augmented_keys."""
     return torch.cat([x.float(), x.new_ones(x.shape[0], 1, dtype=torch.float32)], dim=1).numpy()
+
+
+def dense_activations(weights: MlpWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact MLP's first layer over all neurons: x (N, d_model) -> (scores, activations), each (N, d_ff).
+
+    Scores are what the index ranks by (the gate for gated MLPs); activations are
+    what multiplies the value rows (act(gate) * up for gated MLPs).
+    """
+    scores = torch.from_numpy(augmented_queries(x)) @ torch.from_numpy(augmented_keys(weights)).T  # (N, d_ff)
+    activations = activation_module(weights.activation, weights.topk)(scores)  # (N, d_ff)
+    if weights.gated:
+        up = x.float() @ weights.up.float().T  # (N, d_ff)
+        activations = activations * (up + weights.up_bias if weights.up_bias is not None else up)
+    return scores, activations
 
 
 def rows_dot(rows: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor,

@@ -7,14 +7,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ann_mlp.activations import activation_module
-from ann_mlp.approx_mlp import augmented_keys, augmented_queries
+from ann_mlp.approx_mlp import augmented_keys, augmented_queries, dense_activations
 from ann_mlp.capture import batches, forward_capturing
-from ann_mlp.checkpoint import Checkpoint, load_checkpoint
+from ann_mlp.checkpoint import Checkpoint, MlpWeights, load_checkpoint
 from ann_mlp.config import BuildConfig
 from ann_mlp.errors import InputError
 from ann_mlp.index import MipsIndex, backend_class, build_index
@@ -49,15 +47,10 @@ def capture_calibration(checkpoint: Checkpoint, config: BuildConfig, text: Path 
     return [torch.cat(t) for t in tune], [torch.cat(h) for h in holdout], tokens
 
 
-def k_for_mass(weights, queries: np.ndarray, mass_target: float, k_max: int) -> int:
+def k_for_mass(weights: MlpWeights, x: torch.Tensor, mass_target: float, k_max: int) -> int:
     """Smallest k (a multiple of 16, at most k_max) whose exact top-k by score keeps
-    `mass_target` of sum |h| on average over the calibration queries."""
-    scores = torch.from_numpy(queries) @ torch.from_numpy(augmented_keys(weights)).T  # (N, d_ff)
-    activations = activation_module(weights.activation, weights.topk)(scores)  # (N, d_ff)
-    if weights.gated:
-        x = torch.from_numpy(queries[:, :-1])
-        up = x @ weights.up.float().T
-        activations = activations * (up + weights.up_bias if weights.up_bias is not None else up)
+    `mass_target` of sum |h| on average over the calibration inputs x (N, d_model)."""
+    scores, activations = dense_activations(weights, x)  # (N, d_ff) each
     order = scores.argsort(dim=1, descending=True)  # retrieval order: by score
     mass = activations.abs().gather(1, order).cumsum(dim=1)  # (N, d_ff)
     captured = (mass / mass[:, -1:].clamp_min(1e-30)).mean(0)  # (d_ff,) mean share kept by the top-(i+1)
@@ -93,8 +86,9 @@ def build_indexes(checkpoint: Checkpoint, config: BuildConfig, calib_text: Path 
             # one passage look alike, so a random token split would tune in-sample.
             cut = len(inputs) * 3 // 4
             learn_q, inputs = augmented_queries(inputs[:cut]), inputs[cut:]
-        tune_q = augmented_queries(_sample(inputs, MAX_TUNING_QUERIES, config.seed))
-        k = config.k if config.mass_target is None else k_for_mass(weights, tune_q, config.mass_target, config.k)
+        tune_x = _sample(inputs, MAX_TUNING_QUERIES, config.seed)  # (n, d_model)
+        tune_q = augmented_queries(tune_x)
+        k = config.k if config.mass_target is None else k_for_mass(weights, tune_x, config.mass_target, config.k)
         index = build_index(backend.name, keys, queries=learn_q, k=k, **config.build_params)
         holdout_q = augmented_queries(_sample(holdout_inputs[layer], MAX_TUNING_QUERIES, config.seed))
         key_t = torch.from_numpy(keys)

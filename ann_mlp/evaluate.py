@@ -14,8 +14,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ann_mlp.activations import activation_module
-from ann_mlp.approx_mlp import ApproxMLP, augmented_keys, augmented_queries
+from ann_mlp.approx_mlp import ApproxMLP, dense_activations
 from ann_mlp.approx_model import ApproxModel
 from ann_mlp.capture import Batch, batches, forward, forward_capturing
 from ann_mlp.config import EvalConfig
@@ -66,20 +65,15 @@ class _LayerTotals:
         self.bytes_read = 0
         self.rel_error = 0.0
 
-    def add(self, mlp: ApproxMLP, x: torch.Tensor, keys: torch.Tensor) -> None:
-        """x (n, d_model) exact MLP inputs; keys (d_ff, d_model + 1) augmented."""
-        w = mlp.weights
-        scores = torch.from_numpy(augmented_queries(x)) @ keys.T  # (n, d_ff)
-        activations = activation_module(w.activation, w.topk)(scores)  # (n, d_ff)
-        if w.gated:
-            up = x @ w.up.float().T  # (n, d_ff)
-            activations = activations * (up + w.up_bias if w.up_bias is not None else up)
+    def add(self, mlp: ApproxMLP, x: torch.Tensor) -> None:
+        """x (n, d_model): the exact model's inputs to this MLP."""
+        scores, activations = dense_activations(mlp.weights, x)  # (n, d_ff) each
         # Error is measured on the neurons' contribution: the output bias is
         # reproduced exactly and would only dilute it.
         exact = activations @ mlp.value_rows  # (n, d_model)
         approx, retrieved, result = mlp.forward_with_selection(x)
-        if w.out_bias is not None:
-            approx = approx - w.out_bias
+        if mlp.weights.out_bias is not None:
+            approx = approx - mlp.weights.out_bias
         self.tokens += len(x)
         self.recall += float(recall_at_k(scores, retrieved, mlp.k).sum())
         self.mass += float(mass_recall(activations, retrieved).sum())
@@ -155,7 +149,6 @@ class Comparison:
     def __init__(self, model: ApproxModel) -> None:
         self.model = model
         self.layers = sorted(model.mlps)
-        self.keys = {layer: torch.from_numpy(augmented_keys(model.mlps[layer].weights)) for layer in self.layers}
         self.totals = {layer: _LayerTotals() for layer in self.layers}
         self.end_to_end = _EndToEnd(model.checkpoint.kind)
         self.tokens = 0
@@ -165,7 +158,7 @@ class Comparison:
         exact, captured = forward_capturing(self.model.checkpoint, batch, self.layers)
         with torch.inference_mode():
             for layer in self.layers:
-                self.totals[layer].add(self.model.mlps[layer], captured[layer], self.keys[layer])
+                self.totals[layer].add(self.model.mlps[layer], captured[layer])
         with self.model.approximate():
             approx = forward(self.model.checkpoint, batch)
         self.end_to_end.add(batch, exact, approx)

@@ -133,7 +133,6 @@ def test_mass_target_chooses_k_per_layer(tiny_checkpoints, tmp_path):
 
 
 def test_k_for_mass_keeps_the_target_share_of_activation():
-    from ann_mlp.approx_mlp import augmented_queries
     from ann_mlp.build import k_for_mass
     from ann_mlp.checkpoint.base import MlpWeights
 
@@ -141,7 +140,6 @@ def test_k_for_mass_keeps_the_target_share_of_activation():
     weights = MlpWeights(keys=torch.eye(d), key_bias=None, values=torch.eye(d), out_bias=None, activation="relu")
     x = -torch.ones(5, d)
     x[:, :20] = 1.0  # 20 neurons fire, equally: a share m needs ceil(20 m) of them
-    queries = augmented_queries(x)
-    assert k_for_mass(weights, queries, 0.5, 64) == 16  # 10 neurons, rounded up to 16
-    assert k_for_mass(weights, queries, 0.9, 64) == 32  # 18 -> 32
-    assert k_for_mass(weights, queries, 1.0, 24) == 24  # capped at k
+    assert k_for_mass(weights, x, 0.5, 64) == 16  # 10 neurons, rounded up to 16
+    assert k_for_mass(weights, x, 0.9, 64) == 32  # 18 -> 32
+    assert k_for_mass(weights, x, 1.0, 24) == 24  # capped at k
