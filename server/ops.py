@@ -91,7 +91,9 @@ def generate(engine: Engine, served: ServedModel, prompt_ids: list[int], request
     sampling = request.temperature is not None and request.temperature > 0
     options = {"max_new_tokens": request.max_tokens, "do_sample": sampling,
                "pad_token_id": served.tokenizer.pad_token_id, "output_scores": True,
-               "return_dict_in_generate": True}
+               "return_dict_in_generate": True,
+               # never hold the worker past the request deadline: the caller has had its 504
+               "max_time": engine.settings.request_timeout_s}
     if sampling:
         options.update(temperature=request.temperature, top_p=request.top_p or 1.0)
     if request.seed is not None:

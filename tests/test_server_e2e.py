@@ -86,6 +86,9 @@ def test_openai_client_completions(server):
         client.completions.create(model="nope", prompt="x", max_tokens=1)
     models = {m.id for m in client.models.list()}
     assert models == {"minilm", "tiny-llama"}
+    assert client.models.retrieve("minilm").id == "minilm"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
 
 
 def test_sixteen_concurrent_clients_are_isolated(server):

@@ -8,7 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server.deps import engine as get_engine
 from server.deps import require_api_key
-from server.engine import Engine
+from server.engine import Engine, ServedModel
 
 router = APIRouter()
 
@@ -26,26 +26,34 @@ async def ready(engine: Engine = Depends(get_engine)) -> JSONResponse:
     return JSONResponse({"status": status}, status_code=503)
 
 
+def model_card(served: ServedModel) -> dict:
+    """OpenAI's model object, with the manifest summary and live recall under `ann_mlp`."""
+    manifest = served.approx.manifest
+    layers = manifest.layers
+    recalls = [l.build_recall for l in layers if l.build_recall is not None]
+    return {
+        "id": served.name, "object": "model", "owned_by": "ann-mlp",
+        "ann_mlp": {
+            "family": manifest.family, "kind": manifest.kind, "backend": manifest.backend,
+            "k": manifest.k, "layer_k": [l.k or manifest.k for l in layers],
+            "target_recall": manifest.target_recall, "layers": len(layers),
+            "effort_param": layers[0].effort_param, "effort_range": layers[0].effort_range,
+            "tuned_search_params": [l.search_params for l in layers],
+            "build_recall_mean": sum(recalls) / len(recalls) if recalls else None,
+            "build_recall": [l.build_recall for l in layers],
+            "live": served.live_summary(),
+        },
+    }
+
+
 @router.get("/v1/models", dependencies=[Depends(require_api_key)])
 async def models(engine: Engine = Depends(get_engine)) -> dict:
-    data = []
-    for served in engine.models.values():
-        manifest = served.approx.manifest
-        layers = manifest.layers
-        recalls = [l.build_recall for l in layers if l.build_recall is not None]
-        data.append({
-            "id": served.name, "object": "model", "owned_by": "ann-mlp",
-            "ann_mlp": {
-                "family": manifest.family, "kind": manifest.kind, "backend": manifest.backend,
-                "k": manifest.k, "target_recall": manifest.target_recall, "layers": len(layers),
-                "effort_param": layers[0].effort_param, "effort_range": layers[0].effort_range,
-                "tuned_search_params": [l.search_params for l in layers],
-                "build_recall_mean": sum(recalls) / len(recalls) if recalls else None,
-                "build_recall": [l.build_recall for l in layers],
-                "live": served.live_summary(),
-            },
-        })
-    return {"object": "list", "data": data}
+    return {"object": "list", "data": [model_card(served) for served in engine.models.values()]}
+
+
+@router.get("/v1/models/{model}", dependencies=[Depends(require_api_key)])
+async def model(model: str, engine: Engine = Depends(get_engine)) -> dict:
+    return model_card(engine.model(model))
 
 
 @router.get("/metrics", dependencies=[Depends(require_api_key)])
