@@ -192,6 +192,42 @@ def serve(
         raise AnnMlpError("the server did not start (see the log above)")
 
 
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: speed of approximate vs dense MLPs.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("layer")
+def bench_layer(
+    d_model: int = typer.Option(..., help="Model width."),
+    d_ff: int = typer.Option(..., help="MLP width."),
+    gated: bool = typer.Option(False, help="Gated (SwiGLU) MLP."),
+    batch: list[int] = typer.Option([1], help="Batch sizes (repeatable)."),
+    backend: str = typer.Option(DEFAULT_BACKEND, help="MIPS backend."),
+    probe_fraction: float = typer.Option(1 / 16, help="Search effort as a share of its range (IVF: lists probed)."),
+    k: int = typer.Option(DEFAULT_K, help="Keys retrieved per token."),
+    repeats: int = typer.Option(30, min=30, help="Timed calls per path, after warm-up."),
+    json_out: Path = typer.Option(Path("results/bench_layer.jsonl"), "--json", help="Append JSON lines here."),
+) -> None:
+    """One MLP layer with random weights: dense (best of torch and numpy) vs approximate, same process."""
+    from ann_mlp.benchmark import bench_layer as run
+
+    if not 0 < probe_fraction <= 1:
+        raise AnnMlpError(f"probe fraction must be in (0, 1], got {probe_fraction}")
+    if not 1 <= k <= d_ff:
+        raise AnnMlpError(f"k must be in [1, d_ff={d_ff}], got {k}")
+    typer.echo("random weights: timing only (recall on random weights means nothing)")
+    typer.echo(f"{'shape':>14} {'gated':>5} {'batch':>5} {'backend':>7} {'dense':>6} {'dense us':>10} "
+               f"{'approx us':>10} {'speedup':>8} {'bytes read':>10}")
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    for size in batch:
+        result = run(d_model, d_ff, size, gated, backend, probe_fraction, k, repeats)
+        typer.echo(f"{f'{d_model}x{d_ff}':>14} {str(gated):>5} {size:>5} {backend:>7} {result.dense_path:>6} "
+                   f"{result.dense_us:>10.1f} {result.approx_us:>10.1f} {result.speedup:>8.2f} "
+                   f"{result.bytes_read_fraction:>10.4f}")
+        with open(json_out, "a") as f:
+            f.write(json.dumps(result.to_json()) + "\n")
+
+
 @app.command()
 def info(store: Path = typer.Argument(..., help="Index store folder.")) -> None:
     """Verify a store's checksums and print its manifest."""

@@ -1,0 +1,133 @@
+"""Layer benchmark: one MLP of a given shape, dense vs approximate, timed in the same process.
+
+Weights are random (timing only: recall on random weights says nothing about a
+real model). The dense baseline is the faster of torch and numpy for that shape
+and batch, measured in the same run; the approximate path is the ApproxMLP the
+engine runs.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ann_mlp.approx_mlp import ApproxMLP, augmented_keys
+from ann_mlp.checkpoint.base import MlpWeights
+from ann_mlp.index import build_index
+from ann_mlp.index.base import BYTES_PER_FLOAT
+
+
+@dataclass(frozen=True)
+class LayerBenchResult:
+    d_model: int
+    d_ff: int
+    gated: bool
+    batch: int
+    backend: str
+    k: int
+    probe_fraction: float
+    dense_path: str  # "torch" or "numpy": the faster one, used as the baseline
+    dense_us: float  # median per call
+    dense_spread_us: float  # p90 - p10
+    approx_us: float
+    approx_spread_us: float
+    speedup: float  # dense_us / approx_us
+    bytes_read_fraction: float  # approx bytes read (index + value/up rows) / dense bytes (all weights)
+    repeats: int
+    note: str = "random weights: timing only"
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def random_layer(d_model: int, d_ff: int, gated: bool, seed: int = 0) -> MlpWeights:
+    generator = torch.Generator().manual_seed(seed)
+    scale = d_model**-0.5
+
+    def rows() -> torch.Tensor:
+        return torch.randn(d_ff, d_model, generator=generator) * scale  # (d_ff, d_model)
+
+    return MlpWeights(keys=rows(), key_bias=None if gated else torch.randn(d_ff, generator=generator) * 0.1,
+                      values=rows(), out_bias=None if gated else torch.zeros(d_model),
+                      activation="silu" if gated else "relu", up=rows() if gated else None)
+
+
+def dense_paths(w: MlpWeights) -> dict[str, Callable[[torch.Tensor], object]]:
+    """The exact MLP in torch and in numpy, both fp32, weights laid out for a plain matmul."""
+    keys_t = w.keys.T.contiguous()  # (d_model, d_ff)
+    values = w.values.contiguous()  # (d_ff, d_model)
+    up_t = w.up.T.contiguous() if w.gated else None
+    np_keys, np_values = keys_t.numpy(), values.numpy()
+    np_up = up_t.numpy() if w.gated else None
+    np_bias = None if w.key_bias is None else w.key_bias.numpy()
+
+    def torch_mlp(x: torch.Tensor) -> torch.Tensor:
+        h = x @ keys_t  # (B, d_ff)
+        if w.gated:
+            return (torch.nn.functional.silu(h) * (x @ up_t)) @ values  # (B, d_model)
+        return torch.relu(h + w.key_bias) @ values + w.out_bias
+
+    def numpy_mlp(x: torch.Tensor) -> np.ndarray:
+        xn = x.numpy()
+        h = xn @ np_keys  # (B, d_ff)
+        if w.gated:
+            return (h / (1 + np.exp(-h)) * (xn @ np_up)) @ np_values
+        return np.maximum(h + np_bias, 0) @ np_values
+
+    return {"torch": torch_mlp, "numpy": numpy_mlp}
+
+
+def time_calls(fn: Callable[[], object], repeats: int, warmup: int = 5) -> list[float]:
+    """Per-call seconds after warm-up."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _summary(times: list[float]) -> tuple[float, float]:
+    """(median, p90 - p10) in microseconds."""
+    ordered = sorted(times)
+    p10, p90 = ordered[len(ordered) // 10], ordered[(len(ordered) * 9) // 10 - 1]
+    return statistics.median(ordered) * 1e6, (p90 - p10) * 1e6
+
+
+def bench_layer(d_model: int, d_ff: int, batch: int, gated: bool = False, backend: str = "ivf",
+                probe_fraction: float = 1 / 16, k: int = 128, repeats: int = 30, seed: int = 0,
+                threads: int = 2) -> LayerBenchResult:
+    torch.set_num_threads(threads)
+    weights = random_layer(d_model, d_ff, gated, seed)
+    index = build_index(backend, augmented_keys(weights))
+    params = {}
+    if backend != "exact":
+        lo, hi = index.effort_range(k)
+        params = {index.effort_param: int(min(hi, max(lo, round(probe_fraction * hi))))}
+    mlp = ApproxMLP(weights, index, k=k, search_params=params)
+    x = torch.randn(batch, d_model, generator=torch.Generator().manual_seed(seed + 1))
+
+    dense = {name: _summary(time_calls(lambda fn=fn: fn(x), repeats)) for name, fn in dense_paths(weights).items()}
+    dense_path = min(dense, key=lambda name: dense[name][0])
+    with torch.inference_mode():
+        mlp.stats.reset()
+        approx_us, approx_spread = _summary(time_calls(lambda: mlp(x), repeats))
+    stats = mlp.stats
+    tokens = max(stats.queries, 1)
+    rows_per_token = k * (2 if gated else 1)  # value rows, plus up rows for gated MLPs
+    approx_bytes = stats.bytes_read / tokens + rows_per_token * d_model * BYTES_PER_FLOAT
+    dense_bytes = (3 if gated else 2) * d_ff * d_model * BYTES_PER_FLOAT
+    dense_us, dense_spread = dense[dense_path]
+    return LayerBenchResult(
+        d_model=d_model, d_ff=d_ff, gated=gated, batch=batch, backend=backend, k=k,
+        probe_fraction=probe_fraction, dense_path=dense_path, dense_us=round(dense_us, 1),
+        dense_spread_us=round(dense_spread, 1), approx_us=round(approx_us, 1),
+        approx_spread_us=round(approx_spread, 1), speedup=round(dense_us / approx_us, 3),
+        bytes_read_fraction=round(approx_bytes / dense_bytes, 4), repeats=repeats)
