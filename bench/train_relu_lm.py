@@ -289,7 +289,7 @@ def main(argv=None) -> int:
             if meta["step"] % args.eval_every == 0 or meta["step"] == args.steps:
                 record = {"step": meta["step"], "tokens_seen": meta["tokens_seen"],
                           "train_hours": round(meta["train_seconds"] / 3600, 4),
-                          "train_loss": round(float(loss), 4), **evaluate(model, held_ids, args)}
+                          "train_loss": round(loss.item(), 4), **evaluate(model, held_ids, args)}
                 log.append(record)
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
