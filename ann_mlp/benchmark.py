@@ -129,5 +129,5 @@ def bench_layer(d_model: int, d_ff: int, batch: int, gated: bool = False, backen
         d_model=d_model, d_ff=d_ff, gated=gated, batch=batch, backend=backend, k=k,
         probe_fraction=probe_fraction, dense_path=dense_path, dense_us=round(dense_us, 1),
         dense_spread_us=round(dense_spread, 1), approx_us=round(approx_us, 1),
-        approx_spread_us=round(approx_spread, 1), speedup=round(dense_us / approx_us, 3),
+        approx_spread_us=round(approx_spread, 1), speedup=round(dense_us / approx_us, 4),
         bytes_read_fraction=round(approx_bytes / dense_bytes, 4), repeats=repeats)
