@@ -24,7 +24,7 @@ def test_bench_layer_fields_are_consistent():
     result = bench_layer(64, 512, batch=2, k=32, repeats=30, threads=threads)
     assert result.dense_path in ("torch", "numpy")
     # fields are rounded (0.1 us, 4 decimals): compare at that precision
-    assert result.speedup == pytest.approx(result.dense_us / result.approx_us, rel=1e-2, abs=2e-4)
+    assert result.speedup == pytest.approx(result.dense_us / result.approx_us, rel=0.05, abs=2e-4)
     assert 0 < result.bytes_read_fraction < 1
     assert result.dense_us > 0 and result.approx_us > 0 and result.repeats == 30
 
