@@ -38,6 +38,10 @@ REPO = Path(__file__).resolve().parent.parent
 CORPUS_PACKAGE = "linux-doc-6.1"
 SOURCES = "usr/share/doc/linux-doc-6.1/html/_sources"
 SPECIALS = ["<pad>", "</s>", "<unk>"]
+# What a run is: on resume these come from the saved state, whatever the command line says
+# (--steps may grow: it extends the schedule).
+RUN_ARGS = ("layers", "d_model", "d_ff", "heads", "vocab", "seq_len", "batch", "lr", "warmup",
+            "topk", "seed")
 
 
 # -- corpus -------------------------------------------------------------------
@@ -235,6 +239,13 @@ def main(argv=None) -> int:
     if (out / "config.json").exists() and not args.force:
         print(f"error: {out} holds a finished model; pass --force to overwrite it", file=sys.stderr)
         return 1
+    if (state_dir / "meta.json").exists():
+        saved = json.loads((state_dir / "meta.json").read_text())["args"]
+        changed = {name: saved[name] for name in RUN_ARGS if getattr(args, name) != saved[name]}
+        if changed:
+            print(f"resuming with the saved run's settings: {changed}")
+            for name, value in changed.items():
+                setattr(args, name, value)
     torch.set_num_threads(args.threads)
     sources = args.sources or fetch_corpus(args.cache)
     train_files, held_files = split_files(sources)

@@ -37,7 +37,8 @@ def test_train_resume_finish_and_load(corpus, tmp_path):
     assert train_relu_lm.main(common + ["--steps", "4", "--minutes", "5"]) == 0
     state = json.loads((tmp_path / "cache" / "train" / "tiny" / "meta.json").read_text())
     assert state["step"] == 4
-    assert train_relu_lm.main(common + ["--minutes", "5"]) == 0  # resumes up to --steps
+    # resumes up to --steps; a different width on the command line is overridden by the saved run's
+    assert train_relu_lm.main([*common, "--minutes", "5", "--d-ff", "128"]) == 0
     log = [json.loads(line) for line in (tmp_path / "cache" / "train" / "tiny.log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [2, 4, 6]
     assert all(len(r["nonzero_pct"]) == 1 and 0 <= r["nonzero_pct"][0] <= 100 for r in log)
