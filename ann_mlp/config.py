@@ -60,5 +60,5 @@ class EvalConfig:
     """Everything `ann-mlp eval` needs besides the store."""
 
     k: int | None = None  # None: the k the store was built for
-    search_params: dict = field(default_factory=dict)  # None entries: tuned values
+    search_params: dict = field(default_factory=dict)  # effort overrides; absent: the tuned values
     text: TextConfig = TextConfig(max_tokens=8_192)

@@ -135,5 +135,6 @@ def generate(engine: Engine, served: ServedModel, prompt_ids: list[int], request
             "run": run}
 
 
-def embed_batch(engine: Engine, served: ServedModel, ids: list[list[int]], knobs: Knobs) -> Run:
+def run_token_ids(engine: Engine, served: ServedModel, ids: list[list[int]], knobs: Knobs) -> Run:
+    """One forward pass over tokenized inputs in the request's mode."""
     return engine.run(served, batch_from_ids(served.approx.checkpoint, ids), knobs)

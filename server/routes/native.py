@@ -25,7 +25,7 @@ async def infer(request: InferRequest, http: Request, engine: Engine = Depends(g
     knobs = Knobs(mode=request.mode, k=request.k, effort=request.effort)
 
     def job():
-        run = ops.embed_batch(engine, served, ids, knobs)
+        run = ops.run_token_ids(engine, served, ids, knobs)
         if served.kind == "encoder":
             outputs = [{"embedding": v.tolist()} for v in ops.pooled_embeddings(run)]
         elif served.kind == "causal_lm":

@@ -30,7 +30,7 @@ async def embeddings(request: EmbeddingRequest, http: Request, engine: Engine = 
     ids = ops.tokenize(served, ops.as_list(request.input), engine.settings, "input")
 
     def job():
-        run = ops.embed_batch(engine, served, ids, knobs)
+        run = ops.run_token_ids(engine, served, ids, knobs)
         return run, ops.pooled_embeddings(run), ops.run_info(served, knobs, run)
 
     run, vectors, info = await engine.submit(job)
