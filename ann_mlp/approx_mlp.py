@@ -22,6 +22,7 @@ from ann_mlp.activations import activation_module
 from ann_mlp.checkpoint.base import MlpWeights
 from ann_mlp.errors import InputError
 from ann_mlp.index.base import MipsIndex, SearchResult
+from ann_mlp.linalg import rows_dot
 
 
 def augmented_keys(weights: MlpWeights) -> np.ndarray:
@@ -47,25 +48,6 @@ def dense_activations(weights: MlpWeights, x: torch.Tensor) -> tuple[torch.Tenso
         up = x.float() @ weights.up.float().T  # (N, d_ff)
         activations = activations * (up + weights.up_bias if weights.up_bias is not None else up)
     return scores, activations
-
-
-def rows_dot(rows: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor,
-             x: torch.Tensor, max_gathered: int = 1 << 22) -> torch.Tensor:
-    """Inner products of each query with its own selected rows, plus bias.
-
-    rows (d_ff, d_model), ids (N, k), x (N, d_model) -> (N, k). Queries are taken
-    in chunks so the gathered (chunk, k, d_model) block stays bounded.
-    """
-    n, k = ids.shape
-    chunk = max(1, max_gathered // max(1, k * rows.shape[1]))
-    out = torch.empty(n, k, dtype=torch.float32)
-    for start in range(0, n, chunk):
-        stop = start + chunk
-        gathered = rows[ids[start:stop]].float()  # (chunk, k, d_model)
-        out[start:stop] = torch.einsum("nkd,nd->nk", gathered, x[start:stop])
-    if bias is not None:
-        out += bias.float()[ids]
-    return out
 
 
 @dataclass
@@ -122,13 +104,18 @@ class ApproxMLP(nn.Module):
         if self.index.exact_scores:
             scores = torch.from_numpy(result.scores)  # (N, k)
         else:
-            scores = rows_dot(w.keys, w.key_bias, ids, x)  # (N, k)
+            scores = rows_dot(w.keys, ids, x)  # (N, k)
+            if w.key_bias is not None:
+                scores = scores + w.key_bias.float()[ids]
         if w.topk and w.topk < self.k:  # Top-k model: only the K best of the retrieved fire
             best = scores.masked_fill(~found, -torch.inf).topk(w.topk, dim=1).indices  # (N, K)
             found = found & torch.zeros_like(found).scatter(1, best, True)
         activations = self.act(scores)  # (N, k)
         if w.gated:
-            activations = activations * rows_dot(w.up, w.up_bias, ids, x)  # (N, k)
+            up = rows_dot(w.up, ids, x)  # (N, k)
+            if w.up_bias is not None:
+                up = up + w.up_bias.float()[ids]
+            activations = activations * up
         activations = torch.where(found, activations, torch.zeros_like(activations))
         y = F.embedding_bag(ids, self.value_rows, per_sample_weights=activations, mode="sum")  # (N, d_model)
         if w.out_bias is not None:

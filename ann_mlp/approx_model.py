@@ -9,10 +9,15 @@ from typing import Any, Iterator
 import torch
 
 from ann_mlp.approx_mlp import ApproxMLP
-from ann_mlp.checkpoint import BUILTIN_CHECKPOINTS, Checkpoint, load_checkpoint, resolve_checkpoint
+from ann_mlp.checkpoint import (
+    BUILTIN_CHECKPOINTS,
+    Checkpoint,
+    load_checkpoint,
+    resolve_checkpoint,
+)
 from ann_mlp.errors import InputError
-from ann_mlp.patch import patched
 from ann_mlp.index import MipsIndex
+from ann_mlp.patch import patched
 from ann_mlp.store import Manifest, Store
 
 

@@ -10,7 +10,15 @@ from typing import Optional
 
 import typer
 
-from ann_mlp.config import DEFAULT_BACKEND, DEFAULT_K, DEFAULT_STORE_ROOT, DEFAULT_TARGET_RECALL, BuildConfig, EvalConfig, TextConfig
+from ann_mlp.config import (
+    DEFAULT_BACKEND,
+    DEFAULT_K,
+    DEFAULT_STORE_ROOT,
+    DEFAULT_TARGET_RECALL,
+    BuildConfig,
+    EvalConfig,
+    TextConfig,
+)
 from ann_mlp.errors import AnnMlpError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,

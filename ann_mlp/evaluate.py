@@ -18,8 +18,15 @@ from ann_mlp.approx_mlp import ApproxMLP, dense_activations
 from ann_mlp.approx_model import ApproxModel
 from ann_mlp.capture import Batch, batches, forward, forward_capturing
 from ann_mlp.config import EvalConfig
+from ann_mlp.linalg import mean_pool
 from ann_mlp.metrics import (
-    cosine, kl_divergence, mass_recall, nearest_neighbour_agreement, recall_at_k, relative_errors, token_nll,
+    cosine,
+    kl_divergence,
+    mass_recall,
+    nearest_neighbour_agreement,
+    recall_at_k,
+    relative_errors,
+    token_nll,
 )
 from ann_mlp.text import describe, passages
 
@@ -106,13 +113,8 @@ class _EndToEnd:
 
     def add(self, batch: Batch, exact, approx) -> None:
         if self.kind == "encoder":
-            mask = batch.mask.unsqueeze(-1).float()  # (B, T, 1)
-
-            def pooled(out):  # mean over real tokens, as sentence-transformers pools MiniLM
-                return (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp_min(1)  # (B, d_model)
-
-            self.exact_embeddings.append(pooled(exact))
-            self.approx_embeddings.append(pooled(approx))
+            self.exact_embeddings.append(mean_pool(exact.last_hidden_state, batch.mask))  # (B, d_model)
+            self.approx_embeddings.append(mean_pool(approx.last_hidden_state, batch.mask))
             return
         if self.kind == "causal_lm":  # position t predicts token t + 1
             valid = batch.mask[:, :-1] & batch.mask[:, 1:]  # (B, T-1)

@@ -22,9 +22,15 @@ import torch
 
 from ann_mlp.approx_model import ApproxModel
 from ann_mlp.capture import Batch, batch_from_ids, forward
-from ann_mlp.evaluate import Comparison
 from ann_mlp.errors import AnnMlpError
-from server.errors import DeadlineExceeded, InvalidRequest, NotReady, Overloaded, UnknownModel
+from ann_mlp.evaluate import Comparison
+from server.errors import (
+    DeadlineExceeded,
+    InvalidRequest,
+    NotReady,
+    Overloaded,
+    UnknownModel,
+)
 from server.metrics import Metrics
 from server.settings import ServerSettings
 

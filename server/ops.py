@@ -8,6 +8,7 @@ from dataclasses import asdict
 import torch
 
 from ann_mlp.capture import batch_from_ids
+from ann_mlp.linalg import mean_pool
 from server.engine import Engine, Knobs, Run, ServedModel
 from server.errors import InvalidRequest
 from server.schemas import RunInfo
@@ -59,8 +60,7 @@ def run_info(served: ServedModel, knobs: Knobs, run: Run) -> RunInfo:
 
 def pooled_embeddings(run: Run) -> torch.Tensor:
     """Mean over real tokens, L2-normalised: what sentence-transformers returns for MiniLM."""
-    mask = run.batch.mask.unsqueeze(-1).float()  # (B, T, 1)
-    pooled = (run.output.last_hidden_state * mask).sum(1) / mask.sum(1).clamp_min(1)  # (B, d_model)
+    pooled = mean_pool(run.output.last_hidden_state, run.batch.mask)  # (B, d_model)
     return torch.nn.functional.normalize(pooled, dim=-1)
 
 

@@ -8,7 +8,6 @@ identity so the residual and LayerNorm still run.
 
 from __future__ import annotations
 
-
 from ann_mlp.checkpoint.base import FamilyAdapter, MlpWeights
 
 

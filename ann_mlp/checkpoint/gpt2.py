@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from ann_mlp.checkpoint.base import FamilyAdapter, MlpWeights
 
 

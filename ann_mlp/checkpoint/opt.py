@@ -6,7 +6,6 @@ and fc2 become identity, so the layer's own residual and LayerNorm still run.
 
 from __future__ import annotations
 
-
 from ann_mlp.checkpoint.base import FamilyAdapter, MlpWeights
 
 

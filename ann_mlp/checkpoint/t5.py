@@ -7,7 +7,6 @@ encoder first, then decoder.
 
 from __future__ import annotations
 
-
 from ann_mlp.checkpoint.base import FamilyAdapter, MlpWeights
 
 

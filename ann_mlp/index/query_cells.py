@@ -21,24 +21,7 @@ import torch
 
 from ann_mlp.errors import BackendError
 from ann_mlp.index.base import BYTES_PER_FLOAT, MipsIndex, SearchResult
-
-
-def _rows_dot(rows: torch.Tensor, ids: torch.Tensor, queries: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    """rows (n, D), ids (N, b), queries (N, D) -> (N, b) inner products, chunked over queries.
-
-    When the candidates are a large share of the rows, one matmul and a gather
-    beat gathering (N, b, D) blocks; the figures the index reports count the
-    candidates either way.
-    """
-    out = torch.empty(ids.shape, dtype=torch.float32)
-    dense = ids.shape[1] * 4 > rows.shape[0]
-    for start in range(0, len(ids), chunk):
-        stop = start + chunk
-        if dense:
-            out[start:stop] = (queries[start:stop] @ rows.T).gather(1, ids[start:stop])
-        else:
-            out[start:stop] = torch.einsum("nbd,nd->nb", rows[ids[start:stop]], queries[start:stop])
-    return out
+from ann_mlp.linalg import rows_dot
 
 
 class QueryCellsIndex(MipsIndex):
@@ -92,7 +75,7 @@ class QueryCellsIndex(MipsIndex):
         q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))  # (N, D)
         cell = (self.centroid_norms - 2 * q @ self.centroids.T).argmin(dim=1)  # (N,) nearest in L2
         candidates = self.ranking[cell, :budget]  # (N, budget)
-        scores = _rows_dot(self.keys, candidates, q)  # (N, budget)
+        scores = rows_dot(self.keys, candidates, q)  # (N, budget)
         top = scores.topk(min(k, budget), dim=1)
         ids = candidates.gather(1, top.indices)
         values = top.values
