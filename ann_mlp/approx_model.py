@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -36,7 +37,7 @@ class ApproxModel:
         self.configure(k, search_params)
 
     @classmethod
-    def open(cls, store_path: Path | str, checkpoint: str | None = None, **options) -> "ApproxModel":
+    def open(cls, store_path: Path | str, checkpoint: str | None = None, **options) -> ApproxModel:
         """checkpoint: override where the weights are (default: the path in the manifest)."""
         store = Store.open(store_path)
         source = resolve_checkpoint(checkpoint or _recorded_checkpoint(store))

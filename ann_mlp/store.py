@@ -63,7 +63,7 @@ class Manifest:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Manifest":
+    def from_json(cls, data: dict[str, Any]) -> Manifest:
         version = data.get("format_version")
         if version != STORE_FORMAT_VERSION:
             raise StoreError(f"store format version {version!r} is not supported (expected {STORE_FORMAT_VERSION})")
@@ -85,7 +85,7 @@ class StoreWriter:
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.tmp-", dir=self.dest.parent))
         self.committed = False
 
-    def __enter__(self) -> "StoreWriter":
+    def __enter__(self) -> StoreWriter:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -126,7 +126,7 @@ class Store:
         self.manifest = manifest
 
     @classmethod
-    def open(cls, path: Path | str) -> "Store":
+    def open(cls, path: Path | str) -> Store:
         path = Path(path)
         manifest_path = path / MANIFEST
         if not manifest_path.is_file():

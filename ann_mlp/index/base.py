@@ -49,7 +49,7 @@ class MipsIndex(ABC):
 
     @classmethod
     @abstractmethod
-    def build(cls, keys: np.ndarray, **build_params: Any) -> "MipsIndex":
+    def build(cls, keys: np.ndarray, **build_params: Any) -> MipsIndex:
         """keys: (num_keys, D) float32, augmented with the bias column.
 
         Backends with `needs_queries` also take `queries` (N, D), real calibration
@@ -86,7 +86,7 @@ class MipsIndex(ABC):
     @classmethod
     @abstractmethod
     def load(cls, folder: Path, stem: str, num_keys: int, dim: int,
-             build_params: dict[str, Any], search_params: dict[str, Any]) -> "MipsIndex":
+             build_params: dict[str, Any], search_params: dict[str, Any]) -> MipsIndex:
         """Read what save() wrote. Never unpickles."""
 
     def __str__(self) -> str:

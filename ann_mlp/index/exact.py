@@ -22,7 +22,7 @@ class ExactIndex(MipsIndex):
         self.keys = torch.from_numpy(np.ascontiguousarray(keys, dtype=np.float32))  # (n, D)
 
     @classmethod
-    def build(cls, keys: np.ndarray, **build_params: Any) -> "ExactIndex":
+    def build(cls, keys: np.ndarray, **build_params: Any) -> ExactIndex:
         return cls(keys, build_params, {})
 
     def effort_range(self, k: int) -> tuple[int, int]:
@@ -43,7 +43,7 @@ class ExactIndex(MipsIndex):
         return [name]
 
     @classmethod
-    def load(cls, folder, stem, num_keys, dim, build_params, search_params) -> "ExactIndex":
+    def load(cls, folder, stem, num_keys, dim, build_params, search_params) -> ExactIndex:
         keys = np.load(folder / f"{stem}.npy", allow_pickle=False)
         assert keys.shape == (num_keys, dim), keys.shape
         return cls(keys, build_params, search_params)

@@ -21,7 +21,7 @@ class HnswIndex(FaissIndex):
         return {"M": 32, "efConstruction": 200}
 
     @classmethod
-    def build(cls, keys: np.ndarray, **build_params: Any) -> "HnswIndex":
+    def build(cls, keys: np.ndarray, **build_params: Any) -> HnswIndex:
         params = {**cls.default_build_params(*keys.shape), **build_params}
         index = faiss.IndexHNSWFlat(keys.shape[1], params["M"], faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = params["efConstruction"]

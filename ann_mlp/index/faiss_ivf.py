@@ -28,7 +28,7 @@ class IvfIndex(FaissIndex):
         return {"nlist": int(min(max(nlist, 4), num_keys))}
 
     @classmethod
-    def build(cls, keys: np.ndarray, **build_params: Any) -> "IvfIndex":
+    def build(cls, keys: np.ndarray, **build_params: Any) -> IvfIndex:
         params = {**cls.default_build_params(*keys.shape), **build_params}
         quantizer = faiss.IndexFlatIP(keys.shape[1])
         index = faiss.IndexIVFFlat(quantizer, keys.shape[1], params["nlist"],

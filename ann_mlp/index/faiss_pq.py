@@ -50,7 +50,7 @@ class PqRefineIndex(FaissIndex):
         return _pad(x, self.padded_dim)
 
     @classmethod
-    def build(cls, keys: np.ndarray, **build_params: Any) -> "PqRefineIndex":
+    def build(cls, keys: np.ndarray, **build_params: Any) -> PqRefineIndex:
         params = {**cls.default_build_params(*keys.shape), **build_params, "dim": keys.shape[1]}
         padded = _padded_dim(keys.shape[1], params["dims_per_subquantizer"])
         m = padded // params["dims_per_subquantizer"]

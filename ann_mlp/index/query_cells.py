@@ -45,7 +45,7 @@ class QueryCellsIndex(MipsIndex):
 
     @classmethod
     def build(cls, keys: np.ndarray, queries: np.ndarray | None = None, k: int | None = None,
-              **build_params: Any) -> "QueryCellsIndex":
+              **build_params: Any) -> QueryCellsIndex:
         if queries is None or k is None:
             raise BackendError("the cells backend is built from calibration queries and k")
         params = {**cls.default_build_params(*keys.shape), **build_params, "k": int(k)}
@@ -97,7 +97,7 @@ class QueryCellsIndex(MipsIndex):
         return names
 
     @classmethod
-    def load(cls, folder, stem, num_keys, dim, build_params, search_params) -> "QueryCellsIndex":
+    def load(cls, folder, stem, num_keys, dim, build_params, search_params) -> QueryCellsIndex:
         arrays = {part: np.load(Path(folder) / f"{stem}.{part}.npy", allow_pickle=False)
                   for part in ("keys", "centroids", "ranking")}
         assert arrays["keys"].shape == (num_keys, dim), arrays["keys"].shape

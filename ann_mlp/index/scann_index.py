@@ -38,7 +38,7 @@ class ScannIndex(MipsIndex):
                 "dims_per_block": 2, "anisotropic_threshold": 0.2, "reorder_factor": 4}
 
     @classmethod
-    def build(cls, keys: np.ndarray, **build_params: Any) -> "ScannIndex":
+    def build(cls, keys: np.ndarray, **build_params: Any) -> ScannIndex:
         params = {**cls.default_build_params(*keys.shape), **build_params}
         searcher = (
             _scann().builder(keys, 10, "dot_product")
@@ -80,7 +80,7 @@ class ScannIndex(MipsIndex):
         return sorted(str(p.relative_to(folder)) for p in target.iterdir())
 
     @classmethod
-    def load(cls, folder, stem, num_keys, dim, build_params, search_params) -> "ScannIndex":
+    def load(cls, folder, stem, num_keys, dim, build_params, search_params) -> ScannIndex:
         ops = _scann()
         target = Path(folder) / stem
         # Build the searcher from its assets directly: scann's load_searcher would
