@@ -43,7 +43,7 @@ def dense_activations(weights: MlpWeights, x: torch.Tensor) -> tuple[torch.Tenso
     what multiplies the value rows (act(gate) * up for gated MLPs).
     """
     scores = torch.from_numpy(augmented_queries(x)) @ torch.from_numpy(augmented_keys(weights)).T  # (N, d_ff)
-    activations = activation_module(weights.activation, weights.topk)(scores)  # (N, d_ff)
+    activations = activation_module(weights.activation, weights.topk, weights.threshold)(scores)  # (N, d_ff)
     if weights.gated:
         up = x.float() @ weights.up.float().T  # (N, d_ff)
         activations = activations * (up + weights.up_bias if weights.up_bias is not None else up)
@@ -110,6 +110,8 @@ class ApproxMLP(nn.Module):
         if w.topk and w.topk < self.k:  # Top-k model: only the K best of the retrieved fire
             best = scores.masked_fill(~found, -torch.inf).topk(w.topk, dim=1).indices  # (N, K)
             found = found & torch.zeros_like(found).scatter(1, best, True)
+        if w.threshold is not None:  # FATReLU: neurons at or below the threshold do not fire
+            found = found & (scores > w.threshold)
         activations = self.act(scores)  # (N, k)
         if w.gated:
             up = rows_dot(w.up, ids, x)  # (N, k)

@@ -6,7 +6,6 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -17,6 +16,7 @@ from ann_mlp.config import (
     DEFAULT_TARGET_RECALL,
     BuildConfig,
     EvalConfig,
+    SparsifyConfig,
     TextConfig,
 )
 from ann_mlp.errors import AnnMlpError
@@ -55,13 +55,13 @@ def main_options(verbose: bool = typer.Option(False, "--verbose", "-v", help="Lo
 
 @app.command()
 def build(
-    checkpoint: str = typer.Argument(..., help="Model folder (safetensors), .gguf file, or built-in name (minilm, smollm2)."),
-    out: Optional[Path] = typer.Option(None, help="Store folder [default: indexes/<checkpoint name>]."),
+    checkpoint: str = typer.Argument(..., help="Model folder (safetensors), .gguf file, or built-in name (minilm, smollm2, relu-lm, topk-lm, minilm-sparse)."),
+    out: Path | None = typer.Option(None, help="Store folder [default: indexes/<checkpoint name>]."),
     backend: str = typer.Option(DEFAULT_BACKEND, help="exact | ivf | hnsw | pq | scann"),
     k: int = typer.Option(DEFAULT_K, help="Keys retrieved per token."),
     target_recall: float = typer.Option(DEFAULT_TARGET_RECALL, help="Tune each layer's search effort to this recall@k; 0 to skip tuning."),
-    mass_target: Optional[float] = typer.Option(None, help="Per layer, the smallest k (<= --k) whose exact top-k keeps this share of activation mass."),
-    calib_text: Optional[Path] = typer.Option(None, help="Calibration text file [default: Python standard library docstrings]."),
+    mass_target: float | None = typer.Option(None, help="Per layer, the smallest k (<= --k) whose exact top-k keeps this share of activation mass."),
+    calib_text: Path | None = typer.Option(None, help="Calibration text file [default: Python standard library docstrings]."),
     calib_tokens: int = typer.Option(TextConfig.max_tokens, help="Calibration tokens to run through the model."),
     param: list[str] = typer.Option([], "--param", help="Backend build parameter NAME=VALUE (repeatable)."),
     force: bool = typer.Option(False, help="Replace an existing store."),
@@ -88,14 +88,14 @@ def build(
 @app.command("eval")
 def evaluate(
     store: Path = typer.Argument(..., help="Index store folder written by `ann-mlp build`."),
-    text: Optional[Path] = typer.Option(None, help="Text file [default: held-out Python standard library docstrings]."),
-    k: Optional[int] = typer.Option(None, help="Keys retrieved per token [default: the store's k]."),
-    backend: Optional[str] = typer.Option(None, help="Evaluate another backend, built in memory and tuned like the store."),
-    effort: Optional[int] = typer.Option(None, help="Search effort for every layer (nprobe, efSearch, ...) [default: tuned]."),
+    text: Path | None = typer.Option(None, help="Text file [default: held-out Python standard library docstrings]."),
+    k: int | None = typer.Option(None, help="Keys retrieved per token [default: the store's k]."),
+    backend: str | None = typer.Option(None, help="Evaluate another backend, built in memory and tuned like the store."),
+    effort: int | None = typer.Option(None, help="Search effort for every layer (nprobe, efSearch, ...) [default: tuned]."),
     max_tokens: int = typer.Option(EvalConfig().text.max_tokens, help="Evaluation tokens."),
-    checkpoint: Optional[str] = typer.Option(None, help="Where the store's checkpoint is now, if it moved."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON."),
-    plots: Optional[Path] = typer.Option(None, help="Write PNG plots into this folder."),
+    checkpoint: str | None = typer.Option(None, help="Where the store's checkpoint is now, if it moved."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write the report as JSON."),
+    plots: Path | None = typer.Option(None, help="Write PNG plots into this folder."),
 ) -> None:
     """Run exact and approximate model on real text; report recall and fidelity per layer and end to end."""
     from ann_mlp.approx_model import ApproxModel
@@ -135,10 +135,10 @@ def _rebuilt(model, backend: str):
 @app.command()
 def sparsity(
     checkpoint: str = typer.Argument(..., help="Model folder, .gguf file, or built-in name."),
-    text: Optional[Path] = typer.Option(None, help="Text file [default: held-out Python standard library docstrings]."),
+    text: Path | None = typer.Option(None, help="Text file [default: held-out Python standard library docstrings]."),
     max_tokens: int = typer.Option(EvalConfig().text.max_tokens, help="Tokens to run."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON."),
-    plots: Optional[Path] = typer.Option(None, help="Write PNG plots into this folder."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write the report as JSON."),
+    plots: Path | None = typer.Option(None, help="Write PNG plots into this folder."),
 ) -> None:
     """Per layer: share of MLP neurons firing per token, its percentiles, firing frequencies, dead neurons."""
     from ann_mlp.checkpoint import load_checkpoint
@@ -155,11 +155,42 @@ def sparsity(
 
 
 @app.command()
+def sparsify(
+    checkpoint: str = typer.Argument(..., help="Model folder, .gguf file, or built-in name."),
+    out: Path = typer.Option(..., help="Folder for the sparsified Hugging Face checkpoint."),
+    method: str = typer.Option(SparsifyConfig.method, help="topk | relu | fatrelu"),
+    k: int | None = typer.Option(None, help="topk: neurons kept per token [d_ff / 16]."),
+    threshold: float = typer.Option(SparsifyConfig.threshold, help="fatrelu: pre-activations at or below it do not fire."),
+    l1: float = typer.Option(SparsifyConfig.l1, help="Weight of an L1 push on the activations."),
+    text: list[Path] = typer.Option([], help="Training text file or folder (repeatable) [default: Python standard library docstrings, calibration split]."),
+    report_text: Path | None = typer.Option(None, help="Held-out text for the report [default: the standard library's evaluation split]."),
+    minutes: float | None = typer.Option(None, help="Training budget in minutes for the whole run, resumes included [60 unless --steps]."),
+    steps: int | None = typer.Option(None, help="Training budget in steps for the whole run."),
+    lr: float = typer.Option(SparsifyConfig.lr, help="Peak learning rate."),
+    dtype: str = typer.Option(SparsifyConfig.dtype, help="float32 | float16 | bfloat16 for the written weights."),
+    seed: int = typer.Option(SparsifyConfig.seed),
+    resume: bool = typer.Option(False, help="Continue the run saved in OUT.partial."),
+    force: bool = typer.Option(False, help="Start over, replacing OUT."),
+) -> None:
+    """Replace the MLP activation with a sparse one and distil against the original on real text."""
+    from ann_mlp.sparsify import report_table
+    from ann_mlp.sparsify import sparsify as run_sparsify
+
+    if minutes is None and steps is None:
+        minutes = SparsifyConfig.minutes
+    config = SparsifyConfig(method=method, k=k, threshold=threshold, l1=l1, minutes=minutes, steps=steps,
+                            lr=lr, dtype=dtype, seed=seed)
+    report = run_sparsify(checkpoint, out, config, text, report_text, resume, force, _progress())
+    typer.echo(report_table(report))
+    typer.echo(f"wrote {out}")
+
+
+@app.command()
 def serve(
     stores: list[Path] = typer.Argument(None, help="Index stores to serve [default: indexes/minilm, built on first run]."),
-    host: Optional[str] = typer.Option(None, help="Bind address [127.0.0.1]."),
-    port: Optional[int] = typer.Option(None, help="Port [8000]."),
-    shadow_rate: Optional[float] = typer.Option(None, help="Share of requests re-run exactly, off the request path, for live recall."),
+    host: str | None = typer.Option(None, help="Bind address [127.0.0.1]."),
+    port: int | None = typer.Option(None, help="Port [8000]."),
+    shadow_rate: float | None = typer.Option(None, help="Share of requests re-run exactly, off the request path, for live recall."),
 ) -> None:
     """Serve approximate-MLP inference over HTTP (OpenAI-compatible and native routes)."""
     try:
@@ -229,7 +260,7 @@ def bench_layer(
     json_out.parent.mkdir(parents=True, exist_ok=True)
     for size in batch:
         result = run(d_model, d_ff, size, gated, backend, probe_fraction, k, repeats)
-        typer.echo(f"{f'{d_model}x{d_ff}':>14} {str(gated):>5} {size:>5} {backend:>7} {result.dense_path:>6} "
+        typer.echo(f"{f'{d_model}x{d_ff}':>14} {gated!s:>5} {size:>5} {backend:>7} {result.dense_path:>6} "
                    f"{result.dense_us:>10.1f} {result.approx_us:>10.1f} {result.speedup:>8.2f} "
                    f"{result.bytes_read_fraction:>10.4f}")
         with open(json_out, "a") as f:

@@ -62,3 +62,40 @@ class EvalConfig:
     k: int | None = None  # None: the k the store was built for
     search_params: dict = field(default_factory=dict)  # effort overrides; absent: the tuned values
     text: TextConfig = TextConfig(max_tokens=8_192)
+
+
+SPARSIFY_METHODS = ("topk", "relu", "fatrelu")
+
+
+@dataclass(frozen=True)
+class SparsifyConfig:
+    """Everything `ann-mlp sparsify` needs besides the checkpoint and the output folder."""
+
+    method: str = "topk"
+    k: int | None = None  # topk: neurons kept per token [d_ff // 16]
+    threshold: float = 0.0  # fatrelu: pre-activations at or below it do not fire
+    l1: float = 0.0  # weight of an L1 push on the activations (ProSparse)
+    # Budget for the whole run, across resumes; training stops at whichever comes first.
+    minutes: float | None = 60.0
+    steps: int | None = None
+    lr: float = 1e-4
+    warmup: int = 50
+    text: TextConfig = TextConfig(max_tokens=1 << 62, max_seq_len=128, batch_size=16)
+    report_text: TextConfig = TextConfig(max_tokens=8_192)
+    save_every: int = 100  # steps between saved training states
+    dtype: str = "float32"  # of the written weights
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in SPARSIFY_METHODS:
+            raise InputError(f"unknown method {self.method!r}; choose from {', '.join(SPARSIFY_METHODS)}")
+        if self.minutes is None and self.steps is None:
+            raise InputError("give a budget: minutes or steps")
+        if (self.minutes is not None and self.minutes <= 0) or (self.steps is not None and self.steps < 1):
+            raise InputError("the budget (minutes, steps) must be positive")
+        if self.k is not None and self.method != "topk":
+            raise InputError("k applies to --method topk only")
+        if self.l1 < 0 or self.lr <= 0:
+            raise InputError("l1 must be >= 0 and lr > 0")
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise InputError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")

@@ -98,8 +98,8 @@ class _LayerTotals:
             search_params=dict(mlp.search_params))
 
 
-class _EndToEnd:
-    """End-to-end agreement between the exact and the approximate model's outputs."""
+class OutputAgreement:
+    """End-to-end agreement of two models' outputs on the same batches (reference vs candidate)."""
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
@@ -152,7 +152,7 @@ class Comparison:
         self.model = model
         self.layers = sorted(model.mlps)
         self.totals = {layer: _LayerTotals() for layer in self.layers}
-        self.end_to_end = _EndToEnd(model.checkpoint.kind)
+        self.end_to_end = OutputAgreement(model.checkpoint.kind)
         self.tokens = 0
 
     def add(self, batch: Batch) -> tuple[Any, Any]:

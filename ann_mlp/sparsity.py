@@ -64,8 +64,8 @@ def measure_sparsity(checkpoint: Checkpoint, text: Path | None, config: TextConf
             scores = captured[layer] @ w.keys.float().T  # (n_tokens, d_ff)
             if w.key_bias is not None:
                 scores += w.key_bias.float()
-            if w.activation in RELU_ACTIVATIONS:  # exact zeros: count what the activation leaves non-zero
-                fired = activation_module(w.activation, w.topk)(scores) != 0  # (n_tokens, d_ff)
+            if _exact_zeros(w):  # count what the activation leaves non-zero
+                fired = activation_module(w.activation, w.topk, w.threshold)(scores) != 0  # (n_tokens, d_ff)
             else:
                 fired = scores > 0  # (n_tokens, d_ff)
             fired_per_neuron[layer] += fired.sum(0)
@@ -77,16 +77,20 @@ def measure_sparsity(checkpoint: Checkpoint, text: Path | None, config: TextConf
         frequency = np.sort(fired_per_neuron[layer].numpy() / tokens)[::-1]  # (d_ff,), descending
         resampled = np.interp(np.linspace(0, w.d_ff - 1, min(FREQUENCY_POINTS, w.d_ff)),
                               np.arange(w.d_ff), frequency)
-        relu = w.activation in RELU_ACTIVATIONS
         reports.append(LayerSparsity(
             layer=layer, d_ff=w.d_ff, activation=w.activation,
-            measure="nonzero_activations" if relu else "positive_preactivations",
+            measure="nonzero_activations" if _exact_zeros(w) else "positive_preactivations",
             nonzero_pct=float(per_token.mean()),
             per_token_pct_percentiles={f"p{p}": float(np.percentile(per_token, p)) for p in PERCENTILES},
             dead_neurons=int((fired_per_neuron[layer] == 0).sum()),
             firing_frequency_sorted=[round(float(v), 6) for v in resampled]))
     return SparsityReport(model=checkpoint.source.spec, family=checkpoint.family,
                           text=describe(text, "evaluation"), tokens=tokens, layers=reports)
+
+
+def _exact_zeros(w) -> bool:
+    """Whether the activation leaves exact zeros (ReLU family, a Top-k or a threshold)."""
+    return w.activation in RELU_ACTIVATIONS or bool(w.topk) or w.threshold is not None
 
 
 def sparsity_table(report: SparsityReport) -> str:

@@ -11,13 +11,15 @@ import hashlib
 import inspect
 import re
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 from ann_mlp.errors import InputError
 
 Split = Literal["calibration", "evaluation"]
 MIN_PASSAGE_CHARS = 40
+TEXT_SUFFIXES = {".txt", ".rst", ".md"}
 _SKIP_DIRS = {"test", "tests", "site-packages", "idle_test", "__pycache__"}
 
 
@@ -69,6 +71,27 @@ def file_passages(path: Path) -> list[str]:
     if not passages:
         raise InputError(f"text file {path} is empty")
     return passages
+
+
+def corpus_passages(paths: list[Path]) -> list[str]:
+    """Paragraphs of text files; a folder stands for its .txt, .rst and .md files. An error if none."""
+    files: list[Path] = []
+    for path in paths:
+        path = Path(path)
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
+        else:
+            files.append(path)
+    found = []
+    for file in files:
+        try:
+            found += file_passages(file)
+        except InputError:
+            if file in paths:  # a file the user named must be readable text; a folder may hold empty ones
+                raise
+    if not found:
+        raise InputError(f"no text in {', '.join(map(str, paths))}")
+    return found
 
 
 def passages(path: Path | None, split: Split) -> Iterator[str]:

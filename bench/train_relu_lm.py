@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
-from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from ann_mlp.activations import TopK
+from ann_mlp.activations import SparseActivation
+from ann_mlp.training_state import load_state, save_state
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS_PACKAGE = "linux-doc-6.1"
@@ -112,41 +112,7 @@ def set_activation(model, topk: int | None) -> None:
     """Top-k Transformer: the same module ann-mlp installs when it loads the finished checkpoint."""
     if topk:
         for layer in model.model.decoder.layers:
-            layer.activation_fn = TopK(topk, "relu")
-
-
-# -- training state (safetensors + JSON, never pickle) ------------------------------
-def save_state(state_dir: Path, model, optimizer, meta: dict) -> None:
-    tmp = state_dir.with_name(state_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()
-               if k != "lm_head.weight"}, tmp / "model.safetensors")
-    names = {id(p): n for n, p in model.named_parameters()}
-    moments = {}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            for key, value in optimizer.state.get(p, {}).items():
-                moments[f"{names[id(p)]}::{key}"] = value.detach().reshape(-1).clone() if key == "step" else value
-    save_file(moments, tmp / "optimizer.safetensors")
-    save_file({"torch_rng": torch.get_rng_state()}, tmp / "rng.safetensors")
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
-    old = state_dir.with_name(state_dir.name + ".old")
-    if state_dir.exists():
-        state_dir.rename(old)
-    tmp.rename(state_dir)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def load_state(state_dir: Path, model, optimizer) -> dict:
-    model.load_state_dict(load_file(state_dir / "model.safetensors"), strict=False)
-    model.tie_weights()
-    params = dict(model.named_parameters())
-    for name, value in load_file(state_dir / "optimizer.safetensors").items():
-        pname, key = name.split("::")
-        optimizer.state[params[pname]][key] = value.reshape(()) if key == "step" else value
-    torch.set_rng_state(load_file(state_dir / "rng.safetensors")["torch_rng"])
-    return json.loads((state_dir / "meta.json").read_text())
+            layer.activation_fn = SparseActivation("relu", topk=topk)
 
 
 # -- evaluation -------------------------------------------------------------------

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from ann_mlp.activations import TopK
+from ann_mlp.activations import SparseActivation
 from ann_mlp.approx_mlp import ApproxMLP, augmented_keys
 from ann_mlp.capture import forward, make_batch
 from ann_mlp.checkpoint import load_checkpoint
@@ -32,7 +32,7 @@ def topk_checkpoint(tiny_checkpoints, tmp_path_factory):
 def test_loading_installs_topk_and_changes_the_model(topk_checkpoint, tiny_checkpoints):
     topk = load_checkpoint(str(topk_checkpoint))
     plain = load_checkpoint(str(tiny_checkpoints["opt"]))
-    assert isinstance(topk.model.model.decoder.layers[1].activation_fn, TopK)
+    assert isinstance(topk.model.model.decoder.layers[1].activation_fn, SparseActivation)
     assert topk.adapter.mlp_weights(0).topk == K and plain.adapter.mlp_weights(0).topk is None
     batch = make_batch(topk, ["Top-k changes what the MLP computes."], 32)
     assert not torch.allclose(forward(topk, batch).logits, forward(plain, batch).logits)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ann_mlp.activations import TopK
+from ann_mlp.activations import activation_module
 from ann_mlp.checkpoint.base import FamilyAdapter, MlpWeights, ModelKind
 from ann_mlp.checkpoint.bert import BertAdapter
 from ann_mlp.checkpoint.builtin import BUILTIN_CHECKPOINTS, resolve_builtin
@@ -21,8 +21,17 @@ from ann_mlp.checkpoint.opt import OptAdapter
 from ann_mlp.checkpoint.t5 import T5Adapter
 from ann_mlp.errors import CheckpointError
 
-__all__ = ["Checkpoint", "FamilyAdapter", "MlpWeights", "ModelKind", "load_checkpoint",
-           "resolve_checkpoint", "sha256_file", "BUILTIN_CHECKPOINTS"]
+__all__ = [
+    "BUILTIN_CHECKPOINTS",
+    "Checkpoint",
+    "FamilyAdapter",
+    "MlpWeights",
+    "ModelKind",
+    "install_activations",
+    "load_checkpoint",
+    "resolve_checkpoint",
+    "sha256_file",
+]
 
 log = logging.getLogger(__name__)
 
@@ -134,9 +143,15 @@ def load_checkpoint(spec: str | CheckpointSource) -> Checkpoint:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     adapter = adapter_cls(model)
-    if adapter.topk:  # a Top-k checkpoint: the stock module tree only knows the plain activation
-        for layer in range(adapter.num_layers()):
-            activation = adapter.layer_weights(layer).activation
-            model.set_submodule(adapter.activation_path(layer), TopK(adapter.topk, activation))
+    if adapter.sparse_activation:  # the stock module tree knows only the plain activation
+        install_activations(adapter)
     return Checkpoint(model=model, tokenizer=tokenizer, adapter=adapter, family=family, source=source)
 
+
+
+def install_activations(adapter: FamilyAdapter) -> None:
+    """Make every MLP's activation module compute what the adapter's config records."""
+    for layer in range(adapter.num_layers()):
+        w = adapter.mlp_weights(layer)
+        adapter.model.set_submodule(adapter.activation_path(layer),
+                                    activation_module(w.activation, w.topk, w.threshold))

@@ -29,6 +29,7 @@ class MlpWeights:
     up: torch.Tensor | None = None  # (d_ff, d_model), gated MLPs only
     up_bias: torch.Tensor | None = None  # (d_ff,)
     topk: int | None = None  # Top-k Transformer: only the k largest pre-activations are kept
+    threshold: float | None = None  # FATReLU: only pre-activations above it are kept
 
     def __post_init__(self) -> None:
         d_ff, d_model = self.keys.shape
@@ -61,16 +62,36 @@ class FamilyAdapter(ABC):
 
     model_types: ClassVar[tuple[str, ...]]
     kind: ClassVar[ModelKind]
+    activation_setting: ClassVar[str]  # the config attribute naming the MLP activation
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.topk: int | None = getattr(model.config, "ann_mlp_topk", None)
+        self.threshold: float | None = getattr(model.config, "ann_mlp_threshold", None)
+
+    @property
+    def sparse_activation(self) -> bool:
+        """Whether the config asks for a Top-k or threshold the stock module tree does not know."""
+        return bool(self.topk) or self.threshold is not None
+
+    def set_activation(self, activation: str, topk: int | None = None, threshold: float | None = None) -> None:
+        """Record a new MLP activation in the config, where both transformers and ann-mlp read it.
+
+        Only the config changes: `load_checkpoint` and `sparsify` install the modules.
+        """
+        setattr(self.model.config, self.activation_setting, activation)
+        for name, value in (("ann_mlp_topk", topk), ("ann_mlp_threshold", threshold)):
+            if value is None:
+                self.model.config.__dict__.pop(name, None)
+            else:
+                setattr(self.model.config, name, value)
+        self.topk, self.threshold = topk, threshold
 
     @abstractmethod
     def num_layers(self) -> int: ...
 
     def mlp_weights(self, layer: int) -> MlpWeights:
-        return replace(self.layer_weights(layer), topk=self.topk)
+        return replace(self.layer_weights(layer), topk=self.topk, threshold=self.threshold)
 
     @abstractmethod
     def layer_weights(self, layer: int) -> MlpWeights:
@@ -78,7 +99,7 @@ class FamilyAdapter(ABC):
 
     @abstractmethod
     def activation_path(self, layer: int) -> str:
-        """The module applying the activation (where a Top-k module is installed)."""
+        """The module applying the activation (where a sparse activation is installed)."""
 
     @abstractmethod
     def mlp_input_path(self, layer: int) -> str:

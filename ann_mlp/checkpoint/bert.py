@@ -14,6 +14,7 @@ from ann_mlp.checkpoint.base import FamilyAdapter, MlpWeights
 class BertAdapter(FamilyAdapter):
     model_types = ("bert", "roberta")
     kind = "encoder"
+    activation_setting = "hidden_act"
 
     def num_layers(self) -> int:
         return len(self.model.encoder.layer)

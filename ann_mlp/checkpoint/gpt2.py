@@ -8,6 +8,7 @@ from ann_mlp.checkpoint.base import FamilyAdapter, MlpWeights
 class Gpt2Adapter(FamilyAdapter):
     model_types = ("gpt2",)
     kind = "causal_lm"
+    activation_setting = "activation_function"
 
     def num_layers(self) -> int:
         return len(self.model.transformer.h)

@@ -14,6 +14,7 @@ def _bias(linear: nn.Linear):
 class LlamaAdapter(FamilyAdapter):
     model_types = ("llama", "mistral", "qwen2")
     kind = "causal_lm"
+    activation_setting = "hidden_act"
 
     def num_layers(self) -> int:
         return len(self.model.model.layers)

@@ -12,6 +12,7 @@ from ann_mlp.checkpoint.base import FamilyAdapter, MlpWeights
 class OptAdapter(FamilyAdapter):
     model_types = ("opt",)
     kind = "causal_lm"
+    activation_setting = "activation_function"
 
     def num_layers(self) -> int:
         return len(self.model.model.decoder.layers)

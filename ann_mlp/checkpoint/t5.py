@@ -13,6 +13,13 @@ from ann_mlp.checkpoint.base import FamilyAdapter, MlpWeights
 class T5Adapter(FamilyAdapter):
     model_types = ("t5",)
     kind = "seq2seq"
+    activation_setting = "dense_act_fn"
+
+    def set_activation(self, activation: str, topk: int | None = None, threshold: float | None = None) -> None:
+        # T5 derives dense_act_fn from feed_forward_proj ("gated-gelu", "relu") when it loads.
+        config = self.model.config
+        config.feed_forward_proj = f"gated-{activation}" if config.is_gated_act else activation
+        super().set_activation(activation, topk, threshold)
 
     def num_layers(self) -> int:
         return len(self.model.encoder.block) + len(self.model.decoder.block)
