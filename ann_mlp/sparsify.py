@@ -170,17 +170,17 @@ def sparsify(spec: str, out: Path, config: SparsifyConfig, text: list[Path] | No
     torch.manual_seed(config.seed)
     optimizer = torch.optim.AdamW(student.model.parameters(), lr=config.lr, weight_decay=0.0)
     meta: dict[str, Any] = {"step": 0, "tokens_seen": 0, "train_seconds": 0.0, "original": spec,
-                            "config": asdict(config), "train_text": train_names}
+                            "config": asdict(config), "train_text": train_names, "log": []}
     if resume:
         saved = load_state(state_dir, student.model, optimizer)
         if saved["config"]["method"] != config.method:
             raise InputError(f"{state_dir} is a {saved['config']['method']!r} run, not {config.method!r}")
-        meta.update({key: saved[key] for key in ("step", "tokens_seen", "train_seconds")})
+        meta.update({key: saved[key] for key in ("step", "tokens_seen", "train_seconds", "log")})
         log.info("resumed at step %d (%.2f h trained)", meta["step"], meta["train_seconds"] / 3600)
 
     _train(teacher, student, optimizer, train_passages, config, meta, state_dir, progress)
     report = _report(teacher, student, config, meta, report_text, progress)
-    _write(student, out, config, report, state_dir)
+    _write(student, out, config, report, meta["log"])
     return report
 
 
@@ -208,7 +208,6 @@ def _train(teacher: Checkpoint, student: Checkpoint, optimizer: torch.optim.Opti
     # dropout noise would swamp the small differences distillation has to remove.
     model.eval()
     activations, handles = _activation_outputs(student)
-    log_path = state_dir / LOG_FILE
     bar = tqdm(desc="sparsify", unit="step", disable=not progress, initial=meta["step"], total=config.steps)
     try:
         while _budget_used(meta, config) < 1.0:
@@ -240,11 +239,11 @@ def _train(teacher: Checkpoint, student: Checkpoint, optimizer: torch.optim.Opti
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}", nonzero="/".join(f"{v:.1f}" for v in nonzero))
             if meta["step"] % config.save_every == 0 or _budget_used(meta, config) >= 1.0:
+                # The log is part of the state, so it never runs ahead of what a resume restores.
+                meta["log"].append({"step": meta["step"], "tokens_seen": meta["tokens_seen"],
+                                    "train_hours": round(meta["train_seconds"] / 3600, 4),
+                                    "loss": round(loss.item(), 5), "nonzero_pct": nonzero})
                 save_state(state_dir, model, optimizer, meta)
-                with open(log_path, "a") as f:  # after the save: the log never runs ahead of the state
-                    f.write(json.dumps({"step": meta["step"], "tokens_seen": meta["tokens_seen"],
-                                        "train_hours": round(meta["train_seconds"] / 3600, 4),
-                                        "loss": round(loss.item(), 5), "nonzero_pct": nonzero}) + "\n")
     finally:
         for handle in handles:
             handle.remove()
@@ -273,7 +272,7 @@ def _report(teacher: Checkpoint, student: Checkpoint, config: SparsifyConfig, me
 
 
 def _write(student: Checkpoint, out: Path, config: SparsifyConfig, report: SparsifyReport,
-           state_dir: Path) -> None:
+           log: list[dict]) -> None:
     """The Hugging Face folder, written aside and renamed into place: never half-written."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -283,8 +282,7 @@ def _write(student: Checkpoint, out: Path, config: SparsifyConfig, report: Spars
         student.model.float()
         student.tokenizer.save_pretrained(tmp)
         (tmp / REPORT_FILE).write_text(json.dumps(report.to_json(), indent=2) + "\n")
-        if (state_dir / LOG_FILE).exists():
-            shutil.copy(state_dir / LOG_FILE, tmp / LOG_FILE)
+        (tmp / LOG_FILE).write_text("".join(json.dumps(record) + "\n" for record in log))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
