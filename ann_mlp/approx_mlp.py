@@ -59,6 +59,7 @@ class SearchStats:
     bytes_read: int = 0
     search_seconds: float = 0.0
     total_seconds: float = 0.0
+    dense_tokens: int = 0  # tokens the planner sent down the dense path
 
     def reset(self) -> None:
         self.__init__()
@@ -79,13 +80,32 @@ class ApproxMLP(nn.Module):
         self.act = ACT2FN[weights.activation]
         # embedding_bag gathers rows of a contiguous (d_ff, d_model) table.
         self.value_rows = weights.values.float().contiguous()  # (d_ff, d_model)
+        self.dense_act = activation_module(weights.activation, weights.topk, weights.threshold)
+        # Planner: calls with more tokens than this run dense (None: always approximate).
+        self.approx_up_to: int | None = None
         self.stats = SearchStats()
 
     def extra_repr(self) -> str:
         return f"k={self.k}, index={self.index}, search={self.search_params}"
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.approx_up_to is not None and hidden_states.numel() > self.approx_up_to * self.weights.d_model:
+            return self.dense_forward(hidden_states)
         return self.forward_with_selection(hidden_states)[0]
+
+    def dense_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The exact MLP over all d_ff neurons: the planner's path where search does not pay."""
+        w = self.weights
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, w.d_model).float()  # (N, d_model)
+        h = self.dense_act(F.linear(x, w.keys, w.key_bias))  # (N, d_ff)
+        if w.gated:
+            h = h * F.linear(x, w.up, w.up_bias)
+        y = h @ self.value_rows  # (N, d_model)
+        if w.out_bias is not None:
+            y = y + w.out_bias
+        self.stats.dense_tokens += x.shape[0]
+        return y.reshape(shape).to(hidden_states.dtype)
 
     def forward_with_selection(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, SearchResult]:
         """(output (..., d_model), retrieved ids (N, k) with -1 for none, the raw search result)."""

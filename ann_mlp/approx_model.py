@@ -65,10 +65,21 @@ class ApproxModel:
             mlp.k, mlp.search_params = layer_k, params
 
     @contextmanager
-    def approximate(self) -> Iterator[None]:
-        """Within the block, the checkpoint's model runs with approximate MLPs."""
-        with patched(self.checkpoint.adapter, self.mlps), torch.inference_mode():
-            yield
+    def approximate(self, planned: bool = False) -> Iterator[None]:
+        """Within the block, the checkpoint's model runs with approximate MLPs.
+
+        planned: follow the store's plan, running dense the layers and batch sizes
+        where search was measured not to pay (layers without a plan approximate).
+        """
+        for entry in self.manifest.layers:
+            plan = entry.plan if planned else None
+            self.mlps[entry.layer].approx_up_to = plan["approx_up_to"] if plan else None
+        try:
+            with patched(self.checkpoint.adapter, self.mlps), torch.inference_mode():
+                yield
+        finally:
+            for mlp in self.mlps.values():
+                mlp.approx_up_to = None
 
     def reset_stats(self) -> None:
         for mlp in self.mlps.values():

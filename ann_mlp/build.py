@@ -10,12 +10,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ann_mlp.approx_mlp import augmented_keys, augmented_queries, dense_activations
+from ann_mlp.approx_mlp import ApproxMLP, augmented_keys, augmented_queries, dense_activations
 from ann_mlp.capture import batches, forward_capturing
 from ann_mlp.checkpoint import Checkpoint, MlpWeights, load_checkpoint
 from ann_mlp.config import BuildConfig
 from ann_mlp.errors import InputError
 from ann_mlp.index import MipsIndex, backend_class, build_index
+from ann_mlp.planner import plan_layer
 from ann_mlp.store import LayerEntry, Manifest, StoreWriter
 from ann_mlp.text import describe, passages
 from ann_mlp.tuning import measure, tune_effort
@@ -97,6 +98,7 @@ def build_indexes(checkpoint: Checkpoint, config: BuildConfig, calib_text: Path 
                                 config.target_recall)
             index.search_params = {index.effort_param: point.effort}
         held = measure(index, holdout_q, torch.from_numpy(holdout_q) @ key_t.T, k)
+        plan = plan_layer(ApproxMLP(weights, index, k, index.search_params), tune_x) if config.plan else None
         log.info("layer %d: %s recall@%d=%.3f scanned=%.3f", layer, index, k,
                  held.recall, held.scanned_fraction)
         indexes[layer] = index
@@ -105,7 +107,7 @@ def build_indexes(checkpoint: Checkpoint, config: BuildConfig, calib_text: Path 
             activation=weights.activation, backend=backend.name, build_params=index.build_params,
             search_params=index.search_params, effort_param=index.effort_param,
             effort_range=list(index.effort_range(k)), k=k if config.mass_target is not None else None,
-            files=save(layer, index) if save else {},
+            files=save(layer, index) if save else {}, plan=plan,
             build_recall=round(held.recall, 6), build_scanned_fraction=round(held.scanned_fraction, 6),
             build_seconds=round(time.perf_counter() - start, 3)))
     manifest = Manifest(

@@ -64,6 +64,7 @@ def build(
     calib_text: Path | None = typer.Option(None, help="Calibration text file [default: Python standard library docstrings]."),
     calib_tokens: int = typer.Option(TextConfig.max_tokens, help="Calibration tokens to run through the model."),
     param: list[str] = typer.Option([], "--param", help="Backend build parameter NAME=VALUE (repeatable)."),
+    plan: bool = typer.Option(True, help="Time dense vs approximate per layer and batch size for serving mode auto."),
     force: bool = typer.Option(False, help="Replace an existing store."),
 ) -> None:
     """Build one MIPS index per MLP layer of CHECKPOINT into a checksummed store."""
@@ -72,7 +73,7 @@ def build(
     if target_recall != 0 and not 0 < target_recall <= 1:
         raise AnnMlpError(f"target recall must be in (0, 1], got {target_recall}")
     config = BuildConfig(backend=backend, k=k, target_recall=target_recall or None, mass_target=mass_target,
-                         build_params=_parse_params(param),
+                         build_params=_parse_params(param), plan=plan,
                          calibration=TextConfig(max_tokens=calib_tokens))
     out = out or DEFAULT_STORE_ROOT / Path(checkpoint.rstrip("/")).stem
     path = build_store(checkpoint, out, config, calib_text, overwrite=force, progress=_progress())
@@ -81,8 +82,9 @@ def build(
     manifest = Store.open(path).manifest
     typer.echo(f"built {path}: {manifest.family}, {len(manifest.layers)} layers, backend={manifest.backend}, k={manifest.k}")
     for entry in manifest.layers:
+        planned = "" if entry.plan is None else f" approximate up to {entry.plan['approx_up_to']} tokens/call"
         typer.echo(f"  layer {entry.layer:>3}: {entry.search_params} recall@{entry.k or manifest.k}={entry.build_recall:.3f} "
-                   f"scanned={entry.build_scanned_fraction:.3f} ({entry.build_seconds:.1f}s)")
+                   f"scanned={entry.build_scanned_fraction:.3f} ({entry.build_seconds:.1f}s){planned}")
 
 
 @app.command("eval")

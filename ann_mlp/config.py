@@ -42,6 +42,8 @@ class BuildConfig:
     # Share of calibration tokens kept apart to report build-time recall on
     # queries the tuner did not see.
     holdout_fraction: float = 0.25
+    # Time dense vs approximate per layer and batch size, for the run-time planner (mode "auto").
+    plan: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -42,6 +42,7 @@ class LayerEntry:
     build_scanned_fraction: float | None
     build_seconds: float
     k: int | None = None  # this layer's k when chosen per layer (None: the store's k)
+    plan: dict[str, Any] | None = None  # planner.plan_layer: where approximation pays (None: not measured)
 
 
 @dataclass

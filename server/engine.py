@@ -35,7 +35,7 @@ from server.metrics import Metrics
 from server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
-Mode = Literal["approx", "exact", "compare"]
+Mode = Literal["auto", "approx", "exact", "compare"]
 T = TypeVar("T")
 MAX_PENDING_SHADOWS = 2
 
@@ -44,7 +44,7 @@ MAX_PENDING_SHADOWS = 2
 class Knobs:
     """Per-request options; None means the store's tuned value."""
 
-    mode: Mode = "approx"
+    mode: Mode = "auto"
     k: int | None = None
     effort: int | None = None
 
@@ -64,6 +64,7 @@ class Run:
     batch: Batch
     timing: Timing
     scanned_fraction: float | None
+    dense_fraction: float | None = None
     report: dict[str, Any] | None = None
 
 
@@ -122,7 +123,7 @@ class Engine:
             self.models[name] = ServedModel(name, approx)
         for served in self.models.values():
             ids = served.tokenizer("warm up", add_special_tokens=True)["input_ids"]
-            for mode in ("approx", "exact", "compare"):
+            for mode in ("auto", "approx", "exact", "compare"):
                 self._run(served, batch_from_ids(served.approx.checkpoint, [ids]), Knobs(mode=mode), record=False)
         self.ready = True
         log.info("serving %s", ", ".join(self.models))
@@ -176,7 +177,7 @@ class Engine:
     # -- work, on the worker thread -------------------------------------------------------
     def run(self, served: ServedModel, batch: Batch, knobs: Knobs) -> Run:
         run = self._run(served, batch, knobs, record=True)
-        if knobs.mode == "approx":
+        if knobs.mode in ("approx", "auto"):
             self._maybe_shadow(served, batch, knobs)
         return run
 
@@ -196,8 +197,8 @@ class Engine:
         report = None
         if knobs.mode == "exact":
             output = forward(approx.checkpoint, batch)
-        elif knobs.mode == "approx":
-            with approx.approximate():
+        elif knobs.mode in ("approx", "auto"):
+            with approx.approximate(planned=knobs.mode == "auto"):
                 output = forward(approx.checkpoint, batch)
         else:
             comparison = Comparison(approx)
@@ -205,13 +206,18 @@ class Engine:
             report = {"layers": [vars(l) for l in comparison.layer_reports()],
                       "end_to_end": comparison.end_to_end.report()}
         total = time.perf_counter() - start
-        search = sum(m.stats.search_seconds for m in approx.mlps.values())
-        queries = sum(m.stats.queries * m.index.num_keys for m in approx.mlps.values())
-        scanned = sum(m.stats.keys_scored for m in approx.mlps.values()) / queries if queries else None
+        mlps = approx.mlps.values()
+        search = sum(m.stats.search_seconds for m in mlps)
+        # A dense layer scores every key: counted, so planned runs compare honestly with approx ones.
+        tokens = sum(m.stats.queries + m.stats.dense_tokens for m in mlps)
+        scored = sum(m.stats.keys_scored + m.stats.dense_tokens * m.index.num_keys for m in mlps)
+        keys = sum((m.stats.queries + m.stats.dense_tokens) * m.index.num_keys for m in mlps)
+        scanned = scored / keys if keys else None
+        dense = sum(m.stats.dense_tokens for m in mlps) / tokens if tokens else None
         if record and scanned is not None:
             self.metrics.scanned_fraction.labels(served.name).observe(scanned)
         timing = Timing(total * 1e3, search * 1e3, (total - search) * 1e3)
-        return Run(output, batch, timing, scanned, report)
+        return Run(output, batch, timing, scanned, dense, report)
 
     def _maybe_shadow(self, served: ServedModel, batch: Batch, knobs: Knobs) -> None:
         if self.settings.shadow_rate <= 0 or self._random.random() >= self.settings.shadow_rate:

@@ -55,7 +55,7 @@ def run_info(served: ServedModel, knobs: Knobs, run: Run) -> RunInfo:
     return RunInfo(mode=knobs.mode, k=ks[0] if len(ks) == 1 else [mlp.k for mlp in mlps],
                    search_params=dict(mlps[0].search_params),
                    scanned_fraction=None if knobs.mode == "exact" else run.scanned_fraction,
-                   timing=asdict(run.timing), report=run.report)
+                   dense_fraction=run.dense_fraction if knobs.mode == "auto" else None, timing=asdict(run.timing), report=run.report)
 
 
 def pooled_embeddings(run: Run) -> torch.Tensor:
@@ -103,7 +103,7 @@ def generate(engine: Engine, served: ServedModel, prompt_ids: list[int], request
         if knobs.mode == "exact":
             out = model.generate(**prompt.inputs, **options)
         else:
-            with served.approx.approximate():
+            with served.approx.approximate(planned=knobs.mode == "auto"):
                 out = model.generate(**prompt.inputs, **options)
     new_ids = out.sequences[0, len(prompt_ids):].tolist()
     step_logprobs = [torch.log_softmax(s[0].float(), dim=-1) for s in out.scores]

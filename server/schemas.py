@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Mode = Literal["approx", "exact", "compare"]
+Mode = Literal["auto", "approx", "exact", "compare"]
 TextOrTokens = str | list[str] | list[int] | list[list[int]]
 
 
@@ -14,7 +14,7 @@ class AnnMlpOptions(BaseModel):
     """Per-request knobs, within the bounds the store's manifest records."""
 
     model_config = ConfigDict(extra="forbid")
-    mode: Mode = "approx"
+    mode: Mode = "auto"
     k: int | None = Field(None, ge=1, description="keys retrieved per token [the store's k]")
     effort: int | None = Field(None, ge=0, description="search effort (nprobe, efSearch, ...) [tuned]")
 
@@ -49,7 +49,7 @@ class InferRequest(BaseModel):
     model: str | None = None
     texts: list[str] | None = None
     token_ids: list[list[int]] | None = None
-    mode: Mode = "approx"
+    mode: Mode = "auto"
     k: int | None = Field(None, ge=1)
     effort: int | None = Field(None, ge=0)
     top_logprobs: int = Field(5, ge=0, le=20, description="causal LMs: alternatives at the last position")
@@ -78,6 +78,7 @@ class RunInfo(BaseModel):
     mode: Mode
     k: int | list[int]  # one k, or one per layer when the store chose k per layer
     search_params: dict[str, Any]
-    scanned_fraction: float | None
+    scanned_fraction: float | None  # keys scored / keys of the dense MLP, planner's dense layers included
+    dense_fraction: float | None  # share of (layer, token) pairs the planner ran dense (mode auto)
     timing: dict[str, float]  # total_ms, index_search_ms, rest_ms
     report: dict[str, Any] | None = None  # compare mode: per-layer and end-to-end metrics

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import threading
 
 import numpy as np
@@ -54,6 +55,20 @@ def test_embeddings_float_and_base64(client):
     encoded = client.post("/v1/embeddings", json={**body, "encoding_format": "base64"}).json()
     decoded = np.frombuffer(base64.b64decode(encoded["data"][0]["embedding"]), dtype="<f4")
     np.testing.assert_allclose(decoded, vector, rtol=1e-6)
+
+
+def test_default_mode_auto_follows_the_build_plan(client, tiny_stores):
+    manifest = json.loads((tiny_stores["tiny-bert"] / "manifest.json").read_text())
+    approx_up_to = [layer["plan"]["approx_up_to"] for layer in manifest["layers"]]
+    body = {"model": "tiny-bert", "texts": ["several words in one single input"]}
+    auto = client.post("/v1/infer", json=body).json()
+    assert auto["mode"] == "auto"
+    dense_layers = sum(auto["tokens"] > limit for limit in approx_up_to)
+    assert auto["dense_fraction"] == pytest.approx(dense_layers / len(approx_up_to))
+    if dense_layers == len(approx_up_to):
+        assert auto["scanned_fraction"] == pytest.approx(1.0)  # dense layers score every key
+    approx = client.post("/v1/infer", json={**body, "mode": "approx"}).json()
+    assert approx["dense_fraction"] is None and approx["mode"] == "approx"
 
 
 def test_mode_exact_and_full_k_agree(client):
@@ -114,7 +129,7 @@ def test_shadow_sampling_feeds_metrics_and_models(client):
     assert live["tiny-bert"]["samples"] >= 1 and 0 <= live["tiny-bert"]["recall_at_k"] <= 1
     metrics = client.get("/metrics").text
     assert 'ann_mlp_live_recall_at_k{model="tiny-bert"}' in metrics
-    assert 'ann_mlp_request_seconds_bucket{le="0.005",mode="approx",route="/v1/infer"}' in metrics
+    assert 'ann_mlp_request_seconds_bucket{le="0.005",mode="auto",route="/v1/infer"}' in metrics
     assert 'ann_mlp_requests_total{route="/v1/infer",status="200"}' in metrics
     assert "ann_mlp_requests_in_flight" in metrics and "ann_mlp_keys_scanned_fraction_bucket" in metrics
 

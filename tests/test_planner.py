@@ -1,0 +1,70 @@
+"""The planner: dense fallback equals the model, plans are recorded per layer, mode auto follows them."""
+
+from __future__ import annotations
+
+import torch
+
+from ann_mlp.approx_mlp import ApproxMLP, augmented_keys
+from ann_mlp.approx_model import ApproxModel
+from ann_mlp.capture import forward, make_batch
+from ann_mlp.checkpoint import load_checkpoint
+from ann_mlp.index import build_index
+from ann_mlp.patch import patched
+from ann_mlp.planner import PLAN_BATCH_SIZES, plan_layer
+
+
+def test_dense_path_reproduces_the_model(tiny_checkpoint):
+    checkpoint = load_checkpoint(str(tiny_checkpoint))
+    adapter = checkpoint.adapter
+    mlps = {}
+    for layer in range(checkpoint.num_layers):
+        weights = adapter.mlp_weights(layer)
+        mlp = ApproxMLP(weights, build_index("exact", augmented_keys(weights)), k=4)
+        mlp.approx_up_to = 0  # every call runs dense
+        mlps[layer] = mlp
+    batch = make_batch(checkpoint, ["The planner's dense path is the exact MLP.", "Short one."], 32)
+    exact = forward(checkpoint, batch)
+    with patched(adapter, mlps):
+        dense = forward(checkpoint, batch)
+    key = "last_hidden_state" if checkpoint.kind == "encoder" else "logits"
+    torch.testing.assert_close(dense[key], exact[key], atol=1e-5, rtol=1e-5)
+    assert all(m.stats.queries == 0 and m.stats.dense_tokens > 0 for m in mlps.values())
+
+
+def test_plan_is_a_prefix_of_the_measured_wins(tiny_checkpoints):
+    weights = load_checkpoint(str(tiny_checkpoints["opt"])).adapter.mlp_weights(0)
+    mlp = ApproxMLP(weights, build_index("ivf", augmented_keys(weights)), k=8)
+    plan = plan_layer(mlp, torch.randn(50, weights.d_model), repeats=3)
+    assert plan["batch_sizes"] == list(PLAN_BATCH_SIZES)
+    assert len(plan["dense_us"]) == len(plan["approx_us"]) == len(PLAN_BATCH_SIZES)
+    assert all(t > 0 for t in plan["dense_us"] + plan["approx_us"])
+    wins = [a < d for d, a in zip(plan["dense_us"], plan["approx_us"])]
+    expected = 0
+    for size, win in zip(PLAN_BATCH_SIZES, wins):
+        if not win:
+            break
+        expected = size
+    assert plan["approx_up_to"] == expected
+    assert mlp.stats.queries == 0  # planning leaves no counts behind
+
+
+def test_store_records_plans_and_auto_follows_them(tiny_stores):
+    model = ApproxModel.open(tiny_stores["tiny-bert"])
+    assert all(entry.plan is not None and "approx_up_to" in entry.plan for entry in model.manifest.layers)
+    for entry in model.manifest.layers:
+        entry.plan = {**entry.plan, "approx_up_to": 4}
+    checkpoint = model.checkpoint
+    small, large = (make_batch(checkpoint, [text], 64) for text in ("a b", "a longer input of many tokens here"))
+    assert small.num_tokens <= 4 < large.num_tokens
+    for batch, dense_expected in ((small, False), (large, True)):
+        model.reset_stats()
+        with model.approximate(planned=True):
+            forward(checkpoint, batch)
+        for mlp in model.mlps.values():
+            assert (mlp.stats.dense_tokens > 0) == dense_expected
+            assert (mlp.stats.queries > 0) == (not dense_expected)
+    model.reset_stats()
+    with model.approximate():  # unplanned: always approximate, whatever the plan says
+        forward(checkpoint, large)
+    assert all(m.stats.dense_tokens == 0 and m.stats.queries > 0 for m in model.mlps.values())
+    assert all(m.approx_up_to is None for m in model.mlps.values())  # the plan does not outlive the block
