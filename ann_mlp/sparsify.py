@@ -276,6 +276,7 @@ def _write(student: Checkpoint, out: Path, config: SparsifyConfig, report: Spars
     """The Hugging Face folder, written aside and renamed into place: never half-written."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a model folder is meant to be shared
     try:
         dtype = getattr(torch, config.dtype)
         student.model.to(dtype).save_pretrained(tmp)

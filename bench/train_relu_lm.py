@@ -279,6 +279,7 @@ def main(argv=None) -> int:
     # --finish: the Hugging Face folder, fp16, with its log and curve
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a model folder is meant to be shared
     try:
         # Stock OPT has no Top-k: record it in the config, where ann-mlp's loader finds it.
         model.config.ann_mlp_topk = args.topk or None
