@@ -131,3 +131,74 @@ def bench_layer(d_model: int, d_ff: int, batch: int, gated: bool = False, backen
         dense_spread_us=round(dense_spread, 1), approx_us=round(approx_us, 1),
         approx_spread_us=round(approx_spread, 1), speedup=round(dense_us / approx_us, 4),
         bytes_read_fraction=round(approx_bytes / dense_bytes, 4), repeats=repeats)
+
+
+@dataclass(frozen=True)
+class EndToEndBenchResult:
+    """A real checkpoint end to end: throughput of each path and the fidelity at that operating point."""
+
+    model: str
+    backend: str
+    k: int
+    batch: int  # sequences per forward call
+    tokens: int  # real tokens per pass over the text
+    text: str
+    exact_tokens_per_s: float
+    approx_tokens_per_s: float  # every layer approximated
+    auto_tokens_per_s: float  # the build plan: dense where search does not pay
+    approx_speedup: float
+    auto_speedup: float
+    auto_dense_fraction: float  # share of (layer, token) pairs the plan ran dense
+    recall_at_k: float  # mean over layers
+    scanned_fraction: float
+    bytes_read_fraction: float
+    end_to_end: dict  # the core's metrics, approximate (unplanned) vs exact
+    repeats: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def bench_e2e(model, batch: int, text=None, max_tokens: int = 4096, repeats: int = 3) -> EndToEndBenchResult:
+    """Median of `repeats` passes over the same held-out batches per path, all in this process."""
+    from ann_mlp.capture import batches, forward
+    from ann_mlp.config import TextConfig
+    from ann_mlp.evaluate import Comparison
+    from ann_mlp.text import describe, passages
+
+    checkpoint = model.checkpoint
+    stream = list(batches(checkpoint, passages(text, "evaluation"),
+                          TextConfig(max_tokens=max_tokens, batch_size=batch)))
+    tokens = sum(b.num_tokens for b in stream)
+    comparison = Comparison(model)
+    for b in stream:
+        comparison.add(b)
+    layers = comparison.layer_reports()
+
+    def run(mode: str) -> None:
+        for b in stream:
+            if mode == "exact":
+                forward(checkpoint, b)
+            else:
+                with model.approximate(planned=mode == "auto"):
+                    forward(checkpoint, b)
+
+    seconds = {mode: statistics.median(time_calls(lambda mode=mode: run(mode), repeats, warmup=1))
+               for mode in ("exact", "approx", "auto")}
+    model.reset_stats()
+    run("auto")
+    mlps = model.mlps.values()
+    dense_tokens = sum(m.stats.dense_tokens for m in mlps)
+    return EndToEndBenchResult(
+        model=model.manifest.name, backend=model.manifest.backend, k=model.manifest.k, batch=batch,
+        tokens=tokens, text=describe(text, "evaluation"),
+        exact_tokens_per_s=round(tokens / seconds["exact"], 1),
+        approx_tokens_per_s=round(tokens / seconds["approx"], 1),
+        auto_tokens_per_s=round(tokens / seconds["auto"], 1),
+        approx_speedup=round(seconds["exact"] / seconds["approx"], 4),
+        auto_speedup=round(seconds["exact"] / seconds["auto"], 4),
+        auto_dense_fraction=round(dense_tokens / max(1, dense_tokens + sum(m.stats.queries for m in mlps)), 4),
+        recall_at_k=round(statistics.mean(layer.recall_at_k for layer in layers), 4),
+        scanned_fraction=round(statistics.mean(layer.scanned_fraction for layer in layers), 4),
+        bytes_read_fraction=round(statistics.mean(layer.bytes_read_fraction for layer in layers), 4),
+        end_to_end=comparison.end_to_end.report(), repeats=repeats)

@@ -269,6 +269,33 @@ def bench_layer(
             f.write(json.dumps(result.to_json()) + "\n")
 
 
+@bench_app.command("e2e")
+def bench_e2e(
+    store: Path = typer.Argument(..., help="Index store folder."),
+    text: Path | None = typer.Option(None, help="Text file [default: held-out Python standard library docstrings]."),
+    batch: list[int] = typer.Option([1, 16], help="Sequences per forward call (repeatable)."),
+    max_tokens: int = typer.Option(4096, help="Real tokens per pass."),
+    repeats: int = typer.Option(3, min=1, help="Timed passes per path, after one warm-up pass."),
+    json_out: Path = typer.Option(Path("results/bench_e2e.jsonl"), "--json", help="Append JSON lines here."),
+) -> None:
+    """A real checkpoint end to end: exact vs approximate vs planned (auto) tokens/s, with fidelity."""
+    from ann_mlp.approx_model import ApproxModel
+    from ann_mlp.benchmark import bench_e2e as run
+
+    model = ApproxModel.open(store)
+    typer.echo(f"{'model':>12} {'batch':>5} {'tokens':>6} {'exact tok/s':>11} {'approx tok/s':>12} "
+               f"{'auto tok/s':>10} {'auto dense':>10} {'recall':>6} {'scanned':>7}  end to end")
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    for size in batch:
+        result = run(model, size, text, max_tokens, repeats)
+        e2e = ", ".join(f"{name} {value:.4g}" for name, value in result.end_to_end.items())
+        typer.echo(f"{result.model:>12} {size:>5} {result.tokens:>6} {result.exact_tokens_per_s:>11.1f} "
+                   f"{result.approx_tokens_per_s:>12.1f} {result.auto_tokens_per_s:>10.1f} "
+                   f"{result.auto_dense_fraction:>10.3f} {result.recall_at_k:>6.3f} {result.scanned_fraction:>7.3f}  {e2e}")
+        with open(json_out, "a") as f:
+            f.write(json.dumps(result.to_json()) + "\n")
+
+
 @app.command()
 def info(store: Path = typer.Argument(..., help="Index store folder.")) -> None:
     """Verify a store's checksums and print its manifest."""

@@ -11,26 +11,14 @@ path measured to be slower.
 from __future__ import annotations
 
 import statistics
-import time
-from collections.abc import Callable
 
 import torch
 
 from ann_mlp.approx_mlp import ApproxMLP
+from ann_mlp.benchmark import time_calls
 
 PLAN_BATCH_SIZES = (1, 4, 16, 64)
 PLAN_REPEATS = 15
-
-
-def median_us(call: Callable[[], object], repeats: int) -> float:
-    """Median wall time of `call` in microseconds, after one warm-up call."""
-    call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
 
 
 def plan_layer(mlp: ApproxMLP, queries: torch.Tensor, batch_sizes: tuple[int, ...] = PLAN_BATCH_SIZES,
@@ -40,8 +28,8 @@ def plan_layer(mlp: ApproxMLP, queries: torch.Tensor, batch_sizes: tuple[int, ..
     with torch.inference_mode():
         for size in batch_sizes:
             x = queries[torch.arange(size) % len(queries)]  # (size, d_model)
-            dense_us.append(round(median_us(lambda: mlp.dense_forward(x), repeats), 1))
-            approx_us.append(round(median_us(lambda: mlp.forward_with_selection(x), repeats), 1))
+            for times, call in ((dense_us, mlp.dense_forward), (approx_us, mlp.forward_with_selection)):
+                times.append(round(statistics.median(time_calls(lambda call=call, x=x: call(x), repeats, warmup=1)) * 1e6, 1))
     mlp.stats.reset()
     approx_up_to = 0
     for size, dense, approx in zip(batch_sizes, dense_us, approx_us):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ann_mlp.benchmark import bench_layer, dense_paths, random_layer
-from tests.test_cli import run
+from tests.test_cli import TEXT, run
 
 
 @pytest.mark.parametrize("gated", [False, True])
@@ -40,3 +40,23 @@ def test_cli_bench_layer_appends_json(tmp_path):
         assert {"d_model", "d_ff", "batch", "backend", "dense_us", "approx_us", "speedup",
                 "bytes_read_fraction"} <= r.keys()
         assert r["d_model"] == 64 and r["d_ff"] == 256 and r["gated"] is True
+
+
+def test_cli_bench_e2e_reports_throughput_with_fidelity(tiny_stores, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    out = tmp_path / "e2e.jsonl"
+    proc = run("bench", "e2e", str(tiny_stores["tiny-llama"]), "--text", str(text), "--batch", "1", "--batch", "3",
+               "--repeats", "1", "--json", str(out))
+    assert "exact tok/s" in proc.stdout
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["batch"] for r in records] == [1, 3]
+    for r in records:
+        assert r["model"] == "tiny-llama" and r["tokens"] > 0 and r["repeats"] == 1
+        for path in ("approx", "auto"):
+            ratio = r[f"{path}_tokens_per_s"] / r["exact_tokens_per_s"]
+            assert r[f"{path}_speedup"] == pytest.approx(ratio, rel=0.01, abs=2e-4)
+        assert 0 <= r["auto_dense_fraction"] <= 1 and 0 <= r["recall_at_k"] <= 1
+        assert 0 < r["scanned_fraction"] <= 1 and 0 < r["bytes_read_fraction"]
+        assert {"next_token_agreement", "kl_mean", "perplexity_exact", "perplexity_approx"} <= r["end_to_end"].keys()
+    assert records[0]["tokens"] == records[1]["tokens"]  # the same text, batched differently
