@@ -119,8 +119,9 @@ class ApproxMLP(nn.Module):
         search_seconds = time.perf_counter() - search_start
 
         retrieved = torch.from_numpy(result.ids)  # (N, k), -1 = nothing found
-        found = retrieved >= 0  # (N, k)
-        ids = retrieved.clamp_min(0)
+        # Usually every slot is filled; masking only when one is not keeps the batch-1 glue small.
+        found = retrieved >= 0 if result.ids.min() < 0 else None  # (N, k) bool, None: all found
+        ids = retrieved if found is None else retrieved.clamp_min(0)
         if self.index.exact_scores:
             scores = torch.from_numpy(result.scores)  # (N, k)
         else:
@@ -128,17 +129,21 @@ class ApproxMLP(nn.Module):
             if w.key_bias is not None:
                 scores = scores + w.key_bias.float()[ids]
         if w.topk and w.topk < self.k:  # Top-k model: only the K best of the retrieved fire
-            best = scores.masked_fill(~found, -torch.inf).topk(w.topk, dim=1).indices  # (N, K)
-            found = found & torch.zeros_like(found).scatter(1, best, True)
+            ranked = scores if found is None else scores.masked_fill(~found, -torch.inf)
+            best = ranked.topk(w.topk, dim=1).indices  # (N, K)
+            kept = torch.zeros_like(retrieved, dtype=torch.bool).scatter(1, best, True)
+            found = kept if found is None else found & kept
         if w.threshold is not None:  # FATReLU: neurons at or below the threshold do not fire
-            found = found & (scores > w.threshold)
+            above = scores > w.threshold
+            found = above if found is None else found & above
         activations = self.act(scores)  # (N, k)
         if w.gated:
             up = rows_dot(w.up, ids, x)  # (N, k)
             if w.up_bias is not None:
                 up = up + w.up_bias.float()[ids]
             activations = activations * up
-        activations = torch.where(found, activations, torch.zeros_like(activations))
+        if found is not None:
+            activations = activations.masked_fill(~found, 0.0)
         y = F.embedding_bag(ids, self.value_rows, per_sample_weights=activations, mode="sum")  # (N, d_model)
         if w.out_bias is not None:
             y = y + w.out_bias

@@ -20,6 +20,7 @@ class IvfIndex(FaissIndex):
     def __init__(self, index, build_params, search_params) -> None:
         super().__init__(index, build_params, search_params)
         self.ivf = faiss.extract_index_ivf(index)
+        self._params: dict[int, faiss.SearchParametersIVF] = {}  # per nprobe: built once, not per call
 
     @classmethod
     def default_build_params(cls, num_keys: int, dim: int) -> dict[str, Any]:
@@ -41,6 +42,11 @@ class IvfIndex(FaissIndex):
     def effort_range(self, k: int) -> tuple[int, int]:
         return (1, self.ivf.nlist)
 
+    def _search_params(self, nprobe: int) -> faiss.SearchParametersIVF:
+        if nprobe not in self._params:
+            self._params[nprobe] = faiss.SearchParametersIVF(nprobe=nprobe)
+        return self._params[nprobe]
+
     def search(self, queries: np.ndarray, k: int, **search_params: Any) -> SearchResult:
         nprobe = self.resolve_effort(k, search_params)
         n_queries = queries.shape[0]
@@ -53,7 +59,7 @@ class IvfIndex(FaissIndex):
         stats = faiss.IndexIVFStats()
         self.ivf.search_preassigned_c(
             n_queries, faiss.swig_ptr(queries), k, faiss.swig_ptr(lists), faiss.swig_ptr(centroid_scores),
-            faiss.swig_ptr(scores), faiss.swig_ptr(ids), False, faiss.SearchParametersIVF(nprobe=nprobe), stats)
+            faiss.swig_ptr(scores), faiss.swig_ptr(ids), False, self._search_params(nprobe), stats)
         keys_scored = int(stats.ndis)
         centroid_count = n_queries * self.ivf.nlist
         return SearchResult(scores, ids, keys_scored,
