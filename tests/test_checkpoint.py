@@ -90,3 +90,24 @@ def test_builtin_smollm2_gguf_is_gated_llama_30_layers():
     assert checkpoint.family == "llama" and checkpoint.num_layers == 30
     weights = checkpoint.adapter.mlp_weights(29)
     assert (weights.d_ff, weights.d_model, weights.gated, weights.activation) == (1536, 576, True, "silu")
+
+
+def test_builtin_relu_lm_trained_here_is_sparse_on_held_out_text():
+    from ann_mlp.config import TextConfig
+    from ann_mlp.sparsity import measure_sparsity
+
+    checkpoint = load_checkpoint("relu-lm")
+    assert checkpoint.family == "opt" and checkpoint.kind == "causal_lm" and checkpoint.adapter.topk is None
+    assert checkpoint.adapter.mlp_weights(0).d_ff == 4096
+    # Python docstrings: text of another domain than the kernel documentation it was trained on
+    report = measure_sparsity(checkpoint, None, TextConfig(max_tokens=1000), progress=False)
+    assert all(layer.measure == "nonzero_activations" for layer in report.layers)
+    assert report.layers[0].nonzero_pct < 40 and all(layer.nonzero_pct < 10 for layer in report.layers[1:])
+
+
+def test_repo_model_missing_from_the_tree_is_a_clear_error(monkeypatch, tmp_path):
+    from ann_mlp.checkpoint import builtin
+
+    monkeypatch.setattr(builtin, "REPO_MODELS", tmp_path)
+    with pytest.raises(CheckpointError, match="not in this source tree"):
+        resolve_checkpoint("relu-lm")
