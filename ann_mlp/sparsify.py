@@ -22,7 +22,6 @@ import logging
 import math
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ann_mlp.atomic import atomic_folder
 from ann_mlp.capture import Batch, batches, make_batch
 from ann_mlp.checkpoint import (
     Checkpoint,
@@ -274,22 +274,12 @@ def _report(teacher: Checkpoint, student: Checkpoint, config: SparsifyConfig, me
 def _write(student: Checkpoint, out: Path, config: SparsifyConfig, report: SparsifyReport,
            log: list[dict]) -> None:
     """The Hugging Face folder, written aside and renamed into place: never half-written."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; a model folder is meant to be shared
-    try:
-        dtype = getattr(torch, config.dtype)
-        student.model.to(dtype).save_pretrained(tmp)
+    with atomic_folder(out) as tmp:
+        student.model.to(getattr(torch, config.dtype)).save_pretrained(tmp)
         student.model.float()
         student.tokenizer.save_pretrained(tmp)
         (tmp / REPORT_FILE).write_text(json.dumps(report.to_json(), indent=2) + "\n")
         (tmp / LOG_FILE).write_text("".join(json.dumps(record) + "\n" for record in log))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
 
 
 def report_table(report: SparsifyReport) -> str:

@@ -32,6 +32,7 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from ann_mlp.activations import SparseActivation
+from ann_mlp.atomic import atomic_folder
 from ann_mlp.training_state import load_state, save_state
 
 REPO = Path(__file__).resolve().parent.parent
@@ -277,10 +278,7 @@ def main(argv=None) -> int:
         return 0
 
     # --finish: the Hugging Face folder, fp16, with its log and curve
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; a model folder is meant to be shared
-    try:
+    with atomic_folder(out) as tmp:
         # Stock OPT has no Top-k: record it in the config, where ann-mlp's loader finds it.
         model.config.ann_mlp_topk = args.topk or None
         model.half().save_pretrained(tmp)
@@ -288,12 +286,6 @@ def main(argv=None) -> int:
         shutil.copy(log_path, tmp / "train_log.jsonl")
         plot_curve(log, tmp / "sparsity_curve.png", f"{args.name}: non-zero % per layer on held-out text")
         (tmp / "training.json").write_text(json.dumps(meta, indent=2, default=str))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
     print(f"wrote {out}: step {meta['step']}, {meta['tokens_seen']} tokens, {meta['train_seconds'] / 3600:.2f} h")
     return 0
 
