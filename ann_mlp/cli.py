@@ -96,6 +96,7 @@ def evaluate(
     effort: int | None = typer.Option(None, help="Search effort for every layer (nprobe, efSearch, ...) [default: tuned]."),
     max_tokens: int = typer.Option(EvalConfig().text.max_tokens, help="Evaluation tokens."),
     checkpoint: str | None = typer.Option(None, help="Where the store's checkpoint is now, if it moved."),
+    reference: str | None = typer.Option(None, help="Also compare both with this checkpoint end to end (e.g. the original of a sparsified model)."),
     json_out: Path | None = typer.Option(None, "--json", help="Write the report as JSON."),
     plots: Path | None = typer.Option(None, help="Write PNG plots into this folder."),
 ) -> None:
@@ -109,7 +110,10 @@ def evaluate(
         model = _rebuilt(model, backend)
     search = {} if effort is None else {model.manifest.layers[0].effort_param: effort}
     config = EvalConfig(k=k, search_params=search, text=TextConfig(max_tokens=max_tokens))
-    report = run_eval(model, config, text, progress=_progress())
+    from ann_mlp.checkpoint import load_checkpoint
+
+    reference_checkpoint = load_checkpoint(reference) if reference is not None else None
+    report = run_eval(model, config, text, progress=_progress(), reference=reference_checkpoint)
     typer.echo(table(report))
     if json_out:
         write_json(report, json_out)

@@ -17,7 +17,9 @@ from tqdm.auto import tqdm
 from ann_mlp.approx_mlp import ApproxMLP, dense_activations
 from ann_mlp.approx_model import ApproxModel
 from ann_mlp.capture import Batch, batches, forward, forward_capturing
+from ann_mlp.checkpoint import Checkpoint
 from ann_mlp.config import EvalConfig
+from ann_mlp.errors import InputError
 from ann_mlp.linalg import mean_pool
 from ann_mlp.metrics import (
     cosine,
@@ -172,14 +174,30 @@ class Comparison:
 
 
 def evaluate(model: ApproxModel, config: EvalConfig, text: Path | None = None,
-             progress: bool = True) -> Report:
+             progress: bool = True, reference: Checkpoint | None = None) -> Report:
+    """reference: another checkpoint (e.g. the original a sparsified model came from) that the exact
+    and the approximate model are also compared with, end to end: the whole chain in one report."""
     model.configure(config.k, config.search_params)
+    checkpoint = model.checkpoint
+    against: dict[str, OutputAgreement] = {}
+    if reference is not None:
+        if reference.kind != checkpoint.kind:
+            raise InputError(f"the reference is a {reference.kind}, the store's model a {checkpoint.kind}")
+        if reference.tokenizer.get_vocab() != checkpoint.tokenizer.get_vocab():
+            raise InputError("the reference checkpoint tokenizes differently: outputs cannot be compared")
+        against = {"exact_vs_reference": OutputAgreement(checkpoint.kind),
+                   "approx_vs_reference": OutputAgreement(checkpoint.kind)}
     comparison = Comparison(model)
-    stream = batches(model.checkpoint, passages(text, "evaluation"), config.text)
+    stream = batches(checkpoint, passages(text, "evaluation"), config.text)
     for batch in tqdm(stream, desc="eval batches", disable=not progress):
-        comparison.add(batch)
+        exact, approx = comparison.add(batch)
+        if against:
+            expected = forward(reference, batch)
+            against["exact_vs_reference"].add(batch, expected, exact)
+            against["approx_vs_reference"].add(batch, expected, approx)
     manifest = model.manifest
+    extra = {"reference": reference.source.spec, **{name: a.report() for name, a in against.items()}} if against else {}
     return Report(
         model=manifest.name, backend=manifest.backend, k=config.k or manifest.k,
         text=describe(text, "evaluation"), tokens=comparison.tokens, layers=comparison.layer_reports(),
-        end_to_end=comparison.end_to_end.report(), family=manifest.family, kind=manifest.kind)
+        end_to_end=comparison.end_to_end.report(), family=manifest.family, kind=manifest.kind, extra=extra)

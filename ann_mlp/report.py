@@ -23,6 +23,10 @@ def table(report: Report) -> str:
     rows.append(f"end to end ({report.model}, {report.family}, backend={report.backend}, k={report.k}, "
                 f"{report.tokens} tokens of {report.text}):")
     rows.extend(f"  {name:<24} {value:.4f}" for name, value in report.end_to_end.items())
+    for name in ("exact_vs_reference", "approx_vs_reference"):
+        if name in report.extra:
+            rows.append(f"{name.replace('_', ' ')} ({report.extra['reference']}):")
+            rows.extend(f"  {metric:<24} {value:.4f}" for metric, value in report.extra[name].items())
     return "\n".join(rows)
 
 

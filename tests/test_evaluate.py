@@ -35,3 +35,19 @@ def test_full_k_report_is_exact_and_small_k_is_not(family, tiny_checkpoints, tmp
         assert e2e["perplexity_approx"] == pytest.approx(e2e["perplexity_exact"], rel=1e-5)
         assert e2e_small["kl_mean"] > e2e["kl_mean"]
         assert e2e["positions"] > 0
+
+
+def test_reference_checkpoint_adds_the_whole_chain(tiny_stores, tiny_checkpoints, tmp_path):
+    """A store of a changed model, compared also with the original it came from."""
+    from ann_mlp.checkpoint import load_checkpoint
+    from ann_mlp.errors import InputError
+
+    model = ApproxModel.open(tiny_stores["tiny-bert"])
+    itself = load_checkpoint(str(tiny_checkpoints["bert"]))  # the store's own weights: exact matches exactly
+    report = evaluate(model, EvalConfig(text=TextConfig(max_tokens=300)), progress=False, reference=itself)
+    exact_vs, approx_vs = report.extra["exact_vs_reference"], report.extra["approx_vs_reference"]
+    assert exact_vs["embedding_cosine_min"] == pytest.approx(1.0, abs=1e-5)
+    assert approx_vs["embedding_cosine_mean"] == pytest.approx(report.end_to_end["embedding_cosine_mean"], abs=1e-6)
+    with pytest.raises(InputError, match="is a causal_lm"):
+        evaluate(model, EvalConfig(text=TextConfig(max_tokens=300)), progress=False,
+                 reference=load_checkpoint(str(tiny_checkpoints["llama"])))
