@@ -60,3 +60,18 @@ def test_cli_bench_e2e_reports_throughput_with_fidelity(tiny_stores, tmp_path):
         assert 0 < r["scanned_fraction"] <= 1 and 0 < r["bytes_read_fraction"]
         assert {"next_token_agreement", "kl_mean", "perplexity_exact", "perplexity_approx"} <= r["end_to_end"].keys()
     assert records[0]["tokens"] == records[1]["tokens"]  # the same text, batched differently
+
+
+def test_side_by_side_table_reads_eval_reports(tiny_stores, tmp_path):
+    from bench import side_by_side
+
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    for name in ("tiny-bert", "tiny-llama"):
+        run("eval", str(tiny_stores[name]), "--text", str(text), "--json", str(tmp_path / f"eval_{name}.json"))
+    rows = side_by_side.table(tmp_path, ["tiny-bert", "tiny-llama", "never-built"]).splitlines()
+    assert len(rows) == 4  # header, rule, one row per report found
+    bert = json.loads((tmp_path / "eval_tiny-bert.json").read_text())
+    recall = sum(layer["recall_at_k"] for layer in bert["layers"]) / len(bert["layers"])
+    assert rows[2].startswith(f"| tiny-bert | 16 | {recall:.3f} |") and "NN agreement" in rows[2]
+    assert rows[3].startswith("| tiny-llama |") and "next-token agreement" in rows[3]

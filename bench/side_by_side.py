@@ -1,0 +1,102 @@
+"""Build, evaluate and tabulate several checkpoints side by side, through the real CLI.
+
+    python bench/side_by_side.py                       # the README's table, every row
+    python bench/side_by_side.py --only relu-lm        # rows whose name contains "relu-lm"
+    python bench/side_by_side.py --table-only          # re-print the table from results/
+
+Each row is one store: built into indexes/<row> unless it exists, evaluated on
+the held-out standard-library docstrings (text no checkpoint trained or
+calibrated on) into results/eval_<row>.json. The table prints per-layer means and
+the end-to-end metrics of each checkpoint's kind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+# row name -> (checkpoint, build options, eval options)
+ROWS: dict[str, tuple[str, list[str], list[str]]] = {
+    "minilm-ivf": ("minilm", ["--backend", "ivf"], []),
+    "minilm-cells": ("minilm", ["--backend", "cells"], []),
+    "smollm2-ivf": ("smollm2", ["--backend", "ivf"], []),
+    "relu-lm-ivf": ("relu-lm", ["--backend", "ivf"], []),
+    "relu-lm-cells": ("relu-lm", ["--backend", "cells"], []),
+    "relu-lm-cells-mass": ("relu-lm", ["--backend", "cells", "--k", "1024", "--mass-target", "0.9"], []),
+    "topk-lm-ivf": ("topk-lm", ["--backend", "ivf"], []),
+    "topk-lm-cells": ("topk-lm", ["--backend", "cells"], []),
+    "minilm-sparse-ivf": ("minilm-sparse", ["--backend", "ivf", "--k", "96"], ["--reference", "minilm"]),
+    "minilm-sparse-cells": ("minilm-sparse", ["--backend", "cells", "--k", "96"], ["--reference", "minilm"]),
+}
+
+
+def ann_mlp(*args: str) -> None:
+    print("+ ann-mlp", " ".join(args), flush=True)
+    subprocess.run([sys.executable, "-m", "ann_mlp", *args], check=True, cwd=REPO)
+
+
+def run_row(name: str, results: Path) -> None:
+    checkpoint, build_args, eval_args = ROWS[name]
+    store = REPO / "indexes" / name
+    if not (store / "manifest.json").exists():
+        ann_mlp("build", checkpoint, "--out", str(store), *build_args)
+    ann_mlp("eval", str(store), "--json", str(results / f"eval_{name}.json"), *eval_args)
+
+
+def end_to_end(report: dict) -> str:
+    e2e = report["end_to_end"]
+    if report["kind"] == "encoder":
+        text = (f"cosine {e2e['embedding_cosine_mean']:.3f} / {e2e['embedding_cosine_min']:.3f}, "
+                f"NN agreement {e2e['neighbour_agreement']:.3f}")
+        original = report.get("extra", {}).get("approx_vs_reference")
+        if original:
+            text += (f"; vs {report['extra']['reference']}: cosine {original['embedding_cosine_mean']:.3f}, "
+                     f"NN {original['neighbour_agreement']:.3f}")
+        return text
+    return (f"next-token agreement {e2e['next_token_agreement']:.3f}, KL {e2e['kl_mean']:.3f}, "
+            f"perplexity {e2e['perplexity_exact']:.1f} → {e2e['perplexity_approx']:.1f}")
+
+
+def table(results: Path, names: list[str]) -> str:
+    rows = ["| store | k | recall@k | keys scanned | bytes read | mass recall | rel. output error | end to end |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name in names:
+        path = results / f"eval_{name}.json"
+        if not path.exists():
+            continue
+        report = json.loads(path.read_text())
+        layers = report["layers"]
+        ks = sorted({layer["k"] for layer in layers})
+        k = str(ks[0]) if len(ks) == 1 else "/".join(str(layer["k"]) for layer in layers)
+
+        def mean(field: str) -> float:
+            return statistics.mean(layer[field] for layer in layers)
+
+        rows.append(f"| {name} | {k} | {mean('recall_at_k'):.3f} | {mean('scanned_fraction'):.3f} | "
+                    f"{mean('bytes_read_fraction'):.3f} | {mean('mass_recall'):.3f} | "
+                    f"{mean('rel_output_error'):.3f} | {end_to_end(report)} |")
+    return "\n".join(rows)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", action="append", default=[], help="rows whose name contains this (repeatable)")
+    parser.add_argument("--results", type=Path, default=REPO / "results")
+    parser.add_argument("--table-only", action="store_true")
+    args = parser.parse_args()
+    names = [name for name in ROWS if not args.only or any(part in name for part in args.only)]
+    args.results.mkdir(parents=True, exist_ok=True)
+    if not args.table_only:
+        for name in names:
+            run_row(name, args.results)
+    print(table(args.results, names))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
