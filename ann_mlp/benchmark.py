@@ -39,6 +39,8 @@ class LayerBenchResult:
     speedup: float  # dense_us / approx_us
     bytes_read_fraction: float  # approx bytes read (index + value/up rows) / dense bytes (all weights)
     repeats: int
+    dense_gb_s: float  # weight bytes the dense path streams per second
+    traffic_limit_speedup: float  # 1 / bytes_read_fraction: the speedup if both ran at memory speed
     note: str = "random weights: timing only"
 
     def to_json(self) -> dict:
@@ -130,7 +132,16 @@ def bench_layer(d_model: int, d_ff: int, batch: int, gated: bool = False, backen
         probe_fraction=probe_fraction, dense_path=dense_path, dense_us=round(dense_us, 1),
         dense_spread_us=round(dense_spread, 1), approx_us=round(approx_us, 1),
         approx_spread_us=round(approx_spread, 1), speedup=round(dense_us / approx_us, 4),
-        bytes_read_fraction=round(approx_bytes / dense_bytes, 4), repeats=repeats)
+        bytes_read_fraction=round(approx_bytes / dense_bytes, 4), repeats=repeats,
+        dense_gb_s=round(dense_bytes / dense_us / 1e3, 2), traffic_limit_speedup=round(dense_bytes / approx_bytes, 2))
+
+
+def streaming_bandwidth_gb_s(megabytes: int = 256, repeats: int = 5) -> float:
+    """Memory bandwidth of a large array copy (read + write), best of `repeats`, in GB/s."""
+    src = np.ones(megabytes * (1 << 20) // 4, dtype=np.float32)
+    dst = np.empty_like(src)
+    best = min(time_calls(lambda: np.copyto(dst, src), repeats, warmup=1))
+    return round(2 * src.nbytes / best / 1e9, 2)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from ann_mlp.config import (
     DEFAULT_K,
     DEFAULT_STORE_ROOT,
     DEFAULT_TARGET_RECALL,
+    FIRST_RUN_BUILDS,
     BuildConfig,
     EvalConfig,
     SparsifyConfig,
@@ -217,11 +218,12 @@ def serve(
     from ann_mlp.store import Store
 
     for path in settings.stores:  # fail fast, with one line, before the server starts
-        if not (path / "manifest.json").exists() and path == DEFAULT_STORE_ROOT / "minilm":
+        if not (path / "manifest.json").exists() and path.parent == DEFAULT_STORE_ROOT \
+                and path.name in FIRST_RUN_BUILDS:
             from ann_mlp.build import build_store
 
-            typer.echo(f"building the default store {path} (first run)", err=True)
-            build_store("minilm", path, BuildConfig(), progress=_progress())
+            typer.echo(f"building the store {path} (first run)", err=True)
+            build_store(path.name, path, FIRST_RUN_BUILDS[path.name], progress=_progress())
         Store.open(path)
     app = create_app(settings)
     engine = app.state.engine
@@ -255,22 +257,25 @@ def bench_layer(
 ) -> None:
     """One MLP layer with random weights: dense (best of torch and numpy) vs approximate, same process."""
     from ann_mlp.benchmark import bench_layer as run
+    from ann_mlp.benchmark import streaming_bandwidth_gb_s
 
     if not 0 < probe_fraction <= 1:
         raise AnnMlpError(f"probe fraction must be in (0, 1], got {probe_fraction}")
     if not 1 <= k <= d_ff:
         raise AnnMlpError(f"k must be in [1, d_ff={d_ff}], got {k}")
     typer.echo("random weights: timing only (recall on random weights means nothing)")
+    bandwidth = streaming_bandwidth_gb_s()
+    typer.echo(f"streaming memory bandwidth (array copy): {bandwidth:.1f} GB/s")
     typer.echo(f"{'shape':>14} {'gated':>5} {'batch':>5} {'backend':>7} {'dense':>6} {'dense us':>10} "
-               f"{'approx us':>10} {'speedup':>8} {'bytes read':>10}")
+               f"{'approx us':>10} {'speedup':>8} {'bytes read':>10} {'limit':>6} {'dense GB/s':>10}")
     json_out.parent.mkdir(parents=True, exist_ok=True)
     for size in batch:
         result = run(d_model, d_ff, size, gated, backend, probe_fraction, k, repeats)
         typer.echo(f"{f'{d_model}x{d_ff}':>14} {gated!s:>5} {size:>5} {backend:>7} {result.dense_path:>6} "
                    f"{result.dense_us:>10.1f} {result.approx_us:>10.1f} {result.speedup:>8.2f} "
-                   f"{result.bytes_read_fraction:>10.4f}")
+                   f"{result.bytes_read_fraction:>10.4f} {result.traffic_limit_speedup:>6.1f} {result.dense_gb_s:>10.1f}")
         with open(json_out, "a") as f:
-            f.write(json.dumps(result.to_json()) + "\n")
+            f.write(json.dumps(result.to_json() | {"bandwidth_gb_s": bandwidth}) + "\n")
 
 
 @bench_app.command("e2e")

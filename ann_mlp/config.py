@@ -57,6 +57,13 @@ class BuildConfig:
             raise InputError("holdout fraction must be in (0, 1)")
 
 
+# How `ann-mlp serve` builds indexes/<name> on first run, for the built-in checkpoints it can serve
+# without a build step.
+FIRST_RUN_BUILDS: dict[str, BuildConfig] = {
+    "minilm": BuildConfig(),
+}
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     """Everything `ann-mlp eval` needs besides the store."""

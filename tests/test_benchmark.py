@@ -26,7 +26,8 @@ def test_bench_layer_fields_are_consistent():
     # fields are rounded (0.1 us, 4 decimals): compare at that precision
     assert result.speedup == pytest.approx(result.dense_us / result.approx_us, rel=0.05, abs=2e-4)
     assert 0 < result.bytes_read_fraction < 1
-    assert result.dense_us > 0 and result.approx_us > 0 and result.repeats == 30
+    assert result.traffic_limit_speedup == pytest.approx(1 / result.bytes_read_fraction, rel=0.01)
+    assert result.dense_us > 0 and result.approx_us > 0 and result.repeats == 30 and result.dense_gb_s > 0
 
 
 def test_cli_bench_layer_appends_json(tmp_path):
@@ -40,6 +41,7 @@ def test_cli_bench_layer_appends_json(tmp_path):
         assert {"d_model", "d_ff", "batch", "backend", "dense_us", "approx_us", "speedup",
                 "bytes_read_fraction"} <= r.keys()
         assert r["d_model"] == 64 and r["d_ff"] == 256 and r["gated"] is True
+        assert r["bandwidth_gb_s"] > 0 and r["traffic_limit_speedup"] > 1
 
 
 def test_cli_bench_e2e_reports_throughput_with_fidelity(tiny_stores, tmp_path):
