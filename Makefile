@@ -1,7 +1,8 @@
 # Set-up and the two jobs the README opens with. Everything installs into .venv.
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
-STORE ?= indexes/minilm
+MODEL ?= relu-lm
+STORE ?= indexes/$(MODEL)
 RESULTS ?= results
 
 .PHONY: setup run eval test clean
@@ -17,14 +18,14 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# Main job: serve the embedded default (MiniLM) on 127.0.0.1:8000, building its store on first run.
+# Main job: serve the embedded default (relu-lm, trained here) on 127.0.0.1:8000, building its store on first run.
 run: setup
 	$(VENV)/bin/ann-mlp serve $(STORE) --shadow-rate 0.1
 
 # Fidelity report of the default store: table, JSON and plots.
 eval: setup
-	test -f $(STORE)/manifest.json || $(VENV)/bin/ann-mlp build minilm --out $(STORE)
-	$(VENV)/bin/ann-mlp eval $(STORE) --json $(RESULTS)/eval_minilm.json --plots $(RESULTS)
+	test -f $(STORE)/manifest.json || $(VENV)/bin/ann-mlp build $(MODEL) --preset --out $(STORE)
+	$(VENV)/bin/ann-mlp eval $(STORE) --json $(RESULTS)/eval_$(MODEL).json --plots $(RESULTS)
 
 test: setup
 	$(PYTHON) -m pytest -q

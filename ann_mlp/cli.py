@@ -13,8 +13,9 @@ from ann_mlp.config import (
     DEFAULT_BACKEND,
     DEFAULT_K,
     DEFAULT_STORE_ROOT,
+    DEFAULT_SERVED,
     DEFAULT_TARGET_RECALL,
-    FIRST_RUN_BUILDS,
+    PRESET_BUILDS,
     BuildConfig,
     EvalConfig,
     SparsifyConfig,
@@ -66,6 +67,7 @@ def build(
     calib_tokens: int = typer.Option(TextConfig.max_tokens, help="Calibration tokens to run through the model."),
     param: list[str] = typer.Option([], "--param", help="Backend build parameter NAME=VALUE (repeatable)."),
     plan: bool = typer.Option(True, help="Time dense vs approximate per layer and batch size for serving mode auto."),
+    preset: bool = typer.Option(False, help=f"Use the recommended settings of a built-in checkpoint ({', '.join(PRESET_BUILDS)}) instead of the options above."),
     force: bool = typer.Option(False, help="Replace an existing store."),
 ) -> None:
     """Build one MIPS index per MLP layer of CHECKPOINT into a checksummed store."""
@@ -73,9 +75,11 @@ def build(
 
     if target_recall != 0 and not 0 < target_recall <= 1:
         raise AnnMlpError(f"target recall must be in (0, 1], got {target_recall}")
-    config = BuildConfig(backend=backend, k=k, target_recall=target_recall or None, mass_target=mass_target,
-                         build_params=_parse_params(param), plan=plan,
-                         calibration=TextConfig(max_tokens=calib_tokens))
+    if preset and checkpoint not in PRESET_BUILDS:
+        raise AnnMlpError(f"no preset for {checkpoint!r}; presets exist for {', '.join(PRESET_BUILDS)}")
+    config = PRESET_BUILDS[checkpoint] if preset else BuildConfig(
+        backend=backend, k=k, target_recall=target_recall or None, mass_target=mass_target,
+        build_params=_parse_params(param), plan=plan, calibration=TextConfig(max_tokens=calib_tokens))
     out = out or DEFAULT_STORE_ROOT / Path(checkpoint.rstrip("/")).stem
     path = build_store(checkpoint, out, config, calib_text, overwrite=force, progress=_progress())
     from ann_mlp.store import Store
@@ -194,7 +198,7 @@ def sparsify(
 
 @app.command()
 def serve(
-    stores: list[Path] = typer.Argument(None, help="Index stores to serve [default: indexes/minilm, built on first run]."),
+    stores: list[Path] = typer.Argument(None, help=f"Index stores to serve [default: indexes/{DEFAULT_SERVED}, built on first run]."),
     host: str | None = typer.Option(None, help="Bind address [127.0.0.1]."),
     port: int | None = typer.Option(None, help="Port [8000]."),
     shadow_rate: float | None = typer.Option(None, help="Share of requests re-run exactly, off the request path, for live recall."),
@@ -219,11 +223,11 @@ def serve(
 
     for path in settings.stores:  # fail fast, with one line, before the server starts
         if not (path / "manifest.json").exists() and path.parent == DEFAULT_STORE_ROOT \
-                and path.name in FIRST_RUN_BUILDS:
+                and path.name in PRESET_BUILDS:
             from ann_mlp.build import build_store
 
             typer.echo(f"building the store {path} (first run)", err=True)
-            build_store(path.name, path, FIRST_RUN_BUILDS[path.name], progress=_progress())
+            build_store(path.name, path, PRESET_BUILDS[path.name], progress=_progress())
         Store.open(path)
     app = create_app(settings)
     engine = app.state.engine

@@ -7,11 +7,13 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ann_mlp.config import DEFAULT_SERVED, DEFAULT_STORE_ROOT
+
 
 class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ANN_MLP_", frozen=True)
 
-    stores: list[Path] = Field(default_factory=lambda: [Path("indexes/minilm")])
+    stores: list[Path] = Field(default_factory=lambda: [DEFAULT_STORE_ROOT / DEFAULT_SERVED])
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: SecretStr | None = None  # bearer token required on every route but health

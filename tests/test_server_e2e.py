@@ -141,3 +141,22 @@ def test_sigterm_drains_in_flight_requests(tiny_stores):
         assert "Finished server process" in log.read_text()
         with pytest.raises(httpx.TransportError):
             httpx.get(f"{url}/health/live", timeout=2)
+
+
+def test_default_relu_lm_serves_completions_to_the_openai_client(tmp_path):
+    """The README's default model, trained here, built and served for real (small calibration budget)."""
+    store = tmp_path / "relu-lm"
+    build = subprocess.run([sys.executable, "-m", "ann_mlp", "build", "relu-lm", "--out", str(store),
+                            "--calib-tokens", "2000", "--k", "256", "--mass-target", "0.9", "--backend", "cells"],
+                           capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr[-2000:]
+    with running_server([store]) as (url, _, _log):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+        prompt = "The kernel scheduler decides which task runs next on each"
+        completion = client.completions.create(model="relu-lm", prompt=prompt, max_tokens=8)
+        assert completion.choices[0].text and completion.usage.completion_tokens >= 1
+        info = completion.model_extra["ann_mlp"][0]
+        assert info["mode"] == "auto" and 0 <= info["dense_fraction"] <= 1
+        exact = client.completions.create(model="relu-lm", prompt=prompt, max_tokens=8,
+                                          extra_body={"ann_mlp": {"mode": "exact"}})
+        assert exact.choices[0].text
