@@ -103,9 +103,10 @@ def _summary(times: list[float]) -> tuple[float, float]:
     return statistics.median(ordered) * 1e6, (p90 - p10) * 1e6
 
 
-def bench_layer(d_model: int, d_ff: int, batch: int, gated: bool = False, backend: str = "ivf",
+def bench_layer(d_model: int, d_ff: int, batches: list[int], gated: bool = False, backend: str = "ivf",
                 probe_fraction: float = 1 / 16, k: int = 128, repeats: int = 30, seed: int = 0,
-                threads: int = 2) -> LayerBenchResult:
+                threads: int = 2) -> list[LayerBenchResult]:
+    """One result per batch size; the layer and its index are built once."""
     torch.set_num_threads(threads)
     weights = random_layer(d_model, d_ff, gated, seed)
     index = build_index(backend, augmented_keys(weights))
@@ -114,26 +115,28 @@ def bench_layer(d_model: int, d_ff: int, batch: int, gated: bool = False, backen
         lo, hi = index.effort_range(k)
         params = {index.effort_param: int(min(hi, max(lo, round(probe_fraction * hi))))}
     mlp = ApproxMLP(weights, index, k=k, search_params=params)
-    x = torch.randn(batch, d_model, generator=torch.Generator().manual_seed(seed + 1))
-
-    dense = {name: _summary(time_calls(lambda fn=fn: fn(x), repeats)) for name, fn in dense_paths(weights).items()}
-    dense_path = min(dense, key=lambda name: dense[name][0])
-    with torch.inference_mode():
-        mlp.stats.reset()
-        approx_us, approx_spread = _summary(time_calls(lambda: mlp(x), repeats))
-    stats = mlp.stats
-    tokens = max(stats.queries, 1)
-    rows_per_token = k * (2 if gated else 1)  # value rows, plus up rows for gated MLPs
-    approx_bytes = stats.bytes_read / tokens + rows_per_token * d_model * BYTES_PER_FLOAT
     dense_bytes = (3 if gated else 2) * d_ff * d_model * BYTES_PER_FLOAT
-    dense_us, dense_spread = dense[dense_path]
-    return LayerBenchResult(
-        d_model=d_model, d_ff=d_ff, gated=gated, batch=batch, backend=backend, k=k,
-        probe_fraction=probe_fraction, dense_path=dense_path, dense_us=round(dense_us, 1),
-        dense_spread_us=round(dense_spread, 1), approx_us=round(approx_us, 1),
-        approx_spread_us=round(approx_spread, 1), speedup=round(dense_us / approx_us, 4),
-        bytes_read_fraction=round(approx_bytes / dense_bytes, 4), repeats=repeats,
-        dense_gb_s=round(dense_bytes / dense_us / 1e3, 2), traffic_limit_speedup=round(dense_bytes / approx_bytes, 2))
+    rows_per_token = k * (2 if gated else 1)  # value rows, plus up rows for gated MLPs
+    results = []
+    for batch in batches:
+        x = torch.randn(batch, d_model, generator=torch.Generator().manual_seed(seed + 1))
+        dense = {name: _summary(time_calls(lambda fn=fn: fn(x), repeats))
+                 for name, fn in dense_paths(weights).items()}
+        dense_path = min(dense, key=lambda name: dense[name][0])
+        with torch.inference_mode():
+            mlp.stats.reset()
+            approx_us, approx_spread = _summary(time_calls(lambda: mlp(x), repeats))
+        approx_bytes = mlp.stats.bytes_read / max(mlp.stats.queries, 1) + rows_per_token * d_model * BYTES_PER_FLOAT
+        dense_us, dense_spread = dense[dense_path]
+        results.append(LayerBenchResult(
+            d_model=d_model, d_ff=d_ff, gated=gated, batch=batch, backend=backend, k=k,
+            probe_fraction=probe_fraction, dense_path=dense_path, dense_us=round(dense_us, 1),
+            dense_spread_us=round(dense_spread, 1), approx_us=round(approx_us, 1),
+            approx_spread_us=round(approx_spread, 1), speedup=round(dense_us / approx_us, 4),
+            bytes_read_fraction=round(approx_bytes / dense_bytes, 4), repeats=repeats,
+            dense_gb_s=round(dense_bytes / dense_us / 1e3, 2),
+            traffic_limit_speedup=round(dense_bytes / approx_bytes, 2)))
+    return results
 
 
 def streaming_bandwidth_gb_s(megabytes: int = 256, repeats: int = 5) -> float:

@@ -273,9 +273,8 @@ def bench_layer(
     typer.echo(f"{'shape':>14} {'gated':>5} {'batch':>5} {'backend':>7} {'dense':>6} {'dense us':>10} "
                f"{'approx us':>10} {'speedup':>8} {'bytes read':>10} {'limit':>6} {'dense GB/s':>10}")
     json_out.parent.mkdir(parents=True, exist_ok=True)
-    for size in batch:
-        result = run(d_model, d_ff, size, gated, backend, probe_fraction, k, repeats)
-        typer.echo(f"{f'{d_model}x{d_ff}':>14} {gated!s:>5} {size:>5} {backend:>7} {result.dense_path:>6} "
+    for result in run(d_model, d_ff, batch, gated, backend, probe_fraction, k, repeats):
+        typer.echo(f"{f'{d_model}x{d_ff}':>14} {gated!s:>5} {result.batch:>5} {backend:>7} {result.dense_path:>6} "
                    f"{result.dense_us:>10.1f} {result.approx_us:>10.1f} {result.speedup:>8.2f} "
                    f"{result.bytes_read_fraction:>10.4f} {result.traffic_limit_speedup:>6.1f} {result.dense_gb_s:>10.1f}")
         with open(json_out, "a") as f:

@@ -21,7 +21,7 @@ def test_dense_paths_agree(gated):
 
 def test_bench_layer_fields_are_consistent():
     threads = torch.get_num_threads()
-    result = bench_layer(64, 512, batch=2, k=32, repeats=30, threads=threads)
+    (result,) = bench_layer(64, 512, batches=[2], k=32, repeats=30, threads=threads)
     assert result.dense_path in ("torch", "numpy")
     # fields are rounded (0.1 us, 4 decimals): compare at that precision
     assert result.speedup == pytest.approx(result.dense_us / result.approx_us, rel=0.05, abs=2e-4)
@@ -77,3 +77,19 @@ def test_side_by_side_table_reads_eval_reports(tiny_stores, tmp_path):
     recall = sum(layer["recall_at_k"] for layer in bert["layers"]) / len(bert["layers"])
     assert rows[2].startswith(f"| tiny-bert | 16 | {recall:.3f} |") and "NN agreement" in rows[2]
     assert rows[3].startswith("| tiny-llama |") and "next-token agreement" in rows[3]
+
+
+def test_speed_tables_render_what_the_benchmarks_wrote(tiny_stores, tmp_path):
+    from bench import speed_tables
+
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    run("bench", "layer", "--d-model", "1024", "--d-ff", "4096", "--batch", "1", "--k", "128",
+        "--json", str(tmp_path / "bench_layer.jsonl"))
+    run("bench", "e2e", str(tiny_stores["tiny-bert"]), "--text", str(text), "--batch", "2", "--repeats", "1",
+        "--json", str(tmp_path / "bench_e2e.jsonl"))
+    rows = speed_tables.tables(tmp_path).splitlines()
+    layer = json.loads((tmp_path / "bench_layer.jsonl").read_text())
+    assert rows[0].startswith(f"Streaming memory bandwidth (array copy): {layer['bandwidth_gb_s']:.1f} GB/s")
+    assert rows[4].startswith(f"| 1024×4096 | 1 | {layer['dense_path']} |") and "≥ 5×" in rows[4]
+    assert rows[-1].startswith("| tiny-bert | 2 |") and "embedding_cosine_mean" in rows[-1]
