@@ -65,7 +65,9 @@ def test_openai_client_embeddings_match_sentence_transformers(server):
     client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
     texts = ["A man is eating food.", "The new movie is awesome.", "Offline inference on two cores."]
     exact = client.embeddings.create(model="minilm", input=texts, extra_body={"ann_mlp": {"mode": "exact"}})
-    approx = client.embeddings.create(model="minilm", input=texts)  # the client asks for base64
+    # the client asks for base64
+    approx = client.embeddings.create(model="minilm", input=texts, extra_body={"ann_mlp": {"mode": "approx"}})
+    auto = client.embeddings.create(model="minilm", input=texts)
     reference = SentenceTransformer(str(resolve_builtin("minilm")), device="cpu").encode(texts)
     exact_vectors = np.array([d.embedding for d in exact.data])
     assert exact_vectors.shape == (3, 384) and exact.usage.prompt_tokens > 0
@@ -73,6 +75,10 @@ def test_openai_client_embeddings_match_sentence_transformers(server):
     approx_vectors = np.array([d.embedding for d in approx.data])
     cosines = (approx_vectors * exact_vectors).sum(1)
     assert np.all(cosines > 0) and np.all(cosines < 1 - 1e-6)  # approximate, and it shows
+    info = auto.model_extra["ann_mlp"]
+    assert info["mode"] == "auto"
+    if info["dense_fraction"] == 1.0:  # the plan found no layer where search pays at this size
+        np.testing.assert_allclose(np.array([d.embedding for d in auto.data]), exact_vectors, atol=1e-5)
 
 
 def test_openai_client_completions(server):
