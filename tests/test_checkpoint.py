@@ -111,3 +111,13 @@ def test_repo_model_missing_from_the_tree_is_a_clear_error(monkeypatch, tmp_path
     monkeypatch.setattr(builtin, "REPO_MODELS", tmp_path)
     with pytest.raises(CheckpointError, match="not in this source tree"):
         resolve_checkpoint("relu-lm")
+
+
+def test_builtin_topk_lm_fires_at_most_k_neurons():
+    from ann_mlp.config import TextConfig
+    from ann_mlp.sparsity import measure_sparsity
+
+    checkpoint = load_checkpoint("topk-lm")
+    assert checkpoint.adapter.topk == 128 and checkpoint.adapter.mlp_weights(0).d_ff == 4096
+    report = measure_sparsity(checkpoint, None, TextConfig(max_tokens=500), progress=False)
+    assert all(layer.per_token_pct_percentiles["p99"] <= 128 / 4096 * 100 + 1e-9 for layer in report.layers)
