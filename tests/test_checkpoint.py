@@ -121,3 +121,9 @@ def test_builtin_topk_lm_fires_at_most_k_neurons():
     assert checkpoint.adapter.topk == 128 and checkpoint.adapter.mlp_weights(0).d_ff == 4096
     report = measure_sparsity(checkpoint, None, TextConfig(max_tokens=500), progress=False)
     assert all(layer.per_token_pct_percentiles["p99"] <= 128 / 4096 * 100 + 1e-9 for layer in report.layers)
+
+
+def test_builtin_minilm_sparse_fires_one_sixteenth():
+    checkpoint = load_checkpoint("minilm-sparse")
+    assert checkpoint.family == "bert" and checkpoint.adapter.topk == 96
+    assert checkpoint.adapter.mlp_weights(0).d_ff == 1536 and checkpoint.adapter.mlp_weights(0).activation == "gelu"
