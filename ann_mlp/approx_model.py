@@ -70,20 +70,34 @@ class ApproxModel:
 
         planned: follow the store's plan, running dense the layers and batch sizes
         where search was measured not to pay (layers without a plan approximate).
+        A layer whose plan never pays keeps the model's own MLP, untouched: the
+        dense path at no cost, its tokens still counted as dense.
         """
+        patch, untouched = {}, {}
         for entry in self.manifest.layers:
+            mlp = self.mlps[entry.layer]
             plan = entry.plan if planned else None
-            self.mlps[entry.layer].approx_up_to = plan["approx_up_to"] if plan else None
+            mlp.approx_up_to = plan["approx_up_to"] if plan else None
+            (untouched if mlp.approx_up_to == 0 else patch)[entry.layer] = mlp
+        adapter = self.checkpoint.adapter
+        counters = [self.checkpoint.model.get_submodule(adapter.mlp_input_path(layer)).register_forward_pre_hook(
+            lambda _module, args, mlp=mlp: _count_dense(mlp, args[0])) for layer, mlp in untouched.items()]
         try:
-            with patched(self.checkpoint.adapter, self.mlps), torch.inference_mode():
+            with patched(adapter, patch), torch.inference_mode():
                 yield
         finally:
+            for counter in counters:
+                counter.remove()
             for mlp in self.mlps.values():
                 mlp.approx_up_to = None
 
     def reset_stats(self) -> None:
         for mlp in self.mlps.values():
             mlp.stats.reset()
+
+
+def _count_dense(mlp: ApproxMLP, hidden_states: torch.Tensor) -> None:
+    mlp.stats.dense_tokens += hidden_states.numel() // mlp.weights.d_model
 
 
 def _recorded_checkpoint(store: Store) -> str:

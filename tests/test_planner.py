@@ -68,3 +68,18 @@ def test_store_records_plans_and_auto_follows_them(tiny_stores):
         forward(checkpoint, large)
     assert all(m.stats.dense_tokens == 0 and m.stats.queries > 0 for m in model.mlps.values())
     assert all(m.approx_up_to is None for m in model.mlps.values())  # the plan does not outlive the block
+
+
+def test_layers_whose_plan_never_pays_keep_the_models_own_mlp(tiny_stores):
+    model = ApproxModel.open(tiny_stores["tiny-llama"])
+    for entry in model.manifest.layers:
+        entry.plan = {**(entry.plan or {}), "approx_up_to": 0}
+    checkpoint = model.checkpoint
+    batch = make_batch(checkpoint, ["every layer stays dense here"], 64)
+    exact = forward(checkpoint, batch).logits
+    model.reset_stats()
+    with model.approximate(planned=True):
+        assert not any(isinstance(m, ApproxMLP) for m in checkpoint.model.modules())
+        planned = forward(checkpoint, batch).logits
+    torch.testing.assert_close(planned, exact)
+    assert all(m.stats.dense_tokens == batch.num_tokens and m.stats.queries == 0 for m in model.mlps.values())
