@@ -274,6 +274,10 @@ def _report(teacher: Checkpoint, student: Checkpoint, config: SparsifyConfig, me
 def _write(student: Checkpoint, out: Path, config: SparsifyConfig, report: SparsifyReport,
            log: list[dict]) -> None:
     """The Hugging Face folder, written aside and renamed into place: never half-written."""
+    if student.source.gguf_file:
+        # GGUF weights were de-quantized to float when loaded; what is saved is a plain float model.
+        student.model.hf_quantizer = None
+        student.model.config.__dict__.pop("quantization_config", None)
     with atomic_folder(out) as tmp:
         student.model.to(getattr(torch, config.dtype)).save_pretrained(tmp)
         student.model.float()
