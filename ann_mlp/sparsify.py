@@ -280,7 +280,7 @@ def _write(student: Checkpoint, out: Path, config: SparsifyConfig, report: Spars
         student.model.config.__dict__.pop("quantization_config", None)
     with atomic_folder(out) as tmp:
         student.model.to(getattr(torch, config.dtype)).save_pretrained(tmp)
-        student.model.float()
+        student.model.to(torch.float32)  # back for any further use; .float() refuses GGUF-loaded models
         student.tokenizer.save_pretrained(tmp)
         (tmp / REPORT_FILE).write_text(json.dumps(report.to_json(), indent=2) + "\n")
         (tmp / LOG_FILE).write_text("".join(json.dumps(record) + "\n" for record in log))
