@@ -193,10 +193,14 @@ def _budget_used(meta: dict, config: SparsifyConfig) -> float:
     return max(used)
 
 
+def _real_tokens(activation: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, d_ff) or (B*T, d_ff) activation outputs -> (n_real_tokens, d_ff), padding dropped."""
+    return activation.reshape(-1, activation.shape[-1])[mask.reshape(-1)]
+
+
 def _nonzero_pct(activations: dict[int, torch.Tensor], mask: torch.Tensor) -> list[float]:
-    """Per layer, % of non-zero activations over real tokens (activation outputs may be (B*T, d_ff))."""
-    token_mask = mask.reshape(-1)  # (B*T,)
-    return [round(float((a.detach().reshape(-1, a.shape[-1])[token_mask] != 0).float().mean()) * 100, 2)
+    """Per layer, % of non-zero activations over real tokens."""
+    return [round(float((_real_tokens(a.detach(), mask) != 0).float().mean()) * 100, 2)
             for _, a in sorted(activations.items())]
 
 
@@ -224,9 +228,7 @@ def _train(teacher: Checkpoint, student: Checkpoint, optimizer: torch.optim.Opti
             student_out = model(**batch.inputs, output_hidden_states=True)
             loss = distillation_loss(teacher.kind, batch, teacher_out, student_out)
             if config.l1 > 0:
-                token_mask = batch.mask.reshape(-1)
-                l1 = torch.stack([a.reshape(-1, a.shape[-1])[token_mask].abs().mean()
-                                  for a in activations.values()]).sum()
+                l1 = torch.stack([_real_tokens(a, batch.mask).abs().mean() for a in activations.values()]).sum()
                 loss = loss + config.l1 * l1
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

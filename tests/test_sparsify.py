@@ -74,7 +74,7 @@ def test_relu_gated_model_is_read_by_stock_transformers_and_the_chain_runs(tiny_
 
 def test_fatrelu_threshold_is_installed_and_approx_mlp_matches_it(tiny_checkpoints, tmp_path, text_file):
     out = tmp_path / "opt-fatrelu"
-    report = _run(tiny_checkpoints["opt"], out, text_file, method="fatrelu", threshold=0.05, steps=2)
+    report = _run(tiny_checkpoints["opt"], out, text_file, method="fatrelu", threshold=0.05, steps=2, l1=0.01)
     assert report.threshold == 0.05
     checkpoint = load_checkpoint(str(out))
     weights = checkpoint.adapter.mlp_weights(1)
