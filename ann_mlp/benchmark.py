@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from ann_mlp.approx_mlp import ApproxMLP, augmented_keys
+from ann_mlp.approx_mlp import ApproxMLP, augmented_keys, augmented_queries
 from ann_mlp.checkpoint.base import MlpWeights
 from ann_mlp.index import build_index
 from ann_mlp.index.base import BYTES_PER_FLOAT
@@ -109,7 +109,9 @@ def bench_layer(d_model: int, d_ff: int, batches: list[int], gated: bool = False
     """One result per batch size; the layer and its index are built once."""
     torch.set_num_threads(threads)
     weights = random_layer(d_model, d_ff, gated, seed)
-    index = build_index(backend, augmented_keys(weights))
+    # Query-aware backends learn from random queries here: this benchmark times, it does not measure recall.
+    calibration = augmented_queries(torch.randn(4096, d_model, generator=torch.Generator().manual_seed(seed + 2)))
+    index = build_index(backend, augmented_keys(weights), queries=calibration, k=k)
     params = {}
     if backend != "exact":
         lo, hi = index.effort_range(k)

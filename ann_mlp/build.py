@@ -90,7 +90,8 @@ def build_indexes(checkpoint: Checkpoint, config: BuildConfig, calib_text: Path 
         tune_x = _sample(inputs, MAX_TUNING_QUERIES, config.seed)  # (n, d_model)
         tune_q = augmented_queries(tune_x)
         k = config.k if config.mass_target is None else k_for_mass(weights, tune_x, config.mass_target, config.k)
-        index = build_index(backend.name, keys, queries=learn_q, k=k, **config.build_params)
+        index = build_index(backend.name, keys, queries=learn_q, k=k, target_recall=config.target_recall,
+                            **config.build_params)
         holdout_q = augmented_queries(_sample(holdout_inputs[layer], MAX_TUNING_QUERIES, config.seed))
         key_t = torch.from_numpy(keys)
         if config.target_recall is not None:

@@ -24,14 +24,19 @@ REPO = Path(__file__).resolve().parent.parent
 ROWS: dict[str, tuple[str, list[str], list[str]]] = {
     "minilm-ivf": ("minilm", ["--backend", "ivf"], []),
     "minilm-cells": ("minilm", ["--backend", "cells"], []),
+    "minilm-lowrank": ("minilm", ["--backend", "lowrank"], []),
     "smollm2-ivf": ("smollm2", ["--backend", "ivf"], []),
     "relu-lm-ivf": ("relu-lm", ["--backend", "ivf"], []),
     "relu-lm-cells": ("relu-lm", ["--backend", "cells"], []),
     "relu-lm-cells-mass": ("relu-lm", ["--backend", "cells", "--k", "1024", "--mass-target", "0.9"], []),
+    "relu-lm-lowrank": ("relu-lm", ["--backend", "lowrank"], []),
+    "relu-lm-lowrank-mass": ("relu-lm", ["--backend", "lowrank", "--k", "1024", "--mass-target", "0.9"], []),
     "topk-lm-ivf": ("topk-lm", ["--backend", "ivf"], []),
     "topk-lm-cells": ("topk-lm", ["--backend", "cells"], []),
+    "topk-lm-lowrank": ("topk-lm", ["--backend", "lowrank"], []),
     "minilm-sparse-ivf": ("minilm-sparse", ["--backend", "ivf", "--k", "96"], ["--reference", "minilm"]),
     "minilm-sparse-cells": ("minilm-sparse", ["--backend", "cells", "--k", "96"], ["--reference", "minilm"]),
+    "minilm-sparse-lowrank": ("minilm-sparse", ["--backend", "lowrank", "--k", "96"], ["--reference", "minilm"]),
 }
 
 

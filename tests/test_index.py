@@ -136,3 +136,61 @@ def test_unknown_backend_and_search_parameter(data):
     index = build_index("ivf", data[0])
     with pytest.raises(BackendError, match="no search parameter efSearch"):
         index.search(data[1], K, efSearch=10)
+
+
+def _low_dimensional_queries(rng, sizes, dim, used_dims):
+    """Query sets that, like hidden states, vary along the same few directions (plus the constant 1)."""
+    basis = rng.standard_normal((used_dims, dim - 1)).astype(np.float32)
+    sets = []
+    for n in sizes:
+        q = np.ones((n, dim), dtype=np.float32)
+        q[:, :-1] = rng.standard_normal((n, used_dims)).astype(np.float32) @ basis
+        sets.append(q)
+    return sets
+
+
+def test_low_rank_fit_preserves_scores_where_the_queries_are():
+    """Fit to the queries' second moment, rank 8 ranks neurons as the exact scores do for queries
+    spanning 8 directions, which the keys' own best rank-8 approximation cannot."""
+    from ann_mlp.index.low_rank import score_preserving_factors
+
+    rng = np.random.default_rng(2)
+    keys = rng.standard_normal((1024, DIM)).astype(np.float32)
+    calibration, test = _low_dimensional_queries(rng, (2000, 300), DIM, 7)
+    truth = torch.from_numpy(test) @ torch.from_numpy(keys).T  # (300, 1024)
+    a, b = score_preserving_factors(keys, calibration, rank=8)
+    fitted = torch.from_numpy(test @ b.T @ a.T)
+    u, s, vt = np.linalg.svd(keys, full_matrices=False)
+    unweighted = torch.from_numpy(test @ (vt[:8].T * s[:8]) @ u[:, :8].T)
+    assert torch.allclose(fitted, truth, atol=1e-3)
+    assert recall_at_k(truth, unweighted.topk(K, dim=1).indices, K).mean() < 0.5
+
+    index = build_index("lowrank", keys, queries=calibration, k=K, rank=8)
+    point = measure(index, test, truth, K, 2 * K)
+    assert point.recall > 0.97 and point.bytes_read_fraction < 0.35, point
+
+
+def test_low_rank_picks_the_cheapest_rank_at_the_target_recall():
+    from ann_mlp.index.low_rank import candidate_ranks, rerank_needed, score_preserving_factors
+
+    rng = np.random.default_rng(3)
+    dim = 129
+    keys = rng.standard_normal((2048, dim)).astype(np.float32)
+    calibration, test = _low_dimensional_queries(rng, (2000, 300), dim, 14)
+    index = build_index("lowrank", keys, queries=calibration, k=K, target_recall=0.95)
+    assert candidate_ranks(dim) == [8, 16, 32, 64]
+    # 14 used directions + the constant: rank 8 ranks badly, 16 nearly exactly; more only costs bytes.
+    assert index.build_params["rank"] == 16
+    truth = torch.from_numpy(test) @ torch.from_numpy(keys).T
+    keys_t, test_t = torch.from_numpy(keys), torch.from_numpy(test)
+    needed = {}
+    for rank in (8, 16):
+        a, b = (torch.from_numpy(m) for m in score_preserving_factors(keys, calibration, rank))
+        needed[rank] = rerank_needed(keys_t, a, b, test_t, K, 0.95)
+    assert needed[16] == K and needed[8] > 4 * K, needed  # rank 16 spans the queries: exact ranking
+    assert measure(index, test, truth, K, needed[16]).recall >= 0.94  # 8-bit codes: within rounding
+
+
+def test_low_rank_rejects_a_rank_outside_the_dimension(data):
+    with pytest.raises(BackendError, match="rank must be"):
+        build_index("lowrank", data[0], queries=data[3], k=K, rank=DIM + 1)

@@ -12,13 +12,15 @@ from ann_mlp.index.exact import ExactIndex
 from ann_mlp.index.faiss_hnsw import HnswIndex
 from ann_mlp.index.faiss_ivf import IvfIndex
 from ann_mlp.index.faiss_pq import PqRefineIndex
+from ann_mlp.index.low_rank import LowRankIndex
 from ann_mlp.index.query_cells import QueryCellsIndex
 from ann_mlp.index.scann_index import ScannIndex
 
 __all__ = ["BACKENDS", "MipsIndex", "SearchResult", "backend_class", "build_index"]
 
 BACKENDS: dict[str, type[MipsIndex]] = {
-    cls.name: cls for cls in (ExactIndex, IvfIndex, HnswIndex, PqRefineIndex, ScannIndex, QueryCellsIndex)
+    cls.name: cls for cls in (ExactIndex, IvfIndex, HnswIndex, PqRefineIndex, ScannIndex, QueryCellsIndex,
+                LowRankIndex)
 }
 
 
@@ -30,11 +32,12 @@ def backend_class(name: str) -> type[MipsIndex]:
 
 
 def build_index(name: str, keys: np.ndarray, queries: np.ndarray | None = None, k: int | None = None,
-                **build_params: Any) -> MipsIndex:
-    """Build backend `name`; calibration queries and k are passed to the backends that use them."""
+                target_recall: float | None = None, **build_params: Any) -> MipsIndex:
+    """Build backend `name`; calibration queries, k and the recall the build will tune
+    for are passed to the backends that learn from queries."""
     cls = backend_class(name)
     if cls.needs_queries:
-        build_params = {**build_params, "queries": queries, "k": k}
+        build_params = {**build_params, "queries": queries, "k": k, "target_recall": target_recall}
     try:
         return cls.build(np.ascontiguousarray(keys, dtype=np.float32), **build_params)
     except (TypeError, KeyError, RuntimeError) as err:

@@ -53,7 +53,8 @@ class MipsIndex(ABC):
         """keys: (num_keys, D) float32, augmented with the bias column.
 
         Backends with `needs_queries` also take `queries` (N, D), real calibration
-        queries, and `k`, the number of keys the model will retrieve.
+        queries, `k`, the number of keys the model will retrieve, and
+        `target_recall`, the recall the build will tune the effort for (or None).
         """
 
     # -- query --------------------------------------------------------------

@@ -45,7 +45,7 @@ class QueryCellsIndex(MipsIndex):
 
     @classmethod
     def build(cls, keys: np.ndarray, queries: np.ndarray | None = None, k: int | None = None,
-              **build_params: Any) -> QueryCellsIndex:
+              target_recall: float | None = None, **build_params: Any) -> QueryCellsIndex:
         if queries is None or k is None:
             raise BackendError("the cells backend is built from calibration queries and k")
         params = {**cls.default_build_params(*keys.shape), **build_params, "k": int(k)}

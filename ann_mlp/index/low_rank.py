@@ -1,0 +1,160 @@
+"""Low-rank pre-scoring: every key scored cheaply in a small learned subspace, the best re-scored exactly.
+
+A rank-r factorisation K ≈ A B is fit to the queries the model actually sends:
+it minimises E_q ||(K − A B) q||² over real calibration queries, i.e. the error
+of the scores, not of the keys (truncated SVD of K C^½ with C = E[q qᵀ], then
+B = Vᵣᵀ C^−½). Hidden states live in a few directions, so a small r ranks the
+neurons almost as the exact scores do. A is held as 8-bit codes in a faiss flat
+scalar-quantizer index (SIMD scan, releases the GIL).
+
+Cost per query: the projection (r·D floats), d_ff·r bytes of codes, and the
+`rerank` candidates' full keys. `rerank` is the query-time knob; the candidates
+are the best `rerank` by approximate score, so the sets are nested and recall
+grows with it; rerank = num_keys is an exhaustive exact search.
+
+The best rank depends on the layer (how many directions its queries use): with
+rank "auto" the build picks, among a few ranks from D/32 to D/2, the one whose
+total bytes per query are smallest at the target recall on the calibration queries.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+
+from ann_mlp.errors import BackendError
+from ann_mlp.index.base import BYTES_PER_FLOAT, MipsIndex, SearchResult
+from ann_mlp.linalg import rows_dot
+
+
+def score_preserving_factors(keys: np.ndarray, queries: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """keys (n, D), queries (N, D) -> A (n, r), B (r, D) minimising E_q ||(keys − A B) q||²."""
+    q = torch.from_numpy(queries).double()
+    second_moment = q.T @ q / len(q)  # (D, D)
+    eigenvalues, eigenvectors = torch.linalg.eigh(second_moment)
+    # Directions the queries never use carry no score; a floor keeps C^−½ finite there.
+    eigenvalues = eigenvalues.clamp_min(float(eigenvalues.max()) * 1e-8)
+    sqrt_c = (eigenvectors * eigenvalues.sqrt()) @ eigenvectors.T  # (D, D)
+    inv_sqrt_c = (eigenvectors / eigenvalues.sqrt()) @ eigenvectors.T  # (D, D)
+    u, s, vt = torch.linalg.svd(torch.from_numpy(keys).double() @ sqrt_c, full_matrices=False)
+    a = u[:, :rank] * s[:rank]  # (n, r)
+    b = vt[:rank] @ inv_sqrt_c  # (r, D)
+    return a.float().numpy(), b.float().numpy()
+
+
+def rerank_needed(keys: torch.Tensor, a: torch.Tensor, b: torch.Tensor, queries: torch.Tensor, k: int,
+                  target_recall: float) -> int:
+    """Candidates to re-score so that mean recall@k reaches the target when ranking by (q Bᵀ) Aᵀ.
+
+    keys (n, D), a (n, r), b (r, D), queries (N, D). Every query has k true
+    neighbours, so mean recall at R candidates is the share of all true
+    neighbours ranked below R by approximate score: R is a quantile of those ranks.
+    """
+    ranks = []
+    for chunk in queries.split(512):  # (c, D)
+        true_top = (chunk @ keys.T).topk(k, dim=1).indices  # (c, k)
+        order = ((chunk @ b.T) @ a.T).argsort(dim=1, descending=True)  # (c, n)
+        rank_of = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1]).expand_as(order))
+        ranks.append(rank_of.gather(1, true_top).flatten())
+    all_ranks = torch.cat(ranks).float()
+    return int(torch.quantile(all_ranks, min(target_recall, 1.0)).item()) + 1
+
+
+def candidate_ranks(dim: int) -> list[int]:
+    """D/32 ... D/2 in powers of two, multiples of 8 (the codes' SIMD width), at least 8."""
+    return sorted({min(dim, max(8, dim // divisor // 8 * 8)) for divisor in (32, 16, 8, 4, 2)})
+
+
+class LowRankIndex(MipsIndex):
+    name = "lowrank"
+    effort_param = "rerank"  # candidates re-scored exactly per query
+    exact_scores = True
+    needs_queries = True
+
+    def __init__(self, keys: np.ndarray, projection: np.ndarray, codes: faiss.Index,
+                 build_params: dict[str, Any], search_params: dict[str, Any]) -> None:
+        super().__init__(keys.shape[0], keys.shape[1], build_params, search_params)
+        self.keys = torch.from_numpy(np.ascontiguousarray(keys, dtype=np.float32))  # (n, D)
+        self.projection = np.ascontiguousarray(projection, dtype=np.float32)  # (r, D): B
+        self.codes = codes  # n vectors of r dims: A's rows, 8-bit
+        self.code_bytes = codes.ntotal * codes.sa_code_size()
+
+    @classmethod
+    def default_build_params(cls, num_keys: int, dim: int) -> dict[str, Any]:
+        # r ≈ D/8, a multiple of 8: the codes then cost 1/32 of a float scan at any size.
+        return {"rank": "auto"}
+
+    @classmethod
+    def build(cls, keys: np.ndarray, queries: np.ndarray | None = None, k: int | None = None,
+              target_recall: float | None = None, **build_params: Any) -> LowRankIndex:
+        if queries is None or len(queries) == 0 or k is None:
+            raise BackendError("the lowrank backend is built from calibration queries and k")
+        num_keys, dim = keys.shape
+        params = {**cls.default_build_params(num_keys, dim), **build_params}
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if params["rank"] == "auto":
+            a, b = score_preserving_factors(keys, queries, max(candidate_ranks(dim)))
+            params["rank"] = cls._cheapest_rank(keys, a, b, queries, k, target_recall or 0.95)
+        rank = params["rank"]
+        if not isinstance(rank, int) or not 1 <= rank <= dim:
+            raise BackendError(f"rank must be 'auto' or an integer in [1, {dim}], got {rank!r}")
+        a, b = score_preserving_factors(keys, queries, rank)
+        codes = faiss.IndexScalarQuantizer(rank, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+        codes.train(a)
+        codes.add(a)
+        return cls(keys, b, codes, params, {})
+
+    @staticmethod
+    def _cheapest_rank(keys: np.ndarray, a: np.ndarray, b: np.ndarray, queries: np.ndarray, k: int,
+                       target_recall: float) -> int:
+        """The candidate rank with the fewest bytes per query at the target recall; the factors
+        (a, b) are of the largest candidate rank, and the leading r columns are the rank-r fit."""
+        num_keys, dim = keys.shape
+        sample = torch.from_numpy(queries[:: max(1, len(queries) // 2048)])  # (≤ 2048·2, D)
+        keys_t, a_t, b_t = torch.from_numpy(keys), torch.from_numpy(a), torch.from_numpy(b)
+
+        def cost(rank: int) -> int:
+            rerank = rerank_needed(keys_t, a_t[:, :rank], b_t[:rank], sample, k, target_recall)
+            return rank * dim * BYTES_PER_FLOAT + num_keys * rank + rerank * dim * BYTES_PER_FLOAT
+
+        return min(candidate_ranks(dim), key=cost)
+
+    def effort_range(self, k: int) -> tuple[int, int]:
+        return (min(k, self.num_keys), self.num_keys)
+
+    def search(self, queries: np.ndarray, k: int, **search_params: Any) -> SearchResult:
+        rerank = self.resolve_effort(k, search_params)
+        q = np.ascontiguousarray(queries, dtype=np.float32)  # (N, D)
+        _, candidates = self.codes.search(q @ self.projection.T, rerank)  # (N, rerank) by approximate score
+        candidates_t = torch.from_numpy(candidates)
+        scores = rows_dot(self.keys, candidates_t, torch.from_numpy(q))  # (N, rerank) exact
+        top = scores.topk(min(k, rerank), dim=1)
+        ids = candidates_t.gather(1, top.indices)
+        values = top.values
+        if rerank < k:
+            ids = torch.nn.functional.pad(ids, (0, k - rerank), value=-1)
+            values = torch.nn.functional.pad(values, (0, k - rerank), value=-torch.inf)
+        n_queries = len(q)
+        per_query = self.projection.nbytes + self.code_bytes + rerank * self.dim * BYTES_PER_FLOAT
+        return SearchResult(values.numpy(), ids.numpy(), keys_scored=n_queries * self.num_keys,
+                            bytes_read=n_queries * per_query)
+
+    def save(self, folder: Path, stem: str) -> list[str]:
+        names = [f"{stem}.keys.npy", f"{stem}.projection.npy", f"{stem}.codes.faiss"]
+        np.save(folder / names[0], self.keys.numpy(), allow_pickle=False)
+        np.save(folder / names[1], self.projection, allow_pickle=False)
+        faiss.write_index(self.codes, str(folder / names[2]))
+        return names
+
+    @classmethod
+    def load(cls, folder, stem, num_keys, dim, build_params, search_params) -> LowRankIndex:
+        folder = Path(folder)
+        keys = np.load(folder / f"{stem}.keys.npy", allow_pickle=False)
+        projection = np.load(folder / f"{stem}.projection.npy", allow_pickle=False)
+        codes = faiss.read_index(str(folder / f"{stem}.codes.faiss"))
+        assert keys.shape == (num_keys, dim) and codes.ntotal == num_keys, (keys.shape, codes.ntotal)
+        return cls(keys, projection, codes, build_params, search_params)
