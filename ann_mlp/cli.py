@@ -59,7 +59,7 @@ def main_options(verbose: bool = typer.Option(False, "--verbose", "-v", help="Lo
 def build(
     checkpoint: str = typer.Argument(..., help="Model folder (safetensors), .gguf file, or built-in name (minilm, smollm2, relu-lm, topk-lm, minilm-sparse)."),
     out: Path | None = typer.Option(None, help="Store folder [default: indexes/<checkpoint name>]."),
-    backend: str = typer.Option(DEFAULT_BACKEND, help="exact | ivf | hnsw | pq | scann | cells | lowrank"),
+    backend: str = typer.Option(DEFAULT_BACKEND, help="exact | ivf | hnsw | pq | scann | cells | lowrank | dejavu | teal"),
     k: int = typer.Option(DEFAULT_K, help="Keys retrieved per token."),
     target_recall: float = typer.Option(DEFAULT_TARGET_RECALL, help="Tune each layer's search effort to this recall@k; 0 to skip tuning."),
     mass_target: float | None = typer.Option(None, help="Per layer, the smallest k (<= --k) whose exact top-k keeps this share of activation mass."),

@@ -30,3 +30,19 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over real tokens, as sentence-transformers pools MiniLM: (B, T, d), (B, T) -> (B, d)."""
     weights = mask.unsqueeze(-1).float()  # (B, T, 1)
     return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1)
+
+
+def best_candidates(rows: torch.Tensor, candidates: torch.Tensor, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact re-rank: each query's k best rows among its own candidates.
+
+    rows (n, d), candidates (N, c) int64, x (N, d) -> (scores (N, k) float32, ids (N, k) int64),
+    padded with -inf / -1 when there are fewer than k candidates.
+    """
+    scores = rows_dot(rows, candidates, x)  # (N, c)
+    top = scores.topk(min(k, candidates.shape[1]), dim=1)
+    values, ids = top.values, candidates.gather(1, top.indices)
+    if candidates.shape[1] < k:
+        missing = k - candidates.shape[1]
+        values = torch.nn.functional.pad(values, (0, missing), value=-torch.inf)
+        ids = torch.nn.functional.pad(ids, (0, missing), value=-1)
+    return values, ids

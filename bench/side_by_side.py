@@ -31,12 +31,17 @@ ROWS: dict[str, tuple[str, list[str], list[str]]] = {
     "relu-lm-cells-mass": ("relu-lm", ["--backend", "cells", "--k", "1024", "--mass-target", "0.9"], []),
     "relu-lm-lowrank": ("relu-lm", ["--backend", "lowrank"], []),
     "relu-lm-lowrank-mass": ("relu-lm", ["--backend", "lowrank", "--k", "1024", "--mass-target", "0.9"], []),
+    "relu-lm-lowrank-mass-98": ("relu-lm", ["--backend", "lowrank", "--k", "1024", "--mass-target", "0.9",
+                                            "--target-recall", "0.98"], []),
     "topk-lm-ivf": ("topk-lm", ["--backend", "ivf"], []),
     "topk-lm-cells": ("topk-lm", ["--backend", "cells"], []),
     "topk-lm-lowrank": ("topk-lm", ["--backend", "lowrank"], []),
+    "topk-lm-lowrank-98": ("topk-lm", ["--backend", "lowrank", "--target-recall", "0.98"], []),
     "minilm-sparse-ivf": ("minilm-sparse", ["--backend", "ivf", "--k", "96"], ["--reference", "minilm"]),
     "minilm-sparse-cells": ("minilm-sparse", ["--backend", "cells", "--k", "96"], ["--reference", "minilm"]),
     "minilm-sparse-lowrank": ("minilm-sparse", ["--backend", "lowrank", "--k", "96"], ["--reference", "minilm"]),
+    "minilm-sparse-lowrank-80": ("minilm-sparse", ["--backend", "lowrank", "--k", "96", "--target-recall", "0.8"],
+                                 ["--reference", "minilm"]),
 }
 
 

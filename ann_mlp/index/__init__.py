@@ -13,14 +13,16 @@ from ann_mlp.index.faiss_hnsw import HnswIndex
 from ann_mlp.index.faiss_ivf import IvfIndex
 from ann_mlp.index.faiss_pq import PqRefineIndex
 from ann_mlp.index.low_rank import LowRankIndex
+from ann_mlp.index.predictor import NeuronPredictorIndex
 from ann_mlp.index.query_cells import QueryCellsIndex
 from ann_mlp.index.scann_index import ScannIndex
+from ann_mlp.index.teal import InputSparsityIndex
 
 __all__ = ["BACKENDS", "MipsIndex", "SearchResult", "backend_class", "build_index"]
 
 BACKENDS: dict[str, type[MipsIndex]] = {
     cls.name: cls for cls in (ExactIndex, IvfIndex, HnswIndex, PqRefineIndex, ScannIndex, QueryCellsIndex,
-                LowRankIndex)
+                LowRankIndex, NeuronPredictorIndex, InputSparsityIndex)
 }
 
 

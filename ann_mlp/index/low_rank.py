@@ -13,7 +13,7 @@ are the best `rerank` by approximate score, so the sets are nested and recall
 grows with it; rerank = num_keys is an exhaustive exact search.
 
 The best rank depends on the layer (how many directions its queries use): with
-rank "auto" the build picks, among a few ranks from D/32 to D/2, the one whose
+rank "auto" the build picks, among ranks from D/32 to D/2, the one whose
 total bytes per query are smallest at the target recall on the calibration queries.
 """
 
@@ -28,7 +28,7 @@ import torch
 
 from ann_mlp.errors import BackendError
 from ann_mlp.index.base import BYTES_PER_FLOAT, MipsIndex, SearchResult
-from ann_mlp.linalg import rows_dot
+from ann_mlp.linalg import best_candidates
 
 
 def score_preserving_factors(keys: np.ndarray, queries: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
@@ -65,8 +65,8 @@ def rerank_needed(keys: torch.Tensor, a: torch.Tensor, b: torch.Tensor, queries:
 
 
 def candidate_ranks(dim: int) -> list[int]:
-    """D/32 ... D/2 in powers of two, multiples of 8 (the codes' SIMD width), at least 8."""
-    return sorted({min(dim, max(8, dim // divisor // 8 * 8)) for divisor in (32, 16, 8, 4, 2)})
+    """D/32 ... D/2 in steps of about 1.4×, multiples of 8 (the codes' SIMD width), at least 8."""
+    return sorted({min(dim, max(8, dim // divisor // 8 * 8)) for divisor in (32, 24, 16, 12, 8, 6, 4, 3, 2)})
 
 
 class LowRankIndex(MipsIndex):
@@ -130,14 +130,7 @@ class LowRankIndex(MipsIndex):
         rerank = self.resolve_effort(k, search_params)
         q = np.ascontiguousarray(queries, dtype=np.float32)  # (N, D)
         _, candidates = self.codes.search(q @ self.projection.T, rerank)  # (N, rerank) by approximate score
-        candidates_t = torch.from_numpy(candidates)
-        scores = rows_dot(self.keys, candidates_t, torch.from_numpy(q))  # (N, rerank) exact
-        top = scores.topk(min(k, rerank), dim=1)
-        ids = candidates_t.gather(1, top.indices)
-        values = top.values
-        if rerank < k:
-            ids = torch.nn.functional.pad(ids, (0, k - rerank), value=-1)
-            values = torch.nn.functional.pad(values, (0, k - rerank), value=-torch.inf)
+        values, ids = best_candidates(self.keys, torch.from_numpy(candidates), torch.from_numpy(q), k)
         n_queries = len(q)
         per_query = self.projection.nbytes + self.code_bytes + rerank * self.dim * BYTES_PER_FLOAT
         return SearchResult(values.numpy(), ids.numpy(), keys_scored=n_queries * self.num_keys,

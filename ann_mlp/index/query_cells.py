@@ -21,7 +21,7 @@ import torch
 
 from ann_mlp.errors import BackendError
 from ann_mlp.index.base import BYTES_PER_FLOAT, MipsIndex, SearchResult
-from ann_mlp.linalg import rows_dot
+from ann_mlp.linalg import best_candidates
 
 
 class QueryCellsIndex(MipsIndex):
@@ -75,13 +75,7 @@ class QueryCellsIndex(MipsIndex):
         q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))  # (N, D)
         cell = (self.centroid_norms - 2 * q @ self.centroids.T).argmin(dim=1)  # (N,) nearest in L2
         candidates = self.ranking[cell, :budget]  # (N, budget)
-        scores = rows_dot(self.keys, candidates, q)  # (N, budget)
-        top = scores.topk(min(k, budget), dim=1)
-        ids = candidates.gather(1, top.indices)
-        values = top.values
-        if budget < k:
-            ids = torch.nn.functional.pad(ids, (0, k - budget), value=-1)
-            values = torch.nn.functional.pad(values, (0, k - budget), value=-torch.inf)
+        values, ids = best_candidates(self.keys, candidates, q, k)
         n_queries = len(q)
         vectors_read = n_queries * (len(self.centroids) + budget)
         return SearchResult(values.numpy(), ids.numpy(), keys_scored=n_queries * budget,

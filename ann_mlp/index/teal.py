@@ -1,0 +1,61 @@
+"""TEAL-style input sparsity (Liu et al. 2024, "Training-free activation sparsity"), as a peer.
+
+TEAL saves on the first layer by reading only the key columns of the query's
+largest-magnitude input coordinates: scores ≈ K[:, kept] x[kept] + b. Here the
+`kept_dims` largest |x_j| per token are kept (the bias column always is), every
+neuron gets that partial score, the top k by partial score are chosen, and those
+k keys are scored exactly. Cost: the kept columns of all keys plus k full rows.
+kept_dims = D is an exhaustive exact search.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ann_mlp.index.base import BYTES_PER_FLOAT, MipsIndex, SearchResult
+from ann_mlp.linalg import best_candidates
+
+
+class InputSparsityIndex(MipsIndex):
+    name = "teal"
+    effort_param = "kept_dims"  # input coordinates kept per query, bias included
+    exact_scores = True
+
+    def __init__(self, keys: np.ndarray, build_params: dict[str, Any], search_params: dict[str, Any]) -> None:
+        super().__init__(keys.shape[0], keys.shape[1], build_params, search_params)
+        self.keys = torch.from_numpy(np.ascontiguousarray(keys, dtype=np.float32))  # (n, D)
+
+    @classmethod
+    def build(cls, keys: np.ndarray, **build_params: Any) -> InputSparsityIndex:
+        return cls(keys, build_params, {})
+
+    def effort_range(self, k: int) -> tuple[int, int]:
+        return (1, self.dim)
+
+    def search(self, queries: np.ndarray, k: int, **search_params: Any) -> SearchResult:
+        kept = self.resolve_effort(k, search_params)
+        q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))  # (N, D)
+        magnitude = q.abs()
+        magnitude[:, -1] = torch.inf  # the bias column [b_i] · 1 is always read
+        dropped = magnitude.topk(self.dim - kept, dim=1, largest=False).indices  # (N, D - kept)
+        sparse_q = q.scatter(1, dropped, 0.0)  # (N, D)
+        candidates = (sparse_q @ self.keys.T).topk(min(k, self.num_keys), dim=1).indices  # (N, k)
+        values, ids = best_candidates(self.keys, candidates, q, k)
+        per_query = (self.num_keys * kept + len(ids[0]) * self.dim) * BYTES_PER_FLOAT
+        return SearchResult(values.numpy(), ids.numpy(), keys_scored=len(q) * self.num_keys,
+                            bytes_read=len(q) * per_query)
+
+    def save(self, folder: Path, stem: str) -> list[str]:
+        name = f"{stem}.keys.npy"
+        np.save(Path(folder) / name, self.keys.numpy(), allow_pickle=False)
+        return [name]
+
+    @classmethod
+    def load(cls, folder, stem, num_keys, dim, build_params, search_params) -> InputSparsityIndex:
+        keys = np.load(Path(folder) / f"{stem}.keys.npy", allow_pickle=False)
+        assert keys.shape == (num_keys, dim), keys.shape
+        return cls(keys, build_params, search_params)
