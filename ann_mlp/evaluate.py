@@ -63,7 +63,7 @@ class Report:
         return asdict(self)
 
 
-class _LayerTotals:
+class LayerTotals:
     """Running sums for one layer over all evaluated tokens."""
 
     def __init__(self) -> None:
@@ -153,7 +153,7 @@ class Comparison:
     def __init__(self, model: ApproxModel) -> None:
         self.model = model
         self.layers = sorted(model.mlps)
-        self.totals = {layer: _LayerTotals() for layer in self.layers}
+        self.totals = {layer: LayerTotals() for layer in self.layers}
         self.end_to_end = OutputAgreement(model.checkpoint.kind)
         self.tokens = 0
 

@@ -93,3 +93,21 @@ def test_speed_tables_render_what_the_benchmarks_wrote(tiny_stores, tmp_path):
     assert rows[0].startswith(f"Streaming memory bandwidth (array copy): {layer['bandwidth_gb_s']:.1f} GB/s")
     assert rows[4].startswith(f"| 1024×4096 | 1 | {layer['dense_path']} |") and "≥ 5×" in rows[4]
     assert rows[-1].startswith("| tiny-bert | 2 |") and "embedding_cosine_mean" in rows[-1]
+
+
+def test_peers_sweep_reports_every_backend_with_consistent_fields(tiny_checkpoints, tmp_path):
+    from bench import peers
+
+    records = peers.run_model(str(tiny_checkpoints["llama"]), 8, ["ivf", "lowrank", "teal"], tmp_path,
+                              calibration_tokens=600, eval_tokens=300)
+    assert {r["backend"] for r in records} == {"ivf", "lowrank", "teal"}
+    assert (tmp_path / "peers_llama.jsonl").read_text().count("\n") == len(records)
+    for (backend, layer), points in peers.by_key(records, "backend", "layer").items():
+        points.sort(key=lambda p: p["effort"])
+        assert all(0 <= p["recall_at_k"] <= 1 and p["bytes_read_fraction"] > 0 for p in points)
+        assert points[-1]["recall_at_k"] >= 0.99  # the largest effort is exhaustive for these three
+        assert points[0]["bytes_read_fraction"] < points[-1]["bytes_read_fraction"]
+    lines = peers.table(records).splitlines()
+    assert len(lines) == 2 + 3 and [line.split(" | ")[1] for line in lines[2:]] == ["ivf", "lowrank", "teal"]
+    assert all(line.endswith("/2 layers |") for line in lines[2:])
+    assert [p.name for p in peers.plots(records, tmp_path)] == ["peers_llama.png"]
