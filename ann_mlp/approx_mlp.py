@@ -69,7 +69,7 @@ class ApproxMLP(nn.Module):
     """Drop-in replacement for one MLP: same input and output shape (..., d_model)."""
 
     def __init__(self, weights: MlpWeights, index: MipsIndex, k: int,
-                 search_params: dict | None = None) -> None:
+                 search_params: dict | None = None, tail_mean: torch.Tensor | None = None) -> None:
         super().__init__()
         if not 1 <= k <= weights.d_ff:
             raise InputError(f"k must be in [1, d_ff={weights.d_ff}], got {k}")
@@ -81,6 +81,10 @@ class ApproxMLP(nn.Module):
         # embedding_bag gathers rows of a contiguous (d_ff, d_model) table.
         self.value_rows = weights.values.float().contiguous()  # (d_ff, d_model)
         self.dense_act = activation_module(weights.activation, weights.topk, weights.threshold)
+        # Tail correction: neurons not retrieved contribute their calibration mean,
+        # y = sum_retrieved (h_i - m_i) v_i + sum_all m_i v_i; exact when all are retrieved.
+        self.tail_mean = None if tail_mean is None else tail_mean.float()  # (d_ff,)
+        self.tail_sum = None if tail_mean is None else self.tail_mean @ self.value_rows  # (d_model,)
         # Planner: calls with more tokens than this run dense (None: always approximate).
         self.approx_up_to: int | None = None
         self.stats = SearchStats()
@@ -144,7 +148,12 @@ class ApproxMLP(nn.Module):
             activations = activations * up
         if found is not None:
             activations = activations.masked_fill(~found, 0.0)
+        if self.tail_mean is not None:
+            expected = self.tail_mean[ids]  # (N, k): already counted in tail_sum
+            activations = activations - (expected if result.ids.min() >= 0 else expected.masked_fill(retrieved < 0, 0.0))
         y = F.embedding_bag(ids, self.value_rows, per_sample_weights=activations, mode="sum")  # (N, d_model)
+        if self.tail_sum is not None:
+            y = y + self.tail_sum
         if w.out_bias is not None:
             y = y + w.out_bias
 

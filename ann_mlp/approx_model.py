@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ann_mlp.approx_mlp import ApproxMLP
@@ -26,14 +27,17 @@ class ApproxModel:
     """Loads the store's checkpoint (checksums verified) and one ApproxMLP per layer."""
 
     def __init__(self, manifest: Manifest, checkpoint: Checkpoint, indexes: dict[int, MipsIndex],
-                 k: int | None = None, search_params: dict[str, Any] | None = None) -> None:
+                 k: int | None = None, search_params: dict[str, Any] | None = None,
+                 tail_means: dict[int, np.ndarray] | None = None) -> None:
         self.manifest = manifest
         self.checkpoint = checkpoint
         self.mlps: dict[int, ApproxMLP] = {}
         for entry in manifest.layers:
             weights = checkpoint.adapter.mlp_weights(entry.layer)
             assert (weights.d_ff, weights.d_model) == (entry.d_ff, entry.d_model)
-            self.mlps[entry.layer] = ApproxMLP(weights, indexes[entry.layer], entry.k or manifest.k)
+            tail_mean = (tail_means or {}).get(entry.layer)
+            self.mlps[entry.layer] = ApproxMLP(weights, indexes[entry.layer], entry.k or manifest.k,
+                                               tail_mean=None if tail_mean is None else torch.from_numpy(tail_mean))
         self.configure(k, search_params)
 
     @classmethod
@@ -44,7 +48,9 @@ class ApproxModel:
         store.verify_source(source)
         checkpoint = load_checkpoint(source)
         indexes = {entry.layer: store.load_index(entry.layer) for entry in store.manifest.layers}
-        return cls(store.manifest, checkpoint, indexes, **options)
+        tail_means = {entry.layer: store.load_tail_mean(entry.layer) for entry in store.manifest.layers
+                      if entry.tail_mean_file}
+        return cls(store.manifest, checkpoint, indexes, tail_means=tail_means, **options)
 
     def configure(self, k: int | None = None, search_params: dict[str, Any] | None = None) -> None:
         """Set k and query-time search parameters for every layer (None: the store's values per layer)."""

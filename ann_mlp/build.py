@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -67,15 +67,16 @@ def _sample(x: torch.Tensor, limit: int, seed: int) -> torch.Tensor:
 
 
 def build_indexes(checkpoint: Checkpoint, config: BuildConfig, calib_text: Path | None = None,
-                  progress: bool = True, save: Callable[[int, MipsIndex], dict[str, str]] | None = None,
-                  name: str = "in-memory") -> tuple[Manifest, dict[int, MipsIndex]]:
-    """One index per layer, tuned on calibration text; `save` persists each as it is built."""
+                  progress: bool = True, writer: StoreWriter | None = None, name: str = "in-memory",
+                  ) -> tuple[Manifest, dict[int, MipsIndex], dict[int, np.ndarray]]:
+    """One index per layer, tuned on calibration text, and (with the tail correction) each
+    layer's mean activations; `writer` persists each layer as it is built."""
     backend = backend_class(config.backend)
     d_ffs = [checkpoint.adapter.mlp_weights(layer).d_ff for layer in range(checkpoint.num_layers)]
     if config.k > min(d_ffs):
         raise InputError(f"k={config.k} exceeds d_ff={min(d_ffs)} of {checkpoint.source.spec}")
     tune_inputs, holdout_inputs, tokens = capture_calibration(checkpoint, config, calib_text, progress)
-    entries, indexes = [], {}
+    entries, indexes, tail_means = [], {}, {}
     for layer in tqdm(range(checkpoint.num_layers), desc="layers", disable=not progress):
         start = time.perf_counter()
         weights = checkpoint.adapter.mlp_weights(layer)
@@ -103,24 +104,32 @@ def build_indexes(checkpoint: Checkpoint, config: BuildConfig, calib_text: Path 
         log.info("layer %d: %s recall@%d=%.3f scanned=%.3f", layer, index, k,
                  held.recall, held.scanned_fraction)
         indexes[layer] = index
+        files = writer.add_layer(layer, index) if writer else {}
+        tail_mean_file = None
+        if config.tail_correction:
+            tail_means[layer] = dense_activations(weights, tune_x)[1].mean(0).numpy()  # (d_ff,)
+            if writer:
+                saved = writer.add_array(layer, "tail_mean", tail_means[layer])
+                files, tail_mean_file = {**files, **saved}, next(iter(saved))
         entries.append(LayerEntry(
             layer=layer, d_model=weights.d_model, d_ff=weights.d_ff, gated=weights.gated,
             activation=weights.activation, backend=backend.name, build_params=index.build_params,
             search_params=index.search_params, effort_param=index.effort_param,
             effort_range=list(index.effort_range(k)), k=k if config.mass_target is not None else None,
-            files=save(layer, index) if save else {}, plan=plan,
+            files=files, plan=plan, tail_mean_file=tail_mean_file,
             build_recall=round(held.recall, 6), build_scanned_fraction=round(held.scanned_fraction, 6),
             build_seconds=round(time.perf_counter() - start, 3)))
     manifest = Manifest(
         name=name, family=checkpoint.family, kind=checkpoint.kind, backend=backend.name,
         k=config.k, target_recall=config.target_recall, source=checkpoint.source.to_json(),
-        extra={"mass_target": config.mass_target} if config.mass_target is not None else {},
+        extra={**({"mass_target": config.mass_target} if config.mass_target is not None else {}),
+               **({"tail_correction": True} if config.tail_correction else {})},
         calibration={"text": describe(calib_text, "calibration"), "tokens": tokens,
                      "tune_queries": int(min(len(tune_inputs[0]), MAX_TUNING_QUERIES)),
                      "holdout_queries": int(min(len(holdout_inputs[0]), MAX_TUNING_QUERIES)),
                      "seed": config.seed},
         layers=entries)
-    return manifest, indexes
+    return manifest, indexes, tail_means
 
 
 def build_store(spec: str, out: Path, config: BuildConfig, calib_text: Path | None = None,
@@ -128,6 +137,6 @@ def build_store(spec: str, out: Path, config: BuildConfig, calib_text: Path | No
     backend_class(config.backend)  # an unknown backend fails before the model loads
     with StoreWriter(out, overwrite=overwrite) as writer:
         checkpoint = load_checkpoint(spec)
-        manifest, _ = build_indexes(checkpoint, config, calib_text, progress, save=writer.add_layer,
-                                    name=Path(out).name)
+        manifest, _, _ = build_indexes(checkpoint, config, calib_text, progress, writer=writer,
+                                       name=Path(out).name)
         return writer.commit(manifest)

@@ -67,6 +67,7 @@ def build(
     calib_tokens: int = typer.Option(TextConfig.max_tokens, help="Calibration tokens to run through the model."),
     param: list[str] = typer.Option([], "--param", help="Backend build parameter NAME=VALUE (repeatable)."),
     plan: bool = typer.Option(True, help="Time dense vs approximate per layer and batch size for serving mode auto."),
+    tail_correction: bool = typer.Option(False, help="Stand in for the neurons not retrieved with their mean activation on calibration tokens (for GELU / SiLU models)."),
     preset: bool = typer.Option(False, help=f"Use the recommended settings of a built-in checkpoint ({', '.join(PRESET_BUILDS)}) instead of the options above."),
     force: bool = typer.Option(False, help="Replace an existing store."),
 ) -> None:
@@ -79,7 +80,8 @@ def build(
         raise AnnMlpError(f"no preset for {checkpoint!r}; presets exist for {', '.join(PRESET_BUILDS)}")
     config = PRESET_BUILDS[checkpoint] if preset else BuildConfig(
         backend=backend, k=k, target_recall=target_recall or None, mass_target=mass_target,
-        build_params=_parse_params(param), plan=plan, calibration=TextConfig(max_tokens=calib_tokens))
+        build_params=_parse_params(param), plan=plan, tail_correction=tail_correction,
+        calibration=TextConfig(max_tokens=calib_tokens))
     out = out or DEFAULT_STORE_ROOT / Path(checkpoint.rstrip("/")).stem
     path = build_store(checkpoint, out, config, calib_text, overwrite=force, progress=_progress())
     from ann_mlp.store import Store
@@ -136,11 +138,12 @@ def _rebuilt(model, backend: str):
     calib = manifest.calibration["text"]
     config = BuildConfig(backend=backend, k=manifest.k, target_recall=manifest.target_recall,
                          mass_target=manifest.extra.get("mass_target"),
+                         tail_correction=bool(manifest.extra.get("tail_correction")),
                          calibration=TextConfig(max_tokens=manifest.calibration["tokens"]))
     calib_path = None if calib.startswith("python-stdlib-docstrings") else Path(calib)
-    new_manifest, indexes = build_indexes(model.checkpoint, config, calib_path, _progress(),
-                                          name=manifest.name)
-    return ApproxModel(new_manifest, model.checkpoint, indexes)
+    new_manifest, indexes, tail_means = build_indexes(model.checkpoint, config, calib_path, _progress(),
+                                                      name=manifest.name)
+    return ApproxModel(new_manifest, model.checkpoint, indexes, tail_means=tail_means)
 
 
 @app.command()

@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ann_mlp import __version__
 from ann_mlp.checkpoint import CheckpointSource, sha256_file
 from ann_mlp.config import STORE_FORMAT_VERSION
@@ -43,6 +45,7 @@ class LayerEntry:
     build_seconds: float
     k: int | None = None  # this layer's k when chosen per layer (None: the store's k)
     plan: dict[str, Any] | None = None  # planner.plan_layer: where approximation pays (None: not measured)
+    tail_mean_file: str | None = None  # (d_ff,) float32 .npy: mean activations for the tail correction
 
 
 @dataclass
@@ -98,6 +101,12 @@ class StoreWriter:
         names = index.save(self.tmp, f"layer_{layer:03d}")
         return {name: sha256_file(self.tmp / name) for name in names}
 
+    def add_array(self, layer: int, part: str, array: np.ndarray) -> dict[str, str]:
+        """Save one per-layer array beside the index; return it with its checksum."""
+        name = f"layer_{layer:03d}.{part}.npy"
+        np.save(self.tmp / name, array, allow_pickle=False)
+        return {name: sha256_file(self.tmp / name)}
+
     def commit(self, manifest: Manifest) -> Path:
         path = self.tmp / MANIFEST
         with open(path, "w") as f:
@@ -152,6 +161,11 @@ class Store:
         cls = backend_class(entry.backend)
         return cls.load(self.path, f"layer_{layer:03d}", entry.d_ff, entry.d_model + 1,
                         entry.build_params, entry.search_params)
+
+    def load_tail_mean(self, layer: int) -> np.ndarray | None:
+        """The layer's mean activations (d_ff,) when built with the tail correction, else None."""
+        name = self.manifest.layers[layer].tail_mean_file
+        return None if name is None else np.load(self.path / name, allow_pickle=False)
 
     def verify_source(self, source: CheckpointSource) -> None:
         """Refuse a checkpoint whose weights are not the ones this store was built from."""

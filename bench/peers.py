@@ -45,7 +45,7 @@ MODELS = {"topk-lm": 128, "relu-lm": 128, "minilm-sparse": 96, "minilm": 128}  #
 BACKEND_ORDER = ["ivf", "hnsw", "scann", "pq", "teal", "dejavu", "cells", "lowrank"]
 TARGET_RECALL = 0.95
 SWEEP_POINTS = 12
-EVAL_TOKENS = 4096
+EVAL_TOKENS = 2048
 
 
 def held_out_inputs(checkpoint, tokens: int) -> list[torch.Tensor]:

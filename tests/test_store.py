@@ -143,3 +143,33 @@ def test_k_for_mass_keeps_the_target_share_of_activation():
     assert k_for_mass(weights, x, 0.5, 64) == 16  # 10 neurons, rounded up to 16
     assert k_for_mass(weights, x, 0.9, 64) == 32  # 18 -> 32
     assert k_for_mass(weights, x, 1.0, 24) == 24  # capped at k
+
+
+def test_tail_correction_is_stored_exact_at_full_k_and_lowers_gelu_error(tiny_checkpoints, tmp_path):
+    """Built with --tail-correction, a GELU model's dropped neurons contribute their calibration
+    mean: the file is checksummed with the store, k = d_ff stays exact, small k errs less."""
+    from ann_mlp.approx_mlp import dense_activations
+    from ann_mlp.metrics import relative_errors
+    from tests.tiny_checkpoints import D_FF
+
+    errors = {}
+    for correct in (False, True):
+        config = BuildConfig(backend="exact", k=8, target_recall=None, tail_correction=correct, plan=False,
+                             calibration=TextConfig(max_tokens=800))
+        store = build_store(str(tiny_checkpoints["bert"]), tmp_path / f"tail-{correct}", config, progress=False)
+        manifest = Store.open(store).manifest
+        assert all((entry.tail_mean_file is not None) == correct for entry in manifest.layers)
+        model = ApproxModel.open(store)
+        mlp = model.mlps[0]
+        x = torch.randn(64, mlp.weights.d_model, generator=torch.Generator().manual_seed(0))
+        exact = dense_activations(mlp.weights, x)[1] @ mlp.value_rows  # (64, d_model)
+        if mlp.weights.out_bias is not None:
+            exact = exact + mlp.weights.out_bias
+        errors[correct] = relative_errors(mlp(x), exact).mean().item()
+        mlp.k = D_FF
+        torch.testing.assert_close(mlp(x), exact, rtol=1e-4, atol=1e-4)
+    assert errors[True] < errors[False], errors
+    tail_file = store / manifest.layers[0].tail_mean_file
+    tail_file.write_bytes(tail_file.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(StoreError, match="corrupted"):
+        Store.open(store)
