@@ -153,7 +153,7 @@ def test_default_relu_lm_serves_completions_to_the_openai_client(tmp_path):
     """The README's default model, trained here, built and served for real (small calibration budget)."""
     store = tmp_path / "relu-lm"
     build = subprocess.run([sys.executable, "-m", "ann_mlp", "build", "relu-lm", "--out", str(store),
-                            "--calib-tokens", "2000", "--k", "256", "--mass-target", "0.9", "--backend", "cells"],
+                            "--calib-tokens", "2000", "--k", "256", "--mass-target", "0.9", "--backend", "lowrank"],
                            capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stderr[-2000:]
     with running_server([store]) as (url, _, _log):
