@@ -124,7 +124,8 @@ class ApproxMLP(nn.Module):
 
         retrieved = torch.from_numpy(result.ids)  # (N, k), -1 = nothing found
         # Usually every slot is filled; masking only when one is not keeps the batch-1 glue small.
-        found = retrieved >= 0 if result.ids.min() < 0 else None  # (N, k) bool, None: all found
+        all_found = bool(result.ids.min() >= 0)
+        found = None if all_found else retrieved >= 0  # (N, k) bool, None: all found
         ids = retrieved if found is None else retrieved.clamp_min(0)
         if self.index.exact_scores:
             scores = torch.from_numpy(result.scores)  # (N, k)
@@ -150,7 +151,7 @@ class ApproxMLP(nn.Module):
             activations = activations.masked_fill(~found, 0.0)
         if self.tail_mean is not None:
             expected = self.tail_mean[ids]  # (N, k): already counted in tail_sum
-            activations = activations - (expected if result.ids.min() >= 0 else expected.masked_fill(retrieved < 0, 0.0))
+            activations = activations - (expected if all_found else expected.masked_fill(retrieved < 0, 0.0))
         y = F.embedding_bag(ids, self.value_rows, per_sample_weights=activations, mode="sum")  # (N, d_model)
         if self.tail_sum is not None:
             y = y + self.tail_sum

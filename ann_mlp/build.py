@@ -122,8 +122,7 @@ def build_indexes(checkpoint: Checkpoint, config: BuildConfig, calib_text: Path 
     manifest = Manifest(
         name=name, family=checkpoint.family, kind=checkpoint.kind, backend=backend.name,
         k=config.k, target_recall=config.target_recall, source=checkpoint.source.to_json(),
-        extra={**({"mass_target": config.mass_target} if config.mass_target is not None else {}),
-               **({"tail_correction": True} if config.tail_correction else {})},
+        extra={"mass_target": config.mass_target} if config.mass_target is not None else {},
         calibration={"text": describe(calib_text, "calibration"), "tokens": tokens,
                      "tune_queries": int(min(len(tune_inputs[0]), MAX_TUNING_QUERIES)),
                      "holdout_queries": int(min(len(holdout_inputs[0]), MAX_TUNING_QUERIES)),

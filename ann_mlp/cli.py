@@ -138,7 +138,7 @@ def _rebuilt(model, backend: str):
     calib = manifest.calibration["text"]
     config = BuildConfig(backend=backend, k=manifest.k, target_recall=manifest.target_recall,
                          mass_target=manifest.extra.get("mass_target"),
-                         tail_correction=bool(manifest.extra.get("tail_correction")),
+                         tail_correction=any(entry.tail_mean_file for entry in manifest.layers),
                          calibration=TextConfig(max_tokens=manifest.calibration["tokens"]))
     calib_path = None if calib.startswith("python-stdlib-docstrings") else Path(calib)
     new_manifest, indexes, tail_means = build_indexes(model.checkpoint, config, calib_path, _progress(),

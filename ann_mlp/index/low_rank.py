@@ -64,6 +64,11 @@ def rerank_needed(keys: torch.Tensor, a: torch.Tensor, b: torch.Tensor, queries:
     return int(torch.quantile(all_ranks, min(target_recall, 1.0)).item()) + 1
 
 
+def bytes_per_query(num_keys: int, dim: int, rank: int, rerank: int) -> int:
+    """Projection (r·D floats) + 8-bit codes (one byte per key and rank) + the re-ranked full keys."""
+    return rank * dim * BYTES_PER_FLOAT + num_keys * rank + rerank * dim * BYTES_PER_FLOAT
+
+
 def candidate_ranks(dim: int) -> list[int]:
     """D/32 ... D/2 in steps of about 1.4×, multiples of 8 (the codes' SIMD width), at least 8."""
     return sorted({min(dim, max(8, dim // divisor // 8 * 8)) for divisor in (32, 24, 16, 12, 8, 6, 4, 3, 2)})
@@ -81,11 +86,9 @@ class LowRankIndex(MipsIndex):
         self.keys = torch.from_numpy(np.ascontiguousarray(keys, dtype=np.float32))  # (n, D)
         self.projection = np.ascontiguousarray(projection, dtype=np.float32)  # (r, D): B
         self.codes = codes  # n vectors of r dims: A's rows, 8-bit
-        self.code_bytes = codes.ntotal * codes.sa_code_size()
 
     @classmethod
     def default_build_params(cls, num_keys: int, dim: int) -> dict[str, Any]:
-        # r ≈ D/8, a multiple of 8: the codes then cost 1/32 of a float scan at any size.
         return {"rank": "auto"}
 
     @classmethod
@@ -96,13 +99,16 @@ class LowRankIndex(MipsIndex):
         num_keys, dim = keys.shape
         params = {**cls.default_build_params(num_keys, dim), **build_params}
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        if params["rank"] == "auto":
-            a, b = score_preserving_factors(keys, queries, max(candidate_ranks(dim)))
-            params["rank"] = cls._cheapest_rank(keys, a, b, queries, k, target_recall or 0.95)
         rank = params["rank"]
-        if not isinstance(rank, int) or not 1 <= rank <= dim:
+        if rank == "auto":
+            # One fit at the largest candidate rank: its leading r columns are the rank-r fit.
+            a, b = score_preserving_factors(keys, queries, max(candidate_ranks(dim)))
+            rank = params["rank"] = cls._cheapest_rank(keys, a, b, queries, k, target_recall or 0.95)
+            a, b = np.ascontiguousarray(a[:, :rank]), np.ascontiguousarray(b[:rank])
+        elif not isinstance(rank, int) or not 1 <= rank <= dim:
             raise BackendError(f"rank must be 'auto' or an integer in [1, {dim}], got {rank!r}")
-        a, b = score_preserving_factors(keys, queries, rank)
+        else:
+            a, b = score_preserving_factors(keys, queries, rank)
         codes = faiss.IndexScalarQuantizer(rank, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
         codes.train(a)
         codes.add(a)
@@ -119,7 +125,7 @@ class LowRankIndex(MipsIndex):
 
         def cost(rank: int) -> int:
             rerank = rerank_needed(keys_t, a_t[:, :rank], b_t[:rank], sample, k, target_recall)
-            return rank * dim * BYTES_PER_FLOAT + num_keys * rank + rerank * dim * BYTES_PER_FLOAT
+            return bytes_per_query(num_keys, dim, rank, rerank)
 
         return min(candidate_ranks(dim), key=cost)
 
@@ -131,10 +137,9 @@ class LowRankIndex(MipsIndex):
         q = np.ascontiguousarray(queries, dtype=np.float32)  # (N, D)
         _, candidates = self.codes.search(q @ self.projection.T, rerank)  # (N, rerank) by approximate score
         values, ids = best_candidates(self.keys, torch.from_numpy(candidates), torch.from_numpy(q), k)
-        n_queries = len(q)
-        per_query = self.projection.nbytes + self.code_bytes + rerank * self.dim * BYTES_PER_FLOAT
-        return SearchResult(values.numpy(), ids.numpy(), keys_scored=n_queries * self.num_keys,
-                            bytes_read=n_queries * per_query)
+        per_query = bytes_per_query(self.num_keys, self.dim, self.codes.d, rerank)
+        return SearchResult(values.numpy(), ids.numpy(), keys_scored=len(q) * self.num_keys,
+                            bytes_read=len(q) * per_query)
 
     def save(self, folder: Path, stem: str) -> list[str]:
         names = [f"{stem}.keys.npy", f"{stem}.projection.npy", f"{stem}.codes.faiss"]
