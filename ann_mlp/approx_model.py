@@ -9,14 +9,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from ann_mlp.approx_mlp import ApproxMLP
+from ann_mlp.approx_mlp import ApproxMLP, augmented_keys
 from ann_mlp.checkpoint import (
     BUILTIN_CHECKPOINTS,
     Checkpoint,
     load_checkpoint,
     resolve_checkpoint,
 )
+from ann_mlp.checkpoint.base import MlpWeights
 from ann_mlp.errors import InputError
 from ann_mlp.index import MipsIndex
 from ann_mlp.patch import patched
@@ -44,10 +46,13 @@ class ApproxModel:
     def open(cls, store_path: Path | str, checkpoint: str | None = None, **options) -> ApproxModel:
         """checkpoint: override where the weights are (default: the path in the manifest)."""
         store = Store.open(store_path)
-        source = resolve_checkpoint(checkpoint or _recorded_checkpoint(store))
+        source = resolve_checkpoint(checkpoint or recorded_checkpoint(store))
         store.verify_source(source)
         checkpoint = load_checkpoint(source)
-        indexes = {entry.layer: store.load_index(entry.layer) for entry in store.manifest.layers}
+        indexes = {}
+        for entry in store.manifest.layers:
+            weights = checkpoint.adapter.mlp_weights(entry.layer)
+            indexes[entry.layer] = store.load_index(entry.layer, share_layer_tables(checkpoint.model, weights))
         tail_means = {entry.layer: store.load_tail_mean(entry.layer) for entry in store.manifest.layers
                       if entry.tail_mean_file}
         return cls(store.manifest, checkpoint, indexes, tail_means=tail_means, **options)
@@ -102,11 +107,41 @@ class ApproxModel:
             mlp.stats.reset()
 
 
+def share_layer_tables(model: nn.Module, weights: MlpWeights) -> np.ndarray:
+    """Hold one layer's MLP weights once, in the layouts the approximate path reads.
+
+    Copies the key rows and bias into one augmented table [k_i; b_i] (d_ff, D) and the
+    value rows into a contiguous (d_ff, d_model) table, then points the model's own
+    parameters at views of them (a transposed view where the family stores the
+    matrix the other way round), so the dense model, the index and ApproxMLP read
+    the same memory and the old tensors are freed. Returns the augmented table.
+    """
+    table = torch.from_numpy(augmented_keys(weights))  # (d_ff, d_model + 1)
+    _repoint(model, weights.keys, table[:, :-1])
+    if weights.key_bias is not None:
+        _repoint(model, weights.key_bias, table[:, -1])
+    _repoint(model, weights.values, weights.values.float().contiguous())
+    return table.numpy()
+
+
+def _repoint(model: nn.Module, current: torch.Tensor, replacement: torch.Tensor) -> None:
+    """Make the parameter `current` views (itself or its transpose) hold `replacement`'s storage."""
+    for parameter in model.parameters():
+        if parameter.data_ptr() != current.data_ptr() or parameter.numel() != current.numel():
+            continue
+        if parameter.shape == current.shape and parameter.stride() == current.stride():
+            parameter.data = replacement
+        else:  # the adapter handed out the transpose of the stored matrix
+            parameter.data = replacement.T
+        return
+    raise AssertionError("adapter weights are not views of the model's parameters")
+
+
 def _count_dense(mlp: ApproxMLP, hidden_states: torch.Tensor) -> None:
     mlp.stats.dense_tokens += hidden_states.numel() // mlp.weights.d_model
 
 
-def _recorded_checkpoint(store: Store) -> str:
+def recorded_checkpoint(store: Store) -> str:
     """The weights' recorded location; a built-in name is re-resolved (packages move between venvs)."""
     source = store.manifest.source
     if source["spec"] in BUILTIN_CHECKPOINTS:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ann_mlp.errors import InputError
 
-STORE_FORMAT_VERSION = 1
+STORE_FORMAT_VERSION = 2  # 2: backends that re-score from the keys no longer save them
 DEFAULT_STORE_ROOT = Path("indexes")
 DEFAULT_K = 128
 DEFAULT_BACKEND = "ivf"

@@ -70,7 +70,8 @@ class Manifest:
     def from_json(cls, data: dict[str, Any]) -> Manifest:
         version = data.get("format_version")
         if version != STORE_FORMAT_VERSION:
-            raise StoreError(f"store format version {version!r} is not supported (expected {STORE_FORMAT_VERSION})")
+            raise StoreError(f"store format version {version!r} is not supported (expected {STORE_FORMAT_VERSION}); "
+                             "rebuild it with `ann-mlp build ... --force`")
         try:
             layers = [LayerEntry(**entry) for entry in data["layers"]]
             return cls(**{**data, "layers": layers})
@@ -156,11 +157,12 @@ class Store:
                 raise StoreError(f"store {path}: {name} is corrupted (sha256 mismatch)")
         return cls(path, manifest)
 
-    def load_index(self, layer: int) -> MipsIndex:
+    def load_index(self, layer: int, keys: np.ndarray) -> MipsIndex:
+        """keys: the layer's augmented keys (d_ff, d_model + 1) from the verified checkpoint."""
         entry = self.manifest.layers[layer]
-        cls = backend_class(entry.backend)
-        return cls.load(self.path, f"layer_{layer:03d}", entry.d_ff, entry.d_model + 1,
-                        entry.build_params, entry.search_params)
+        assert keys.shape == (entry.d_ff, entry.d_model + 1), keys.shape
+        return backend_class(entry.backend).load(self.path, f"layer_{layer:03d}", keys,
+                                                 entry.build_params, entry.search_params)
 
     def load_tail_mean(self, layer: int) -> np.ndarray | None:
         """The layer's mean activations (d_ff,) when built with the tail correction, else None."""

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ann_mlp.errors import BackendError
-from ann_mlp.index import BACKENDS, build_index
+from ann_mlp.index import BACKENDS, KeyRowsIndex, build_index
 from ann_mlp.metrics import recall_at_k
 from ann_mlp.tuning import measure, tune_effort
 
@@ -102,10 +102,21 @@ def test_save_load_round_trip(data, name, tmp_path):
     index = _index(name, data)
     index.search_params = {index.effort_param: index.effort_range(K)[0]} if name != "exact" else {}
     files = index.save(tmp_path, "layer_000")
-    assert files and all((tmp_path / f).is_file() for f in files)
-    loaded = type(index).load(tmp_path, "layer_000", NUM_KEYS, DIM, index.build_params, index.search_params)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == sorted(files)
+    held_keys = keys.copy()
+    loaded = type(index).load(tmp_path, "layer_000", held_keys, index.build_params, index.search_params)
     np.testing.assert_array_equal(loaded.search(queries, K).ids, index.search(queries, K).ids)
     assert str(loaded) == str(index)
+    if isinstance(index, KeyRowsIndex):  # the keys are the checkpoint's: neither saved nor copied
+        assert not any(np.load(tmp_path / f).shape == keys.shape for f in files if f.endswith(".npy"))
+        assert loaded.keys.data_ptr() == held_keys.ctypes.data
+
+
+def test_load_refuses_keys_of_another_size(data, tmp_path):
+    index = _index("ivf", data)
+    index.save(tmp_path, "layer_000")
+    with pytest.raises(BackendError, match="keys"):
+        type(index).load(tmp_path, "layer_000", data[0][:-1], index.build_params, index.search_params)
 
 
 def test_query_aware_backend_needs_calibration_queries(data):

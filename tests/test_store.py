@@ -8,7 +8,8 @@ import torch
 from ann_mlp.approx_model import ApproxModel
 from ann_mlp.build import build_store
 from ann_mlp.capture import forward, make_batch
-from ann_mlp.config import BuildConfig, TextConfig
+from ann_mlp.checkpoint import load_checkpoint
+from ann_mlp.config import STORE_FORMAT_VERSION, BuildConfig, TextConfig
 from ann_mlp.errors import CheckpointError, InputError, StoreError
 from ann_mlp.store import Store
 
@@ -31,7 +32,7 @@ def _copy(store, tmp_path):
 
 def test_manifest_records_source_layers_and_tuning(store, tiny_checkpoints):
     manifest = Store.open(store).manifest
-    assert manifest.format_version == 1 and manifest.family == "opt" and manifest.k == 16
+    assert manifest.format_version == STORE_FORMAT_VERSION and manifest.family == "opt" and manifest.k == 16
     assert manifest.source["weight_files"].keys() == {"model.safetensors"}
     assert manifest.calibration["tokens"] >= 600
     assert len(manifest.layers) == 2
@@ -173,3 +174,32 @@ def test_tail_correction_is_stored_exact_at_full_k_and_lowers_gelu_error(tiny_ch
     tail_file.write_bytes(tail_file.read_bytes()[:-4] + b"\0\0\0\0")
     with pytest.raises(StoreError, match="corrupted"):
         Store.open(store)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
+def test_model_and_index_hold_the_weights_once(tiny_checkpoints, tmp_path, family):
+    """Keys live once, in the index's augmented table, values once in ApproxMLP's table; the
+    model's parameters are views of them (GPT-2 stores keys transposed, LLaMA and BERT values)."""
+    config = BuildConfig(backend="lowrank", k=16, target_recall=0.9, calibration=TextConfig(max_tokens=600))
+    store = build_store(str(tiny_checkpoints[family]), tmp_path / family, config, progress=False)
+    plain = load_checkpoint(str(tiny_checkpoints[family]))
+    model = ApproxModel.open(store)
+    batch = make_batch(model.checkpoint, ["Memory is shared, not copied."], 16)
+    def output(checkpoint):
+        result = forward(checkpoint, batch)
+        return result.logits if family != "bert" else result.last_hidden_state
+
+    assert torch.equal(output(model.checkpoint), output(plain))
+    adapter = model.checkpoint.adapter
+    for layer, mlp in model.mlps.items():
+        weights = adapter.mlp_weights(layer)
+        assert weights.keys.data_ptr() == mlp.index.keys.data_ptr()
+        assert weights.values.data_ptr() == mlp.value_rows.data_ptr()
+        if weights.key_bias is not None:
+            torch.testing.assert_close(weights.key_bias, mlp.index.keys[:, -1], rtol=0, atol=0)
+            assert weights.key_bias.untyped_storage().data_ptr() == mlp.index.keys.untyped_storage().data_ptr()
+    model.configure(k=model.mlps[0].weights.d_ff, search_params={"rerank": model.mlps[0].weights.d_ff})
+    with model.approximate():
+        full = output(model.checkpoint)
+    exact = output(plain)
+    assert float((full - exact).norm() / exact.norm()) < 1e-5

@@ -140,6 +140,7 @@ def load_checkpoint(spec: str | CheckpointSource) -> Checkpoint:
     except (OSError, ValueError) as err:
         raise CheckpointError(f"cannot load {source.spec}: {err}".splitlines()[0]) from err
     model.eval()
+    _own_memory(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     adapter = adapter_cls(model)
@@ -147,6 +148,16 @@ def load_checkpoint(spec: str | CheckpointSource) -> Checkpoint:
         install_activations(adapter)
     return Checkpoint(model=model, tokenizer=tokenizer, adapter=adapter, family=family, source=source)
 
+
+def _own_memory(model: torch.nn.Module) -> None:
+    """Copy every tensor out of the weight file's memory map (transformers maps fp32 safetensors).
+
+    A served model must not change, or fault, when its files are rewritten on disk;
+    and memory the model owns is what resident-memory figures can count.
+    """
+    with torch.no_grad():
+        for tensor in (*model.parameters(), *model.buffers()):
+            tensor.data = tensor.data.clone()
 
 
 def install_activations(adapter: FamilyAdapter) -> None:

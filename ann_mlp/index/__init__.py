@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from ann_mlp.errors import BackendError
-from ann_mlp.index.base import MipsIndex, SearchResult
+from ann_mlp.index.base import KeyRowsIndex, MipsIndex, SearchResult
 from ann_mlp.index.exact import ExactIndex
 from ann_mlp.index.faiss_hnsw import HnswIndex
 from ann_mlp.index.faiss_ivf import IvfIndex
@@ -18,7 +18,7 @@ from ann_mlp.index.query_cells import QueryCellsIndex
 from ann_mlp.index.scann_index import ScannIndex
 from ann_mlp.index.teal import InputSparsityIndex
 
-__all__ = ["BACKENDS", "MipsIndex", "SearchResult", "backend_class", "build_index"]
+__all__ = ["BACKENDS", "KeyRowsIndex", "MipsIndex", "SearchResult", "backend_class", "build_index"]
 
 BACKENDS: dict[str, type[MipsIndex]] = {
     cls.name: cls for cls in (ExactIndex, IvfIndex, HnswIndex, PqRefineIndex, ScannIndex, QueryCellsIndex,

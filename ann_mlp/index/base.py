@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 
 BYTES_PER_FLOAT = 4
 
@@ -86,9 +87,14 @@ class MipsIndex(ABC):
 
     @classmethod
     @abstractmethod
-    def load(cls, folder: Path, stem: str, num_keys: int, dim: int,
+    def load(cls, folder: Path, stem: str, keys: np.ndarray,
              build_params: dict[str, Any], search_params: dict[str, Any]) -> MipsIndex:
-        """Read what save() wrote. Never unpickles."""
+        """Read what save() wrote. Never unpickles.
+
+        keys: (num_keys, D) float32, the checkpoint's augmented keys the index was
+        built from (the store verified the weights). Backends that re-score from
+        them keep this array itself, not a copy.
+        """
 
     def __str__(self) -> str:
         params = ", ".join(f"{k}={v}" for k, v in {**self.build_params, **self.search_params}.items())
@@ -98,3 +104,36 @@ class MipsIndex(ABC):
     def full_scan_bytes(self) -> int:
         """Bytes of an exhaustive full-precision scan, per query: the cost baseline."""
         return self.num_keys * self.dim * BYTES_PER_FLOAT
+
+
+class KeyRowsIndex(MipsIndex):
+    """A backend that scores its candidates exactly from the key rows themselves.
+
+    It does not save the keys: they are the checkpoint's, and at load time it keeps
+    the array it is given, which ApproxModel makes the model's own parameters
+    point into, so the keys are held once in memory. What it learned beside the
+    keys (`parts`, constructor arguments of the same names) is saved as .npy files.
+    """
+
+    exact_scores = True
+    parts: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, keys: np.ndarray, build_params: dict[str, Any], search_params: dict[str, Any]) -> None:
+        super().__init__(keys.shape[0], keys.shape[1], build_params, search_params)
+        self.keys = torch.from_numpy(np.ascontiguousarray(keys, dtype=np.float32))  # (n, D), not copied if float32
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The learned arrays, one per name in `parts`."""
+        return {}
+
+    def save(self, folder: Path, stem: str) -> list[str]:
+        names = []
+        for part, array in self.arrays().items():
+            names.append(f"{stem}.{part}.npy")
+            np.save(Path(folder) / names[-1], array, allow_pickle=False)
+        return names
+
+    @classmethod
+    def load(cls, folder, stem, keys, build_params, search_params) -> KeyRowsIndex:
+        arrays = {part: np.load(Path(folder) / f"{stem}.{part}.npy", allow_pickle=False) for part in cls.parts}
+        return cls(keys, **arrays, build_params=build_params, search_params=search_params)

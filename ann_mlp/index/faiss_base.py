@@ -7,6 +7,7 @@ from typing import Any
 
 import faiss
 
+from ann_mlp.errors import BackendError
 from ann_mlp.index.base import MipsIndex
 
 
@@ -22,7 +23,8 @@ class FaissIndex(MipsIndex):
         return [name]
 
     @classmethod
-    def load(cls, folder, stem, num_keys, dim, build_params, search_params):
+    def load(cls, folder, stem, keys, build_params, search_params):
         index = faiss.read_index(str(folder / f"{stem}.faiss"))
-        assert index.ntotal == num_keys, (index.ntotal, num_keys)
+        if index.ntotal != len(keys):
+            raise BackendError(f"{stem}: the index holds {index.ntotal} keys, the layer has {len(keys)}")
         return cls(index, build_params, search_params)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ann_mlp.errors import BackendError
-from ann_mlp.index.base import BYTES_PER_FLOAT, MipsIndex, SearchResult
+from ann_mlp.index.base import BYTES_PER_FLOAT, KeyRowsIndex, SearchResult
 from ann_mlp.linalg import best_candidates
 
 
@@ -74,16 +74,15 @@ def candidate_ranks(dim: int) -> list[int]:
     return sorted({min(dim, max(8, dim // divisor // 8 * 8)) for divisor in (32, 24, 16, 12, 8, 6, 4, 3, 2)})
 
 
-class LowRankIndex(MipsIndex):
+class LowRankIndex(KeyRowsIndex):
     name = "lowrank"
     effort_param = "rerank"  # candidates re-scored exactly per query
-    exact_scores = True
     needs_queries = True
+    parts = ("projection",)
 
     def __init__(self, keys: np.ndarray, projection: np.ndarray, codes: faiss.Index,
                  build_params: dict[str, Any], search_params: dict[str, Any]) -> None:
-        super().__init__(keys.shape[0], keys.shape[1], build_params, search_params)
-        self.keys = torch.from_numpy(np.ascontiguousarray(keys, dtype=np.float32))  # (n, D)
+        super().__init__(keys, build_params, search_params)
         self.projection = np.ascontiguousarray(projection, dtype=np.float32)  # (r, D): B
         self.codes = codes  # n vectors of r dims: A's rows, 8-bit
 
@@ -141,18 +140,18 @@ class LowRankIndex(MipsIndex):
         return SearchResult(values.numpy(), ids.numpy(), keys_scored=len(q) * self.num_keys,
                             bytes_read=len(q) * per_query)
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"projection": self.projection}
+
     def save(self, folder: Path, stem: str) -> list[str]:
-        names = [f"{stem}.keys.npy", f"{stem}.projection.npy", f"{stem}.codes.faiss"]
-        np.save(folder / names[0], self.keys.numpy(), allow_pickle=False)
-        np.save(folder / names[1], self.projection, allow_pickle=False)
-        faiss.write_index(self.codes, str(folder / names[2]))
-        return names
+        name = f"{stem}.codes.faiss"
+        faiss.write_index(self.codes, str(Path(folder) / name))
+        return [*super().save(folder, stem), name]
 
     @classmethod
-    def load(cls, folder, stem, num_keys, dim, build_params, search_params) -> LowRankIndex:
-        folder = Path(folder)
-        keys = np.load(folder / f"{stem}.keys.npy", allow_pickle=False)
-        projection = np.load(folder / f"{stem}.projection.npy", allow_pickle=False)
-        codes = faiss.read_index(str(folder / f"{stem}.codes.faiss"))
-        assert keys.shape == (num_keys, dim) and codes.ntotal == num_keys, (keys.shape, codes.ntotal)
+    def load(cls, folder, stem, keys, build_params, search_params) -> LowRankIndex:
+        codes = faiss.read_index(str(Path(folder) / f"{stem}.codes.faiss"))
+        projection = np.load(Path(folder) / f"{stem}.projection.npy", allow_pickle=False)
+        if codes.ntotal != len(keys):
+            raise BackendError(f"{stem}: {codes.ntotal} codes for {len(keys)} keys")
         return cls(keys, projection, codes, build_params, search_params)

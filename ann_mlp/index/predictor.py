@@ -11,27 +11,25 @@ are read as floats, not 8-bit codes.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from ann_mlp.errors import BackendError
-from ann_mlp.index.base import BYTES_PER_FLOAT, MipsIndex, SearchResult
+from ann_mlp.index.base import BYTES_PER_FLOAT, KeyRowsIndex, SearchResult
 from ann_mlp.linalg import best_candidates
 
 
-class NeuronPredictorIndex(MipsIndex):
+class NeuronPredictorIndex(KeyRowsIndex):
     name = "dejavu"
     effort_param = "rerank"  # candidates re-scored exactly per query
-    exact_scores = True
     needs_queries = True
+    parts = ("first", "second")
 
     def __init__(self, keys: np.ndarray, first: np.ndarray, second: np.ndarray,
                  build_params: dict[str, Any], search_params: dict[str, Any]) -> None:
-        super().__init__(keys.shape[0], keys.shape[1], build_params, search_params)
-        self.keys = torch.from_numpy(np.ascontiguousarray(keys, dtype=np.float32))  # (n, D)
+        super().__init__(keys, build_params, search_params)
         self.first = torch.from_numpy(np.ascontiguousarray(first, dtype=np.float32))  # (D, r)
         self.second = torch.from_numpy(np.ascontiguousarray(second, dtype=np.float32))  # (r, n)
 
@@ -79,17 +77,5 @@ class NeuronPredictorIndex(MipsIndex):
         return SearchResult(values.numpy(), ids.numpy(), keys_scored=len(q) * self.num_keys,
                             bytes_read=len(q) * (predictor_bytes + rerank * self.dim * BYTES_PER_FLOAT))
 
-    def save(self, folder: Path, stem: str) -> list[str]:
-        arrays = {"keys": self.keys, "first": self.first, "second": self.second}
-        names = []
-        for part, array in arrays.items():
-            names.append(f"{stem}.{part}.npy")
-            np.save(Path(folder) / names[-1], array.numpy(), allow_pickle=False)
-        return names
-
-    @classmethod
-    def load(cls, folder, stem, num_keys, dim, build_params, search_params) -> NeuronPredictorIndex:
-        arrays = {part: np.load(Path(folder) / f"{stem}.{part}.npy", allow_pickle=False)
-                  for part in ("keys", "first", "second")}
-        assert arrays["keys"].shape == (num_keys, dim), arrays["keys"].shape
-        return cls(arrays["keys"], arrays["first"], arrays["second"], build_params, search_params)
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"first": self.first.numpy(), "second": self.second.numpy()}

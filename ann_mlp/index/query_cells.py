@@ -12,7 +12,6 @@ recall can only grow with it, which is what makes tuning by bisection valid.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import faiss
@@ -20,20 +19,19 @@ import numpy as np
 import torch
 
 from ann_mlp.errors import BackendError
-from ann_mlp.index.base import BYTES_PER_FLOAT, MipsIndex, SearchResult
+from ann_mlp.index.base import BYTES_PER_FLOAT, KeyRowsIndex, SearchResult
 from ann_mlp.linalg import best_candidates
 
 
-class QueryCellsIndex(MipsIndex):
+class QueryCellsIndex(KeyRowsIndex):
     name = "cells"
     effort_param = "budget"  # neurons scored exactly per query
-    exact_scores = True
     needs_queries = True
+    parts = ("centroids", "ranking")
 
     def __init__(self, keys: np.ndarray, centroids: np.ndarray, ranking: np.ndarray,
                  build_params: dict[str, Any], search_params: dict[str, Any]) -> None:
-        super().__init__(keys.shape[0], keys.shape[1], build_params, search_params)
-        self.keys = torch.from_numpy(np.ascontiguousarray(keys, dtype=np.float32))  # (n, D)
+        super().__init__(keys, build_params, search_params)
         self.centroids = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32))  # (cells, D)
         self.centroid_norms = (self.centroids**2).sum(1)  # (cells,)
         self.ranking = torch.from_numpy(ranking.astype(np.int64))  # (cells, n)
@@ -81,18 +79,5 @@ class QueryCellsIndex(MipsIndex):
         return SearchResult(values.numpy(), ids.numpy(), keys_scored=n_queries * budget,
                             bytes_read=vectors_read * self.dim * BYTES_PER_FLOAT)
 
-    def save(self, folder: Path, stem: str) -> list[str]:
-        arrays = {"keys": self.keys.numpy(), "centroids": self.centroids.numpy(),
-                  "ranking": self.ranking.numpy().astype(np.int32)}
-        names = []
-        for part, array in arrays.items():
-            names.append(f"{stem}.{part}.npy")
-            np.save(folder / names[-1], array, allow_pickle=False)
-        return names
-
-    @classmethod
-    def load(cls, folder, stem, num_keys, dim, build_params, search_params) -> QueryCellsIndex:
-        arrays = {part: np.load(Path(folder) / f"{stem}.{part}.npy", allow_pickle=False)
-                  for part in ("keys", "centroids", "ranking")}
-        assert arrays["keys"].shape == (num_keys, dim), arrays["keys"].shape
-        return cls(arrays["keys"], arrays["centroids"], arrays["ranking"], build_params, search_params)
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"centroids": self.centroids.numpy(), "ranking": self.ranking.numpy().astype(np.int32)}

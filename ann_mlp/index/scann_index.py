@@ -80,10 +80,10 @@ class ScannIndex(MipsIndex):
         return sorted(str(p.relative_to(folder)) for p in target.iterdir())
 
     @classmethod
-    def load(cls, folder, stem, num_keys, dim, build_params, search_params) -> ScannIndex:
+    def load(cls, folder, stem, keys, build_params, search_params) -> ScannIndex:
         ops = _scann()
         target = Path(folder) / stem
         # Build the searcher from its assets directly: scann's load_searcher would
         # unpickle a docids file if one were present.
         native = ops.scann_pybind.ScannNumpy(str(target), (target / ASSETS).read_text())
-        return cls(ops.ScannSearcher(native), num_keys, dim, build_params, search_params)
+        return cls(ops.ScannSearcher(native), keys.shape[0], keys.shape[1], build_params, search_params)

@@ -10,24 +10,18 @@ kept_dims = D is an exhaustive exact search.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ann_mlp.index.base import BYTES_PER_FLOAT, MipsIndex, SearchResult
+from ann_mlp.index.base import BYTES_PER_FLOAT, KeyRowsIndex, SearchResult
 from ann_mlp.linalg import best_candidates
 
 
-class InputSparsityIndex(MipsIndex):
+class InputSparsityIndex(KeyRowsIndex):
     name = "teal"
     effort_param = "kept_dims"  # input coordinates kept per query, bias included
-    exact_scores = True
-
-    def __init__(self, keys: np.ndarray, build_params: dict[str, Any], search_params: dict[str, Any]) -> None:
-        super().__init__(keys.shape[0], keys.shape[1], build_params, search_params)
-        self.keys = torch.from_numpy(np.ascontiguousarray(keys, dtype=np.float32))  # (n, D)
 
     @classmethod
     def build(cls, keys: np.ndarray, **build_params: Any) -> InputSparsityIndex:
@@ -48,14 +42,3 @@ class InputSparsityIndex(MipsIndex):
         per_query = (self.num_keys * kept + ids.shape[1] * self.dim) * BYTES_PER_FLOAT
         return SearchResult(values.numpy(), ids.numpy(), keys_scored=len(q) * self.num_keys,
                             bytes_read=len(q) * per_query)
-
-    def save(self, folder: Path, stem: str) -> list[str]:
-        name = f"{stem}.keys.npy"
-        np.save(Path(folder) / name, self.keys.numpy(), allow_pickle=False)
-        return [name]
-
-    @classmethod
-    def load(cls, folder, stem, num_keys, dim, build_params, search_params) -> InputSparsityIndex:
-        keys = np.load(Path(folder) / f"{stem}.keys.npy", allow_pickle=False)
-        assert keys.shape == (num_keys, dim), keys.shape
-        return cls(keys, build_params, search_params)
