@@ -1,4 +1,5 @@
-"""Layer benchmark: one MLP of a given shape, dense vs approximate, timed in the same process.
+"""Benchmarks: one MLP layer dense vs approximate (timed in the same process), a real
+checkpoint end to end, and the resident memory of a served store.
 
 Weights are random (timing only: recall on random weights says nothing about a
 real model). The dense baseline is the faster of torch and numpy for that shape
@@ -8,10 +9,16 @@ engine runs.
 
 from __future__ import annotations
 
+import ctypes
+import gc
+import multiprocessing
+import os
 import statistics
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -218,3 +225,59 @@ def bench_e2e(model, batch: int, text=None, max_tokens: int = 4096, repeats: int
         scanned_fraction=round(statistics.mean(layer.scanned_fraction for layer in layers), 4),
         bytes_read_fraction=round(statistics.mean(layer.bytes_read_fraction for layer in layers), 4),
         end_to_end=comparison.end_to_end.report(), repeats=repeats)
+
+
+@dataclass(frozen=True)
+class MemoryBenchResult:
+    """Resident memory a process gains by loading a checkpoint alone vs with its index store."""
+
+    model: str
+    backend: str
+    dense_mb: float  # the checkpoint's model, as `exact` mode serves it
+    approx_mb: float  # the same model with every layer's index and ApproxMLP (ApproxModel.open)
+    ratio: float  # approx_mb / dense_mb
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _resident_bytes() -> int:
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back, so RSS counts live memory only
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _load_growth(store: str, with_indexes: bool) -> int:
+    """Run in a fresh process: resident bytes gained by one load, after a warm-up load has
+    paid the one-time costs (lazy imports, allocator arenas) and been freed."""
+    from ann_mlp.approx_model import ApproxModel, recorded_checkpoint
+    from ann_mlp.checkpoint import load_checkpoint
+    from ann_mlp.store import Store
+
+    source = recorded_checkpoint(Store.open(store))
+
+    def load() -> object:
+        return ApproxModel.open(store) if with_indexes else load_checkpoint(source)
+
+    del_after = load()
+    del del_after
+    before = _resident_bytes()
+    loaded = load()
+    grown = _resident_bytes() - before
+    del loaded
+    return grown
+
+
+def bench_memory(store: Path) -> MemoryBenchResult:
+    """Each load in its own fresh process, so neither sees the other's memory."""
+    from ann_mlp.store import Store
+
+    manifest = Store.open(store).manifest
+    grown = {}
+    for with_indexes in (False, True):
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            grown[with_indexes] = pool.submit(_load_growth, str(store), with_indexes).result()
+    dense_mb, approx_mb = grown[False] / 2**20, grown[True] / 2**20
+    return MemoryBenchResult(model=manifest.name, backend=manifest.backend, dense_mb=round(dense_mb, 1),
+                             approx_mb=round(approx_mb, 1), ratio=round(approx_mb / dense_mb, 3))

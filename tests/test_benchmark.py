@@ -111,3 +111,16 @@ def test_peers_sweep_reports_every_backend_with_consistent_fields(tiny_checkpoin
     assert len(lines) == 2 + 3 and [line.split(" | ")[1] for line in lines[2:]] == ["ivf", "lowrank", "teal"]
     assert all(line.endswith("/2 layers |") for line in lines[2:])
     assert [p.name for p in peers.plots(records, tmp_path)] == ["peers_llama.png"]
+
+
+def test_cli_bench_memory_sees_the_copy_an_ivf_index_holds(minilm_store, tmp_path):
+    """IVF keeps its own copy of the keys (faiss' inverted lists): the measured growth must show
+    about that many bytes, which the exact-rescoring backends no longer hold (tests/test_store.py)."""
+    out = tmp_path / "memory.jsonl"
+    proc = run("bench", "memory", str(minilm_store), "--json", str(out))
+    assert "ratio" in proc.stdout
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert record["backend"] == "ivf" and record["dense_mb"] > 80  # MiniLM holds 22.7 M float32 parameters
+    assert record["ratio"] == pytest.approx(record["approx_mb"] / record["dense_mb"], abs=1e-3)
+    key_mb = 6 * 1536 * 385 * 4 / 2**20  # six layers of (d_ff, d_model + 1) float32 keys
+    assert 0.5 * key_mb < record["approx_mb"] - record["dense_mb"] < 2 * key_mb
