@@ -58,7 +58,6 @@ class SearchStats:
     keys_scored: int = 0
     bytes_read: int = 0
     search_seconds: float = 0.0
-    total_seconds: float = 0.0
     dense_tokens: int = 0  # tokens the planner sent down the dense path
 
     def reset(self) -> None:
@@ -84,7 +83,12 @@ class ApproxMLP(nn.Module):
         # Tail correction: neurons not retrieved contribute their calibration mean,
         # y = sum_retrieved (h_i - m_i) v_i + sum_all m_i v_i; exact when all are retrieved.
         self.tail_mean = None if tail_mean is None else tail_mean.float()  # (d_ff,)
-        self.tail_sum = None if tail_mean is None else self.tail_mean @ self.value_rows  # (d_model,)
+        tail_sum = None if tail_mean is None else self.tail_mean @ self.value_rows  # (d_model,)
+        # What is added to every output row: the output bias and the tail's mean contribution, summed once.
+        terms = [t.float() for t in (weights.out_bias, tail_sum) if t is not None]
+        self.out_sum = None if not terms else sum(terms)  # (d_model,)
+        self._query_buffer = np.ones((0, weights.d_model + 1), dtype=np.float32)
+        self._bag_offsets, self._bag_width = torch.zeros(0, dtype=torch.int64), 0
         # Planner: calls with more tokens than this run dense (None: always approximate).
         self.approx_up_to: int | None = None
         self.stats = SearchStats()
@@ -111,57 +115,81 @@ class ApproxMLP(nn.Module):
         self.stats.dense_tokens += x.shape[0]
         return y.reshape(shape).to(hidden_states.dtype)
 
+    def augmented(self, x: torch.Tensor) -> np.ndarray:
+        """[x; 1] rows in a buffer reused across calls: x (N, d_model) -> (N, d_model + 1) float32.
+
+        Calls are serialised (one engine worker), and no index keeps its queries,
+        so one growing buffer saves allocating and concatenating on every call.
+        """
+        if self._query_buffer.shape[0] < x.shape[0]:
+            self._query_buffer = np.ones((max(x.shape[0], 2 * self._query_buffer.shape[0]), self.weights.d_model + 1),
+                                         dtype=np.float32)
+        queries = self._query_buffer[: x.shape[0]]  # (N, d_model + 1), last column stays 1
+        np.copyto(queries[:, :-1], x.detach().numpy())
+        return queries
+
+    def weighted_value_sum(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """sum_j weights[n, j] * value_rows[ids[n, j]]: ids, weights (N, k) -> (N, d_model).
+
+        One fused gather-and-sum (embedding_bag with per-sample weights), called through
+        torch.embedding_bag: the functional wrapper's checks cost as much as the kernel at batch 1.
+        """
+        n, k = ids.shape
+        if self._bag_offsets.shape[0] < n or self._bag_width != k:
+            self._bag_width = k
+            self._bag_offsets = torch.arange(0, max(n, 64) * k, k)  # (bags,): where each bag starts
+        sum_mode = 0
+        return torch.embedding_bag(self.value_rows, ids.reshape(-1), self._bag_offsets[:n], False, sum_mode, False,
+                                   weights.reshape(-1), False, None)[0]
+
     def forward_with_selection(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, SearchResult]:
         """(output (..., d_model), retrieved ids (N, k) with -1 for none, the raw search result)."""
-        start = time.perf_counter()
         w = self.weights
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, w.d_model).float()  # (N, d_model)
 
         search_start = time.perf_counter()
-        result = self.index.search(augmented_queries(x), self.k, **self.search_params)
+        result = self.index.search(self.augmented(x), self.k, **self.search_params)
         search_seconds = time.perf_counter() - search_start
 
         retrieved = torch.from_numpy(result.ids)  # (N, k), -1 = nothing found
         # Usually every slot is filled; masking only when one is not keeps the batch-1 glue small.
         all_found = bool(result.ids.min() >= 0)
-        found = None if all_found else retrieved >= 0  # (N, k) bool, None: all found
-        ids = retrieved if found is None else retrieved.clamp_min(0)
+        missing = None if all_found else torch.from_numpy(result.ids < 0)  # (N, k) bool
+        ids = retrieved if all_found else torch.from_numpy(np.maximum(result.ids, 0))  # (N, k), valid rows
         if self.index.exact_scores:
             scores = torch.from_numpy(result.scores)  # (N, k)
         else:
             scores = rows_dot(w.keys, ids, x)  # (N, k)
             if w.key_bias is not None:
                 scores = scores + w.key_bias.float()[ids]
+        silent = missing  # (N, k) bool: slots that contribute nothing (None: none)
         if w.topk and w.topk < self.k:  # Top-k model: only the K best of the retrieved fire
-            ranked = scores if found is None else scores.masked_fill(~found, -torch.inf)
+            ranked = scores if missing is None else scores.masked_fill(missing, -torch.inf)
             best = ranked.topk(w.topk, dim=1).indices  # (N, K)
-            kept = torch.zeros_like(retrieved, dtype=torch.bool).scatter(1, best, True)
-            found = kept if found is None else found & kept
+            beyond = torch.ones_like(retrieved, dtype=torch.bool).scatter_(1, best, False)  # (N, k)
+            silent = beyond if silent is None else silent | beyond
         if w.threshold is not None:  # FATReLU: neurons at or below the threshold do not fire
-            above = scores > w.threshold
-            found = above if found is None else found & above
+            below = scores <= w.threshold
+            silent = below if silent is None else silent | below
         activations = self.act(scores)  # (N, k)
         if w.gated:
             up = rows_dot(w.up, ids, x)  # (N, k)
             if w.up_bias is not None:
                 up = up + w.up_bias.float()[ids]
             activations = activations * up
-        if found is not None:
-            activations = activations.masked_fill(~found, 0.0)
+        if silent is not None:
+            activations = activations.masked_fill(silent, 0.0)
         if self.tail_mean is not None:
-            expected = self.tail_mean[ids]  # (N, k): already counted in tail_sum
-            activations = activations - (expected if all_found else expected.masked_fill(retrieved < 0, 0.0))
-        y = F.embedding_bag(ids, self.value_rows, per_sample_weights=activations, mode="sum")  # (N, d_model)
-        if self.tail_sum is not None:
-            y = y + self.tail_sum
-        if w.out_bias is not None:
-            y = y + w.out_bias
+            expected = self.tail_mean[ids]  # (N, k): already counted in the tail's sum
+            activations = activations - (expected if missing is None else expected.masked_fill(missing, 0.0))
+        y = self.weighted_value_sum(ids, activations)  # (N, d_model)
+        if self.out_sum is not None:
+            y += self.out_sum
 
         stats = self.stats
         stats.queries += x.shape[0]
         stats.keys_scored += result.keys_scored
         stats.bytes_read += result.bytes_read
         stats.search_seconds += search_seconds
-        stats.total_seconds += time.perf_counter() - start
-        return y.reshape(shape).to(hidden_states.dtype), retrieved, result
+        return y.view(shape) if y.dtype == hidden_states.dtype else y.view(shape).to(hidden_states.dtype), retrieved, result

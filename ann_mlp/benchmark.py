@@ -44,6 +44,9 @@ class LayerBenchResult:
     approx_us: float
     approx_spread_us: float
     speedup: float  # dense_us / approx_us
+    search_us: float  # the index's search alone, same queries
+    value_sum_us: float  # the second layer's gather-and-sum of the k value rows alone
+    overhead_us: float  # ApproxMLP's own per-call cost: the call with its search answered from a record, less value_sum_us
     bytes_read_fraction: float  # approx bytes read (index + value/up rows) / dense bytes (all weights)
     repeats: int
     dense_gb_s: float  # weight bytes the dense path streams per second
@@ -135,6 +138,7 @@ def bench_layer(d_model: int, d_ff: int, batches: list[int], gated: bool = False
         with torch.inference_mode():
             mlp.stats.reset()
             approx_us, approx_spread = _summary(time_calls(lambda: mlp(x), repeats))
+            parts = _approx_parts(mlp, x, params, repeats)
         approx_bytes = mlp.stats.bytes_read / max(mlp.stats.queries, 1) + rows_per_token * d_model * BYTES_PER_FLOAT
         dense_us, dense_spread = dense[dense_path]
         results.append(LayerBenchResult(
@@ -142,10 +146,39 @@ def bench_layer(d_model: int, d_ff: int, batches: list[int], gated: bool = False
             probe_fraction=probe_fraction, dense_path=dense_path, dense_us=round(dense_us, 1),
             dense_spread_us=round(dense_spread, 1), approx_us=round(approx_us, 1),
             approx_spread_us=round(approx_spread, 1), speedup=round(dense_us / approx_us, 4),
+            **{name: round(us, 1) for name, us in parts.items()},
             bytes_read_fraction=round(approx_bytes / dense_bytes, 4), repeats=repeats,
             dense_gb_s=round(dense_bytes / dense_us / 1e3, 2),
             traffic_limit_speedup=round(dense_bytes / approx_bytes, 2)))
     return results
+
+
+class _RecordedSearch:
+    """Answers every query with one recorded search result: timing ApproxMLP around it times ApproxMLP's own work."""
+
+    def __init__(self, index, result) -> None:
+        self.exact_scores, self.result = index.exact_scores, result
+
+    def search(self, queries: np.ndarray, k: int, **search_params) -> object:
+        return self.result
+
+
+def _approx_parts(mlp: ApproxMLP, x: torch.Tensor, params: dict, repeats: int) -> dict[str, float]:
+    """Median µs of the approximate call's parts, each timed alone on the same query x."""
+    queries = mlp.augmented(x).copy()
+    index = mlp.index
+    search_us = _summary(time_calls(lambda: index.search(queries, mlp.k, **params), repeats))[0]
+    result = index.search(queries, mlp.k, **params)
+    found = result.ids >= 0
+    ids = torch.from_numpy(np.where(found, result.ids, 0))  # (N, k)
+    weights = torch.from_numpy(np.where(found, result.scores, 0).astype(np.float32))  # (N, k)
+    value_sum_us = _summary(time_calls(lambda: mlp.weighted_value_sum(ids, weights), repeats))[0]
+    mlp.index = _RecordedSearch(index, result)
+    try:
+        recorded_us = _summary(time_calls(lambda: mlp(x), repeats))[0]
+    finally:
+        mlp.index = index
+    return {"search_us": search_us, "value_sum_us": value_sum_us, "overhead_us": recorded_us - value_sum_us}
 
 
 def streaming_bandwidth_gb_s(megabytes: int = 256, repeats: int = 5) -> float:

@@ -28,6 +28,9 @@ def test_bench_layer_fields_are_consistent():
     assert 0 < result.bytes_read_fraction < 1
     assert result.traffic_limit_speedup == pytest.approx(1 / result.bytes_read_fraction, rel=0.01)
     assert result.dense_us > 0 and result.approx_us > 0 and result.repeats == 30 and result.dense_gb_s > 0
+    # the parts are timed alone: each is positive and, being part of the call, not above the whole (plus noise)
+    assert 0 < result.search_us < 2 * result.approx_us and 0 < result.value_sum_us < 2 * result.approx_us
+    assert 0 < result.overhead_us < 2 * result.approx_us
 
 
 def test_cli_bench_layer_appends_json(tmp_path):

@@ -21,6 +21,8 @@ class IvfIndex(FaissIndex):
         super().__init__(index, build_params, search_params)
         self.ivf = faiss.extract_index_ivf(index)
         self._params: dict[int, faiss.SearchParametersIVF] = {}  # per nprobe: built once, not per call
+        # Keys per list: the keys a probe of those lists scores (what faiss' ndis counts).
+        self.list_sizes = np.array([self.ivf.invlists.list_size(i) for i in range(self.ivf.nlist)], dtype=np.int64)
 
     @classmethod
     def default_build_params(cls, num_keys: int, dim: int) -> dict[str, Any]:
@@ -51,16 +53,19 @@ class IvfIndex(FaissIndex):
         nprobe = self.resolve_effort(k, search_params)
         n_queries = queries.shape[0]
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        # Assign, then scan the assigned lists: the same work as search(), with
-        # per-call stats instead of faiss' global counters (safe under concurrency).
-        centroid_scores, lists = self.ivf.quantizer.search(queries, nprobe)  # (N, nprobe)
+        # Assign, then scan the assigned lists: the same work as search(), counted from the
+        # lists probed instead of faiss' global counters (safe under concurrency). The C
+        # entry points skip the Python wrappers' per-call checks and copies.
+        centroid_scores = np.empty((n_queries, nprobe), dtype=np.float32)
+        lists = np.empty((n_queries, nprobe), dtype=np.int64)
+        self.ivf.quantizer.search_c(n_queries, faiss.swig_ptr(queries), nprobe, faiss.swig_ptr(centroid_scores),
+                                    faiss.swig_ptr(lists))
         scores = np.empty((n_queries, k), dtype=np.float32)
         ids = np.empty((n_queries, k), dtype=np.int64)
-        stats = faiss.IndexIVFStats()
         self.ivf.search_preassigned_c(
             n_queries, faiss.swig_ptr(queries), k, faiss.swig_ptr(lists), faiss.swig_ptr(centroid_scores),
-            faiss.swig_ptr(scores), faiss.swig_ptr(ids), False, self._search_params(nprobe), stats)
-        keys_scored = int(stats.ndis)
+            faiss.swig_ptr(scores), faiss.swig_ptr(ids), False, self._search_params(nprobe), None)
+        keys_scored = int(self.list_sizes[lists].sum())
         centroid_count = n_queries * self.ivf.nlist
         return SearchResult(scores, ids, keys_scored,
                             (keys_scored + centroid_count) * self.dim * BYTES_PER_FLOAT)
