@@ -10,7 +10,7 @@ With k = d_ff and an exhaustive index this is the exact MLP.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from transformers.activations import ACT2FN
 from ann_mlp.activations import activation_module
 from ann_mlp.checkpoint.base import MlpWeights
 from ann_mlp.errors import InputError
-from ann_mlp.index.base import MipsIndex, SearchResult
+from ann_mlp.index.base import BYTES_PER_FLOAT, MipsIndex, SearchResult
 from ann_mlp.linalg import rows_dot
 
 
@@ -75,6 +75,9 @@ class ApproxMLP(nn.Module):
         self.weights = weights
         self.index = index
         self.k = k
+        # Neurons retrieved by key score per token; when above k, the k with the largest
+        # |contribution| (gated: |act(gate) * up|, which the gate alone ranks poorly) are kept.
+        self.candidates = k
         self.search_params = dict(search_params or {})
         self.act = ACT2FN[weights.activation]
         # embedding_bag gathers rows of a contiguous (d_ff, d_model) table.
@@ -143,43 +146,53 @@ class ApproxMLP(nn.Module):
                                    weights.reshape(-1), False, None)[0]
 
     def forward_with_selection(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, SearchResult]:
-        """(output (..., d_model), retrieved ids (N, k) with -1 for none, the raw search result)."""
+        """(output (..., d_model), kept ids (N, k) with -1 for none, the raw search result).
+
+        c = max(k, candidates) neurons are retrieved per token; k of them are kept.
+        """
         w = self.weights
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, w.d_model).float()  # (N, d_model)
 
         search_start = time.perf_counter()
-        result = self.index.search(self.augmented(x), self.k, **self.search_params)
+        result = self.index.search(self.augmented(x), max(self.k, self.candidates), **self.search_params)
         search_seconds = time.perf_counter() - search_start
 
-        retrieved = torch.from_numpy(result.ids)  # (N, k), -1 = nothing found
+        retrieved = torch.from_numpy(result.ids)  # (N, c), -1 = nothing found
         # Usually every slot is filled; masking only when one is not keeps the batch-1 glue small.
         all_found = bool(result.ids.min() >= 0)
-        missing = None if all_found else torch.from_numpy(result.ids < 0)  # (N, k) bool
-        ids = retrieved if all_found else torch.from_numpy(np.maximum(result.ids, 0))  # (N, k), valid rows
+        missing = None if all_found else torch.from_numpy(result.ids < 0)  # (N, c) bool
+        ids = retrieved if all_found else torch.from_numpy(np.maximum(result.ids, 0))  # (N, c), valid rows
         if self.index.exact_scores:
-            scores = torch.from_numpy(result.scores)  # (N, k)
+            scores = torch.from_numpy(result.scores)  # (N, c)
         else:
-            scores = rows_dot(w.keys, ids, x)  # (N, k)
+            scores = rows_dot(w.keys, ids, x)  # (N, c)
             if w.key_bias is not None:
                 scores = scores + w.key_bias.float()[ids]
-        silent = missing  # (N, k) bool: slots that contribute nothing (None: none)
+        silent = missing  # (N, c) bool: slots that contribute nothing (None: none)
         if w.topk and w.topk < self.k:  # Top-k model: only the K best of the retrieved fire
             ranked = scores if missing is None else scores.masked_fill(missing, -torch.inf)
             best = ranked.topk(w.topk, dim=1).indices  # (N, K)
-            beyond = torch.ones_like(retrieved, dtype=torch.bool).scatter_(1, best, False)  # (N, k)
+            beyond = torch.ones_like(retrieved, dtype=torch.bool).scatter_(1, best, False)  # (N, c)
             silent = beyond if silent is None else silent | beyond
         if w.threshold is not None:  # FATReLU: neurons at or below the threshold do not fire
             below = scores <= w.threshold
             silent = below if silent is None else silent | below
-        activations = self.act(scores)  # (N, k)
+        activations = self.act(scores)  # (N, c)
         if w.gated:
-            up = rows_dot(w.up, ids, x)  # (N, k)
+            up = rows_dot(w.up, ids, x)  # (N, c)
             if w.up_bias is not None:
                 up = up + w.up_bias.float()[ids]
             activations = activations * up
         if silent is not None:
             activations = activations.masked_fill(silent, 0.0)
+        if self.candidates > self.k:  # keep the k largest contributions of the candidates
+            kept = activations.abs().topk(self.k, dim=1).indices  # (N, k)
+            activations, ids, retrieved = activations.gather(1, kept), ids.gather(1, kept), retrieved.gather(1, kept)
+            missing = None if missing is None else missing.gather(1, kept)
+            if w.gated:  # the up rows of the candidates not kept were read only to choose
+                chosen_by = len(x) * (self.candidates - self.k) * w.d_model * BYTES_PER_FLOAT
+                result = replace(result, bytes_read=result.bytes_read + chosen_by)
         if self.tail_mean is not None:
             expected = self.tail_mean[ids]  # (N, k): already counted in the tail's sum
             activations = activations - (expected if missing is None else expected.masked_fill(missing, 0.0))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -57,8 +58,10 @@ class ApproxModel:
                       if entry.tail_mean_file}
         return cls(store.manifest, checkpoint, indexes, tail_means=tail_means, **options)
 
-    def configure(self, k: int | None = None, search_params: dict[str, Any] | None = None) -> None:
-        """Set k and query-time search parameters for every layer (None: the store's values per layer)."""
+    def configure(self, k: int | None = None, search_params: dict[str, Any] | None = None,
+                  candidate_factor: float = 1.0) -> None:
+        """Set k, query-time search parameters and the candidates retrieved per kept neuron for
+        every layer (None: the store's values per layer)."""
         for layer, mlp in self.mlps.items():
             entry = self.manifest.layers[layer]
             layer_k = (entry.k or self.manifest.k) if k is None else k
@@ -74,6 +77,7 @@ class ApproxModel:
                     raise InputError(f"{name} must be in [{lo}, {hi}], got {value}")
                 params[name] = int(value)
             mlp.k, mlp.search_params = layer_k, params
+            mlp.candidates = min(mlp.weights.d_ff, math.ceil(candidate_factor * layer_k))
 
     @contextmanager
     def approximate(self, planned: bool = False) -> Iterator[None]:

@@ -101,6 +101,8 @@ def evaluate(
     k: int | None = typer.Option(None, help="Keys retrieved per token [default: the store's k]."),
     backend: str | None = typer.Option(None, help="Evaluate another backend, built in memory and tuned like the store."),
     effort: int | None = typer.Option(None, help="Search effort for every layer (nprobe, efSearch, ...) [default: tuned]."),
+    candidate_factor: float = typer.Option(1.0, help="Retrieve this many times k by key score and keep the k largest "
+                                                      "|contributions| (gated: |act(gate)*up|)."),
     max_tokens: int = typer.Option(EvalConfig().text.max_tokens, help="Evaluation tokens."),
     checkpoint: str | None = typer.Option(None, help="Where the store's checkpoint is now, if it moved."),
     reference: str | None = typer.Option(None, help="Also compare both with this checkpoint end to end (e.g. the original of a sparsified model)."),
@@ -116,7 +118,8 @@ def evaluate(
     if backend is not None:
         model = _rebuilt(model, backend)
     search = {} if effort is None else {model.manifest.layers[0].effort_param: effort}
-    config = EvalConfig(k=k, search_params=search, text=TextConfig(max_tokens=max_tokens))
+    config = EvalConfig(k=k, search_params=search, candidate_factor=candidate_factor,
+                        text=TextConfig(max_tokens=max_tokens))
     from ann_mlp.checkpoint import load_checkpoint
 
     reference_checkpoint = load_checkpoint(reference) if reference is not None else None

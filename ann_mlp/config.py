@@ -79,7 +79,14 @@ class EvalConfig:
 
     k: int | None = None  # None: the k the store was built for
     search_params: dict = field(default_factory=dict)  # effort overrides; absent: the tuned values
+    # Retrieve this many times k by key score, keep the k with the largest |contribution|
+    # (gated: |act(gate) * up|); 1: keep the top k by key score.
+    candidate_factor: float = 1.0
     text: TextConfig = TextConfig(max_tokens=8_192)
+
+    def __post_init__(self) -> None:
+        if self.candidate_factor < 1:
+            raise InputError(f"candidate factor must be at least 1, got {self.candidate_factor}")
 
 
 SPARSIFY_METHODS = ("topk", "relu", "fatrelu")

@@ -177,7 +177,7 @@ def evaluate(model: ApproxModel, config: EvalConfig, text: Path | None = None,
              progress: bool = True, reference: Checkpoint | None = None) -> Report:
     """reference: another checkpoint (e.g. the original a sparsified model came from) that the exact
     and the approximate model are also compared with, end to end: the whole chain in one report."""
-    model.configure(config.k, config.search_params)
+    model.configure(config.k, config.search_params, config.candidate_factor)
     checkpoint = model.checkpoint
     against: dict[str, OutputAgreement] = {}
     if reference is not None:
@@ -197,6 +197,8 @@ def evaluate(model: ApproxModel, config: EvalConfig, text: Path | None = None,
             against["approx_vs_reference"].add(batch, expected, approx)
     manifest = model.manifest
     extra = {"reference": reference.source.spec, **{name: a.report() for name, a in against.items()}} if against else {}
+    if config.candidate_factor > 1:
+        extra["candidate_factor"] = config.candidate_factor
     return Report(
         model=manifest.name, backend=manifest.backend, k=config.k or manifest.k,
         text=describe(text, "evaluation"), tokens=comparison.tokens, layers=comparison.layer_reports(),

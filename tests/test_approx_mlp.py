@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ann_mlp.approx_mlp import ApproxMLP, augmented_keys
+from ann_mlp.approx_mlp import ApproxMLP, augmented_keys, dense_activations
 from ann_mlp.capture import forward, make_batch
 from ann_mlp.checkpoint import load_checkpoint
 from ann_mlp.errors import InputError
@@ -100,3 +100,27 @@ def test_approximate_scores_are_rescored_exactly(tiny_checkpoints):
             reference = ApproxMLP(weights, exact_index, k=12)(x)
             rescored = ApproxMLP(weights, _CoarseScores(exact_index), k=12)(x)
         torch.testing.assert_close(rescored, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_candidates_keep_the_largest_contributions(tiny_checkpoints):
+    """Gated: retrieving every neuron and keeping the k largest |act(g)*u| is the oracle selection;
+    the layer output is exactly the sum over those k, and it beats the top k by gate score."""
+    weights = load_checkpoint(str(tiny_checkpoints["llama"])).adapter.mlp_weights(0)
+    x = torch.randn(6, weights.d_model)
+    _, activations = dense_activations(weights, x)  # (6, d_ff)
+    k = 8
+    by_gate = ApproxMLP(weights, build_index("exact", augmented_keys(weights)), k=k)
+    by_contribution = ApproxMLP(weights, build_index("exact", augmented_keys(weights)), k=k)
+    by_contribution.candidates = weights.d_ff
+    with torch.inference_mode():
+        out, kept, result = by_contribution.forward_with_selection(x)
+    oracle = activations.abs().topk(k, dim=1).indices  # (6, k)
+    assert torch.equal(kept.sort(dim=1).values, oracle.sort(dim=1).values)
+    expected = activations.gather(1, oracle)[..., None].mul(by_contribution.value_rows[oracle]).sum(1)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    exact = activations @ by_gate.value_rows
+    with torch.inference_mode():
+        gate_error = (by_gate(x) - exact).norm()
+    assert (out - exact).norm() < gate_error
+    # the up rows read only to choose are counted: d_ff - k of them per token
+    assert result.bytes_read == 6 * (by_contribution.index.full_scan_bytes + (weights.d_ff - k) * weights.d_model * 4)

@@ -103,6 +103,7 @@ def test_bad_input_gives_one_line_errors(minilm_store, tiny_checkpoints, tmp_pat
         (("build", str(tiny_checkpoints["opt"]), "--out", str(out), "--k", "8", "--calib-text", str(empty)), "empty"),
         (("eval", str(minilm_store), "--text", str(empty)), "empty"),
         (("eval", str(minilm_store), "--k", "5000"), "k must be in"),
+        (("eval", str(minilm_store), "--candidate-factor", "0.5"), "candidate factor"),
         (("eval", str(minilm_store), "--checkpoint", str(tiny_checkpoints["bert"])), "built from other weights"),
         (("eval", str(tmp_path)), "not an index store"),
         (("sparsity", str(no_weights)), "no .safetensors"),
