@@ -83,7 +83,7 @@ class ApproxMLP(nn.Module):
         # embedding_bag gathers rows of a contiguous (d_ff, d_model) table.
         self.value_rows = weights.values.float().contiguous()  # (d_ff, d_model)
         self.dense_act = activation_module(weights.activation, weights.topk, weights.threshold)
-        # Tail correction: neurons not retrieved contribute their calibration mean,
+        # Tail correction: neurons not retrieved contribute their mean when not in the top k (build.dropped_mean),
         # y = sum_retrieved (h_i - m_i) v_i + sum_all m_i v_i; exact when all are retrieved.
         self.tail_mean = None if tail_mean is None else tail_mean.float()  # (d_ff,)
         tail_sum = None if tail_mean is None else self.tail_mean @ self.value_rows  # (d_model,)

@@ -66,6 +66,19 @@ def _sample(x: torch.Tensor, limit: int, seed: int) -> torch.Tensor:
     return x[torch.randperm(len(x), generator=generator)[:limit]]
 
 
+def dropped_mean(weights: MlpWeights, x: torch.Tensor, k: int) -> torch.Tensor:
+    """Per neuron, its mean activation over the tokens x (n, d_model) whose top-k leaves it out: (d_ff,).
+
+    This is what the tail correction adds for a neuron that is not retrieved. The plain
+    mean would also count the tokens where the neuron fires most, exactly those where it
+    is retrieved (on MiniLM at k = 192 it raised the MLP error from 0.60 to 1.04).
+    """
+    scores, activations = dense_activations(weights, x)  # (n, d_ff) each
+    retrieved = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, scores.topk(k, dim=1).indices, True)
+    dropped = (~retrieved).float()  # (n, d_ff)
+    return (activations * dropped).sum(0) / dropped.sum(0).clamp_min(1)
+
+
 def build_indexes(checkpoint: Checkpoint, config: BuildConfig, calib_text: Path | None = None,
                   progress: bool = True, writer: StoreWriter | None = None, name: str = "in-memory",
                   ) -> tuple[Manifest, dict[int, MipsIndex], dict[int, np.ndarray]]:
@@ -107,7 +120,7 @@ def build_indexes(checkpoint: Checkpoint, config: BuildConfig, calib_text: Path 
         files = writer.add_layer(layer, index) if writer else {}
         tail_mean_file = None
         if config.tail_correction:
-            tail_means[layer] = dense_activations(weights, tune_x)[1].mean(0).numpy()  # (d_ff,)
+            tail_means[layer] = dropped_mean(weights, tune_x, k).numpy()  # (d_ff,)
             if writer:
                 saved = writer.add_array(layer, "tail_mean", tail_means[layer])
                 files, tail_mean_file = {**files, **saved}, next(iter(saved))

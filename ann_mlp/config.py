@@ -44,8 +44,9 @@ class BuildConfig:
     holdout_fraction: float = 0.25
     # Time dense vs approximate per layer and batch size, for the run-time planner (mode "auto").
     plan: bool = True
-    # Stand in for the neurons not retrieved with their mean activation on calibration tokens
-    # (non-ReLU activations leave a tail that top-k drops; ReLU / Top-k tails are ~0).
+    # Stand in for the neurons not retrieved with their mean activation on the calibration tokens
+    # whose top k leaves them out (non-ReLU activations leave a tail that top-k drops; ReLU /
+    # Top-k tails are ~0).
     tail_correction: bool = False
     seed: int = 0
 

@@ -45,7 +45,7 @@ class LayerEntry:
     build_seconds: float
     k: int | None = None  # this layer's k when chosen per layer (None: the store's k)
     plan: dict[str, Any] | None = None  # planner.plan_layer: where approximation pays (None: not measured)
-    tail_mean_file: str | None = None  # (d_ff,) float32 .npy: mean activations for the tail correction
+    tail_mean_file: str | None = None  # (d_ff,) float32 .npy: build.dropped_mean, for the tail correction
 
 
 @dataclass
@@ -165,7 +165,7 @@ class Store:
                                                  entry.build_params, entry.search_params)
 
     def load_tail_mean(self, layer: int) -> np.ndarray | None:
-        """The layer's mean activations (d_ff,) when built with the tail correction, else None."""
+        """The layer's dropped-neuron means (d_ff,) when built with the tail correction, else None."""
         name = self.manifest.layers[layer].tail_mean_file
         return None if name is None else np.load(self.path / name, allow_pickle=False)
 

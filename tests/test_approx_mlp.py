@@ -124,3 +124,24 @@ def test_candidates_keep_the_largest_contributions(tiny_checkpoints):
     assert (out - exact).norm() < gate_error
     # the up rows read only to choose are counted: d_ff - k of them per token
     assert result.bytes_read == 6 * (by_contribution.index.full_scan_bytes + (weights.d_ff - k) * weights.d_model * 4)
+
+
+def test_tail_of_dropped_means_is_unbiased_on_its_tokens(tiny_checkpoints):
+    """Each neuron's mean over the tokens that leave it out of their top-k makes the corrected output
+    right on average over those tokens; the plain mean (which also counts the tokens where the neuron
+    fires and is retrieved) leaves a bias."""
+    from ann_mlp.build import dropped_mean
+
+    weights = load_checkpoint(str(tiny_checkpoints["bert"])).adapter.mlp_weights(0)
+    x = 3 * torch.randn(512, weights.d_model, generator=torch.Generator().manual_seed(0))
+    k = 8
+    _, activations = dense_activations(weights, x)  # (512, d_ff)
+
+    def mean_residual(tail_mean: torch.Tensor) -> float:
+        mlp = ApproxMLP(weights, build_index("exact", augmented_keys(weights)), k=k, tail_mean=tail_mean)
+        exact = activations @ mlp.value_rows + weights.out_bias
+        with torch.inference_mode():
+            return float((mlp(x) - exact).mean(0).norm() / exact.norm(dim=1).mean())
+
+    conditional, plain = mean_residual(dropped_mean(weights, x, k)), mean_residual(activations.mean(0))
+    assert conditional < 1e-5 and plain > 100 * conditional, (conditional, plain)
