@@ -1,8 +1,8 @@
 """Benchmarks: one MLP layer dense vs approximate (timed in the same process), a real
 checkpoint end to end, and the resident memory of a served store.
 
-Weights are random (timing only: recall on random weights says nothing about a
-real model). The dense baseline is the faster of torch and numpy for that shape
+In the layer benchmark, weights are random (timing only: recall on random weights
+says nothing about a real model). The dense baseline is the faster of torch and numpy for that shape
 and batch, measured in the same run; the approximate path is the ApproxMLP the
 engine runs.
 """
@@ -25,6 +25,7 @@ import torch
 
 from ann_mlp.approx_mlp import ApproxMLP, augmented_keys, augmented_queries
 from ann_mlp.checkpoint.base import MlpWeights
+from ann_mlp.errors import InputError
 from ann_mlp.index import build_index
 from ann_mlp.index.base import BYTES_PER_FLOAT
 
@@ -312,5 +313,7 @@ def bench_memory(store: Path) -> MemoryBenchResult:
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
             grown[with_indexes] = pool.submit(_load_growth, str(store), with_indexes).result()
     dense_mb, approx_mb = grown[False] / 2**20, grown[True] / 2**20
+    if dense_mb < 1:
+        raise InputError(f"{manifest.name}'s model grew the process by {dense_mb:.2f} MB: too small to measure")
     return MemoryBenchResult(model=manifest.name, backend=manifest.backend, dense_mb=round(dense_mb, 1),
                              approx_mb=round(approx_mb, 1), ratio=round(approx_mb / dense_mb, 3))

@@ -4,9 +4,10 @@
     python bench/speed_tables.py --table-only    # re-print from results/speed/
 
 Runs `ann-mlp bench layer` for the issue's shapes at batch 1, 4, 16 and 64 (IVF
-probing 1/16 of its lists, k = 128) and `ann-mlp bench e2e` on the default
-served store, into fresh JSON-lines files, then prints markdown tables with the
-targets beside the measured speedups. Nothing else may run meanwhile: with two
+probing 1/16 of its lists, k = 128), `ann-mlp bench e2e` and `ann-mlp bench
+memory` on the default served store (and memory on an IVF store of the same
+checkpoint), into fresh JSON-lines files, then prints markdown tables with the
+targets beside the measured figures. Nothing else may run meanwhile: with two
 cores, any concurrent job invalidates the timings.
 """
 
@@ -25,7 +26,8 @@ SHAPES = [(384, 1536, False, "MiniLM"), (576, 1536, True, "SmolLM2"), (1024, 409
 BATCHES = (1, 4, 16, 64)
 # (d_model, d_ff, batch) -> the speedup the performance issue asks for
 TARGETS = {(4096, 16384, 1): 12.0, (2048, 8192, 1): 8.0, (1024, 4096, 1): 5.0, (4096, 16384, 16): 4.0}
-E2E_STORES = {"relu-lm": ["--preset"]}
+# store -> (checkpoint, build options, timed end to end as well as measured for memory)
+STORES = {"relu-lm": ("relu-lm", ["--preset"], True), "relu-lm-ivf": ("relu-lm", ["--backend", "ivf"], False)}
 
 
 def ann_mlp(*args: str) -> None:
@@ -35,31 +37,36 @@ def ann_mlp(*args: str) -> None:
 
 def measure(results: Path) -> None:
     results.mkdir(parents=True, exist_ok=True)
-    for name in ("bench_layer.jsonl", "bench_e2e.jsonl"):
+    for name in ("bench_layer.jsonl", "bench_e2e.jsonl", "bench_memory.jsonl"):
         (results / name).unlink(missing_ok=True)
     for d_model, d_ff, gated, _ in SHAPES:
         ann_mlp("bench", "layer", "--d-model", str(d_model), "--d-ff", str(d_ff), *(["--gated"] if gated else []),
                 *[arg for b in BATCHES for arg in ("--batch", str(b))], "--json", str(results / "bench_layer.jsonl"))
-    for name, build_args in E2E_STORES.items():
+    for name, (checkpoint, build_args, timed) in STORES.items():
         store = REPO / "indexes" / name
         if not (store / "manifest.json").exists():
-            ann_mlp("build", name, "--out", str(store), *build_args)
-        ann_mlp("bench", "e2e", str(store), "--batch", "1", "--batch", "16", "--json", str(results / "bench_e2e.jsonl"))
+            ann_mlp("build", checkpoint, "--out", str(store), *build_args)
+        if timed:
+            ann_mlp("bench", "e2e", str(store), "--batch", "1", "--batch", "16",
+                    "--json", str(results / "bench_e2e.jsonl"))
+        ann_mlp("bench", "memory", str(store), "--json", str(results / "bench_memory.jsonl"))
 
 
 def tables(results: Path) -> str:
     layer = [json.loads(line) for line in (results / "bench_layer.jsonl").read_text().splitlines()]
     names = {(d, f): what for d, f, _, what in SHAPES}
     rows = [f"Streaming memory bandwidth (array copy): {layer[0]['bandwidth_gb_s']:.1f} GB/s.", "",
-            "| shape | batch | dense path | dense µs | approx µs | speedup | target | bytes read | traffic limit |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+            "| shape | batch | dense path | dense µs | approx µs | speedup | target | bytes read | traffic limit "
+            "| search µs | overhead µs |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in layer:
         shape = f"{r['d_model']}×{r['d_ff']}{' gated' if r['gated'] else ''}"
         what = names.get((r["d_model"], r["d_ff"]), "")
         target = TARGETS.get((r["d_model"], r["d_ff"], r["batch"]))
         rows.append(f"| {shape}{f' ({what})' if what else ''} | {r['batch']} | {r['dense_path']} | {r['dense_us']:.0f} | "
                     f"{r['approx_us']:.0f} | {r['speedup']:.1f}× | {f'≥ {target:g}×' if target else ''} | "
-                    f"{r['bytes_read_fraction']:.3f} | {r['traffic_limit_speedup']:.1f}× |")
+                    f"{r['bytes_read_fraction']:.3f} | {r['traffic_limit_speedup']:.1f}× | {r['search_us']:.0f} | "
+                    f"{r['overhead_us']:.0f} |")
     e2e_path = results / "bench_e2e.jsonl"
     if e2e_path.exists():
         rows += ["", "| store | batch | tokens | exact tok/s | approx tok/s | auto tok/s | auto dense share | "
@@ -70,6 +77,12 @@ def tables(results: Path) -> str:
             rows.append(f"| {r['model']} | {r['batch']} | {r['tokens']} | {r['exact_tokens_per_s']:.0f} | "
                         f"{r['approx_tokens_per_s']:.0f} | {r['auto_tokens_per_s']:.0f} | {r['auto_dense_fraction']:.2f} | "
                         f"{r['recall_at_k']:.3f} | {r['scanned_fraction']:.3f} | {e2e} |")
+    memory_path = results / "bench_memory.jsonl"
+    if memory_path.exists():
+        rows += ["", "| store | backend | model alone MB | with indexes MB | ratio | target |", "| --- | --- | --- | --- | --- | --- |"]
+        for r in (json.loads(line) for line in memory_path.read_text().splitlines()):
+            rows.append(f"| {r['model']} | {r['backend']} | {r['dense_mb']:.1f} | {r['approx_mb']:.1f} | "
+                        f"{r['ratio']:.2f}× | ≤ 1.1× |")
     return "\n".join(rows)
 
 

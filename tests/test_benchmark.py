@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from ann_mlp.benchmark import bench_layer, dense_paths, random_layer
+from ann_mlp.benchmark import MemoryBenchResult, bench_layer, dense_paths, random_layer
 from tests.test_cli import TEXT, run
 
 
@@ -91,11 +91,16 @@ def test_speed_tables_render_what_the_benchmarks_wrote(tiny_stores, tmp_path):
         "--json", str(tmp_path / "bench_layer.jsonl"))
     run("bench", "e2e", str(tiny_stores["tiny-bert"]), "--text", str(text), "--batch", "2", "--repeats", "1",
         "--json", str(tmp_path / "bench_e2e.jsonl"))
+    # rendering only: a memory record of the benchmark's own type (the measurement is tested above)
+    record = MemoryBenchResult(model="relu-lm", backend="lowrank", dense_mb=40.2, approx_mb=40.8, ratio=1.015)
+    (tmp_path / "bench_memory.jsonl").write_text(json.dumps(record.to_json()) + "\n")
     rows = speed_tables.tables(tmp_path).splitlines()
     layer = json.loads((tmp_path / "bench_layer.jsonl").read_text())
     assert rows[0].startswith(f"Streaming memory bandwidth (array copy): {layer['bandwidth_gb_s']:.1f} GB/s")
     assert rows[4].startswith(f"| 1024×4096 | 1 | {layer['dense_path']} |") and "≥ 5×" in rows[4]
-    assert rows[-1].startswith("| tiny-bert | 2 |") and "embedding_cosine_mean" in rows[-1]
+    assert rows[4].endswith(f"| {layer['search_us']:.0f} | {layer['overhead_us']:.0f} |")
+    assert rows[-5].startswith("| tiny-bert | 2 |") and "embedding_cosine_mean" in rows[-5]
+    assert rows[-1] == "| relu-lm | lowrank | 40.2 | 40.8 | 1.01× | ≤ 1.1× |"
 
 
 def test_peers_sweep_reports_every_backend_with_consistent_fields(tiny_checkpoints, tmp_path):

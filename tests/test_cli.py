@@ -106,6 +106,7 @@ def test_bad_input_gives_one_line_errors(minilm_store, tiny_checkpoints, tmp_pat
         (("eval", str(minilm_store), "--candidate-factor", "0.5"), "candidate factor"),
         (("eval", str(minilm_store), "--checkpoint", str(tiny_checkpoints["bert"])), "built from other weights"),
         (("eval", str(tmp_path)), "not an index store"),
+        (("bench", "memory", str(tmp_path)), "not an index store"),
         (("sparsity", str(no_weights)), "no .safetensors"),
         (("bench", "layer", "--d-model", "8", "--d-ff", "64", "--probe-fraction", "2"), "probe fraction"),
         (("bench", "layer", "--d-model", "8", "--d-ff", "64", "--k", "65"), "k must be in"),
