@@ -8,7 +8,10 @@ Per model and layer: calibration hidden states (stdlib calibration docstrings)
 build each backend; held-out hidden states (the evaluation docstrings) are
 searched at a sweep of efforts, and each point records recall@k, keys scanned,
 bytes read (everything read to choose candidates, re-rank included) and the
-MLP's relative output error, exactly as `ann-mlp eval` measures them. The peers
+MLP's relative output error, exactly as `ann-mlp eval` measures them, and the
+batch-1 speedup of the approximate MLP over the layer's best dense path (median
+µs per held-out token, both timed in the same run: run it on a quiet machine).
+The peers
 are backends too: faiss IVF and HNSW, ScaNN, PQ fast-scan + re-rank, a Deja
 Vu-style trained predictor (`dejavu`), TEAL-style input sparsity (`teal`), beside
 the query-aware `cells` and `lowrank`.
@@ -16,13 +19,16 @@ the query-aware `cells` and `lowrank`.
 The table gives, per model and backend, the layer-mean of the cheapest swept
 point reaching recall 0.95 on the held-out queries (the frontier, as
 ann-benchmarks reports it; a build tunes on calibration queries instead), or the
-best recall reached when no point does. Plots: recall vs bytes read, recall vs
-keys scanned, output error vs bytes read, one figure per model.
+best recall reached when no point does. Plots per model: recall vs bytes read,
+recall vs keys scanned, output error vs bytes read, recall vs batch-1 speedup
+(layer means); and recall vs speedup per layer, as ann-benchmarks plots recall
+vs queries per second.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -32,6 +38,7 @@ import numpy as np
 import torch
 
 from ann_mlp.approx_mlp import ApproxMLP, augmented_keys, augmented_queries
+from ann_mlp.benchmark import dense_paths, time_calls
 from ann_mlp.build import capture_calibration
 from ann_mlp.capture import batches, forward_capturing
 from ann_mlp.checkpoint import load_checkpoint
@@ -46,6 +53,7 @@ BACKEND_ORDER = ["ivf", "hnsw", "scann", "pq", "teal", "dejavu", "cells", "lowra
 TARGET_RECALL = 0.95
 SWEEP_POINTS = 12
 EVAL_TOKENS = 2048
+TIMED_CALLS = 64  # per sweep point, one held-out token per call
 
 
 def held_out_inputs(checkpoint, tokens: int) -> list[torch.Tensor]:
@@ -56,6 +64,13 @@ def held_out_inputs(checkpoint, tokens: int) -> list[torch.Tensor]:
         for layer, x in inputs.items():
             captured[layer].append(x)
     return [torch.cat(x) for x in captured]
+
+
+def batch1_us(call, x: torch.Tensor) -> float:
+    """Median µs of call(token) over held-out tokens x (n, d_model), one token per call."""
+    tokens = itertools.cycle(x[:TIMED_CALLS].split(1))  # (1, d_model) each
+    with torch.inference_mode():
+        return statistics.median(time_calls(lambda: call(next(tokens)), TIMED_CALLS)) * 1e6
 
 
 def effort_sweep(lo: int, hi: int) -> list[int]:
@@ -75,6 +90,7 @@ def run_model(name: str, k: int, backends: list[str], out: Path, calibration_tok
         keys = augmented_keys(weights)  # (d_ff, d_model + 1)
         learn = augmented_queries(tune[layer])  # (N, d_model + 1)
         x = held_out[layer]  # (n, d_model)
+        dense_us = min(batch1_us(path, x) for path in dense_paths(weights).values())
         for backend in backends:
             start = time.perf_counter()
             index = build_index(backend, keys, queries=learn, k=k, target_recall=TARGET_RECALL)
@@ -85,12 +101,15 @@ def run_model(name: str, k: int, backends: list[str], out: Path, calibration_tok
                 with torch.inference_mode():
                     totals.add(mlp, x)
                 point = totals.report(layer, mlp)
+                approx_us = batch1_us(mlp, x)
                 records.append({
                     "model": Path(name).name, "layer": layer, "backend": backend, "k": k, "effort_param": index.effort_param,
                     "effort": effort, "build_params": index.build_params, "recall_at_k": point.recall_at_k,
                     "scanned_fraction": point.scanned_fraction, "bytes_read_fraction": point.bytes_read_fraction,
                     "rel_output_error": point.rel_output_error, "mass_recall": point.mass_recall,
-                    "build_seconds": round(build_seconds, 2), "held_out_tokens": len(x)})
+                    "build_seconds": round(build_seconds, 2), "held_out_tokens": len(x),
+                    "dense_us": round(dense_us, 3), "approx_us": round(approx_us, 3),
+                    "speedup": dense_us / approx_us})
             print(f"{Path(name).name} layer {layer} {backend}: built in {build_seconds:.1f}s", flush=True)
     path = out / f"peers_{Path(name).name}.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -113,15 +132,16 @@ def by_key(records: list[dict], *fields: str) -> dict[tuple, list[dict]]:
 
 
 def table(records: list[dict]) -> str:
-    rows = [f"| model | backend | recall@k | bytes read | keys scanned | output error | reaches {TARGET_RECALL} |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]
+    rows = [f"| model | backend | recall@k | bytes read | keys scanned | output error | batch-1 speedup "
+            f"| reaches {TARGET_RECALL} |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for (model, backend), points in by_key(records, "model", "backend").items():
         chosen = [operating_point(layer_points) for layer_points in by_key(points, "layer").values()]
         mean = {f: statistics.mean(p[f] for p in chosen)
-                for f in ("recall_at_k", "bytes_read_fraction", "scanned_fraction", "rel_output_error")}
+                for f in ("recall_at_k", "bytes_read_fraction", "scanned_fraction", "rel_output_error", "speedup")}
         reached = sum(p["recall_at_k"] >= TARGET_RECALL for p in chosen)
         rows.append(f"| {model} | {backend} | {mean['recall_at_k']:.3f} | {mean['bytes_read_fraction']:.3f} | "
-                    f"{mean['scanned_fraction']:.3f} | {mean['rel_output_error']:.3f} | "
+                    f"{mean['scanned_fraction']:.3f} | {mean['rel_output_error']:.3f} | {mean['speedup']:.2f}× | "
                     f"{reached}/{len(chosen)} layers |")
     return "\n".join(rows)
 
@@ -134,9 +154,9 @@ def plots(records: list[dict], out: Path) -> list[Path]:
 
     written = []
     panels = [("bytes_read_fraction", "recall_at_k"), ("scanned_fraction", "recall_at_k"),
-              ("bytes_read_fraction", "rel_output_error")]
+              ("bytes_read_fraction", "rel_output_error"), ("speedup", "recall_at_k")]
     for (model,), model_records in by_key(records, "model").items():
-        fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+        fig, axes = plt.subplots(1, len(panels), figsize=(21, 4.8))
         for (backend,), points in by_key(model_records, "backend").items():
             # Layer means at each sweep position: every layer of a model sweeps the same efforts.
             curve = by_key(points, "effort")
@@ -152,13 +172,39 @@ def plots(records: list[dict], out: Path) -> list[Path]:
         axes[0].axhline(TARGET_RECALL, color="grey", lw=0.8, ls="--")
         axes[0].axvline(1 / 8, color="grey", lw=0.8, ls=":")
         axes[0].legend(fontsize=8)
+        axes[3].axvline(1, color="grey", lw=0.8, ls=":")
         fig.suptitle(f"{model}: held-out stdlib docstrings, k = {model_records[0]['k']}, layer means")
         fig.tight_layout()
         path = out / f"peers_{model}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
+        written.append(_speed_per_layer(plt, model, model_records, out))
     return written
+
+
+def _speed_per_layer(plt, model: str, records: list[dict], out: Path) -> Path:
+    """Recall vs batch-1 speedup over the best dense path, one panel per layer, one line per backend."""
+    layers = by_key(records, "layer")
+    fig, axes = plt.subplots(1, len(layers), figsize=(4.2 * len(layers), 4), squeeze=False)
+    for ax, ((layer,), points) in zip(axes[0], sorted(layers.items())):
+        for (backend,), curve in by_key(points, "backend").items():
+            curve.sort(key=lambda p: p["effort"])
+            ax.plot([p["speedup"] for p in curve], [p["recall_at_k"] for p in curve], marker=".", label=backend)
+        ax.axvline(1, color="grey", lw=0.8, ls=":")
+        ax.axhline(TARGET_RECALL, color="grey", lw=0.8, ls="--")
+        ax.set_xscale("log")
+        ax.set_title(f"layer {layer}")
+        ax.set_xlabel("speedup over dense, batch 1")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("recall at k")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"{model}: recall vs speed (held-out tokens, real weights)")
+    fig.tight_layout()
+    path = out / f"peers_{model}_speed.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def main() -> None:

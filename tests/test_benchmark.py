@@ -115,10 +115,12 @@ def test_peers_sweep_reports_every_backend_with_consistent_fields(tiny_checkpoin
         assert all(0 <= p["recall_at_k"] <= 1 and p["bytes_read_fraction"] > 0 for p in points)
         assert points[-1]["recall_at_k"] >= 0.99  # the largest effort is exhaustive for these three
         assert points[0]["bytes_read_fraction"] < points[-1]["bytes_read_fraction"]
+        assert all(p["speedup"] == pytest.approx(p["dense_us"] / p["approx_us"], rel=0.01) for p in points)
+        assert len({p["dense_us"] for p in points}) == 1  # one dense baseline per layer, shared by its points
     lines = peers.table(records).splitlines()
     assert len(lines) == 2 + 3 and [line.split(" | ")[1] for line in lines[2:]] == ["ivf", "lowrank", "teal"]
     assert all(line.endswith("/2 layers |") for line in lines[2:])
-    assert [p.name for p in peers.plots(records, tmp_path)] == ["peers_llama.png"]
+    assert [p.name for p in peers.plots(records, tmp_path)] == ["peers_llama.png", "peers_llama_speed.png"]
 
 
 def test_cli_bench_memory_sees_the_copy_an_ivf_index_holds(minilm_store, tmp_path):
