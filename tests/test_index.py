@@ -239,3 +239,14 @@ def test_teal_reads_only_the_largest_input_coordinates():
     few, all_dims = measure(index, test, truth, K, 7), measure(index, test, truth, K, DIM)
     assert few.recall > 0.9 and all_dims.recall == 1.0
     assert few.bytes_read_fraction < 0.3 < all_dims.bytes_read_fraction
+
+
+def test_scann_soar_spills_every_key_into_a_second_leaf(data):
+    """SOAR stores each key twice: a full search scores every key twice and finds the true top-k."""
+    if not _backend_available("scann"):
+        pytest.skip("optional backend scann is not installed")
+    keys, queries, truth, _ = data
+    index = build_index("scann", keys, soar_lambda=1.5)
+    full = measure(index, queries, truth, K, index.effort_range(K)[1])
+    assert full.recall >= 0.99 and full.scanned_fraction == pytest.approx(2.0)
+    assert measure(index, queries, truth, K, 1).scanned_fraction < 0.5

@@ -1,4 +1,10 @@
-"""ScaNN (optional extra `scann`): k-means leaves, anisotropic 4-bit scoring, exact re-order."""
+"""ScaNN (optional extra `scann`): k-means leaves, anisotropic 4-bit scoring, exact re-order.
+
+Build parameter `soar_lambda` (default off) turns on SOAR spilling (Sun et al. 2023):
+each key is also stored in a second leaf chosen so that its residual is nearly
+orthogonal to the first one's, so a query whose best key sits badly in its primary
+leaf still finds it; larger lambda, more orthogonal.
+"""
 
 from __future__ import annotations
 
@@ -35,7 +41,7 @@ class ScannIndex(MipsIndex):
     def default_build_params(cls, num_keys: int, dim: int) -> dict[str, Any]:
         num_leaves = 2 ** round(math.log2(1.5 * math.sqrt(num_keys)))
         return {"num_leaves": int(min(max(num_leaves, 4), num_keys)),
-                "dims_per_block": 2, "anisotropic_threshold": 0.2, "reorder_factor": 4}
+                "dims_per_block": 2, "anisotropic_threshold": 0.2, "reorder_factor": 4, "soar_lambda": None}
 
     @classmethod
     def build(cls, keys: np.ndarray, **build_params: Any) -> ScannIndex:
@@ -43,7 +49,7 @@ class ScannIndex(MipsIndex):
         searcher = (
             _scann().builder(keys, 10, "dot_product")
             .tree(num_leaves=params["num_leaves"], num_leaves_to_search=params["num_leaves"],
-                  training_sample_size=keys.shape[0])
+                  training_sample_size=keys.shape[0], soar_lambda=params["soar_lambda"])
             .score_ah(params["dims_per_block"], anisotropic_quantization_threshold=params["anisotropic_threshold"])
             .reorder(keys.shape[0])
             .build()
@@ -65,7 +71,8 @@ class ScannIndex(MipsIndex):
             scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
         n_queries = queries.shape[0]
         # Leaves are balanced by k-means only on average: count the expected keys per leaf.
-        scanned = n_queries * self.num_keys * leaves / self.build_params["num_leaves"]
+        copies = 1 if self.build_params.get("soar_lambda") is None else 2  # SOAR stores every key twice
+        scanned = n_queries * self.num_keys * copies * leaves / self.build_params["num_leaves"]
         code_bytes = scanned * math.ceil(self.dim / self.build_params["dims_per_block"]) / 2
         centroid_bytes = n_queries * self.build_params["num_leaves"] * self.dim * BYTES_PER_FLOAT
         rerank_bytes = n_queries * reorder * self.dim * BYTES_PER_FLOAT
