@@ -47,6 +47,7 @@ class Knobs:
     mode: Mode = "auto"
     k: int | None = None
     effort: int | None = None
+    candidate_factor: float = 1.0
 
 
 @dataclass
@@ -185,7 +186,7 @@ class Engine:
         manifest = served.approx.manifest
         search = {} if knobs.effort is None else {manifest.layers[0].effort_param: knobs.effort}
         try:
-            served.approx.configure(knobs.k, search)
+            served.approx.configure(knobs.k, search, knobs.candidate_factor)
         except AnnMlpError as err:
             raise InvalidRequest(str(err), param="ann_mlp") from err
 

@@ -17,6 +17,8 @@ class AnnMlpOptions(BaseModel):
     mode: Mode = "auto"
     k: int | None = Field(None, ge=1, description="keys retrieved per token [the store's k]")
     effort: int | None = Field(None, ge=0, description="search effort (nprobe, efSearch, ...) [tuned]")
+    candidate_factor: float = Field(1.0, ge=1.0, description="retrieve this many times k by key score, keep the k "
+                                                             "largest |contributions| (gated: |act(gate)*up|)")
 
 
 class EmbeddingRequest(BaseModel):
@@ -44,14 +46,12 @@ class CompletionRequest(BaseModel):
     ann_mlp: AnnMlpOptions = AnnMlpOptions()
 
 
-class InferRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class InferRequest(AnnMlpOptions):
+    """The native route: the knobs at the top level, beside the inputs."""
+
     model: str | None = None
     texts: list[str] | None = None
     token_ids: list[list[int]] | None = None
-    mode: Mode = "auto"
-    k: int | None = Field(None, ge=1)
-    effort: int | None = Field(None, ge=0)
     top_logprobs: int = Field(5, ge=0, le=20, description="causal LMs: alternatives at the last position")
 
 
@@ -78,6 +78,7 @@ class RunInfo(BaseModel):
     mode: Mode
     k: int | list[int]  # one k, or one per layer when the store chose k per layer
     search_params: dict[str, Any]
+    candidate_factor: float  # neurons retrieved per kept neuron
     scanned_fraction: float | None  # keys scored / keys of the dense MLP, planner's dense layers included
     dense_fraction: float | None  # share of (layer, token) pairs the planner ran dense (mode auto)
     timing: dict[str, float]  # total_ms, index_search_ms, rest_ms

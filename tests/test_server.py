@@ -81,6 +81,12 @@ def test_mode_exact_and_full_k_agree(client):
     np.testing.assert_allclose(full["data"][0]["embedding"], exact["data"][0]["embedding"], atol=1e-5)
     assert exact["ann_mlp"]["mode"] == "exact" and exact["ann_mlp"]["scanned_fraction"] is None
     assert full["ann_mlp"]["k"] == 96
+    # candidates chosen by contribution: every neuron retrieved, all 96 kept, still exact
+    chosen = client.post("/v1/embeddings", json={**texts, "ann_mlp": {"k": 96, "effort": hi, "candidate_factor": 2}})
+    np.testing.assert_allclose(chosen.json()["data"][0]["embedding"], exact["data"][0]["embedding"], atol=1e-5)
+    assert chosen.json()["ann_mlp"]["candidate_factor"] == 2
+    assert_error(client.post("/v1/infer", json={"model": "tiny-bert", "texts": ["x"], "candidate_factor": 0.5}),
+                 422, "invalid_value")
 
 
 def test_infer_compare_reports_core_metrics(client):

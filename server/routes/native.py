@@ -9,7 +9,7 @@ from server.deps import engine as get_engine
 from server.deps import require_api_key
 from server.engine import Engine, Knobs
 from server.errors import InvalidRequest
-from server.schemas import InferRequest
+from server.schemas import AnnMlpOptions, InferRequest
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
@@ -22,7 +22,7 @@ async def infer(request: InferRequest, http: Request, engine: Engine = Depends(g
         raise InvalidRequest("give exactly one of texts or token_ids", param="texts")
     param = "texts" if request.texts is not None else "token_ids"
     ids = ops.tokenize(served, request.texts or request.token_ids, engine.settings, param)
-    knobs = Knobs(mode=request.mode, k=request.k, effort=request.effort)
+    knobs = Knobs(**request.model_dump(include=set(AnnMlpOptions.model_fields)))
 
     def job():
         run = ops.run_token_ids(engine, served, ids, knobs)
