@@ -4,7 +4,8 @@
     python bench/side_by_side.py --only relu-lm        # rows whose name contains "relu-lm"
     python bench/side_by_side.py --table-only          # re-print the table from results/
 
-Each row is one store: built into indexes/<row> unless it exists, evaluated on
+Each row is one store, built into indexes/<row> unless it exists (rows that differ
+only in eval options share the first one's store), evaluated on
 the held-out standard-library docstrings (text no checkpoint trained or
 calibrated on) into results/eval_<row>.json. The table prints per-layer means and
 the end-to-end metrics of each checkpoint's kind.
@@ -42,6 +43,20 @@ ROWS: dict[str, tuple[str, list[str], list[str]]] = {
     "minilm-sparse-lowrank": ("minilm-sparse", ["--backend", "lowrank", "--k", "96"], ["--reference", "minilm"]),
     "minilm-sparse-lowrank-80": ("minilm-sparse", ["--backend", "lowrank", "--k", "96", "--target-recall", "0.8"],
                                  ["--reference", "minilm"]),
+    # Selection and tail correction on dense-activation models, with perfect retrieval (exact backend):
+    # what is lost to top-k itself, before any index.
+    "minilm-exact-192": ("minilm", ["--backend", "exact", "--k", "192"], []),
+    "minilm-exact-192-tail": ("minilm", ["--backend", "exact", "--k", "192", "--tail-correction"], []),
+    "smollm2-exact-768": ("smollm2", ["--backend", "exact", "--k", "768", "--calib-tokens", "4096"],
+                          ["--max-tokens", "2048"]),
+    "smollm2-exact-768-product": ("smollm2", ["--backend", "exact", "--k", "768", "--calib-tokens", "4096"],
+                                  ["--max-tokens", "2048", "--candidate-factor", "2"]),
+    "smollm2-exact-768-tail": ("smollm2", ["--backend", "exact", "--k", "768", "--calib-tokens", "4096",
+                                           "--tail-correction"], ["--max-tokens", "2048"]),
+    "smollm2-exact-384-product": ("smollm2", ["--backend", "exact", "--k", "768", "--calib-tokens", "4096"],
+                                  ["--max-tokens", "2048", "--k", "384", "--candidate-factor", "2"]),
+    "smollm2-exact-768-product-tail": ("smollm2", ["--backend", "exact", "--k", "768", "--calib-tokens", "4096",
+                                                   "--tail-correction"], ["--max-tokens", "2048", "--candidate-factor", "2"]),
 }
 
 
@@ -50,9 +65,16 @@ def ann_mlp(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "ann_mlp", *args], check=True, cwd=REPO)
 
 
+def store_of(name: str) -> Path:
+    """Rows with the same checkpoint and build options share one store: the first such row's."""
+    checkpoint, build_args, _ = ROWS[name]
+    first = next(row for row, (c, b, _) in ROWS.items() if (c, b) == (checkpoint, build_args))
+    return REPO / "indexes" / first
+
+
 def run_row(name: str, results: Path) -> None:
     checkpoint, build_args, eval_args = ROWS[name]
-    store = REPO / "indexes" / name
+    store = store_of(name)
     if not (store / "manifest.json").exists():
         ann_mlp("build", checkpoint, "--out", str(store), *build_args)
     ann_mlp("eval", str(store), "--json", str(results / f"eval_{name}.json"), *eval_args)

@@ -134,3 +134,11 @@ def test_cli_bench_memory_sees_the_copy_an_ivf_index_holds(minilm_store, tmp_pat
     assert record["ratio"] == pytest.approx(record["approx_mb"] / record["dense_mb"], abs=1e-3)
     key_mb = 6 * 1536 * 385 * 4 / 2**20  # six layers of (d_ff, d_model + 1) float32 keys
     assert 0.5 * key_mb < record["approx_mb"] - record["dense_mb"] < 2 * key_mb
+
+
+def test_side_by_side_rows_differing_only_in_eval_options_share_a_store():
+    from bench import side_by_side
+
+    assert side_by_side.store_of("smollm2-exact-768-product").name == "smollm2-exact-768"
+    assert side_by_side.store_of("smollm2-exact-768-product-tail").name == "smollm2-exact-768-tail"
+    assert side_by_side.store_of("relu-lm-lowrank").name == "relu-lm-lowrank"
