@@ -22,6 +22,7 @@ from ann_mlp.text import describe, passages
 from ann_mlp.tuning import measure, tune_effort
 
 log = logging.getLogger(__name__)
+ZERO_TAIL_ACTIVATIONS = frozenset({"relu", "relu2", "relu6"})  # negative scores give exact zeros
 MAX_TUNING_QUERIES = 4096
 
 
@@ -64,6 +65,19 @@ def _sample(x: torch.Tensor, limit: int, seed: int) -> torch.Tensor:
         return x
     generator = torch.Generator().manual_seed(seed)
     return x[torch.randperm(len(x), generator=generator)[:limit]]
+
+
+def tail_correction_pays(weights: MlpWeights) -> bool:
+    """Whether the layer's dropped neurons carry a tail worth standing in for, by default.
+
+    Measured with perfect retrieval: MiniLM (GELU) at k = 192 of 1536, embedding cosine
+    0.61 -> 0.93 with it. ReLU-like and Top-k / threshold activations drop exact zeros.
+    Gated SmolLM2 at k = 768: it lifts next-token agreement 0.07 -> 0.27 when neurons are
+    chosen by gate score, but choosing them by contribution does far better alone (0.87)
+    and the correction, fit to the score top-k, then hurts (0.61).
+    """
+    zero_tail = weights.activation in ZERO_TAIL_ACTIVATIONS or weights.topk or weights.threshold is not None
+    return not zero_tail and not weights.gated
 
 
 def dropped_mean(weights: MlpWeights, x: torch.Tensor, k: int) -> torch.Tensor:
@@ -119,7 +133,7 @@ def build_indexes(checkpoint: Checkpoint, config: BuildConfig, calib_text: Path 
         indexes[layer] = index
         files = writer.add_layer(layer, index) if writer else {}
         tail_mean_file = None
-        if config.tail_correction:
+        if config.tail_correction if config.tail_correction is not None else tail_correction_pays(weights):
             tail_means[layer] = dropped_mean(weights, tune_x, k).numpy()  # (d_ff,)
             if writer:
                 saved = writer.add_array(layer, "tail_mean", tail_means[layer])

@@ -67,7 +67,7 @@ def build(
     calib_tokens: int = typer.Option(TextConfig.max_tokens, help="Calibration tokens to run through the model."),
     param: list[str] = typer.Option([], "--param", help="Backend build parameter NAME=VALUE (repeatable)."),
     plan: bool = typer.Option(True, help="Time dense vs approximate per layer and batch size for serving mode auto."),
-    tail_correction: bool = typer.Option(False, help="Stand in for the neurons not retrieved with their mean activation on the calibration tokens that leave them out of the top k (for GELU / SiLU models)."),
+    tail_correction: bool | None = typer.Option(None, "--tail-correction/--no-tail-correction", help="Stand in for the neurons not retrieved with their mean activation on the calibration tokens that leave them out of the top k [default: for non-gated activations whose dropped neurons are not zero, e.g. GELU]."),
     preset: bool = typer.Option(False, help=f"Use the recommended settings of a built-in checkpoint ({', '.join(PRESET_BUILDS)}) instead of the options above."),
     force: bool = typer.Option(False, help="Replace an existing store."),
 ) -> None:

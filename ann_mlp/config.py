@@ -45,9 +45,10 @@ class BuildConfig:
     # Time dense vs approximate per layer and batch size, for the run-time planner (mode "auto").
     plan: bool = True
     # Stand in for the neurons not retrieved with their mean activation on the calibration tokens
-    # whose top k leaves them out (non-ReLU activations leave a tail that top-k drops; ReLU /
-    # Top-k tails are ~0).
-    tail_correction: bool = False
+    # whose top k leaves them out. None: where it pays (build.tail_correction_pays): plain
+    # GELU-like activations leave a tail that top-k drops; ReLU / Top-k tails are zero, and
+    # gated models are served better by choosing neurons by contribution (candidate_factor).
+    tail_correction: bool | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -203,3 +203,12 @@ def test_model_and_index_hold_the_weights_once(tiny_checkpoints, tmp_path, famil
         full = output(model.checkpoint)
     exact = output(plain)
     assert float((full - exact).norm() / exact.norm()) < 1e-5
+
+
+@pytest.mark.parametrize(("family", "corrected"), [("bert", True), ("opt", False), ("llama", False)])
+def test_tail_correction_by_default_only_where_the_tail_is_not_zero(tiny_checkpoints, tmp_path, family, corrected):
+    """GELU (BERT) drops non-zero neurons; ReLU (OPT) drops zeros; gated (LLaMA) is served by
+    choosing neurons by contribution instead."""
+    config = BuildConfig(backend="exact", k=8, target_recall=None, plan=False, calibration=TextConfig(max_tokens=400))
+    manifest = Store.open(build_store(str(tiny_checkpoints[family]), tmp_path / family, config, progress=False)).manifest
+    assert all((entry.tail_mean_file is not None) == corrected for entry in manifest.layers)
