@@ -303,15 +303,19 @@ def _load_growth(store: str, with_indexes: bool) -> int:
     return grown
 
 
-def bench_memory(store: Path) -> MemoryBenchResult:
-    """Each load in its own fresh process, so neither sees the other's memory."""
+def bench_memory(store: Path, repeats: int = 3) -> MemoryBenchResult:
+    """Each load in its own fresh process, so neither sees the other's memory; the median
+    of `repeats` processes per side (the allocator's pages vary by a few MB between runs)."""
     from ann_mlp.store import Store
 
     manifest = Store.open(store).manifest
     grown = {}
     for with_indexes in (False, True):
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            grown[with_indexes] = pool.submit(_load_growth, str(store), with_indexes).result()
+        runs = []
+        for _ in range(repeats):
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                runs.append(pool.submit(_load_growth, str(store), with_indexes).result())
+        grown[with_indexes] = statistics.median(runs)
     dense_mb, approx_mb = grown[False] / 2**20, grown[True] / 2**20
     if dense_mb < 1:
         raise InputError(f"{manifest.name}'s model grew the process by {dense_mb:.2f} MB: too small to measure")

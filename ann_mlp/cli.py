@@ -319,12 +319,13 @@ def bench_e2e(
 @bench_app.command("memory")
 def bench_memory(
     store: Path = typer.Argument(..., help="Index store folder."),
+    repeats: int = typer.Option(3, min=1, help="Fresh processes per side; the median is reported."),
     json_out: Path = typer.Option(Path("results/bench_memory.jsonl"), "--json", help="Append JSON lines here."),
 ) -> None:
     """Resident memory of the model with its indexes vs the model alone, each loaded in a fresh process."""
     from ann_mlp.benchmark import bench_memory as run
 
-    result = run(store)
+    result = run(store, repeats)
     typer.echo(f"{'model':>12} {'backend':>8} {'dense MB':>9} {'approx MB':>9} {'ratio':>6}")
     typer.echo(f"{result.model:>12} {result.backend:>8} {result.dense_mb:>9.1f} {result.approx_mb:>9.1f} "
                f"{result.ratio:>6.3f}")

@@ -127,7 +127,7 @@ def test_cli_bench_memory_sees_the_copy_an_ivf_index_holds(minilm_store, tmp_pat
     """IVF keeps its own copy of the keys (faiss' inverted lists): the measured growth must show
     about that many bytes, which the exact-rescoring backends no longer hold (tests/test_store.py)."""
     out = tmp_path / "memory.jsonl"
-    proc = run("bench", "memory", str(minilm_store), "--json", str(out))
+    proc = run("bench", "memory", str(minilm_store), "--repeats", "1", "--json", str(out))
     assert "ratio" in proc.stdout
     (record,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert record["backend"] == "ivf" and record["dense_mb"] > 80  # MiniLM holds 22.7 M float32 parameters
