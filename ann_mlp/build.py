@@ -97,7 +97,7 @@ def build_indexes(checkpoint: Checkpoint, config: BuildConfig, calib_text: Path 
                   progress: bool = True, writer: StoreWriter | None = None, name: str = "in-memory",
                   ) -> tuple[Manifest, dict[int, MipsIndex], dict[int, np.ndarray]]:
     """One index per layer, tuned on calibration text, and (with the tail correction) each
-    layer's mean activations; `writer` persists each layer as it is built."""
+    layer's dropped-neuron means; `writer` persists each layer as it is built."""
     backend = backend_class(config.backend)
     d_ffs = [checkpoint.adapter.mlp_weights(layer).d_ff for layer in range(checkpoint.num_layers)]
     if config.k > min(d_ffs):

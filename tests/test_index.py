@@ -15,14 +15,10 @@ NUM_KEYS, DIM, K = 512, 33, 16
 APPROXIMATE = [name for name in BACKENDS if name != "exact"]
 
 
-def _backend_available(name: str) -> bool:
-    if name != "scann":
-        return True
-    try:
-        import scann  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def _require_backend(name: str) -> None:
+    """Skip when `name` is an optional backend whose extra is not installed (only scann is)."""
+    if name == "scann":
+        pytest.importorskip("scann", reason="optional backend scann is not installed")
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +38,7 @@ _BUILT: dict[str, object] = {}
 def _index(name, data):
     """Each backend is built once per module (the dejavu predictor trains for seconds); tests
     get it back with no search parameters set."""
-    if not _backend_available(name):
-        pytest.skip(f"optional backend {name} is not installed")
+    _require_backend(name)
     if name not in _BUILT:
         _BUILT[name] = build_index(name, data[0], queries=data[3], k=K)
     index = _BUILT[name]
@@ -243,8 +238,7 @@ def test_teal_reads_only_the_largest_input_coordinates():
 
 def test_scann_soar_spills_every_key_into_a_second_leaf(data):
     """SOAR stores each key twice: a full search scores every key twice and finds the true top-k."""
-    if not _backend_available("scann"):
-        pytest.skip("optional backend scann is not installed")
+    _require_backend("scann")
     keys, queries, truth, _ = data
     index = build_index("scann", keys, soar_lambda=1.5)
     full = measure(index, queries, truth, K, index.effort_range(K)[1])

@@ -122,6 +122,10 @@ class KeyRowsIndex(MipsIndex):
         super().__init__(keys.shape[0], keys.shape[1], build_params, search_params)
         self.keys = torch.from_numpy(np.ascontiguousarray(keys, dtype=np.float32))  # (n, D), not copied if float32
 
+    def effort_range(self, k: int) -> tuple[int, int]:
+        """By default the effort is how many candidates are re-scored exactly: from k to every key."""
+        return (min(k, self.num_keys), self.num_keys)
+
     def arrays(self) -> dict[str, np.ndarray]:
         """The learned arrays, one per name in `parts`."""
         return {}

@@ -128,9 +128,6 @@ class LowRankIndex(KeyRowsIndex):
 
         return min(candidate_ranks(dim), key=cost)
 
-    def effort_range(self, k: int) -> tuple[int, int]:
-        return (min(k, self.num_keys), self.num_keys)
-
     def search(self, queries: np.ndarray, k: int, **search_params: Any) -> SearchResult:
         rerank = self.resolve_effort(k, search_params)
         q = np.ascontiguousarray(queries, dtype=np.float32)  # (N, D)

@@ -65,9 +65,6 @@ class NeuronPredictorIndex(KeyRowsIndex):
         folded = (first.detach() / scale[:, None]).numpy()  # (D, r): standardisation folded in
         return cls(keys, folded, second.detach().numpy(), params, {})
 
-    def effort_range(self, k: int) -> tuple[int, int]:
-        return (min(k, self.num_keys), self.num_keys)
-
     def search(self, queries: np.ndarray, k: int, **search_params: Any) -> SearchResult:
         rerank = self.resolve_effort(k, search_params)
         q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))  # (N, D)

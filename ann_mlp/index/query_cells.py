@@ -65,9 +65,6 @@ class QueryCellsIndex(KeyRowsIndex):
         ranking = torch.argsort(counts + overall, dim=1, descending=True).numpy().astype(np.int32)
         return cls(keys, kmeans.centroids, ranking, params, {})
 
-    def effort_range(self, k: int) -> tuple[int, int]:
-        return (min(k, self.num_keys), self.num_keys)
-
     def search(self, queries: np.ndarray, k: int, **search_params: Any) -> SearchResult:
         budget = self.resolve_effort(k, search_params)
         q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))  # (N, D)
