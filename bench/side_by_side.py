@@ -43,6 +43,15 @@ ROWS: dict[str, tuple[str, list[str], list[str]]] = {
     "minilm-sparse-lowrank": ("minilm-sparse", ["--backend", "lowrank", "--k", "96"], ["--reference", "minilm"]),
     "minilm-sparse-lowrank-80": ("minilm-sparse", ["--backend", "lowrank", "--k", "96", "--target-recall", "0.8"],
                                  ["--reference", "minilm"]),
+    # Candidates ranked by 8-bit codes of the keys, the k kept scored exactly (rerank_bits=8).
+    "minilm-sparse-lowrank8": ("minilm-sparse", ["--backend", "lowrank", "--k", "96", "--param", "rerank_bits=8"],
+                               ["--reference", "minilm"]),
+    "minilm-sparse-lowrank8-99": ("minilm-sparse", ["--backend", "lowrank", "--k", "96", "--param", "rerank_bits=8",
+                                                    "--target-recall", "0.99"], ["--reference", "minilm"]),
+    "topk-lm-lowrank8-98": ("topk-lm", ["--backend", "lowrank", "--target-recall", "0.98", "--param", "rerank_bits=8"],
+                            []),
+    "topk-lm-lowrank8-99": ("topk-lm", ["--backend", "lowrank", "--target-recall", "0.99", "--param", "rerank_bits=8"],
+                            []),
     # Selection and tail correction on dense-activation models, with perfect retrieval (exact backend):
     # what is lost to top-k itself, before any index.
     "minilm-exact-192": ("minilm", ["--backend", "exact", "--k", "192"], []),

@@ -211,6 +211,41 @@ def test_low_rank_rejects_a_rank_outside_the_dimension(data):
         build_index("lowrank", data[0], queries=data[3], k=K, rank=DIM + 1)
 
 
+def test_low_rank_8_bit_rerank_reads_a_quarter_of_the_rerank_bytes(data, tmp_path):
+    """rerank_bits=8 ranks the candidates by 8-bit codes of the keys (faiss' QT_8bit decoding) and
+    scores only the k kept exactly: the same neighbours, exact scores, a quarter of the re-rank
+    bytes plus the k kept keys, and a lossless round trip."""
+    import faiss
+
+    from ann_mlp.index.low_rank import LowRankIndex
+
+    keys, queries, truth, calibration = data
+    full = build_index("lowrank", keys, queries=calibration, k=K, rank=16)
+    coded = build_index("lowrank", keys, queries=calibration, k=K, rank=16, rerank_bits=8)
+    rerank = 8 * K
+    exact, approx = full.search(queries, K, rerank=rerank), coded.search(queries, K, rerank=rerank)
+    np.testing.assert_allclose(approx.scores, np.take_along_axis(truth.numpy(), approx.ids, 1), rtol=1e-4, atol=1e-4)
+    assert recall_at_k(truth, torch.from_numpy(approx.ids), K).mean() >= \
+        recall_at_k(truth, torch.from_numpy(exact.ids), K).mean() - 0.02
+    saved = rerank * DIM * 3 - K * DIM * 4  # per query: 3 of 4 bytes of each re-ranked key, less the k kept
+    assert exact.bytes_read - approx.bytes_read == len(queries) * saved
+    # The ranking is faiss' own decoding of the codes.
+    quantizer = faiss.ScalarQuantizer(DIM, faiss.ScalarQuantizer.QT_8bit)
+    quantizer.train(keys)
+    decoded = torch.from_numpy(quantizer.decode(quantizer.compute_codes(keys)))  # (n, D)
+    candidates = torch.arange(NUM_KEYS).expand(len(queries), NUM_KEYS)  # every key a candidate
+    _, kept = LowRankIndex._best_by_key_codes(coded, candidates, torch.from_numpy(queries), K)
+    expected = (torch.from_numpy(queries) @ decoded.T).topk(K, dim=1).indices
+    assert (kept.sort(1).values == expected.sort(1).values).float().mean() > 0.99  # ties aside
+    files = coded.save(tmp_path, "layer_000")
+    loaded = type(coded).load(tmp_path, "layer_000", keys, coded.build_params, coded.search_params)
+    again = loaded.search(queries, K, rerank=rerank)
+    np.testing.assert_array_equal(again.ids, approx.ids)
+    assert "layer_000.key_codes.npy" in files
+    with pytest.raises(BackendError, match="rerank_bits"):
+        build_index("lowrank", keys, queries=calibration, k=K, rerank_bits=4)
+
+
 def test_dejavu_predictor_learns_which_neurons_fire():
     rng = np.random.default_rng(4)
     keys = rng.standard_normal((1024, DIM)).astype(np.float32)

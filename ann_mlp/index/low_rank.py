@@ -12,6 +12,12 @@ Cost per query: the projection (r·D floats), d_ff·r bytes of codes, and the
 are the best `rerank` by approximate score, so the sets are nested and recall
 grows with it; rerank = num_keys is an exhaustive exact search.
 
+With `rerank_bits=8` the candidates are re-ranked from 8-bit codes of the full
+keys (per-dimension scalar quantization, as ScaNN re-orders with int8: scores
+within about 1 % of exact), and only the k kept are scored from the float32
+keys: a quarter of the re-rank bytes plus k full keys. The codes are held
+beside the keys (a quarter of their memory).
+
 The best rank depends on the layer (how many directions its queries use): with
 rank "auto" the build picks, among ranks from D/32 to D/2, the one whose
 total bytes per query are smallest at the target recall on the calibration queries.
@@ -28,7 +34,7 @@ import torch
 
 from ann_mlp.errors import BackendError
 from ann_mlp.index.base import BYTES_PER_FLOAT, KeyRowsIndex, SearchResult
-from ann_mlp.linalg import best_candidates
+from ann_mlp.linalg import best_candidates, rows_dot
 
 
 def score_preserving_factors(keys: np.ndarray, queries: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
@@ -64,9 +70,11 @@ def rerank_needed(keys: torch.Tensor, a: torch.Tensor, b: torch.Tensor, queries:
     return int(torch.quantile(all_ranks, min(target_recall, 1.0)).item()) + 1
 
 
-def bytes_per_query(num_keys: int, dim: int, rank: int, rerank: int) -> int:
-    """Projection (r·D floats) + 8-bit codes (one byte per key and rank) + the re-ranked full keys."""
-    return rank * dim * BYTES_PER_FLOAT + num_keys * rank + rerank * dim * BYTES_PER_FLOAT
+def bytes_per_query(num_keys: int, dim: int, rank: int, rerank: int, k: int, rerank_bits: int = 32) -> int:
+    """Projection (r·D floats) + 8-bit codes (one byte per key and rank) + the re-ranked full keys,
+    at rerank_bits each, + for 8-bit re-ranking the k kept keys scored in float32."""
+    kept = k * dim * BYTES_PER_FLOAT if rerank_bits == 8 else 0
+    return rank * dim * BYTES_PER_FLOAT + num_keys * rank + rerank * dim * rerank_bits // 8 + kept
 
 
 def candidate_ranks(dim: int) -> list[int]:
@@ -79,10 +87,16 @@ class LowRankIndex(KeyRowsIndex):
     effort_param = "rerank"  # candidates re-scored exactly per query
     needs_queries = True
     parts = ("projection",)
+    quantized_parts = ("key_codes", "key_ranges")  # rerank_bits = 8 only
 
     def __init__(self, keys: np.ndarray, projection: np.ndarray, codes: faiss.Index,
-                 build_params: dict[str, Any], search_params: dict[str, Any]) -> None:
+                 build_params: dict[str, Any], search_params: dict[str, Any],
+                 key_codes: np.ndarray | None = None, key_ranges: np.ndarray | None = None) -> None:
         super().__init__(keys, build_params, search_params)
+        self.rerank_bits = int(build_params.get("rerank_bits", 32))
+        # rerank_bits = 8: key = low + (code + 0.5) * step per dimension (faiss' QT_8bit layout).
+        self.key_codes = None if key_codes is None else torch.from_numpy(key_codes)  # (n, D) uint8
+        self.key_ranges = key_ranges  # (2, D) float32: per-dimension minimum and range
         self.projection = np.ascontiguousarray(projection, dtype=np.float32)  # (r, D): B
         self.codes = codes  # n vectors of r dims: A's rows, 8-bit
         # The codes index projects the queries itself (q Bᵀ in faiss' own BLAS and threads): a numpy
@@ -96,7 +110,7 @@ class LowRankIndex(KeyRowsIndex):
 
     @classmethod
     def default_build_params(cls, num_keys: int, dim: int) -> dict[str, Any]:
-        return {"rank": "auto"}
+        return {"rank": "auto", "rerank_bits": 32}
 
     @classmethod
     def build(cls, keys: np.ndarray, queries: np.ndarray | None = None, k: int | None = None,
@@ -106,11 +120,14 @@ class LowRankIndex(KeyRowsIndex):
         num_keys, dim = keys.shape
         params = {**cls.default_build_params(num_keys, dim), **build_params}
         queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if params["rerank_bits"] not in (8, 32):
+            raise BackendError(f"rerank_bits must be 8 or 32, got {params['rerank_bits']!r}")
         rank = params["rank"]
         if rank == "auto":
             # One fit at the largest candidate rank: its leading r columns are the rank-r fit.
             a, b = score_preserving_factors(keys, queries, max(candidate_ranks(dim)))
-            rank = params["rank"] = cls._cheapest_rank(keys, a, b, queries, k, target_recall or 0.95)
+            rank = params["rank"] = cls._cheapest_rank(keys, a, b, queries, k, target_recall or 0.95,
+                                                       params["rerank_bits"])
             a, b = np.ascontiguousarray(a[:, :rank]), np.ascontiguousarray(b[:rank])
         elif not isinstance(rank, int) or not 1 <= rank <= dim:
             raise BackendError(f"rank must be 'auto' or an integer in [1, {dim}], got {rank!r}")
@@ -119,11 +136,17 @@ class LowRankIndex(KeyRowsIndex):
         codes = faiss.IndexScalarQuantizer(rank, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
         codes.train(a)
         codes.add(a)
-        return cls(keys, b, codes, params, {})
+        quantized = {}
+        if params["rerank_bits"] == 8:
+            quantizer = faiss.ScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit)
+            quantizer.train(keys)
+            ranges = faiss.vector_to_array(quantizer.trained).reshape(2, dim)  # (2, D): minimum, range
+            quantized = {"key_codes": quantizer.compute_codes(keys), "key_ranges": ranges}
+        return cls(keys, b, codes, params, {}, **quantized)
 
     @staticmethod
     def _cheapest_rank(keys: np.ndarray, a: np.ndarray, b: np.ndarray, queries: np.ndarray, k: int,
-                       target_recall: float) -> int:
+                       target_recall: float, rerank_bits: int) -> int:
         """The candidate rank with the fewest bytes per query at the target recall; the factors
         (a, b) are of the largest candidate rank, and the leading r columns are the rank-r fit."""
         num_keys, dim = keys.shape
@@ -132,7 +155,7 @@ class LowRankIndex(KeyRowsIndex):
 
         def cost(rank: int) -> int:
             rerank = rerank_needed(keys_t, a_t[:, :rank], b_t[:rank], sample, k, target_recall)
-            return bytes_per_query(num_keys, dim, rank, rerank)
+            return bytes_per_query(num_keys, dim, rank, rerank, k, rerank_bits)
 
         return min(candidate_ranks(dim), key=cost)
 
@@ -140,13 +163,32 @@ class LowRankIndex(KeyRowsIndex):
         rerank = self.resolve_effort(k, search_params)
         q = np.ascontiguousarray(queries, dtype=np.float32)  # (N, D)
         _, candidates = self.projected_codes.search(q, rerank)  # (N, rerank) by approximate score
-        values, ids = best_candidates(self.keys, torch.from_numpy(candidates), torch.from_numpy(q), k)
-        per_query = bytes_per_query(self.num_keys, self.dim, self.codes.d, rerank)
+        if self.key_codes is None:
+            values, ids = best_candidates(self.keys, torch.from_numpy(candidates), torch.from_numpy(q), k)
+        else:
+            values, ids = self._best_by_key_codes(torch.from_numpy(candidates), torch.from_numpy(q), k)
+        per_query = bytes_per_query(self.num_keys, self.dim, self.codes.d, rerank, k, self.rerank_bits)
         return SearchResult(values.numpy(), ids.numpy(), keys_scored=len(q) * self.num_keys,
                             bytes_read=len(q) * per_query)
 
+    def _best_by_key_codes(self, candidates: torch.Tensor, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k best candidates by their 8-bit keys, then scored exactly: candidates (N, R),
+        q (N, D) -> (scores, ids) (N, k).
+
+        q · (low + (code + 0.5) step) = q · (low + 0.5 step) + (q ⊙ step) · code.
+        """
+        low, width = torch.from_numpy(self.key_ranges)  # (D,), (D,)
+        step = width / 255
+        offset = q @ (low + 0.5 * step)  # (N,)
+        codes = self.key_codes[candidates].float()  # (N, R, D)
+        coarse = torch.bmm(codes, (q * step).unsqueeze(2)).squeeze(2) + offset[:, None]  # (N, R)
+        kept = candidates.gather(1, coarse.topk(min(k, candidates.shape[1]), dim=1).indices)  # (N, k)
+        return rows_dot(self.keys, kept, q), kept
+
     def arrays(self) -> dict[str, np.ndarray]:
-        return {"projection": self.projection}
+        if self.key_codes is None:
+            return {"projection": self.projection}
+        return {"projection": self.projection, "key_codes": self.key_codes.numpy(), "key_ranges": self.key_ranges}
 
     def save(self, folder: Path, stem: str) -> list[str]:
         name = f"{stem}.codes.faiss"
@@ -159,4 +201,8 @@ class LowRankIndex(KeyRowsIndex):
         projection = np.load(Path(folder) / f"{stem}.projection.npy", allow_pickle=False)
         if codes.ntotal != len(keys):
             raise BackendError(f"{stem}: {codes.ntotal} codes for {len(keys)} keys")
-        return cls(keys, projection, codes, build_params, search_params)
+        quantized = {}
+        if build_params.get("rerank_bits", 32) == 8:
+            quantized = {part: np.load(Path(folder) / f"{stem}.{part}.npy", allow_pickle=False)
+                         for part in cls.quantized_parts}
+        return cls(keys, projection, codes, build_params, search_params, **quantized)
