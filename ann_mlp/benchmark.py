@@ -28,6 +28,7 @@ from ann_mlp.checkpoint.base import MlpWeights
 from ann_mlp.errors import InputError
 from ann_mlp.index import build_index
 from ann_mlp.index.base import BYTES_PER_FLOAT
+from ann_mlp.linalg import rows_dot
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,9 @@ class LayerBenchResult:
     speedup: float  # dense_us / approx_us
     search_us: float  # the index's search alone, same queries
     value_sum_us: float  # the second layer's gather-and-sum of the k value rows alone
-    overhead_us: float  # ApproxMLP's own per-call cost: the call with its search answered from a record, less value_sum_us
+    up_rows_us: float  # gated: the k up rows' dot products alone (0 otherwise)
+    overhead_us: float  # ApproxMLP's fixed per-call cost: the call with its search answered from a record,
+    # less the work on the k rows (value_sum_us, up_rows_us)
     bytes_read_fraction: float  # approx bytes read (index + value/up rows) / dense bytes (all weights)
     repeats: int
     dense_gb_s: float  # weight bytes the dense path streams per second
@@ -174,12 +177,16 @@ def _approx_parts(mlp: ApproxMLP, x: torch.Tensor, params: dict, repeats: int) -
     ids = torch.from_numpy(np.where(found, result.ids, 0))  # (N, k)
     weights = torch.from_numpy(np.where(found, result.scores, 0).astype(np.float32))  # (N, k)
     value_sum_us = _summary(time_calls(lambda: mlp.weighted_value_sum(ids, weights), repeats))[0]
+    up_rows_us = 0.0
+    if mlp.weights.gated:
+        up_rows_us = _summary(time_calls(lambda: rows_dot(mlp.weights.up, ids, x), repeats))[0]
     mlp.index = _RecordedSearch(index, result)
     try:
         recorded_us = _summary(time_calls(lambda: mlp(x), repeats))[0]
     finally:
         mlp.index = index
-    return {"search_us": search_us, "value_sum_us": value_sum_us, "overhead_us": recorded_us - value_sum_us}
+    return {"search_us": search_us, "value_sum_us": value_sum_us, "up_rows_us": up_rows_us,
+            "overhead_us": recorded_us - value_sum_us - up_rows_us}
 
 
 def streaming_bandwidth_gb_s(megabytes: int = 256, repeats: int = 5) -> float:

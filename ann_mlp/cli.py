@@ -278,13 +278,14 @@ def bench_layer(
     typer.echo(f"streaming memory bandwidth (array copy): {bandwidth:.1f} GB/s")
     typer.echo(f"{'shape':>14} {'gated':>5} {'batch':>5} {'backend':>7} {'dense':>6} {'dense us':>10} "
                f"{'approx us':>10} {'speedup':>8} {'bytes read':>10} {'limit':>6} {'dense GB/s':>10} "
-               f"{'search us':>9} {'sum us':>7} {'overhead us':>11}")
+               f"{'search us':>9} {'sum us':>7} {'up us':>6} {'overhead us':>11}")
     json_out.parent.mkdir(parents=True, exist_ok=True)
     for result in run(d_model, d_ff, batch, gated, backend, probe_fraction, k, repeats):
         typer.echo(f"{f'{d_model}x{d_ff}':>14} {gated!s:>5} {result.batch:>5} {backend:>7} {result.dense_path:>6} "
                    f"{result.dense_us:>10.1f} {result.approx_us:>10.1f} {result.speedup:>8.2f} "
                    f"{result.bytes_read_fraction:>10.4f} {result.traffic_limit_speedup:>6.1f} {result.dense_gb_s:>10.1f} "
-                   f"{result.search_us:>9.1f} {result.value_sum_us:>7.1f} {result.overhead_us:>11.1f}")
+                   f"{result.search_us:>9.1f} {result.value_sum_us:>7.1f} {result.up_rows_us:>6.1f} "
+                   f"{result.overhead_us:>11.1f}")
         with open(json_out, "a") as f:
             f.write(json.dumps(result.to_json() | {"bandwidth_gb_s": bandwidth}) + "\n")
 

@@ -30,7 +30,9 @@ def test_bench_layer_fields_are_consistent():
     assert result.dense_us > 0 and result.approx_us > 0 and result.repeats == 30 and result.dense_gb_s > 0
     # the parts are timed alone: each is positive and, being part of the call, not above the whole (plus noise)
     assert 0 < result.search_us < 2 * result.approx_us and 0 < result.value_sum_us < 2 * result.approx_us
-    assert 0 < result.overhead_us < 2 * result.approx_us
+    assert 0 < result.overhead_us < 2 * result.approx_us and result.up_rows_us == 0  # not gated
+    (gated,) = bench_layer(64, 512, batches=[1], gated=True, k=32, repeats=30, threads=threads)
+    assert 0 < gated.up_rows_us < 2 * gated.approx_us
 
 
 def test_cli_bench_layer_appends_json(tmp_path):
