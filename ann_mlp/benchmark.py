@@ -223,7 +223,7 @@ class EndToEndBenchResult:
         return asdict(self)
 
 
-def bench_e2e(model, batch: int, text=None, max_tokens: int = 4096, repeats: int = 3) -> EndToEndBenchResult:
+def bench_e2e(model, batch: int, text=None, max_tokens: int = 4096, repeats: int = 5) -> EndToEndBenchResult:
     """Median of `repeats` passes over the same held-out batches per path, all in this process."""
     from ann_mlp.capture import batches, forward
     from ann_mlp.config import TextConfig
@@ -247,8 +247,18 @@ def bench_e2e(model, batch: int, text=None, max_tokens: int = 4096, repeats: int
                 with model.approximate(planned=mode == "auto"):
                     forward(checkpoint, b)
 
-    seconds = {mode: statistics.median(time_calls(lambda mode=mode: run(mode), repeats, warmup=1))
-               for mode in ("exact", "approx", "auto")}
+    # The modes take turns within each repeat, so a drift in the machine's speed (±15 % between
+    # passes on a shared 2-core VM) falls on all of them alike instead of on whichever ran last.
+    modes = ("exact", "approx", "auto")
+    for mode in modes:
+        run(mode)  # warm-up
+    times = {mode: [] for mode in modes}
+    for _ in range(repeats):
+        for mode in modes:
+            start = time.perf_counter()
+            run(mode)
+            times[mode].append(time.perf_counter() - start)
+    seconds = {mode: statistics.median(times[mode]) for mode in modes}
     model.reset_stats()
     run("auto")
     mlps = model.mlps.values()
