@@ -259,7 +259,7 @@ def bench_layer(
     d_ff: int = typer.Option(..., help="MLP width."),
     gated: bool = typer.Option(False, help="Gated (SwiGLU) MLP."),
     batch: list[int] = typer.Option([1], help="Batch sizes (repeatable)."),
-    backend: str = typer.Option(DEFAULT_BACKEND, help="MIPS backend."),
+    backend: str = typer.Option("ivf", help="MIPS backend (the targets are for IVF probing --probe-fraction of its lists)."),
     probe_fraction: float = typer.Option(1 / 16, help="Search effort as a share of its range (IVF: lists probed)."),
     k: int = typer.Option(DEFAULT_K, help="Keys retrieved per token."),
     repeats: int = typer.Option(30, min=30, help="Timed calls per path, after warm-up."),

@@ -10,7 +10,9 @@ from ann_mlp.errors import InputError
 STORE_FORMAT_VERSION = 2  # 2: backends that re-score from the keys no longer save them
 DEFAULT_STORE_ROOT = Path("indexes")
 DEFAULT_K = 128
-DEFAULT_BACKEND = "ivf"
+# Fewest bytes read at recall 0.95 on every checkpoint measured (held-out text: topk-lm 0.10 vs IVF's
+# 0.61, relu-lm 0.11 vs 0.60, minilm 0.32 vs 0.88, minilm-sparse 0.30 vs 0.89), keys held once.
+DEFAULT_BACKEND = "lowrank"
 DEFAULT_TARGET_RECALL = 0.95
 
 

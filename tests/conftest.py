@@ -32,13 +32,14 @@ def tiny_stores(tiny_checkpoints, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def minilm_store(tmp_path_factory) -> Path:
-    """A store of the real MiniLM checkpoint, built through the CLI with a small calibration budget."""
+    """A store of the real MiniLM checkpoint (IVF: the tests read its faiss index and memory),
+    built through the CLI with a small calibration budget."""
     import subprocess
     import sys
 
     out = tmp_path_factory.mktemp("minilm") / "minilm"
     proc = subprocess.run([sys.executable, "-m", "ann_mlp", "build", "minilm", "--out", str(out), "--k", "64",
-                           "--calib-tokens", "1500"], capture_output=True, text=True, timeout=600)
+                           "--backend", "ivf", "--calib-tokens", "1500"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "built" in proc.stdout and "layer   5" in proc.stdout
     return out

@@ -116,3 +116,17 @@ def test_bad_input_gives_one_line_errors(minilm_store, tiny_checkpoints, tmp_pat
         assert_one_line_error(run(*args, check=False), match)
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_build_defaults_to_the_low_rank_backend(tiny_checkpoints, tmp_path):
+    """With no --backend, build picks lowrank (the fewest bytes at the target recall on every
+    checkpoint measured) and stores no copy of the keys, only its projection and codes."""
+    out = tmp_path / "store"
+    run("build", str(tiny_checkpoints["gpt2"]), "--out", str(out), "--k", "8", "--calib-tokens", "400")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["backend"] == "lowrank"
+    assert all(layer["effort_param"] == "rerank" and layer["build_params"]["rerank_bits"] == 32
+               for layer in manifest["layers"])
+    stored = sorted(p.name for p in out.rglob("*") if p.is_file())
+    assert any(name.endswith(".projection.npy") for name in stored)
+    assert not any("keys" in name for name in stored)
