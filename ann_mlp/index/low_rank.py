@@ -84,7 +84,7 @@ def candidate_ranks(dim: int) -> list[int]:
 
 class LowRankIndex(KeyRowsIndex):
     name = "lowrank"
-    effort_param = "rerank"  # candidates re-scored exactly per query
+    effort_param = "rerank"  # candidates re-ranked per query (exactly, or from 8-bit keys)
     needs_queries = True
     parts = ("projection",)
     quantized_parts = ("key_codes", "key_ranges")  # rerank_bits = 8 only
