@@ -217,8 +217,6 @@ def test_low_rank_8_bit_rerank_reads_a_quarter_of_the_rerank_bytes(data, tmp_pat
     bytes plus the k kept keys, and a lossless round trip."""
     import faiss
 
-    from ann_mlp.index.low_rank import LowRankIndex
-
     keys, queries, truth, calibration = data
     full = build_index("lowrank", keys, queries=calibration, k=K, rank=16)
     coded = build_index("lowrank", keys, queries=calibration, k=K, rank=16, rerank_bits=8)
@@ -234,7 +232,7 @@ def test_low_rank_8_bit_rerank_reads_a_quarter_of_the_rerank_bytes(data, tmp_pat
     quantizer.train(keys)
     decoded = torch.from_numpy(quantizer.decode(quantizer.compute_codes(keys)))  # (n, D)
     candidates = torch.arange(NUM_KEYS).expand(len(queries), NUM_KEYS)  # every key a candidate
-    _, kept = LowRankIndex._best_by_key_codes(coded, candidates, torch.from_numpy(queries), K)
+    _, kept = coded._best_by_key_codes(candidates, torch.from_numpy(queries), K)
     expected = (torch.from_numpy(queries) @ decoded.T).topk(K, dim=1).indices
     assert (kept.sort(1).values == expected.sort(1).values).float().mean() > 0.99  # ties aside
     files = coded.save(tmp_path, "layer_000")

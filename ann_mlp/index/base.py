@@ -126,8 +126,13 @@ class KeyRowsIndex(MipsIndex):
         """By default the effort is how many candidates are re-scored exactly: from k to every key."""
         return (min(k, self.num_keys), self.num_keys)
 
+    @classmethod
+    def parts_for(cls, build_params: dict[str, Any]) -> tuple[str, ...]:
+        """The learned arrays an index built with these parameters holds: by default all of `parts`."""
+        return cls.parts
+
     def arrays(self) -> dict[str, np.ndarray]:
-        """The learned arrays, one per name in `parts`."""
+        """The learned arrays, one per name in parts_for(build_params)."""
         return {}
 
     def save(self, folder: Path, stem: str) -> list[str]:
@@ -138,6 +143,11 @@ class KeyRowsIndex(MipsIndex):
         return names
 
     @classmethod
+    def load_arrays(cls, folder: Path, stem: str, build_params: dict[str, Any]) -> dict[str, np.ndarray]:
+        return {part: np.load(Path(folder) / f"{stem}.{part}.npy", allow_pickle=False)
+                for part in cls.parts_for(build_params)}
+
+    @classmethod
     def load(cls, folder, stem, keys, build_params, search_params) -> KeyRowsIndex:
-        arrays = {part: np.load(Path(folder) / f"{stem}.{part}.npy", allow_pickle=False) for part in cls.parts}
-        return cls(keys, **arrays, build_params=build_params, search_params=search_params)
+        return cls(keys, **cls.load_arrays(folder, stem, build_params), build_params=build_params,
+                   search_params=search_params)

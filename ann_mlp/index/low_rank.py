@@ -86,17 +86,12 @@ class LowRankIndex(KeyRowsIndex):
     name = "lowrank"
     effort_param = "rerank"  # candidates re-ranked per query (exactly, or from 8-bit keys)
     needs_queries = True
-    parts = ("projection",)
-    quantized_parts = ("key_codes", "key_ranges")  # rerank_bits = 8 only
+    parts = ("projection", "key_codes", "key_ranges")  # the key codes only with rerank_bits = 8
 
     def __init__(self, keys: np.ndarray, projection: np.ndarray, codes: faiss.Index,
                  build_params: dict[str, Any], search_params: dict[str, Any],
                  key_codes: np.ndarray | None = None, key_ranges: np.ndarray | None = None) -> None:
         super().__init__(keys, build_params, search_params)
-        self.rerank_bits = int(build_params.get("rerank_bits", 32))
-        # rerank_bits = 8: key = low + (code + 0.5) * step per dimension (faiss' QT_8bit layout).
-        self.key_codes = None if key_codes is None else torch.from_numpy(key_codes)  # (n, D) uint8
-        self.key_ranges = key_ranges  # (2, D) float32: per-dimension minimum and range
         self.projection = np.ascontiguousarray(projection, dtype=np.float32)  # (r, D): B
         self.codes = codes  # n vectors of r dims: A's rows, 8-bit
         # The codes index projects the queries itself (q Bᵀ in faiss' own BLAS and threads): a numpy
@@ -107,6 +102,21 @@ class LowRankIndex(KeyRowsIndex):
         faiss.copy_array_to_vector(self.projection.ravel(), transform.A)
         transform.is_trained = True
         self.projected_codes = faiss.IndexPreTransform(transform, codes)
+        # rerank_bits = 8: key = low + (code + 0.5) * step per dimension (faiss' QT_8bit layout).
+        self.key_codes = None if key_codes is None else torch.from_numpy(key_codes)  # (n, D) uint8
+        self.key_ranges = key_ranges  # (2, D) float32: per-dimension minimum and range
+        if key_ranges is not None:
+            low, width = torch.from_numpy(key_ranges)  # (D,), (D,)
+            self.key_step = width / 255  # (D,)
+            self.key_offset = low + 0.5 * self.key_step  # (D,): the decoded value of code 0
+
+    @property
+    def rerank_bits(self) -> int:
+        return 32 if self.key_codes is None else 8
+
+    @classmethod
+    def parts_for(cls, build_params: dict[str, Any]) -> tuple[str, ...]:
+        return cls.parts if build_params.get("rerank_bits", 32) == 8 else cls.parts[:1]
 
     @classmethod
     def default_build_params(cls, num_keys: int, dim: int) -> dict[str, Any]:
@@ -175,20 +185,16 @@ class LowRankIndex(KeyRowsIndex):
         """The k best candidates by their 8-bit keys, then scored exactly: candidates (N, R),
         q (N, D) -> (scores, ids) (N, k).
 
-        q · (low + (code + 0.5) step) = q · (low + 0.5 step) + (q ⊙ step) · code.
+        q · (offset + step ⊙ code) = q · offset + (q ⊙ step) · code.
         """
-        low, width = torch.from_numpy(self.key_ranges)  # (D,), (D,)
-        step = width / 255
-        offset = q @ (low + 0.5 * step)  # (N,)
         codes = self.key_codes[candidates].float()  # (N, R, D)
-        coarse = torch.bmm(codes, (q * step).unsqueeze(2)).squeeze(2) + offset[:, None]  # (N, R)
+        coarse = torch.bmm(codes, (q * self.key_step).unsqueeze(2)).squeeze(2) + (q @ self.key_offset)[:, None]  # (N, R)
         kept = candidates.gather(1, coarse.topk(min(k, candidates.shape[1]), dim=1).indices)  # (N, k)
         return rows_dot(self.keys, kept, q), kept
 
     def arrays(self) -> dict[str, np.ndarray]:
-        if self.key_codes is None:
-            return {"projection": self.projection}
-        return {"projection": self.projection, "key_codes": self.key_codes.numpy(), "key_ranges": self.key_ranges}
+        quantized = {} if self.key_codes is None else {"key_codes": self.key_codes.numpy(), "key_ranges": self.key_ranges}
+        return {"projection": self.projection, **quantized}
 
     def save(self, folder: Path, stem: str) -> list[str]:
         name = f"{stem}.codes.faiss"
@@ -198,11 +204,7 @@ class LowRankIndex(KeyRowsIndex):
     @classmethod
     def load(cls, folder, stem, keys, build_params, search_params) -> LowRankIndex:
         codes = faiss.read_index(str(Path(folder) / f"{stem}.codes.faiss"))
-        projection = np.load(Path(folder) / f"{stem}.projection.npy", allow_pickle=False)
         if codes.ntotal != len(keys):
             raise BackendError(f"{stem}: {codes.ntotal} codes for {len(keys)} keys")
-        quantized = {}
-        if build_params.get("rerank_bits", 32) == 8:
-            quantized = {part: np.load(Path(folder) / f"{stem}.{part}.npy", allow_pickle=False)
-                         for part in cls.quantized_parts}
-        return cls(keys, projection, codes, build_params, search_params, **quantized)
+        return cls(keys, codes=codes, **cls.load_arrays(folder, stem, build_params), build_params=build_params,
+                   search_params=search_params)
