@@ -165,12 +165,7 @@ class ApproxMLP(nn.Module):
         all_found = bool(result.ids.min() >= 0)
         missing = None if all_found else torch.from_numpy(result.ids < 0)  # (N, c) bool
         ids = retrieved if all_found else torch.from_numpy(np.maximum(result.ids, 0))  # (N, c), valid rows
-        if self.index.exact_scores:
-            scores = torch.from_numpy(result.scores)  # (N, c)
-        else:
-            scores = rows_dot(w.keys, ids, x)  # (N, c)
-            if w.key_bias is not None:
-                scores = scores + w.key_bias.float()[ids]
+        scores = torch.from_numpy(result.scores)  # (N, c): exact, or the index's approximation
         silent = missing  # (N, c) bool: slots that contribute nothing (None: none)
         if w.topk and w.topk < self.k:  # Top-k model: only the K best of the retrieved fire
             ranked = scores if missing is None else scores.masked_fill(missing, -torch.inf)

@@ -160,8 +160,8 @@ def bench_layer(d_model: int, d_ff: int, batches: list[int], gated: bool = False
 class _RecordedSearch:
     """Answers every query with one recorded search result: timing ApproxMLP around it times ApproxMLP's own work."""
 
-    def __init__(self, index, result) -> None:
-        self.exact_scores, self.result = index.exact_scores, result
+    def __init__(self, result) -> None:
+        self.result = result
 
     def search(self, queries: np.ndarray, k: int, **search_params) -> object:
         return self.result
@@ -180,7 +180,7 @@ def _approx_parts(mlp: ApproxMLP, x: torch.Tensor, params: dict, repeats: int) -
     up_rows_us = 0.0
     if mlp.weights.gated:
         up_rows_us = _summary(time_calls(lambda: rows_dot(mlp.weights.up, ids, x), repeats))[0]
-    mlp.index = _RecordedSearch(index, result)
+    mlp.index = _RecordedSearch(result)
     try:
         recorded_us = _summary(time_calls(lambda: mlp(x), repeats))[0]
     finally:

@@ -1,7 +1,7 @@
 """Every candidate-selection method side by side on the same real hidden states: table and plots.
 
     python bench/peers.py                                   # all models, all backends
-    python bench/peers.py --models topk-lm --backends ivf lowrank
+    python bench/peers.py --models topk-lm --backends ivf lowrank   # replaces these two, keeps the rest
     python bench/peers.py --table-only                      # re-print from results/peers/
 
 Per model and layer: calibration hidden states (stdlib calibration docstrings)
@@ -111,9 +111,18 @@ def run_model(name: str, k: int, backends: list[str], out: Path, calibration_tok
                     "dense_us": round(dense_us, 3), "approx_us": round(approx_us, 3),
                     "speedup": dense_us / approx_us})
             print(f"{Path(name).name} layer {layer} {backend}: built in {build_seconds:.1f}s", flush=True)
-    path = out / f"peers_{Path(name).name}.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    merge_records(out / f"peers_{Path(name).name}.jsonl", records, backends)
     return records
+
+
+def merge_records(path: Path, records: list[dict], backends: list[str]) -> None:
+    """Replace the swept backends' records in path, keep the other backends' (a run of one backend
+    adds it to the comparison); the file is swapped in whole, never left half-written."""
+    kept = [] if not path.exists() else [line for line in path.read_text().splitlines()
+                                         if json.loads(line)["backend"] not in backends]
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text("".join(line + "\n" for line in kept) + "".join(json.dumps(r) + "\n" for r in records))
+    partial.replace(path)
 
 
 def operating_point(points: list[dict]) -> dict:

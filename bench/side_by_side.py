@@ -52,6 +52,16 @@ ROWS: dict[str, tuple[str, list[str], list[str]]] = {
                             []),
     "topk-lm-lowrank8-99": ("topk-lm", ["--backend", "lowrank", "--target-recall", "0.99", "--param", "rerank_bits=8"],
                             []),
+    # No float32 key read: candidates ranked and the k kept scored from 8-bit codes of the keys.
+    "relu-lm-lowrank8k-mass": ("relu-lm", ["--backend", "lowrank", "--k", "1024", "--mass-target", "0.9",
+                                           "--param", "rerank_bits=8", "--param", "kept_bits=8"], []),
+    "topk-lm-lowrank8k-99": ("topk-lm", ["--backend", "lowrank", "--target-recall", "0.99",
+                                         "--param", "rerank_bits=8", "--param", "kept_bits=8"], []),
+    "minilm-sparse-lowrank8k": ("minilm-sparse", ["--backend", "lowrank", "--k", "96", "--param", "rerank_bits=8",
+                                                  "--param", "kept_bits=8"], ["--reference", "minilm"]),
+    "minilm-sparse-lowrank8k-99": ("minilm-sparse", ["--backend", "lowrank", "--k", "96", "--param", "rerank_bits=8",
+                                                     "--param", "kept_bits=8", "--target-recall", "0.99"],
+                                   ["--reference", "minilm"]),
     # Selection and tail correction on dense-activation models, with perfect retrieval (exact backend):
     # what is lost to top-k itself, before any index.
     "minilm-exact-192": ("minilm", ["--backend", "exact", "--k", "192"], []),

@@ -7,7 +7,7 @@ from ann_mlp.approx_mlp import ApproxMLP, augmented_keys, dense_activations
 from ann_mlp.capture import forward, make_batch
 from ann_mlp.checkpoint import load_checkpoint
 from ann_mlp.errors import InputError
-from ann_mlp.index import SearchResult, build_index
+from ann_mlp.index import build_index
 from ann_mlp.patch import patched
 
 TEXTS = ["Return the sum of a and b, raising TypeError on strings.", "A short one."]
@@ -76,30 +76,31 @@ def test_k_outside_range_is_refused(tiny_checkpoints):
             ApproxMLP(weights, index, k=k)
 
 
-class _CoarseScores:
-    """An index that finds the right keys but reports rounded scores, as a quantized scan would."""
-
-    exact_scores = False
-
-    def __init__(self, index):
-        self.index = index
-
-    def search(self, queries, k, **params):
-        result = self.index.search(queries, k, **params)
-        return SearchResult(result.scores.round(0), result.ids, result.keys_scored, result.bytes_read)
-
-
-def test_approximate_scores_are_rescored_exactly(tiny_checkpoints):
-    """The activation sees exact scores of the retrieved keys, whatever precision the index scored at."""
+def test_approximate_scores_reach_the_activation_as_the_index_returns_them(tiny_checkpoints):
+    """An index built to score in 8 bits (lowrank, kept_bits=8) is not re-scored from the float32
+    keys: the layer is exactly act(returned scores) times the returned value rows, and close to
+    the same selection scored exactly."""
     for family in ("opt", "llama"):
-        checkpoint = load_checkpoint(str(tiny_checkpoints[family]))
-        weights = checkpoint.adapter.mlp_weights(0)
-        exact_index = build_index("exact", augmented_keys(weights))
+        weights = load_checkpoint(str(tiny_checkpoints[family])).adapter.mlp_weights(0)
+        keys = augmented_keys(weights)
+        calibration = torch.randn(400, weights.d_model)
+        queries = torch.cat([calibration, torch.ones(400, 1)], 1).numpy()
+        index = build_index("lowrank", keys, queries=queries, k=12, rank=8, rerank_bits=8, kept_bits=8)
+        assert not index.exact_scores
+        mlp = ApproxMLP(weights, index, k=12)
         x = torch.randn(6, weights.d_model)
-        with torch.no_grad():
-            reference = ApproxMLP(weights, exact_index, k=12)(x)
-            rescored = ApproxMLP(weights, _CoarseScores(exact_index), k=12)(x)
-        torch.testing.assert_close(rescored, reference, rtol=1e-5, atol=1e-5)
+        with torch.inference_mode():
+            out, kept, result = mlp.forward_with_selection(x)
+        assert torch.equal(kept, torch.from_numpy(result.ids))
+        activations = mlp.act(torch.from_numpy(result.scores))  # (6, 12)
+        if weights.gated:
+            activations = activations * (x @ weights.up.T).gather(1, kept)
+        expected = (activations[..., None] * mlp.value_rows[kept]).sum(1)
+        if weights.out_bias is not None:
+            expected = expected + weights.out_bias
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+        exact_scores = (x @ weights.keys.T + (0 if weights.key_bias is None else weights.key_bias)).gather(1, kept)
+        assert (torch.from_numpy(result.scores) - exact_scores).abs().max() < 0.05 * exact_scores.abs().max()
 
 
 def test_candidates_keep_the_largest_contributions(tiny_checkpoints):

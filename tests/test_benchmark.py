@@ -123,6 +123,12 @@ def test_peers_sweep_reports_every_backend_with_consistent_fields(tiny_checkpoin
     assert len(lines) == 2 + 3 and [line.split(" | ")[1] for line in lines[2:]] == ["ivf", "lowrank", "teal"]
     assert all(line.endswith("/2 layers |") for line in lines[2:])
     assert [p.name for p in peers.plots(records, tmp_path)] == ["peers_llama.png", "peers_llama_speed.png"]
+    # a later run of one backend replaces that backend's records and keeps the others'
+    again = peers.run_model(str(tiny_checkpoints["llama"]), 8, ["teal"], tmp_path, calibration_tokens=600,
+                            eval_tokens=300)
+    merged = [json.loads(line) for line in (tmp_path / "peers_llama.jsonl").read_text().splitlines()]
+    assert len(merged) == len(records) and sorted(map(json.dumps, merged)) == sorted(
+        map(json.dumps, [r for r in records if r["backend"] != "teal"] + again))
 
 
 def test_cli_bench_memory_sees_the_copy_an_ivf_index_holds(minilm_store, tmp_path):

@@ -244,6 +244,32 @@ def test_low_rank_8_bit_rerank_reads_a_quarter_of_the_rerank_bytes(data, tmp_pat
         build_index("lowrank", keys, queries=calibration, k=K, rerank_bits=4)
 
 
+def test_low_rank_8_bit_kept_scores_read_no_float32_key(data, tmp_path):
+    """kept_bits=8 keeps the 8-bit scores of the k kept: the same neighbours as rerank_bits=8 alone,
+    scores within 8-bit rounding of the true ones, k full keys fewer read per query, and the
+    setting survives a round trip."""
+    keys, queries, truth, calibration = data
+    exact_kept = build_index("lowrank", keys, queries=calibration, k=K, rank=16, rerank_bits=8)
+    coded_kept = build_index("lowrank", keys, queries=calibration, k=K, rank=16, rerank_bits=8, kept_bits=8)
+    assert exact_kept.exact_scores and not coded_kept.exact_scores
+    rerank = 8 * K
+    reference, approx = exact_kept.search(queries, K, rerank=rerank), coded_kept.search(queries, K, rerank=rerank)
+    np.testing.assert_array_equal(np.sort(approx.ids, 1), np.sort(reference.ids, 1))
+    true_scores = np.take_along_axis(truth.numpy(), approx.ids, 1)
+    step = coded_kept.key_step.numpy()  # (D,): one code's width per dimension
+    rounding = np.abs(queries) @ step  # (N,): |q|·step bounds the decoding error of a score
+    assert (np.abs(approx.scores - true_scores) <= rounding[:, None] / 2 + 1e-4).all()
+    assert np.abs(approx.scores - true_scores).max() > 1e-4  # they are the coded scores, not exact ones
+    assert reference.bytes_read - approx.bytes_read == len(queries) * K * DIM * 4
+    coded_kept.save(tmp_path, "layer_000")
+    loaded = type(coded_kept).load(tmp_path, "layer_000", keys, coded_kept.build_params, coded_kept.search_params)
+    np.testing.assert_array_equal(loaded.search(queries, K, rerank=rerank).scores, approx.scores)
+    with pytest.raises(BackendError, match="needs rerank_bits=8"):
+        build_index("lowrank", keys, queries=calibration, k=K, kept_bits=8)
+    with pytest.raises(BackendError, match="kept_bits"):
+        build_index("lowrank", keys, queries=calibration, k=K, rerank_bits=8, kept_bits=16)
+
+
 def test_dejavu_predictor_learns_which_neurons_fire():
     rng = np.random.default_rng(4)
     keys = rng.standard_normal((1024, DIM)).astype(np.float32)

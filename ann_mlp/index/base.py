@@ -32,7 +32,10 @@ class MipsIndex(ABC):
 
     name: ClassVar[str]  # registry key, as typed on the command line
     effort_param: ClassVar[str]  # the query-time knob that trades speed for recall
-    exact_scores: ClassVar[bool]  # True when returned scores are full-precision inner products
+    # True when returned scores are full-precision inner products. Otherwise they are the index's
+    # approximation, which the model's activations then see: re-scoring them would read the keys
+    # the index was built not to read.
+    exact_scores: bool
     needs_queries: ClassVar[bool] = False  # built from calibration queries as well as keys
 
     def __init__(self, num_keys: int, dim: int, build_params: dict[str, Any],

@@ -16,7 +16,9 @@ With `rerank_bits=8` the candidates are re-ranked from 8-bit codes of the full
 keys (per-dimension scalar quantization, as ScaNN re-orders with int8: scores
 within about 1 % of exact), and only the k kept are scored from the float32
 keys: a quarter of the re-rank bytes plus k full keys. The codes are held
-beside the keys (a quarter of their memory).
+beside the keys (a quarter of their memory). With `kept_bits=8` as well, the k
+kept keep their 8-bit scores and no float32 key is read at all: the activations
+then see scores within about 1 % of exact (`exact_scores` is false).
 
 The best rank depends on the layer (how many directions its queries use): with
 rank "auto" the build picks, among ranks from D/32 to D/2, the one whose
@@ -70,10 +72,11 @@ def rerank_needed(keys: torch.Tensor, a: torch.Tensor, b: torch.Tensor, queries:
     return int(torch.quantile(all_ranks, min(target_recall, 1.0)).item()) + 1
 
 
-def bytes_per_query(num_keys: int, dim: int, rank: int, rerank: int, k: int, rerank_bits: int = 32) -> int:
+def bytes_per_query(num_keys: int, dim: int, rank: int, rerank: int, k: int, rerank_bits: int = 32,
+                    kept_bits: int = 32) -> int:
     """Projection (r·D floats) + 8-bit codes (one byte per key and rank) + the re-ranked full keys,
-    at rerank_bits each, + for 8-bit re-ranking the k kept keys scored in float32."""
-    kept = k * dim * BYTES_PER_FLOAT if rerank_bits == 8 else 0
+    at rerank_bits each, + for 8-bit re-ranking the k kept keys re-scored in float32 unless kept_bits = 8."""
+    kept = k * dim * BYTES_PER_FLOAT if rerank_bits == 8 and kept_bits == 32 else 0
     return rank * dim * BYTES_PER_FLOAT + num_keys * rank + rerank * dim * rerank_bits // 8 + kept
 
 
@@ -114,13 +117,21 @@ class LowRankIndex(KeyRowsIndex):
     def rerank_bits(self) -> int:
         return 32 if self.key_codes is None else 8
 
+    @property
+    def kept_bits(self) -> int:
+        return self.build_params.get("kept_bits", 32)
+
+    @property
+    def exact_scores(self) -> bool:
+        return self.kept_bits == 32
+
     @classmethod
     def parts_for(cls, build_params: dict[str, Any]) -> tuple[str, ...]:
         return cls.parts if build_params.get("rerank_bits", 32) == 8 else cls.parts[:1]
 
     @classmethod
     def default_build_params(cls, num_keys: int, dim: int) -> dict[str, Any]:
-        return {"rank": "auto", "rerank_bits": 32}
+        return {"rank": "auto", "rerank_bits": 32, "kept_bits": 32}
 
     @classmethod
     def build(cls, keys: np.ndarray, queries: np.ndarray | None = None, k: int | None = None,
@@ -130,14 +141,17 @@ class LowRankIndex(KeyRowsIndex):
         num_keys, dim = keys.shape
         params = {**cls.default_build_params(num_keys, dim), **build_params}
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        if params["rerank_bits"] not in (8, 32):
-            raise BackendError(f"rerank_bits must be 8 or 32, got {params['rerank_bits']!r}")
+        for bits in ("rerank_bits", "kept_bits"):
+            if params[bits] not in (8, 32):
+                raise BackendError(f"{bits} must be 8 or 32, got {params[bits]!r}")
+        if params["kept_bits"] == 8 and params["rerank_bits"] != 8:
+            raise BackendError("kept_bits=8 scores the kept keys from the 8-bit key codes: it needs rerank_bits=8")
         rank = params["rank"]
         if rank == "auto":
             # One fit at the largest candidate rank: its leading r columns are the rank-r fit.
             a, b = score_preserving_factors(keys, queries, max(candidate_ranks(dim)))
             rank = params["rank"] = cls._cheapest_rank(keys, a, b, queries, k, target_recall or 0.95,
-                                                       params["rerank_bits"])
+                                                       params["rerank_bits"], params["kept_bits"])
             a, b = np.ascontiguousarray(a[:, :rank]), np.ascontiguousarray(b[:rank])
         elif not isinstance(rank, int) or not 1 <= rank <= dim:
             raise BackendError(f"rank must be 'auto' or an integer in [1, {dim}], got {rank!r}")
@@ -156,7 +170,7 @@ class LowRankIndex(KeyRowsIndex):
 
     @staticmethod
     def _cheapest_rank(keys: np.ndarray, a: np.ndarray, b: np.ndarray, queries: np.ndarray, k: int,
-                       target_recall: float, rerank_bits: int) -> int:
+                       target_recall: float, rerank_bits: int, kept_bits: int) -> int:
         """The candidate rank with the fewest bytes per query at the target recall; the factors
         (a, b) are of the largest candidate rank, and the leading r columns are the rank-r fit."""
         num_keys, dim = keys.shape
@@ -165,7 +179,7 @@ class LowRankIndex(KeyRowsIndex):
 
         def cost(rank: int) -> int:
             rerank = rerank_needed(keys_t, a_t[:, :rank], b_t[:rank], sample, k, target_recall)
-            return bytes_per_query(num_keys, dim, rank, rerank, k, rerank_bits)
+            return bytes_per_query(num_keys, dim, rank, rerank, k, rerank_bits, kept_bits)
 
         return min(candidate_ranks(dim), key=cost)
 
@@ -177,20 +191,21 @@ class LowRankIndex(KeyRowsIndex):
             values, ids = best_candidates(self.keys, torch.from_numpy(candidates), torch.from_numpy(q), k)
         else:
             values, ids = self._best_by_key_codes(torch.from_numpy(candidates), torch.from_numpy(q), k)
-        per_query = bytes_per_query(self.num_keys, self.dim, self.codes.d, rerank, k, self.rerank_bits)
+        per_query = bytes_per_query(self.num_keys, self.dim, self.codes.d, rerank, k, self.rerank_bits, self.kept_bits)
         return SearchResult(values.numpy(), ids.numpy(), keys_scored=len(q) * self.num_keys,
                             bytes_read=len(q) * per_query)
 
     def _best_by_key_codes(self, candidates: torch.Tensor, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The k best candidates by their 8-bit keys, then scored exactly: candidates (N, R),
-        q (N, D) -> (scores, ids) (N, k).
+        """The k best candidates by their 8-bit keys, scored exactly unless kept_bits = 8:
+        candidates (N, R), q (N, D) -> (scores, ids) (N, k).
 
         q · (offset + step ⊙ code) = q · offset + (q ⊙ step) · code.
         """
         codes = self.key_codes[candidates].float()  # (N, R, D)
         coarse = torch.bmm(codes, (q * self.key_step).unsqueeze(2)).squeeze(2) + (q @ self.key_offset)[:, None]  # (N, R)
-        kept = candidates.gather(1, coarse.topk(min(k, candidates.shape[1]), dim=1).indices)  # (N, k)
-        return rows_dot(self.keys, kept, q), kept
+        best, order = coarse.topk(min(k, candidates.shape[1]), dim=1)  # (N, k)
+        kept = candidates.gather(1, order)  # (N, k)
+        return (best, kept) if self.kept_bits == 8 else (rows_dot(self.keys, kept, q), kept)
 
     def arrays(self) -> dict[str, np.ndarray]:
         quantized = {} if self.key_codes is None else {"key_codes": self.key_codes.numpy(), "key_ranges": self.key_ranges}
