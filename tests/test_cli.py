@@ -126,7 +126,7 @@ def test_build_defaults_to_the_low_rank_backend(tiny_checkpoints, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["backend"] == "lowrank"
     assert all(layer["effort_param"] == "rerank" and layer["build_params"]["rerank_bits"] == 32
-               for layer in manifest["layers"])
+               and layer["build_params"]["projection_bits"] == 8 for layer in manifest["layers"])
     stored = sorted(p.name for p in out.rglob("*") if p.is_file())
-    assert any(name.endswith(".projection.npy") for name in stored)
+    assert any(name.endswith(".projection.faiss") for name in stored)
     assert not any("keys" in name for name in stored)

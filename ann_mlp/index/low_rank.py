@@ -7,8 +7,10 @@ B = Vᵣᵀ C^−½). Hidden states live in a few directions, so a small r ranks
 neurons almost as the exact scores do. A is held as 8-bit codes in a faiss flat
 scalar-quantizer index (SIMD scan, releases the GIL).
 
-Cost per query: the projection (r·D floats), d_ff·r bytes of codes, and the
-`rerank` candidates' full keys. `rerank` is the query-time knob; the candidates
+Cost per query: the projection (r·D floats, or r·D bytes with
+`projection_bits=8`, the default of new builds: B's rows in a scalar-quantizer
+index of their own, which ranks the neurons as the float32 B does), d_ff·r bytes
+of codes, and the `rerank` candidates' full keys. `rerank` is the query-time knob; the candidates
 are the best `rerank` by approximate score, so the sets are nested and recall
 grows with it; rerank = num_keys is an exhaustive exact search.
 
@@ -44,10 +46,15 @@ def score_preserving_factors(keys: np.ndarray, queries: np.ndarray, rank: int) -
     q = torch.from_numpy(queries).double()
     second_moment = q.T @ q / len(q)  # (D, D)
     eigenvalues, eigenvectors = torch.linalg.eigh(second_moment)
-    # Directions the queries never use carry no score; a floor keeps C^−½ finite there.
-    eigenvalues = eigenvalues.clamp_min(float(eigenvalues.max()) * 1e-8)
-    sqrt_c = (eigenvectors * eigenvalues.sqrt()) @ eigenvectors.T  # (D, D)
-    inv_sqrt_c = (eigenvectors / eigenvalues.sqrt()) @ eigenvectors.T  # (D, D)
+    # Directions the queries (almost) never use carry no score, and B gets no component there
+    # (C^−½ becomes the pseudo-inverse): inverting their tiny eigenvalues would fill B with large
+    # entries that cancel on real queries, which amplifies a stray query component and which 8-bit
+    # codes of B cannot represent.
+    used = eigenvalues > float(eigenvalues.max()) * 1e-6  # std above 1/1000 of the largest
+    root = eigenvalues.clamp_min(0).sqrt()  # (D,)
+    inv_root = torch.where(used, 1 / root.clamp_min(torch.finfo(root.dtype).tiny), 0)  # (D,)
+    sqrt_c = (eigenvectors * root) @ eigenvectors.T  # (D, D)
+    inv_sqrt_c = (eigenvectors * inv_root) @ eigenvectors.T  # (D, D): pseudo-inverse of C^½
     u, s, vt = torch.linalg.svd(torch.from_numpy(keys).double() @ sqrt_c, full_matrices=False)
     a = u[:, :rank] * s[:rank]  # (n, r)
     b = vt[:rank] @ inv_sqrt_c  # (r, D)
@@ -73,11 +80,11 @@ def rerank_needed(keys: torch.Tensor, a: torch.Tensor, b: torch.Tensor, queries:
 
 
 def bytes_per_query(num_keys: int, dim: int, rank: int, rerank: int, k: int, rerank_bits: int = 32,
-                    kept_bits: int = 32) -> int:
-    """Projection (r·D floats) + 8-bit codes (one byte per key and rank) + the re-ranked full keys,
-    at rerank_bits each, + for 8-bit re-ranking the k kept keys re-scored in float32 unless kept_bits = 8."""
+                    kept_bits: int = 32, projection_bits: int = 32) -> int:
+    """Projection (r·D at projection_bits) + 8-bit codes (one byte per key and rank) + the re-ranked
+    full keys at rerank_bits + for 8-bit re-ranking the k kept keys re-scored in float32 unless kept_bits = 8."""
     kept = k * dim * BYTES_PER_FLOAT if rerank_bits == 8 and kept_bits == 32 else 0
-    return rank * dim * BYTES_PER_FLOAT + num_keys * rank + rerank * dim * rerank_bits // 8 + kept
+    return rank * dim * projection_bits // 8 + num_keys * rank + rerank * dim * rerank_bits // 8 + kept
 
 
 def candidate_ranks(dim: int) -> list[int]:
@@ -89,22 +96,26 @@ class LowRankIndex(KeyRowsIndex):
     name = "lowrank"
     effort_param = "rerank"  # candidates re-ranked per query (exactly, or from 8-bit keys)
     needs_queries = True
-    parts = ("projection", "key_codes", "key_ranges")  # the key codes only with rerank_bits = 8
+    # float32 projection with projection_bits = 32, key codes with rerank_bits = 8
+    parts = ("projection", "key_codes", "key_ranges")
 
-    def __init__(self, keys: np.ndarray, projection: np.ndarray, codes: faiss.Index,
-                 build_params: dict[str, Any], search_params: dict[str, Any],
+    def __init__(self, keys: np.ndarray, codes: faiss.Index, build_params: dict[str, Any],
+                 search_params: dict[str, Any], projection: np.ndarray | faiss.Index | None = None,
                  key_codes: np.ndarray | None = None, key_ranges: np.ndarray | None = None) -> None:
         super().__init__(keys, build_params, search_params)
-        self.projection = np.ascontiguousarray(projection, dtype=np.float32)  # (r, D): B
         self.codes = codes  # n vectors of r dims: A's rows, 8-bit
-        # The codes index projects the queries itself (q Bᵀ in faiss' own BLAS and threads): a numpy
-        # projection between faiss calls made numpy's thread pool fight faiss' spinning one for the
-        # two cores, 8 ms per search at 1024x4096 instead of 0.3 ms.
-        rank, dim = self.projection.shape
-        transform = faiss.LinearTransform(dim, rank, False)
-        faiss.copy_array_to_vector(self.projection.ravel(), transform.A)
-        transform.is_trained = True
-        self.projected_codes = faiss.IndexPreTransform(transform, codes)
+        if isinstance(projection, faiss.Index):  # B's r rows, 8-bit: q Bᵀ is a search for all r of them
+            self.projector, self.projection = projection, None
+        else:
+            # The codes index projects the queries itself (q Bᵀ in faiss' own BLAS and threads): a numpy
+            # projection between faiss calls made numpy's thread pool fight faiss' spinning one for the
+            # two cores, 8 ms per search at 1024x4096 instead of 0.3 ms.
+            self.projector, self.projection = None, np.ascontiguousarray(projection, dtype=np.float32)  # (r, D)
+            rank, dim = self.projection.shape
+            transform = faiss.LinearTransform(dim, rank, False)
+            faiss.copy_array_to_vector(self.projection.ravel(), transform.A)
+            transform.is_trained = True
+            self.projected_codes = faiss.IndexPreTransform(transform, codes)
         # rerank_bits = 8: key = low + (code + 0.5) * step per dimension (faiss' QT_8bit layout).
         self.key_codes = None if key_codes is None else torch.from_numpy(key_codes)  # (n, D) uint8
         self.key_ranges = key_ranges  # (2, D) float32: per-dimension minimum and range
@@ -122,16 +133,22 @@ class LowRankIndex(KeyRowsIndex):
         return self.build_params.get("kept_bits", 32)
 
     @property
+    def projection_bits(self) -> int:
+        return 32 if self.projector is None else 8
+
+    @property
     def exact_scores(self) -> bool:
         return self.kept_bits == 32
 
     @classmethod
     def parts_for(cls, build_params: dict[str, Any]) -> tuple[str, ...]:
-        return cls.parts if build_params.get("rerank_bits", 32) == 8 else cls.parts[:1]
+        # Stores written before projection_bits existed hold the float32 projection.
+        projection = ("projection",) if build_params.get("projection_bits", 32) == 32 else ()
+        return projection + (cls.parts[1:] if build_params.get("rerank_bits", 32) == 8 else ())
 
     @classmethod
     def default_build_params(cls, num_keys: int, dim: int) -> dict[str, Any]:
-        return {"rank": "auto", "rerank_bits": 32, "kept_bits": 32}
+        return {"rank": "auto", "projection_bits": 8, "rerank_bits": 32, "kept_bits": 32}
 
     @classmethod
     def build(cls, keys: np.ndarray, queries: np.ndarray | None = None, k: int | None = None,
@@ -141,7 +158,7 @@ class LowRankIndex(KeyRowsIndex):
         num_keys, dim = keys.shape
         params = {**cls.default_build_params(num_keys, dim), **build_params}
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        for bits in ("rerank_bits", "kept_bits"):
+        for bits in ("projection_bits", "rerank_bits", "kept_bits"):
             if params[bits] not in (8, 32):
                 raise BackendError(f"{bits} must be 8 or 32, got {params[bits]!r}")
         if params["kept_bits"] == 8 and params["rerank_bits"] != 8:
@@ -150,8 +167,7 @@ class LowRankIndex(KeyRowsIndex):
         if rank == "auto":
             # One fit at the largest candidate rank: its leading r columns are the rank-r fit.
             a, b = score_preserving_factors(keys, queries, max(candidate_ranks(dim)))
-            rank = params["rank"] = cls._cheapest_rank(keys, a, b, queries, k, target_recall or 0.95,
-                                                       params["rerank_bits"], params["kept_bits"])
+            rank = params["rank"] = cls._cheapest_rank(keys, a, b, queries, k, target_recall or 0.95, params)
             a, b = np.ascontiguousarray(a[:, :rank]), np.ascontiguousarray(b[:rank])
         elif not isinstance(rank, int) or not 1 <= rank <= dim:
             raise BackendError(f"rank must be 'auto' or an integer in [1, {dim}], got {rank!r}")
@@ -160,17 +176,22 @@ class LowRankIndex(KeyRowsIndex):
         codes = faiss.IndexScalarQuantizer(rank, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
         codes.train(a)
         codes.add(a)
+        projection = b
+        if params["projection_bits"] == 8:
+            projection = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+            projection.train(b)
+            projection.add(b)
         quantized = {}
         if params["rerank_bits"] == 8:
             quantizer = faiss.ScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit)
             quantizer.train(keys)
             ranges = faiss.vector_to_array(quantizer.trained).reshape(2, dim)  # (2, D): minimum, range
             quantized = {"key_codes": quantizer.compute_codes(keys), "key_ranges": ranges}
-        return cls(keys, b, codes, params, {}, **quantized)
+        return cls(keys, codes, params, {}, projection=projection, **quantized)
 
     @staticmethod
     def _cheapest_rank(keys: np.ndarray, a: np.ndarray, b: np.ndarray, queries: np.ndarray, k: int,
-                       target_recall: float, rerank_bits: int, kept_bits: int) -> int:
+                       target_recall: float, params: dict[str, Any]) -> int:
         """The candidate rank with the fewest bytes per query at the target recall; the factors
         (a, b) are of the largest candidate rank, and the leading r columns are the rank-r fit."""
         num_keys, dim = keys.shape
@@ -179,19 +200,28 @@ class LowRankIndex(KeyRowsIndex):
 
         def cost(rank: int) -> int:
             rerank = rerank_needed(keys_t, a_t[:, :rank], b_t[:rank], sample, k, target_recall)
-            return bytes_per_query(num_keys, dim, rank, rerank, k, rerank_bits, kept_bits)
+            return bytes_per_query(num_keys, dim, rank, rerank, k, params["rerank_bits"], params["kept_bits"],
+                                   params["projection_bits"])
 
         return min(candidate_ranks(dim), key=cost)
 
     def search(self, queries: np.ndarray, k: int, **search_params: Any) -> SearchResult:
         rerank = self.resolve_effort(k, search_params)
         q = np.ascontiguousarray(queries, dtype=np.float32)  # (N, D)
-        _, candidates = self.projected_codes.search(q, rerank)  # (N, rerank) by approximate score
+        if self.projector is None:
+            _, candidates = self.projected_codes.search(q, rerank)  # (N, rerank) by approximate score
+        else:
+            rank = self.codes.d
+            values, rows = self.projector.search(q, rank)  # (N, r) each: q·B_j for every row j, best first
+            projected = np.empty_like(values)
+            np.put_along_axis(projected, rows, values, axis=1)  # (N, r): q Bᵀ in row order
+            _, candidates = self.codes.search(projected, rerank)  # (N, rerank) by approximate score
         if self.key_codes is None:
             values, ids = best_candidates(self.keys, torch.from_numpy(candidates), torch.from_numpy(q), k)
         else:
             values, ids = self._best_by_key_codes(torch.from_numpy(candidates), torch.from_numpy(q), k)
-        per_query = bytes_per_query(self.num_keys, self.dim, self.codes.d, rerank, k, self.rerank_bits, self.kept_bits)
+        per_query = bytes_per_query(self.num_keys, self.dim, self.codes.d, rerank, k, self.rerank_bits, self.kept_bits,
+                                    self.projection_bits)
         return SearchResult(values.numpy(), ids.numpy(), keys_scored=len(q) * self.num_keys,
                             bytes_read=len(q) * per_query)
 
@@ -209,17 +239,24 @@ class LowRankIndex(KeyRowsIndex):
 
     def arrays(self) -> dict[str, np.ndarray]:
         quantized = {} if self.key_codes is None else {"key_codes": self.key_codes.numpy(), "key_ranges": self.key_ranges}
-        return {"projection": self.projection, **quantized}
+        projection = {} if self.projection is None else {"projection": self.projection}
+        return {**projection, **quantized}
 
     def save(self, folder: Path, stem: str) -> list[str]:
-        name = f"{stem}.codes.faiss"
-        faiss.write_index(self.codes, str(Path(folder) / name))
-        return [*super().save(folder, stem), name]
+        indexes = {"codes": self.codes} if self.projector is None else {"codes": self.codes, "projection": self.projector}
+        names = [f"{stem}.{part}.faiss" for part in indexes]
+        for name, index in zip(names, indexes.values()):
+            faiss.write_index(index, str(Path(folder) / name))
+        return [*super().save(folder, stem), *names]
 
     @classmethod
     def load(cls, folder, stem, keys, build_params, search_params) -> LowRankIndex:
         codes = faiss.read_index(str(Path(folder) / f"{stem}.codes.faiss"))
         if codes.ntotal != len(keys):
             raise BackendError(f"{stem}: {codes.ntotal} codes for {len(keys)} keys")
-        return cls(keys, codes=codes, **cls.load_arrays(folder, stem, build_params), build_params=build_params,
-                   search_params=search_params)
+        arrays = cls.load_arrays(folder, stem, build_params)
+        if build_params.get("projection_bits", 32) == 8:
+            arrays["projection"] = faiss.read_index(str(Path(folder) / f"{stem}.projection.faiss"))
+            if arrays["projection"].ntotal != codes.d:
+                raise BackendError(f"{stem}: a rank-{arrays['projection'].ntotal} projection for rank-{codes.d} codes")
+        return cls(keys, codes=codes, **arrays, build_params=build_params, search_params=search_params)
