@@ -50,7 +50,7 @@ class LayerBenchResult:
     value_sum_us: float  # the second layer's gather-and-sum of the k value rows alone
     up_rows_us: float  # gated: the k up rows' dot products alone (0 otherwise)
     overhead_us: float  # ApproxMLP's fixed per-call cost: the call with its search answered from a record,
-    # less the work on the k rows (value_sum_us, up_rows_us)
+    # less the work on the k rows (value_sum_us, up_rows_us) timed in the same repeats; median of the differences
     bytes_read_fraction: float  # approx bytes read (index + value/up rows) / dense bytes (all weights)
     repeats: int
     dense_gb_s: float  # weight bytes the dense path streams per second
@@ -107,6 +107,22 @@ def time_calls(fn: Callable[[], object], repeats: int, warmup: int = 5) -> list[
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
+    return times
+
+
+def time_in_turns(calls: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Per-call seconds of each named call, the calls taking turns within each repeat: a drift in
+    the machine's speed (±15 % between passes on a shared 2-core VM) falls on all of them alike
+    instead of on whichever ran last, and per-repeat differences between them cancel it."""
+    for _ in range(warmup):
+        for call in calls.values():
+            call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
     return times
 
 
@@ -176,17 +192,20 @@ def _approx_parts(mlp: ApproxMLP, x: torch.Tensor, params: dict, repeats: int) -
     found = result.ids >= 0
     ids = torch.from_numpy(np.where(found, result.ids, 0))  # (N, k)
     weights = torch.from_numpy(np.where(found, result.scores, 0).astype(np.float32))  # (N, k)
-    value_sum_us = _summary(time_calls(lambda: mlp.weighted_value_sum(ids, weights), repeats))[0]
-    up_rows_us = 0.0
+    calls = {"recorded": lambda: mlp(x), "value_sum": lambda: mlp.weighted_value_sum(ids, weights)}
     if mlp.weights.gated:
-        up_rows_us = _summary(time_calls(lambda: rows_dot(mlp.weights.up, ids, x), repeats))[0]
+        calls["up_rows"] = lambda: rows_dot(mlp.weights.up, ids, x)
     mlp.index = _RecordedSearch(result)
     try:
-        recorded_us = _summary(time_calls(lambda: mlp(x), repeats))[0]
+        times = time_in_turns(calls, repeats, warmup=5)
     finally:
         mlp.index = index
-    return {"search_us": search_us, "value_sum_us": value_sum_us, "up_rows_us": up_rows_us,
-            "overhead_us": recorded_us - value_sum_us - up_rows_us}
+    up_rows = times.get("up_rows", [0.0] * repeats)
+    # The glue is what the call costs beyond its two memory-bound parts, repeat by repeat: the
+    # difference of medians of separate loops carried their noise (±10 µs on a 55 µs part).
+    glue = [whole - value - up for whole, value, up in zip(times["recorded"], times["value_sum"], up_rows)]
+    return {"search_us": search_us, "value_sum_us": _summary(times["value_sum"])[0],
+            "up_rows_us": _summary(up_rows)[0], "overhead_us": statistics.median(glue) * 1e6}
 
 
 def streaming_bandwidth_gb_s(megabytes: int = 256, repeats: int = 5) -> float:
@@ -247,18 +266,8 @@ def bench_e2e(model, batch: int, text=None, max_tokens: int = 4096, repeats: int
                 with model.approximate(planned=mode == "auto"):
                     forward(checkpoint, b)
 
-    # The modes take turns within each repeat, so a drift in the machine's speed (±15 % between
-    # passes on a shared 2-core VM) falls on all of them alike instead of on whichever ran last.
-    modes = ("exact", "approx", "auto")
-    for mode in modes:
-        run(mode)  # warm-up
-    times = {mode: [] for mode in modes}
-    for _ in range(repeats):
-        for mode in modes:
-            start = time.perf_counter()
-            run(mode)
-            times[mode].append(time.perf_counter() - start)
-    seconds = {mode: statistics.median(times[mode]) for mode in modes}
+    times = time_in_turns({mode: lambda mode=mode: run(mode) for mode in ("exact", "approx", "auto")}, repeats)
+    seconds = {mode: statistics.median(mode_times) for mode, mode_times in times.items()}
     model.reset_stats()
     run("auto")
     mlps = model.mlps.values()

@@ -55,10 +55,15 @@ ROWS: dict[str, tuple[str, list[str], list[str]]] = {
     # No float32 key read: candidates ranked and the k kept scored from 8-bit codes of the keys.
     "relu-lm-lowrank8k-mass": ("relu-lm", ["--backend", "lowrank", "--k", "1024", "--mass-target", "0.9",
                                            "--param", "rerank_bits=8", "--param", "kept_bits=8"], []),
+    "relu-lm-lowrank8k-mass95": ("relu-lm", ["--backend", "lowrank", "--k", "2048", "--mass-target", "0.95",
+                                             "--param", "rerank_bits=8", "--param", "kept_bits=8"], []),
     "topk-lm-lowrank8k-99": ("topk-lm", ["--backend", "lowrank", "--target-recall", "0.99",
                                          "--param", "rerank_bits=8", "--param", "kept_bits=8"], []),
     "minilm-sparse-lowrank8k": ("minilm-sparse", ["--backend", "lowrank", "--k", "96", "--param", "rerank_bits=8",
                                                   "--param", "kept_bits=8"], ["--reference", "minilm"]),
+    "minilm-sparse-lowrank8k-97": ("minilm-sparse", ["--backend", "lowrank", "--k", "96", "--param", "rerank_bits=8",
+                                                     "--param", "kept_bits=8", "--target-recall", "0.97"],
+                                   ["--reference", "minilm"]),
     "minilm-sparse-lowrank8k-99": ("minilm-sparse", ["--backend", "lowrank", "--k", "96", "--param", "rerank_bits=8",
                                                      "--param", "kept_bits=8", "--target-recall", "0.99"],
                                    ["--reference", "minilm"]),
@@ -74,6 +79,9 @@ ROWS: dict[str, tuple[str, list[str], list[str]]] = {
                                            "--tail-correction"], ["--max-tokens", "2048"]),
     "smollm2-exact-384-product": ("smollm2", ["--backend", "exact", "--k", "768", "--calib-tokens", "4096"],
                                   ["--max-tokens", "2048", "--k", "384", "--candidate-factor", "2"]),
+    # The default backend on the gated model: 1152 candidates by gate score, the 768 largest |silu(g)·u| kept.
+    "smollm2-lowrank-768-product": ("smollm2", ["--backend", "lowrank", "--k", "768", "--calib-tokens", "4096"],
+                                    ["--max-tokens", "2048", "--candidate-factor", "1.5"]),
     "smollm2-exact-768-product-tail": ("smollm2", ["--backend", "exact", "--k", "768", "--calib-tokens", "4096",
                                                    "--tail-correction"], ["--max-tokens", "2048", "--candidate-factor", "2"]),
 }
@@ -136,11 +144,13 @@ def table(results: Path, names: list[str]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", action="append", default=[], help="rows whose name contains this (repeatable)")
+    parser.add_argument("--only", action="append", default=[], help="a row's name, or a string the rows' names contain (repeatable)")
     parser.add_argument("--results", type=Path, default=REPO / "results")
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args()
-    names = [name for name in ROWS if not args.only or any(part in name for part in args.only)]
+    # A row's full name selects that row alone; any other string, the rows containing it.
+    names = [name for name in ROWS
+             if not args.only or any(part == name or (part not in ROWS and part in name) for part in args.only)]
     args.results.mkdir(parents=True, exist_ok=True)
     if not args.table_only:
         for name in names:

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from ann_mlp.benchmark import MemoryBenchResult, bench_layer, dense_paths, random_layer
+from ann_mlp.benchmark import MemoryBenchResult, bench_layer, dense_paths, random_layer, time_in_turns
 from tests.test_cli import TEXT, run
 
 
@@ -33,6 +33,13 @@ def test_bench_layer_fields_are_consistent():
     assert 0 < result.overhead_us < 2 * result.approx_us and result.up_rows_us == 0  # not gated
     (gated,) = bench_layer(64, 512, batches=[1], gated=True, k=32, repeats=30, threads=threads)
     assert 0 < gated.up_rows_us < 2 * gated.approx_us
+
+
+def test_timed_calls_take_turns_within_each_repeat():
+    order = []
+    times = time_in_turns({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, repeats=3, warmup=1)
+    assert order == ["a", "b"] * 4  # one warm-up round, then three timed rounds
+    assert [len(t) for t in times.values()] == [3, 3] and all(t > 0 for t in times["a"] + times["b"])
 
 
 def test_cli_bench_layer_appends_json(tmp_path):
