@@ -243,10 +243,11 @@ class LowRankIndex(KeyRowsIndex):
         return {**projection, **quantized}
 
     def save(self, folder: Path, stem: str) -> list[str]:
-        indexes = {"codes": self.codes} if self.projector is None else {"codes": self.codes, "projection": self.projector}
-        names = [f"{stem}.{part}.faiss" for part in indexes]
-        for name, index in zip(names, indexes.values()):
-            faiss.write_index(index, str(Path(folder) / name))
+        indexes = {"codes": self.codes, **({} if self.projector is None else {"projection": self.projector})}
+        names = []
+        for part, index in indexes.items():
+            names.append(f"{stem}.{part}.faiss")
+            faiss.write_index(index, str(Path(folder) / names[-1]))
         return [*super().save(folder, stem), *names]
 
     @classmethod
