@@ -117,6 +117,10 @@ def create_app(settings: ServerSettings) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, err: RequestValidationError) -> JSONResponse:
         first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
+        if first.get("type") == "json_invalid":  # its loc is (body, character offset), not a field
+            at = first["loc"][-1]
+            return error_response(422, f"the body is not valid JSON (character {at}): {first['msg']}",
+                                  "invalid_request_error", "invalid_json")
         where = ".".join(str(part) for part in first["loc"] if part != "body")
         message = f"{where}: {first['msg']}" if where else first["msg"]
         return error_response(422, message, "invalid_request_error", "invalid_value", where or None)

@@ -164,7 +164,9 @@ def test_bad_requests(client, path, body, status, code):
 
 def test_malformed_json_is_422(client):
     response = client.post("/v1/infer", content=b"{not json", headers={"content-type": "application/json"})
-    assert_error(response, 422)
+    assert_error(response, 422, "invalid_json")
+    error = response.json()["error"]
+    assert error["param"] is None and "not valid JSON (character 1)" in error["message"]
 
 
 def test_body_limit_counts_received_bytes(tiny_stores):
