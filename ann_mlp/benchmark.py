@@ -100,14 +100,7 @@ def dense_paths(w: MlpWeights) -> dict[str, Callable[[torch.Tensor], object]]:
 
 def time_calls(fn: Callable[[], object], repeats: int, warmup: int = 5) -> list[float]:
     """Per-call seconds after warm-up."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
+    return time_in_turns({"call": fn}, repeats, warmup)["call"]
 
 
 def time_in_turns(calls: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:

@@ -81,8 +81,9 @@ def rerank_needed(keys: torch.Tensor, a: torch.Tensor, b: torch.Tensor, queries:
 
 def bytes_per_query(num_keys: int, dim: int, rank: int, rerank: int, k: int, rerank_bits: int = 32,
                     kept_bits: int = 32, projection_bits: int = 32) -> int:
-    """Projection (r·D floats, or r·D' bytes at 8 bits, D' = D padded for SIMD) + 8-bit codes (one byte per key and rank) + the re-ranked
-    full keys at rerank_bits + for 8-bit re-ranking the k kept keys re-scored in float32 unless kept_bits = 8."""
+    """Projection (r·D floats, or r·D' bytes at 8 bits, D' = D padded for SIMD) + 8-bit codes (one
+    byte per key and rank) + the re-ranked full keys at rerank_bits + for 8-bit re-ranking the k
+    kept keys re-scored in float32 unless kept_bits = 8."""
     kept = k * dim * BYTES_PER_FLOAT if rerank_bits == 8 and kept_bits == 32 else 0
     projection = rank * (dim * BYTES_PER_FLOAT if projection_bits == 32 else simd_padded(dim))
     return projection + num_keys * rank + rerank * dim * rerank_bits // 8 + kept
@@ -106,8 +107,8 @@ class LowRankIndex(KeyRowsIndex):
     # float32 projection with projection_bits = 32, key codes with rerank_bits = 8
     parts = ("projection", "key_codes", "key_ranges")
 
-    def __init__(self, keys: np.ndarray, codes: faiss.Index, build_params: dict[str, Any],
-                 search_params: dict[str, Any], projection: np.ndarray | faiss.Index | None = None,
+    def __init__(self, keys: np.ndarray, codes: faiss.Index, projection: np.ndarray | faiss.Index,
+                 build_params: dict[str, Any], search_params: dict[str, Any],
                  key_codes: np.ndarray | None = None, key_ranges: np.ndarray | None = None) -> None:
         super().__init__(keys, build_params, search_params)
         self.codes = codes  # n vectors of r dims: A's rows, 8-bit
@@ -197,7 +198,7 @@ class LowRankIndex(KeyRowsIndex):
             quantizer.train(keys)
             ranges = faiss.vector_to_array(quantizer.trained).reshape(2, dim)  # (2, D): minimum, range
             quantized = {"key_codes": quantizer.compute_codes(keys), "key_ranges": ranges}
-        return cls(keys, codes, params, {}, projection=projection, **quantized)
+        return cls(keys, codes, projection, params, {}, **quantized)
 
     @staticmethod
     def _cheapest_rank(keys: np.ndarray, a: np.ndarray, b: np.ndarray, queries: np.ndarray, k: int,
@@ -224,13 +225,13 @@ class LowRankIndex(KeyRowsIndex):
             n_queries, rank = len(q), self.codes.d
             padded = np.zeros((n_queries, self.projector.d), dtype=np.float32)  # (N, D'): q, then zeros
             padded[:, :self.dim] = q
-            values = np.empty((n_queries, rank), dtype=np.float32)  # q·B_j for every row j, best first
+            row_scores = np.empty((n_queries, rank), dtype=np.float32)  # q·B_j for every row j, best first
             rows = np.empty((n_queries, rank), dtype=np.int64)
             # The C entry point: the wrapper's checks and copies cost as much as this tiny search.
-            self.projector.search_c(n_queries, faiss.swig_ptr(padded), rank, faiss.swig_ptr(values),
+            self.projector.search_c(n_queries, faiss.swig_ptr(padded), rank, faiss.swig_ptr(row_scores),
                                     faiss.swig_ptr(rows))
-            projected = np.empty_like(values)
-            projected[np.arange(n_queries)[:, None], rows] = values  # (N, r): q Bᵀ in row order
+            projected = np.empty_like(row_scores)
+            projected[np.arange(n_queries)[:, None], rows] = row_scores  # (N, r): q Bᵀ in row order
             _, candidates = self.codes.search(projected, rerank)  # (N, rerank) by approximate score
         if self.key_codes is None:
             values, ids = best_candidates(self.keys, torch.from_numpy(candidates), torch.from_numpy(q), k)
@@ -271,9 +272,9 @@ class LowRankIndex(KeyRowsIndex):
         codes = faiss.read_index(str(Path(folder) / f"{stem}.codes.faiss"))
         if codes.ntotal != len(keys):
             raise BackendError(f"{stem}: {codes.ntotal} codes for {len(keys)} keys")
-        arrays = cls.load_arrays(folder, stem, build_params)
+        parts: dict[str, Any] = cls.load_arrays(folder, stem, build_params)
         if build_params.get("projection_bits", 32) == 8:
-            arrays["projection"] = faiss.read_index(str(Path(folder) / f"{stem}.projection.faiss"))
-            if arrays["projection"].ntotal != codes.d:
-                raise BackendError(f"{stem}: a rank-{arrays['projection'].ntotal} projection for rank-{codes.d} codes")
-        return cls(keys, codes=codes, **arrays, build_params=build_params, search_params=search_params)
+            parts["projection"] = projector = faiss.read_index(str(Path(folder) / f"{stem}.projection.faiss"))
+            if projector.ntotal != codes.d:
+                raise BackendError(f"{stem}: a rank-{projector.ntotal} projection for rank-{codes.d} codes")
+        return cls(keys, codes=codes, **parts, build_params=build_params, search_params=search_params)
