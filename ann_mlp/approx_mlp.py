@@ -5,6 +5,8 @@ y = sum over retrieved i of act(k_i . x + b_i) [* (u_i . x + c_i)] * v_i + out_b
 First layer: the index returns the top-k keys of [x; 1] against [k_i; b_i].
 Second layer: one fused weighted sum of k value rows (embedding_bag).
 With k = d_ff and an exhaustive index this is the exact MLP.
+A tail correction, fit at build time, stands in for the neurons left out: each
+one's mean when dropped, and/or a low-rank linear map of [x; 1].
 """
 
 from __future__ import annotations
@@ -67,8 +69,9 @@ class SearchStats:
 class ApproxMLP(nn.Module):
     """Drop-in replacement for one MLP: same input and output shape (..., d_model)."""
 
-    def __init__(self, weights: MlpWeights, index: MipsIndex, k: int,
-                 search_params: dict | None = None, tail_mean: torch.Tensor | None = None) -> None:
+    def __init__(self, weights: MlpWeights, index: MipsIndex, k: int, search_params: dict | None = None,
+                 tail_mean: torch.Tensor | None = None, tail_map: torch.Tensor | None = None,
+                 tail_map_k: int | None = None) -> None:
         super().__init__()
         if not 1 <= k <= weights.d_ff:
             raise InputError(f"k must be in [1, d_ff={weights.d_ff}], got {k}")
@@ -92,6 +95,18 @@ class ApproxMLP(nn.Module):
         # What is added to every output row: the output bias and the tail's mean contribution, summed once.
         terms = [t.float() for t in (weights.out_bias, tail_sum) if t is not None]
         self.out_sum = None if not terms else sum(terms)  # (d_model,)
+        # Linear tail map (build.fit_tail_map), fit to what the top tail_map_k (default: k) by key
+        # score leave out: y += ([x; 1] P) Q, applied only to the selection it was fit for (at
+        # another k, or choosing among more candidates, other neurons are left out).
+        self.tail_map_k = k if tail_map_k is None else tail_map_k
+        if tail_map is not None:
+            rank_rows = tail_map.float()  # (r, D + d_model): row j = [p_j; q_j]
+            self.map_in = rank_rows[:, :weights.d_model].contiguous()  # (r, d_model)
+            self.map_in_bias = rank_rows[:, weights.d_model].contiguous()  # (r,)
+            self.map_out = rank_rows[:, weights.d_model + 1:].contiguous()  # (r, d_model)
+            self.map_bytes = rank_rows.numel() * BYTES_PER_FLOAT
+        else:
+            self.map_in = self.map_in_bias = self.map_out = None
         self._query_buffer = np.ones((0, weights.d_model + 1), dtype=np.float32)
         self._bag_offsets, self._bag_width = torch.zeros(0, dtype=torch.int64), 0
         # Planner: calls with more tokens than this run dense (None: always approximate).
@@ -196,6 +211,9 @@ class ApproxMLP(nn.Module):
         y = self.weighted_value_sum(ids, activations)  # (N, d_model)
         if self.out_sum is not None:
             y += self.out_sum
+        if self.map_out is not None and self.k == self.tail_map_k and self.candidates == self.k:
+            y.addmm_(F.linear(x, self.map_in, self.map_in_bias), self.map_out)  # (N, r) @ (r, d_model)
+            result = replace(result, bytes_read=result.bytes_read + len(x) * self.map_bytes)
 
         stats = self.stats
         stats.queries += x.shape[0]

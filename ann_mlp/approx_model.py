@@ -31,16 +31,16 @@ class ApproxModel:
 
     def __init__(self, manifest: Manifest, checkpoint: Checkpoint, indexes: dict[int, MipsIndex],
                  k: int | None = None, search_params: dict[str, Any] | None = None,
-                 tail_means: dict[int, np.ndarray] | None = None) -> None:
+                 tails: dict[int, dict[str, np.ndarray]] | None = None) -> None:
+        """tails: per layer, its tail correction (build.build_indexes, Store.load_tail)."""
         self.manifest = manifest
         self.checkpoint = checkpoint
         self.mlps: dict[int, ApproxMLP] = {}
         for entry in manifest.layers:
             weights = checkpoint.adapter.mlp_weights(entry.layer)
             assert (weights.d_ff, weights.d_model) == (entry.d_ff, entry.d_model)
-            tail_mean = (tail_means or {}).get(entry.layer)
-            self.mlps[entry.layer] = ApproxMLP(weights, indexes[entry.layer], entry.k or manifest.k,
-                                               tail_mean=None if tail_mean is None else torch.from_numpy(tail_mean))
+            tail = {part: torch.from_numpy(array) for part, array in (tails or {}).get(entry.layer, {}).items()}
+            self.mlps[entry.layer] = ApproxMLP(weights, indexes[entry.layer], entry.k or manifest.k, **tail)
         self.configure(k, search_params)
 
     @classmethod
@@ -54,9 +54,8 @@ class ApproxModel:
         for entry in store.manifest.layers:
             weights = checkpoint.adapter.mlp_weights(entry.layer)
             indexes[entry.layer] = store.load_index(entry.layer, share_layer_tables(checkpoint.model, weights))
-        tail_means = {entry.layer: store.load_tail_mean(entry.layer) for entry in store.manifest.layers
-                      if entry.tail_mean_file}
-        return cls(store.manifest, checkpoint, indexes, tail_means=tail_means, **options)
+        tails = {entry.layer: store.load_tail(entry.layer) for entry in store.manifest.layers}
+        return cls(store.manifest, checkpoint, indexes, tails=tails, **options)
 
     def configure(self, k: int | None = None, search_params: dict[str, Any] | None = None,
                   candidate_factor: float = 1.0) -> None:

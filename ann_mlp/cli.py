@@ -68,6 +68,7 @@ def build(
     param: list[str] = typer.Option([], "--param", help="Backend build parameter NAME=VALUE (repeatable)."),
     plan: bool = typer.Option(True, help="Time dense vs approximate per layer and batch size for serving mode auto."),
     tail_correction: bool | None = typer.Option(None, "--tail-correction/--no-tail-correction", help="Stand in for the neurons not retrieved with their mean activation on the calibration tokens that leave them out of the top k [default: for non-gated activations whose dropped neurons are not zero, e.g. GELU]."),
+    tail_map_rank: int | None = typer.Option(None, help="Rank of a linear map of the input fit by least squares to what the approximate MLP leaves out, kept per layer where it lowers the held-out error; 0 for none [default: d_ff/64]."),
     preset: bool = typer.Option(False, help=f"Use the recommended settings of a built-in checkpoint ({', '.join(PRESET_BUILDS)}) instead of the options above."),
     force: bool = typer.Option(False, help="Replace an existing store."),
 ) -> None:
@@ -81,7 +82,7 @@ def build(
     config = PRESET_BUILDS[checkpoint] if preset else BuildConfig(
         backend=backend, k=k, target_recall=target_recall or None, mass_target=mass_target,
         build_params=_parse_params(param), plan=plan, tail_correction=tail_correction,
-        calibration=TextConfig(max_tokens=calib_tokens))
+        tail_map_rank=tail_map_rank, calibration=TextConfig(max_tokens=calib_tokens))
     out = out or DEFAULT_STORE_ROOT / Path(checkpoint.rstrip("/")).stem
     path = build_store(checkpoint, out, config, calib_text, overwrite=force, progress=_progress())
     from ann_mlp.store import Store
@@ -142,11 +143,13 @@ def _rebuilt(model, backend: str):
     config = BuildConfig(backend=backend, k=manifest.k, target_recall=manifest.target_recall,
                          mass_target=manifest.extra.get("mass_target"),
                          tail_correction=any(entry.tail_mean_file for entry in manifest.layers),
+                         # absent from stores built before tail maps, which have none
+                         tail_map_rank=manifest.extra.get("tail_map_rank", 0),
                          calibration=TextConfig(max_tokens=manifest.calibration["tokens"]))
     calib_path = None if calib.startswith("python-stdlib-docstrings") else Path(calib)
-    new_manifest, indexes, tail_means = build_indexes(model.checkpoint, config, calib_path, _progress(),
-                                                      name=manifest.name)
-    return ApproxModel(new_manifest, model.checkpoint, indexes, tail_means=tail_means)
+    new_manifest, indexes, tails = build_indexes(model.checkpoint, config, calib_path, _progress(), name=manifest.name)
+    return ApproxModel(new_manifest, model.checkpoint, indexes, tails=tails)
+
 
 
 @app.command()

@@ -51,6 +51,10 @@ class BuildConfig:
     # GELU-like activations leave a tail that top-k drops; ReLU / Top-k tails are zero, and
     # gated models are served better by choosing neurons by contribution (candidate_factor).
     tail_correction: bool | None = None
+    # Rank of a linear map of [x; 1] fit by least squares to what the approximate MLP still leaves
+    # out (build.fit_tail_map), kept per layer only where it lowers the held-out error.
+    # None: build.default_tail_map_rank (d_ff / 64); 0: none.
+    tail_map_rank: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -62,6 +66,8 @@ class BuildConfig:
             raise InputError(f"mass target must be in (0, 1], got {self.mass_target}")
         if not 0.0 < self.holdout_fraction < 1.0:
             raise InputError("holdout fraction must be in (0, 1)")
+        if self.tail_map_rank is not None and self.tail_map_rank < 0:
+            raise InputError(f"tail map rank must be >= 0, got {self.tail_map_rank}")
 
 
 # Recommended builds of built-in checkpoints (`ann-mlp build NAME --preset`); `ann-mlp serve`

@@ -46,6 +46,9 @@ class LayerEntry:
     k: int | None = None  # this layer's k when chosen per layer (None: the store's k)
     plan: dict[str, Any] | None = None  # planner.plan_layer: where approximation pays (None: not measured)
     tail_mean_file: str | None = None  # (d_ff,) float32 .npy: build.dropped_mean, for the tail correction
+    tail_map_file: str | None = None  # (r, d_model + 1 + d_model) float32 .npy: build.fit_tail_map
+    # Held-out build.total_relative_error of the MLP output without and with the fitted map (None: not fit).
+    tail_map_error: list[float] | None = None
 
 
 @dataclass
@@ -164,10 +167,11 @@ class Store:
         return backend_class(entry.backend).load(self.path, f"layer_{layer:03d}", keys,
                                                  entry.build_params, entry.search_params)
 
-    def load_tail_mean(self, layer: int) -> np.ndarray | None:
-        """The layer's dropped-neuron means (d_ff,) when built with the tail correction, else None."""
-        name = self.manifest.layers[layer].tail_mean_file
-        return None if name is None else np.load(self.path / name, allow_pickle=False)
+    def load_tail(self, layer: int) -> dict[str, np.ndarray]:
+        """The layer's tail correction: {"tail_mean": (d_ff,), "tail_map": (r, 2 d_model + 1)}, those it has."""
+        entry = self.manifest.layers[layer]
+        names = {"tail_mean": entry.tail_mean_file, "tail_map": entry.tail_map_file}
+        return {part: np.load(self.path / name, allow_pickle=False) for part, name in names.items() if name}
 
     def verify_source(self, source: CheckpointSource) -> None:
         """Refuse a checkpoint whose weights are not the ones this store was built from."""

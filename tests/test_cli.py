@@ -100,6 +100,7 @@ def test_bad_input_gives_one_line_errors(minilm_store, tiny_checkpoints, tmp_pat
         (("build", str(tiny_checkpoints["opt"]), "--out", str(out), "--k", "97"), "exceeds d_ff=96"),
         (("build", str(tiny_checkpoints["opt"]), "--out", str(out), "--target-recall", "1.5"), "target recall"),
         (("build", str(tiny_checkpoints["opt"]), "--out", str(out), "--backend", "annoy"), "unknown backend"),
+        (("build", str(tiny_checkpoints["opt"]), "--out", str(out), "--tail-map-rank", "-1"), "tail map rank"),
         (("build", str(tiny_checkpoints["opt"]), "--out", str(out), "--k", "8", "--calib-text", str(empty)), "empty"),
         (("eval", str(minilm_store), "--text", str(empty)), "empty"),
         (("eval", str(minilm_store), "--k", "5000"), "k must be in"),

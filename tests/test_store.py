@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -122,7 +123,7 @@ def test_mass_target_chooses_k_per_layer(tiny_checkpoints, tmp_path):
                          calibration=TextConfig(max_tokens=600, batch_size=8))
     store = build_store(str(tiny_checkpoints["opt"]), tmp_path / "mass", config, progress=False)
     manifest = Store.open(store).manifest
-    assert manifest.extra == {"mass_target": 0.9}
+    assert manifest.extra == {"mass_target": 0.9, "tail_map_rank": None}
     for entry in manifest.layers:
         assert entry.k is not None and entry.k % 16 == 0 and 16 <= entry.k <= 96
     model = ApproxModel.open(store)
@@ -212,3 +213,49 @@ def test_tail_correction_by_default_only_where_the_tail_is_not_zero(tiny_checkpo
     config = BuildConfig(backend="exact", k=8, target_recall=None, plan=False, calibration=TextConfig(max_tokens=400))
     manifest = Store.open(build_store(str(tiny_checkpoints[family]), tmp_path / family, config, progress=False)).manifest
     assert all((entry.tail_mean_file is not None) == corrected for entry in manifest.layers)
+
+
+def test_tail_map_is_kept_where_it_lowers_held_out_error_and_is_off_at_other_k(tiny_checkpoints, tmp_path):
+    """A GELU model at k = 8 of 96: the linear map fit to what the top 8 leave out is kept in the
+    layers where it lowered the held-out error, checksummed with the store, lowers the error on real
+    text it was not fit on, counts its bytes as read, and is not applied to another selection (more
+    candidates, or another k: k = d_ff is exact)."""
+    from ann_mlp.build import total_relative_error
+    from ann_mlp.capture import forward_capturing
+    from tests.tiny_checkpoints import D_FF, D_MODEL
+
+    stores = {}
+    for rank in (0, 8):
+        config = BuildConfig(backend="exact", k=8, target_recall=None, tail_correction=False, tail_map_rank=rank,
+                             plan=False, calibration=TextConfig(max_tokens=1500))
+        stores[rank] = build_store(str(tiny_checkpoints["bert"]), tmp_path / f"map-{rank}", config, progress=False)
+    plain, mapped = (Store.open(stores[rank]).manifest for rank in (0, 8))
+    assert all(e.tail_map_file is None and e.tail_map_error is None for e in plain.layers)
+    assert mapped.extra["tail_map_rank"] == 8
+    for entry in mapped.layers:
+        without, with_map = entry.tail_map_error
+        assert (entry.tail_map_file is not None) == (with_map < without)
+    kept = [entry.layer for entry in mapped.layers if entry.tail_map_file]
+    assert kept, mapped.layers
+    assert np.load(stores[8] / mapped.layers[kept[0]].tail_map_file).shape == (8, 2 * D_MODEL + 1)
+
+    models = {rank: ApproxModel.open(store) for rank, store in stores.items()}
+    batch = make_batch(models[8].checkpoint, ["Evaluation text that neither store was calibrated on, "
+                                              "about rivers, trains and the price of tea."] * 2, 32)
+    _, captured = forward_capturing(models[8].checkpoint, batch, kept)
+    for layer in kept:
+        x = captured[layer]  # (n, d_model)
+        base, corrected = models[0].mlps[layer], models[8].mlps[layer]
+        assert total_relative_error(corrected, x) < total_relative_error(base, x)
+        with torch.inference_mode():
+            read = [mlp.forward_with_selection(x)[2].bytes_read for mlp in (base, corrected)]
+        assert read[1] - read[0] == len(x) * 8 * (2 * D_MODEL + 1) * 4
+        base.candidates = corrected.candidates = 16  # keeping 8 of 16 by |contribution|: another selection
+        with torch.inference_mode():
+            assert torch.equal(base(x), corrected(x))
+        corrected.k = corrected.candidates = D_FF
+        assert total_relative_error(corrected, x) < 1e-5
+    map_file = stores[8] / mapped.layers[kept[0]].tail_map_file
+    map_file.write_bytes(map_file.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(StoreError, match="corrupted"):
+        Store.open(stores[8])
