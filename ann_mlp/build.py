@@ -94,10 +94,16 @@ def dropped_mean(weights: MlpWeights, x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def default_tail_map_rank(weights: MlpWeights) -> int:
-    """d_ff / 64 (at least 16, at most d_model): reading the map costs about 1/64 of the dense
-    MLP's weights per token. On relu-lm (k by mass 0.95, exact retrieval) rank 64 took next-token
-    agreement from 0.948 to 0.959 and the KL from 0.0085 to 0.0032 (at mass 0.9, rank 256 gave
-    the same agreement as rank 64, 0.940)."""
+    """d_ff / 64 (at least 16, at most d_model), reading about 3 % of a full key scan per token;
+    0 for Top-k and thresholded activations, whose dropped neurons are exactly zero.
+
+    On relu-lm (k by mass 0.95, exact retrieval) rank 64 took next-token agreement from 0.948
+    to 0.959 and the KL from 0.0085 to 0.0032 (at mass 0.9, rank 256 gave the same agreement
+    as rank 64, 0.940). On topk-lm (recall 0.987) the map could only absorb search misses:
+    agreement 0.958 -> 0.959 for 0.063 -> 0.087 of the key bytes.
+    """
+    if weights.topk or weights.threshold is not None:
+        return 0
     return min(weights.d_model, max(16, weights.d_ff // 64))
 
 
