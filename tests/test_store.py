@@ -215,7 +215,7 @@ def test_tail_correction_by_default_only_where_the_tail_is_not_zero(tiny_checkpo
     assert all((entry.tail_mean_file is not None) == corrected for entry in manifest.layers)
 
 
-def test_tail_map_is_kept_where_it_lowers_held_out_error_and_is_off_at_other_k(tiny_checkpoints, tmp_path):
+def test_tail_map_is_kept_where_it_lowers_held_out_error_and_applies_only_to_its_selection(tiny_checkpoints, tmp_path):
     """A GELU model at k = 8 of 96: the linear map fit to what the top 8 leave out is kept in the
     layers where it lowered the held-out error, checksummed with the store, lowers the error on real
     text it was not fit on, counts its bytes as read, and is not applied to another selection (more
