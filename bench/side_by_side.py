@@ -94,6 +94,8 @@ ROWS: dict[str, tuple[str, list[str], list[str]]] = {
                                   ["--max-tokens", "2048", "--candidate-factor", "2"]),
     "smollm2-exact-768-tail": ("smollm2", [*NO_MAP, "--backend", "exact", "--k", "768", "--calib-tokens", "4096",
                                            "--tail-correction"], ["--max-tokens", "2048"]),
+    "smollm2-exact-768-map": ("smollm2", ["--backend", "exact", "--k", "768", "--calib-tokens", "4096"],
+                              ["--max-tokens", "2048"]),
     "smollm2-exact-384-product": ("smollm2", [*NO_MAP, "--backend", "exact", "--k", "768", "--calib-tokens", "4096"],
                                   ["--max-tokens", "2048", "--k", "384", "--candidate-factor", "2"]),
     # The default backend on the gated model: 1152 candidates by gate score, the 768 largest |silu(g)·u| kept.
