@@ -94,18 +94,19 @@ def dropped_mean(weights: MlpWeights, x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def default_tail_map_rank(weights: MlpWeights) -> int:
-    """d_ff / 64 (at least 16, at most d_model), reading about 3 % of a full key scan per token;
-    0 for Top-k and thresholded activations, whose dropped neurons are exactly zero.
+    """16 (at most d_model); 0 for Top-k and thresholded activations, whose dropped neurons are
+    exactly zero.
 
-    On relu-lm (k by mass 0.95, exact retrieval; bench/side_by_side.py relu-lm-exact-mass95 and
-    -map) rank 64 took next-token agreement from 0.948 to 0.960 and the KL from 0.009 to 0.003
-    (a prototype at mass 0.9: rank 256 gave the same agreement as rank 64, 0.940). On topk-lm
-    (recall 0.987) the map could only absorb search misses: agreement 0.958 -> 0.959 for
-    0.063 -> 0.087 of the key bytes.
+    What the map predicts lies in a few directions. With exact retrieval, rank 8, 16, 32 and 64
+    all took relu-lm (k by mass 0.95) from next-token agreement 0.948 to 0.960 and the KL from
+    0.009 to 0.003; MiniLM (k = 128, dropped means on) went from embedding cosine 0.895 to
+    0.932 / 0.938 / 0.941 at rank 8 / 24 / 64. Its cost grows with the rank: at 4096x16384,
+    rank 256 added 0.47 ms to a 0.91 ms batch-1 call. On topk-lm (recall 0.987) a rank-64 map
+    could only absorb search misses: agreement 0.958 -> 0.959 for 0.063 -> 0.087 of the key bytes.
     """
     if weights.topk or weights.threshold is not None:
         return 0
-    return min(weights.d_model, max(16, weights.d_ff // 64))
+    return min(weights.d_model, 16)
 
 
 def fit_tail_map(mlp: ApproxMLP, x: torch.Tensor, rank: int) -> torch.Tensor:

@@ -68,7 +68,7 @@ def build(
     param: list[str] = typer.Option([], "--param", help="Backend build parameter NAME=VALUE (repeatable)."),
     plan: bool = typer.Option(True, help="Time dense vs approximate per layer and batch size for serving mode auto."),
     tail_correction: bool | None = typer.Option(None, "--tail-correction/--no-tail-correction", help="Stand in for the neurons not retrieved with their mean activation on the calibration tokens that leave them out of the top k [default: for non-gated activations whose dropped neurons are not zero, e.g. GELU]."),
-    tail_map_rank: int | None = typer.Option(None, help="Rank of a linear map of the input fit by least squares to what the approximate MLP leaves out, kept per layer where it lowers the held-out error; 0 for none [default: d_ff/64, none for Top-k and thresholded activations]."),
+    tail_map_rank: int | None = typer.Option(None, help="Rank of a linear map of the input fit by least squares to what the approximate MLP leaves out, kept per layer where it lowers the held-out error; 0 for none [default: 16, none for Top-k and thresholded activations]."),
     preset: bool = typer.Option(False, help=f"Use the recommended settings of a built-in checkpoint ({', '.join(PRESET_BUILDS)}) instead of the options above."),
     force: bool = typer.Option(False, help="Replace an existing store."),
 ) -> None:

@@ -53,7 +53,7 @@ class BuildConfig:
     tail_correction: bool | None = None
     # Rank of a linear map of [x; 1] fit by least squares to what the approximate MLP still leaves
     # out (build.fit_tail_map), kept per layer only where it lowers the held-out error.
-    # None: build.default_tail_map_rank (d_ff / 64; none for Top-k and thresholded layers); 0: none.
+    # None: build.default_tail_map_rank (16; none for Top-k and thresholded layers); 0: none.
     tail_map_rank: int | None = None
     seed: int = 0
 

@@ -23,6 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 # The rows reported before build fit linear tail maps by default, built as they were then.
 NO_MAP = ["--tail-map-rank", "0"]
+# Tail maps at rank d_ff / 64, the first default (relu-lm, topk-lm: 64; MiniLM, SmolLM2: 24).
+MAP_64, MAP_24 = ["--tail-map-rank", "64"], ["--tail-map-rank", "24"]
 # row name -> (checkpoint, build options, eval options)
 ROWS: dict[str, tuple[str, list[str], list[str]]] = {
     "minilm-ivf": ("minilm", [*NO_MAP, "--backend", "ivf"], []),
@@ -66,26 +68,27 @@ ROWS: dict[str, tuple[str, list[str], list[str]]] = {
     "minilm-sparse-lowrank8k-97": ("minilm-sparse", [*NO_MAP, "--backend", "lowrank", "--k", "96", "--param", "rerank_bits=8",
                                                      "--param", "kept_bits=8", "--target-recall", "0.97"],
                                    ["--reference", "minilm"]),
-    # With the linear tail map (the build's default since session 7, rank d_ff / 64; for Top-k
-    # models, whose tail is zero, only when asked for).
-    "relu-lm-lowrank-mass-map": ("relu-lm", ["--backend", "lowrank", "--k", "1024", "--mass-target", "0.9"], []),
-    "relu-lm-lowrank8k-mass95-map": ("relu-lm", ["--backend", "lowrank", "--k", "2048", "--mass-target", "0.95",
+    # With the linear tail map (session 7), at rank d_ff / 64 as first measured; the build's default
+    # is now rank 16, and none for Top-k models, whose tail is zero.
+    "relu-lm-lowrank-mass-map": ("relu-lm", [*MAP_64, "--backend", "lowrank", "--k", "1024", "--mass-target", "0.9"], []),
+    "relu-lm-lowrank8k-mass95-map": ("relu-lm", [*MAP_64, "--backend", "lowrank", "--k", "2048", "--mass-target", "0.95",
                                                  "--param", "rerank_bits=8", "--param", "kept_bits=8"], []),
-    "relu-lm-lowrank8k-mass95-98-map": ("relu-lm", ["--backend", "lowrank", "--k", "2048", "--mass-target", "0.95",
+    "relu-lm-preset": ("relu-lm", ["--preset"], []),
+    "relu-lm-lowrank8k-mass95-98-map": ("relu-lm", [*MAP_64, "--backend", "lowrank", "--k", "2048", "--mass-target", "0.95",
                                                     "--param", "rerank_bits=8", "--param", "kept_bits=8",
                                                     "--target-recall", "0.98"], []),
-    "topk-lm-lowrank8k-99-map": ("topk-lm", ["--tail-map-rank", "64", "--backend", "lowrank",
+    "topk-lm-lowrank8k-99-map": ("topk-lm", [*MAP_64, "--backend", "lowrank",
                                              "--target-recall", "0.99", "--param", "rerank_bits=8",
                                              "--param", "kept_bits=8"], []),
-    "minilm-lowrank-map": ("minilm", ["--backend", "lowrank"], []),
-    "minilm-sparse-lowrank8k-97-map": ("minilm-sparse", ["--tail-map-rank", "24", "--backend", "lowrank",
+    "minilm-lowrank-map": ("minilm", [*MAP_24, "--backend", "lowrank"], []),
+    "minilm-sparse-lowrank8k-97-map": ("minilm-sparse", [*MAP_24, "--backend", "lowrank",
                                                          "--k", "96", "--param", "rerank_bits=8", "--param",
                                                          "kept_bits=8", "--target-recall", "0.97"],
                                        ["--reference", "minilm"]),
     # Selection and tail correction on dense-activation models, with perfect retrieval (exact backend):
     # what is lost to top-k itself, before any index.
     "relu-lm-exact-mass95": ("relu-lm", [*NO_MAP, "--backend", "exact", "--k", "2048", "--mass-target", "0.95"], []),
-    "relu-lm-exact-mass95-map": ("relu-lm", ["--backend", "exact", "--k", "2048", "--mass-target", "0.95"], []),
+    "relu-lm-exact-mass95-map": ("relu-lm", [*MAP_64, "--backend", "exact", "--k", "2048", "--mass-target", "0.95"], []),
     "minilm-exact-192": ("minilm", [*NO_MAP, "--backend", "exact", "--k", "192"], []),
     "minilm-exact-192-tail": ("minilm", [*NO_MAP, "--backend", "exact", "--k", "192", "--tail-correction"], []),
     "smollm2-exact-768": ("smollm2", [*NO_MAP, "--backend", "exact", "--k", "768", "--calib-tokens", "4096"],
@@ -94,7 +97,7 @@ ROWS: dict[str, tuple[str, list[str], list[str]]] = {
                                   ["--max-tokens", "2048", "--candidate-factor", "2"]),
     "smollm2-exact-768-tail": ("smollm2", [*NO_MAP, "--backend", "exact", "--k", "768", "--calib-tokens", "4096",
                                            "--tail-correction"], ["--max-tokens", "2048"]),
-    "smollm2-exact-768-map": ("smollm2", ["--backend", "exact", "--k", "768", "--calib-tokens", "4096"],
+    "smollm2-exact-768-map": ("smollm2", [*MAP_24, "--backend", "exact", "--k", "768", "--calib-tokens", "4096"],
                               ["--max-tokens", "2048"]),
     "smollm2-exact-384-product": ("smollm2", [*NO_MAP, "--backend", "exact", "--k", "768", "--calib-tokens", "4096"],
                                   ["--max-tokens", "2048", "--k", "384", "--candidate-factor", "2"]),

@@ -149,8 +149,8 @@ def test_tail_of_dropped_means_is_unbiased_on_its_tokens(tiny_checkpoints):
 
 
 def test_tail_map_by_default_only_where_the_dropped_neurons_are_not_zero():
-    """Rank d_ff / 64 within [16, d_model] for ReLU, GELU and gated layers; none for Top-k and
-    thresholded ones, whose dropped neurons are exactly zero."""
+    """Rank 16 (at most d_model) for ReLU, GELU and gated layers; none for Top-k and thresholded
+    ones, whose dropped neurons are exactly zero."""
     from ann_mlp.build import default_tail_map_rank
     from ann_mlp.checkpoint.base import MlpWeights
 
@@ -158,9 +158,8 @@ def test_tail_map_by_default_only_where_the_dropped_neurons_are_not_zero():
         return MlpWeights(keys=torch.zeros(d_ff, d_model), key_bias=None, values=torch.zeros(d_ff, d_model),
                           out_bias=None, **{"activation": "relu", **kind})
 
-    assert default_tail_map_rank(layer(256, 4096)) == 64
-    assert default_tail_map_rank(layer(384, 1536, activation="gelu")) == 24
-    assert default_tail_map_rank(layer(32, 96)) == 16  # at least 16
+    assert default_tail_map_rank(layer(256, 4096)) == 16
+    assert default_tail_map_rank(layer(384, 1536, activation="gelu")) == 16
     assert default_tail_map_rank(layer(8, 96)) == 8  # at most d_model
     assert default_tail_map_rank(layer(256, 4096, topk=128)) == 0
     assert default_tail_map_rank(layer(256, 4096, threshold=0.1)) == 0
