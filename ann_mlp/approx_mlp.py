@@ -70,8 +70,7 @@ class ApproxMLP(nn.Module):
     """Drop-in replacement for one MLP: same input and output shape (..., d_model)."""
 
     def __init__(self, weights: MlpWeights, index: MipsIndex, k: int, search_params: dict | None = None,
-                 tail_mean: torch.Tensor | None = None, tail_map: torch.Tensor | None = None,
-                 tail_map_k: int | None = None) -> None:
+                 tail_mean: torch.Tensor | None = None, tail_map: torch.Tensor | None = None) -> None:
         super().__init__()
         if not 1 <= k <= weights.d_ff:
             raise InputError(f"k must be in [1, d_ff={weights.d_ff}], got {k}")
@@ -95,10 +94,10 @@ class ApproxMLP(nn.Module):
         # What is added to every output row: the output bias and the tail's mean contribution, summed once.
         terms = [t.float() for t in (weights.out_bias, tail_sum) if t is not None]
         self.out_sum = None if not terms else sum(terms)  # (d_model,)
-        # Linear tail map (build.fit_tail_map), fit to what the top tail_map_k (default: k) by key
-        # score leave out: y += ([x; 1] P) Q, applied only to the selection it was fit for (at
-        # another k, or choosing among more candidates, other neurons are left out).
-        self.tail_map_k = k if tail_map_k is None else tail_map_k
+        # Linear tail map (build.fit_tail_map), fit to what the top k by key score leave out:
+        # y += ([x; 1] P) Q, applied only to the selection it was fit for (at another k, or
+        # choosing among more candidates, other neurons are left out).
+        self.tail_map_k = k
         if tail_map is not None:
             rank_rows = tail_map.float()  # (r, D + d_model): row j = [p_j; q_j]
             self.map_in = rank_rows[:, :weights.d_model].contiguous()  # (r, d_model)
