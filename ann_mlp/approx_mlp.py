@@ -52,6 +52,12 @@ def dense_activations(weights: MlpWeights, x: torch.Tensor) -> tuple[torch.Tenso
     return scores, activations
 
 
+def exact_output(weights: MlpWeights, x: torch.Tensor) -> torch.Tensor:
+    """The exact MLP's output, x (n, d_model) -> (n, d_model)."""
+    y = dense_activations(weights, x)[1] @ weights.values.float()  # (n, d_model)
+    return y if weights.out_bias is None else y + weights.out_bias.float()
+
+
 @dataclass
 class SearchStats:
     """Counters accumulated over forward calls (reset by the caller)."""

@@ -10,12 +10,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ann_mlp.approx_mlp import ApproxMLP, augmented_keys, augmented_queries, dense_activations
+from ann_mlp.approx_mlp import ApproxMLP, augmented_keys, augmented_queries, dense_activations, exact_output
 from ann_mlp.capture import batches, forward_capturing
 from ann_mlp.checkpoint import Checkpoint, MlpWeights, load_checkpoint
 from ann_mlp.config import BuildConfig
 from ann_mlp.errors import InputError
 from ann_mlp.index import MipsIndex, backend_class, build_index
+from ann_mlp.metrics import total_relative_error
 from ann_mlp.planner import plan_layer
 from ann_mlp.store import LayerEntry, Manifest, StoreWriter
 from ann_mlp.text import describe, passages
@@ -133,33 +134,11 @@ def fit_tail_map(mlp: ApproxMLP, x: torch.Tensor, rank: int) -> torch.Tensor:
     return torch.cat([(full @ out.T).T, out], dim=1).float()  # (r, D + d_model)
 
 
-def exact_output(weights: MlpWeights, x: torch.Tensor) -> torch.Tensor:
-    """The exact MLP's output, x (n, d_model) -> (n, d_model)."""
-    y = dense_activations(weights, x)[1] @ weights.values.float()  # (n, d_model)
-    return y if weights.out_bias is None else y + weights.out_bias.float()
-
-
-def total_relative_error(mlp: ApproxMLP, x: torch.Tensor) -> float:
-    """sqrt(sum |y_approx - y|^2 / sum |y|^2) over the tokens x (n, d_model): the output error as
-    the residual stream receives it, tokens with larger outputs weighing more.
-
-    It decides whether a tail map is kept. The per-token mean of relative errors can rise when
-    the map lowers this: a map that moves every token's output a little towards the average
-    residual adds a small error to the many tokens that had almost none. On relu-lm (mass 0.95,
-    exact top-k) that trade raised the mean from 0.028 to 0.040 and lowered the end-to-end KL
-    from 0.009 to 0.003.
-    """
-    with torch.inference_mode():
-        exact = exact_output(mlp.weights, x)
-        error = mlp.forward_with_selection(x)[0] - exact  # (n, d_model)
-    return float((error.square().sum() / exact.square().sum().clamp_min(1e-30)).sqrt())
-
-
 def corrected_mlp(config: BuildConfig, weights: MlpWeights, index: MipsIndex, k: int, tune_x: torch.Tensor,
                   holdout_x: torch.Tensor) -> tuple[ApproxMLP, dict[str, torch.Tensor], list[float] | None]:
     """The layer's approximate MLP with the tail correction the config asks for, fit on tune_x:
     (the MLP, {"tail_mean": (d_ff,), "tail_map": (r, D + d_model)} as kept, the held-out
-    total_relative_error without and with the map, or None when none was fit)."""
+    metrics.total_relative_error without and with the map, or None when none was fit)."""
     tail = {}
     if config.tail_correction if config.tail_correction is not None else tail_correction_pays(weights):
         tail["tail_mean"] = dropped_mean(weights, tune_x, k)  # (d_ff,)
@@ -169,7 +148,9 @@ def corrected_mlp(config: BuildConfig, weights: MlpWeights, index: MipsIndex, k:
         return mlp, tail, None
     tail_map = fit_tail_map(mlp, tune_x, rank)  # (r, D + d_model)
     mapped = ApproxMLP(weights, index, k, index.search_params, **tail, tail_map=tail_map)
-    errors = [round(total_relative_error(m, holdout_x), 6) for m in (mlp, mapped)]
+    exact = exact_output(weights, holdout_x)  # (n', d_model)
+    with torch.inference_mode():
+        errors = [round(total_relative_error(m.forward_with_selection(holdout_x)[0], exact), 6) for m in (mlp, mapped)]
     if errors[1] >= errors[0]:  # kept only where it helps on tokens it was not fit on
         return mlp, tail, errors
     return mapped, {**tail, "tail_map": tail_map}, errors
@@ -218,16 +199,18 @@ def build_indexes(checkpoint: Checkpoint, config: BuildConfig, calib_text: Path 
         mlp, tail, tail_map_error = corrected_mlp(config, weights, index, k, tune_x, holdout_x)
         tails[layer] = {part: array.numpy() for part, array in tail.items()}
         plan = plan_layer(mlp, tune_x) if config.plan else None
-        saved = {part: writer.add_array(layer, part, array) for part, array in tails[layer].items()} if writer else {}
-        for part_files in saved.values():
-            files = {**files, **part_files}
+        tail_files = {}  # part -> its file name in the store
+        if writer:
+            for part, array in tails[layer].items():
+                saved = writer.add_array(layer, part, array)  # {name: sha256}
+                files, tail_files[part] = {**files, **saved}, next(iter(saved))
         entries.append(LayerEntry(
             layer=layer, d_model=weights.d_model, d_ff=weights.d_ff, gated=weights.gated,
             activation=weights.activation, backend=backend.name, build_params=index.build_params,
             search_params=index.search_params, effort_param=index.effort_param,
             effort_range=list(index.effort_range(k)), k=k if config.mass_target is not None else None,
-            files=files, plan=plan, tail_mean_file=next(iter(saved.get("tail_mean", {})), None),
-            tail_map_file=next(iter(saved.get("tail_map", {})), None), tail_map_error=tail_map_error,
+            files=files, plan=plan, tail_mean_file=tail_files.get("tail_mean"),
+            tail_map_file=tail_files.get("tail_map"), tail_map_error=tail_map_error,
             build_recall=round(held.recall, 6), build_scanned_fraction=round(held.scanned_fraction, 6),
             build_seconds=round(time.perf_counter() - start, 3)))
     manifest = Manifest(

@@ -47,6 +47,20 @@ def relative_errors(approx: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
     return (approx - exact).norm(dim=1) / norm
 
 
+def total_relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    """sqrt(sum ||approx - exact||^2 / sum ||exact||^2) over rows (N, d): the error as the residual
+    stream receives it, rows with larger outputs weighing more.
+
+    It decides whether a tail map is kept. The per-row mean of relative_errors can rise when the
+    map lowers this: a map that moves every token's output a little towards the average residual
+    adds a small error to the many tokens that had almost none. On relu-lm (mass 0.95, exact
+    top-k) that trade raised the mean from 0.028 to 0.040 and lowered the end-to-end KL from
+    0.009 to 0.003.
+    """
+    error = (approx - exact).square().sum()
+    return float((error / exact.square().sum().clamp_min(torch.finfo(exact.dtype).tiny)).sqrt())
+
+
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Row-wise cosine similarity of (N, d) tensors."""
     return torch.nn.functional.cosine_similarity(a, b, dim=1)

@@ -47,7 +47,7 @@ class LayerEntry:
     plan: dict[str, Any] | None = None  # planner.plan_layer: where approximation pays (None: not measured)
     tail_mean_file: str | None = None  # (d_ff,) float32 .npy: build.dropped_mean, for the tail correction
     tail_map_file: str | None = None  # (r, d_model + 1 + d_model) float32 .npy: build.fit_tail_map
-    # Held-out build.total_relative_error of the MLP output without and with the fitted map (None: not fit).
+    # Held-out metrics.total_relative_error of the MLP output without and with the fitted map (None: not fit).
     tail_map_error: list[float] | None = None
 
 

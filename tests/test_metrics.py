@@ -1,10 +1,17 @@
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ann_mlp.metrics import mass_recall, nearest_neighbour_agreement, recall_at_k, relative_errors
+from ann_mlp.metrics import (
+    mass_recall,
+    nearest_neighbour_agreement,
+    recall_at_k,
+    relative_errors,
+    total_relative_error,
+)
 
 
 def test_recall_is_tie_aware():
@@ -44,3 +51,13 @@ def test_relative_errors_are_per_token():
     approx = torch.tensor([[100.0, 0.0], [0.0, 0.0]])
     # the large row is exact, the small one entirely wrong: per-token errors 0 and 1
     assert relative_errors(approx, exact).tolist() == [0.0, 1.0]
+
+
+def test_total_relative_error_weighs_rows_by_their_size():
+    exact = torch.tensor([[10.0, 0.0], [0.0, 1.0]])
+    assert total_relative_error(exact, exact) == 0.0
+    assert total_relative_error(torch.zeros_like(exact), exact) == pytest.approx(1.0)
+    # a 10 % error on the large row: 1 / sqrt(101) of the total; the per-row mean halves it to 5 %
+    approx = torch.tensor([[11.0, 0.0], [0.0, 1.0]])
+    assert total_relative_error(approx, exact) == pytest.approx(1 / 101 ** 0.5)
+    assert relative_errors(approx, exact).mean().item() == pytest.approx(0.05)
