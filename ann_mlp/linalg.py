@@ -52,3 +52,35 @@ def best_candidates(rows: torch.Tensor, candidates: torch.Tensor, x: torch.Tenso
         values = torch.nn.functional.pad(values, (0, missing), value=-torch.inf)
         ids = torch.nn.functional.pad(ids, (0, missing), value=-1)
     return values, ids
+
+
+class RowCodes:
+    """8-bit per-dimension codes of a table's rows, in faiss' QT_8bit layout:
+    row ≈ low + (code + 0.5) * step, with step = range / 255 per dimension.
+
+    Scoring selected rows from their codes reads a quarter of their float32 bytes and lands
+    within about 1 % of the exact inner products.
+    """
+
+    def __init__(self, codes: np.ndarray, ranges: np.ndarray) -> None:
+        self.codes = torch.from_numpy(codes)  # (n, d) uint8
+        self.ranges = ranges  # (2, d) float32: per-dimension minimum and range
+        low, width = torch.from_numpy(ranges)  # (d,), (d,)
+        self.step = width / 255  # (d,)
+        self.offset = low + 0.5 * self.step  # (d,): the decoded value of code 0
+
+    @classmethod
+    def encode(cls, rows: np.ndarray) -> RowCodes:
+        """rows (n, d) float32 -> their codes, each dimension quantized over its own range."""
+        quantizer = faiss.ScalarQuantizer(rows.shape[1], faiss.ScalarQuantizer.QT_8bit)
+        quantizer.train(np.ascontiguousarray(rows, dtype=np.float32))
+        ranges = faiss.vector_to_array(quantizer.trained).reshape(2, rows.shape[1])  # (2, d)
+        return cls(quantizer.compute_codes(np.ascontiguousarray(rows, dtype=np.float32)), ranges)
+
+    def dot(self, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Each query's inner products with its own selected decoded rows: ids (N, c), x (N, d) -> (N, c).
+
+        x · (offset + step ⊙ code) = x · offset + (x ⊙ step) · code.
+        """
+        codes = self.codes[ids].float()  # (N, c, d)
+        return torch.bmm(codes, (x * self.step).unsqueeze(2)).squeeze(2) + (x @ self.offset)[:, None]

@@ -284,7 +284,7 @@ def test_low_rank_8_bit_kept_scores_read_no_float32_key(data, tmp_path):
     reference, approx = exact_kept.search(queries, K, rerank=rerank), coded_kept.search(queries, K, rerank=rerank)
     np.testing.assert_array_equal(np.sort(approx.ids, 1), np.sort(reference.ids, 1))
     true_scores = np.take_along_axis(truth.numpy(), approx.ids, 1)
-    step = coded_kept.key_step.numpy()  # (D,): one code's width per dimension
+    step = coded_kept.key_codes.step.numpy()  # (D,): one code's width per dimension
     rounding = np.abs(queries) @ step  # (N,): |q|·step bounds the decoding error of a score
     assert (np.abs(approx.scores - true_scores) <= rounding[:, None] / 2 + 1e-4).all()
     assert np.abs(approx.scores - true_scores).max() > 1e-4  # they are the coded scores, not exact ones

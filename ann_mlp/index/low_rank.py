@@ -38,7 +38,7 @@ import torch
 
 from ann_mlp.errors import BackendError
 from ann_mlp.index.base import BYTES_PER_FLOAT, KeyRowsIndex, SearchResult
-from ann_mlp.linalg import best_candidates, rows_dot
+from ann_mlp.linalg import RowCodes, best_candidates, rows_dot
 
 
 def score_preserving_factors(keys: np.ndarray, queries: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
@@ -124,13 +124,8 @@ class LowRankIndex(KeyRowsIndex):
             faiss.copy_array_to_vector(self.projection.ravel(), transform.A)
             transform.is_trained = True
             self.projected_codes = faiss.IndexPreTransform(transform, codes)
-        # rerank_bits = 8: key = low + (code + 0.5) * step per dimension (faiss' QT_8bit layout).
-        self.key_codes = None if key_codes is None else torch.from_numpy(key_codes)  # (n, D) uint8
-        self.key_ranges = key_ranges  # (2, D) float32: per-dimension minimum and range
-        if key_ranges is not None:
-            low, width = torch.from_numpy(key_ranges)  # (D,), (D,)
-            self.key_step = width / 255  # (D,)
-            self.key_offset = low + 0.5 * self.key_step  # (D,): the decoded value of code 0
+        # rerank_bits = 8: the candidates are ranked by 8-bit codes of their keys.
+        self.key_codes = None if key_codes is None else RowCodes(key_codes, key_ranges)
 
     @property
     def rerank_bits(self) -> int:
@@ -194,10 +189,8 @@ class LowRankIndex(KeyRowsIndex):
             projection.add(padded)
         quantized = {}
         if params["rerank_bits"] == 8:
-            quantizer = faiss.ScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit)
-            quantizer.train(keys)
-            ranges = faiss.vector_to_array(quantizer.trained).reshape(2, dim)  # (2, D): minimum, range
-            quantized = {"key_codes": quantizer.compute_codes(keys), "key_ranges": ranges}
+            codes_of_keys = RowCodes.encode(keys)
+            quantized = {"key_codes": codes_of_keys.codes.numpy(), "key_ranges": codes_of_keys.ranges}
         return cls(keys, codes, projection, params, {}, **quantized)
 
     @staticmethod
@@ -244,18 +237,15 @@ class LowRankIndex(KeyRowsIndex):
 
     def _best_by_key_codes(self, candidates: torch.Tensor, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The k best candidates by their 8-bit keys, scored exactly unless kept_bits = 8:
-        candidates (N, R), q (N, D) -> (scores, ids) (N, k).
-
-        q · (offset + step ⊙ code) = q · offset + (q ⊙ step) · code.
-        """
-        codes = self.key_codes[candidates].float()  # (N, R, D)
-        coarse = torch.bmm(codes, (q * self.key_step).unsqueeze(2)).squeeze(2) + (q @ self.key_offset)[:, None]  # (N, R)
+        candidates (N, R), q (N, D) -> (scores, ids) (N, k)."""
+        coarse = self.key_codes.dot(candidates, q)  # (N, R)
         best, order = coarse.topk(min(k, candidates.shape[1]), dim=1)  # (N, k)
         kept = candidates.gather(1, order)  # (N, k)
         return (best, kept) if self.kept_bits == 8 else (rows_dot(self.keys, kept, q), kept)
 
     def arrays(self) -> dict[str, np.ndarray]:
-        quantized = {} if self.key_codes is None else {"key_codes": self.key_codes.numpy(), "key_ranges": self.key_ranges}
+        quantized = {} if self.key_codes is None else {"key_codes": self.key_codes.codes.numpy(),
+                                                       "key_ranges": self.key_codes.ranges}
         projection = {} if self.projection is None else {"projection": self.projection}
         return {**projection, **quantized}
 
