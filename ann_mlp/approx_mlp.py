@@ -5,6 +5,8 @@ y = sum over retrieved i of act(k_i . x + b_i) [* (u_i . x + c_i)] * v_i + out_b
 First layer: the index returns the top-k keys of [x; 1] against [k_i; b_i].
 Second layer: one fused weighted sum of k value rows (embedding_bag).
 With k = d_ff and an exhaustive index this is the exact MLP.
+Gated MLPs may retrieve more candidates than k by gate score and keep the k with
+the largest |act(gate) * up|, estimated from 8-bit codes of the up rows.
 A tail correction, fit at build time, stands in for the neurons left out: each
 one's mean when dropped, and/or a low-rank linear map of [x; 1].
 """
@@ -24,7 +26,7 @@ from ann_mlp.activations import activation_module
 from ann_mlp.checkpoint.base import MlpWeights
 from ann_mlp.errors import InputError
 from ann_mlp.index.base import BYTES_PER_FLOAT, MipsIndex, SearchResult
-from ann_mlp.linalg import rows_dot
+from ann_mlp.linalg import RowCodes, rows_dot
 
 
 def augmented_keys(weights: MlpWeights) -> np.ndarray:
@@ -76,7 +78,9 @@ class ApproxMLP(nn.Module):
     """Drop-in replacement for one MLP: same input and output shape (..., d_model)."""
 
     def __init__(self, weights: MlpWeights, index: MipsIndex, k: int, search_params: dict | None = None,
-                 tail_mean: torch.Tensor | None = None, tail_map: torch.Tensor | None = None) -> None:
+                 tail_mean: torch.Tensor | None = None, tail_map: torch.Tensor | None = None,
+                 candidates: int | None = None, up_codes: torch.Tensor | None = None,
+                 up_ranges: torch.Tensor | None = None) -> None:
         super().__init__()
         if not 1 <= k <= weights.d_ff:
             raise InputError(f"k must be in [1, d_ff={weights.d_ff}], got {k}")
@@ -85,7 +89,10 @@ class ApproxMLP(nn.Module):
         self.k = k
         # Neurons retrieved by key score per token; when above k, the k with the largest
         # |contribution| (gated: |act(gate) * up|, which the gate alone ranks poorly) are kept.
-        self.candidates = k
+        self.candidates = max(k, candidates or k)
+        # Gated: 8-bit codes of the up rows (d_ff, d_model) estimate the candidates' up scores for that
+        # choice, a quarter of the bytes of scoring them exactly; without codes they are scored exactly.
+        self.up_codes = None if up_codes is None else RowCodes(up_codes.numpy(), up_ranges.numpy())
         self.search_params = dict(search_params or {})
         # The activation module's forward, called directly: Module.__call__'s hook handling cost
         # a third of the glue at batch 1.
@@ -100,10 +107,10 @@ class ApproxMLP(nn.Module):
         # What is added to every output row: the output bias and the tail's mean contribution, summed once.
         terms = [t.float() for t in (weights.out_bias, tail_sum) if t is not None]
         self.out_sum = None if not terms else sum(terms)  # (d_model,)
-        # Linear tail map (build.fit_tail_map), fit to what the top k by key score leave out:
-        # y += ([x; 1] P) Q, applied only to the selection it was fit for (at another k, or
-        # choosing among more candidates, other neurons are left out).
-        self.tail_map_k = k
+        # Linear tail map (build.fit_tail_map), fit to what the selection as built leaves out:
+        # y += ([x; 1] P) Q, applied only to that selection (at another k or number of
+        # candidates, other neurons are left out).
+        self.fitted_selection = (self.k, self.candidates)
         if tail_map is not None:
             rank_rows = tail_map.float()  # (r, D + d_model): row j = [p_j; q_j]
             self.map_in = rank_rows[:, :weights.d_model].contiguous()  # (r, d_model)
@@ -167,6 +174,12 @@ class ApproxMLP(nn.Module):
         return torch.embedding_bag(self.value_rows, ids.reshape(-1), self._bag_offsets[:n], False, sum_mode, False,
                                    weights.reshape(-1), False, None)[0]
 
+    def up_scores(self, ids: torch.Tensor, x: torch.Tensor, codes: RowCodes | None = None) -> torch.Tensor:
+        """Gated: u_i . x + c_i for each token's own neurons, exactly or from 8-bit codes:
+        ids (N, c), x (N, d_model) -> (N, c)."""
+        up = rows_dot(self.weights.up, ids, x) if codes is None else codes.dot(ids, x)  # (N, c)
+        return up if self.weights.up_bias is None else up + self.weights.up_bias.float()[ids]
+
     def forward_with_selection(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, SearchResult]:
         """(output (..., d_model), kept ids (N, k) with -1 for none, the raw search result).
 
@@ -196,27 +209,30 @@ class ApproxMLP(nn.Module):
             below = scores <= w.threshold
             silent = below if silent is None else silent | below
         activations = self.act(scores)  # (N, c)
-        if w.gated:
-            up = rows_dot(w.up, ids, x)  # (N, c)
-            if w.up_bias is not None:
-                up = up + w.up_bias.float()[ids]
-            activations = activations * up
         if silent is not None:
             activations = activations.masked_fill(silent, 0.0)
-        if self.candidates > self.k:  # keep the k largest contributions of the candidates
-            kept = activations.abs().topk(self.k, dim=1).indices  # (N, k)
+        choosing = self.candidates > self.k
+        by_codes = w.gated and choosing and self.up_codes is not None
+        if w.gated and not by_codes:
+            activations = activations * self.up_scores(ids, x)  # (N, c)
+        if choosing:  # keep the k largest contributions of the candidates
+            contributions = activations * self.up_scores(ids, x, self.up_codes) if by_codes else activations
+            kept = contributions.abs().topk(self.k, dim=1).indices  # (N, k)
             activations, ids, retrieved = activations.gather(1, kept), ids.gather(1, kept), retrieved.gather(1, kept)
             missing = None if missing is None else missing.gather(1, kept)
-            if w.gated:  # the up rows of the candidates not kept were read only to choose
-                chosen_by = len(x) * (self.candidates - self.k) * w.d_model * BYTES_PER_FLOAT
-                result = replace(result, bytes_read=result.bytes_read + chosen_by)
+            if w.gated:  # read only to choose: every candidate's up code, or the exact up rows of those not kept
+                per_token = self.candidates * w.d_model if by_codes else \
+                    (self.candidates - self.k) * w.d_model * BYTES_PER_FLOAT
+                result = replace(result, bytes_read=result.bytes_read + len(x) * per_token)
+        if by_codes:
+            activations = activations * self.up_scores(ids, x)  # (N, k): the exact up of the k kept only
         if self.tail_mean is not None:
             expected = self.tail_mean[ids]  # (N, k): already counted in the tail's sum
             activations = activations - (expected if missing is None else expected.masked_fill(missing, 0.0))
         y = self.weighted_value_sum(ids, activations)  # (N, d_model)
         if self.out_sum is not None:
             y += self.out_sum
-        if self.map_out is not None and self.k == self.tail_map_k and self.candidates == self.k:
+        if self.map_out is not None and (self.k, self.candidates) == self.fitted_selection:
             y.addmm_(F.linear(x, self.map_in, self.map_in_bias), self.map_out)  # (N, r) @ (r, d_model)
             result = replace(result, bytes_read=result.bytes_read + len(x) * self.map_bytes)
 

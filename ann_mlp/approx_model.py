@@ -31,16 +31,18 @@ class ApproxModel:
 
     def __init__(self, manifest: Manifest, checkpoint: Checkpoint, indexes: dict[int, MipsIndex],
                  k: int | None = None, search_params: dict[str, Any] | None = None,
-                 tails: dict[int, dict[str, np.ndarray]] | None = None) -> None:
-        """tails: per layer, its tail correction (build.build_indexes, Store.load_tail)."""
+                 layer_arrays: dict[int, dict[str, np.ndarray]] | None = None) -> None:
+        """layer_arrays: per layer, the arrays beside its index (tail correction, up codes; from
+        build.build_indexes or Store.load_layer_arrays)."""
         self.manifest = manifest
         self.checkpoint = checkpoint
         self.mlps: dict[int, ApproxMLP] = {}
         for entry in manifest.layers:
             weights = checkpoint.adapter.mlp_weights(entry.layer)
             assert (weights.d_ff, weights.d_model) == (entry.d_ff, entry.d_model)
-            tail = {part: torch.from_numpy(array) for part, array in (tails or {}).get(entry.layer, {}).items()}
-            self.mlps[entry.layer] = ApproxMLP(weights, indexes[entry.layer], entry.k or manifest.k, **tail)
+            arrays = {part: torch.from_numpy(array) for part, array in (layer_arrays or {}).get(entry.layer, {}).items()}
+            self.mlps[entry.layer] = ApproxMLP(weights, indexes[entry.layer], entry.k or manifest.k,
+                                               candidates=entry.candidates, **arrays)
         self.configure(k, search_params)
 
     @classmethod
@@ -54,13 +56,13 @@ class ApproxModel:
         for entry in store.manifest.layers:
             weights = checkpoint.adapter.mlp_weights(entry.layer)
             indexes[entry.layer] = store.load_index(entry.layer, share_layer_tables(checkpoint.model, weights))
-        tails = {entry.layer: store.load_tail(entry.layer) for entry in store.manifest.layers}
-        return cls(store.manifest, checkpoint, indexes, tails=tails, **options)
+        arrays = {entry.layer: store.load_layer_arrays(entry.layer) for entry in store.manifest.layers}
+        return cls(store.manifest, checkpoint, indexes, layer_arrays=arrays, **options)
 
     def configure(self, k: int | None = None, search_params: dict[str, Any] | None = None,
-                  candidate_factor: float = 1.0) -> None:
+                  candidate_factor: float | None = None) -> None:
         """Set k, query-time search parameters and the candidates retrieved per kept neuron for
-        every layer (None: the store's values per layer)."""
+        every layer (None: the store's values per layer; the store's candidates scale with k)."""
         for layer, mlp in self.mlps.items():
             entry = self.manifest.layers[layer]
             layer_k = (entry.k or self.manifest.k) if k is None else k
@@ -76,7 +78,12 @@ class ApproxModel:
                     raise InputError(f"{name} must be in [{lo}, {hi}], got {value}")
                 params[name] = int(value)
             mlp.k, mlp.search_params = layer_k, params
-            mlp.candidates = min(mlp.weights.d_ff, math.ceil(candidate_factor * layer_k))
+            if candidate_factor is None:  # the built ratio of candidates to k, in exact integer arithmetic
+                built_k = entry.k or self.manifest.k
+                candidates = -(-layer_k * (entry.candidates or built_k) // built_k)
+            else:
+                candidates = math.ceil(candidate_factor * layer_k)
+            mlp.candidates = min(mlp.weights.d_ff, candidates)
 
     @contextmanager
     def approximate(self, planned: bool = False) -> Iterator[None]:

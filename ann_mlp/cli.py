@@ -69,6 +69,7 @@ def build(
     plan: bool = typer.Option(True, help="Time dense vs approximate per layer and batch size for serving mode auto."),
     tail_correction: bool | None = typer.Option(None, "--tail-correction/--no-tail-correction", help="Stand in for the neurons not retrieved with their mean activation on the calibration tokens that leave them out of the top k [default: for non-gated activations whose dropped neurons are not zero, e.g. GELU]."),
     tail_map_rank: int | None = typer.Option(None, help="Rank of a linear map of the input fit by least squares to what the approximate MLP leaves out, kept per layer where it lowers the held-out error; 0 for none [default: 16, none for Top-k and thresholded activations]."),
+    gated_selection: bool = typer.Option(True, help="Gated layers: retrieve more candidates than k by gate score (how many is tuned per layer) and keep the k largest |act(gate)*up|, estimated from 8-bit codes of the up rows."),
     preset: bool = typer.Option(False, help=f"Use the recommended settings of a built-in checkpoint ({', '.join(PRESET_BUILDS)}) instead of the options above."),
     force: bool = typer.Option(False, help="Replace an existing store."),
 ) -> None:
@@ -82,7 +83,7 @@ def build(
     config = PRESET_BUILDS[checkpoint] if preset else BuildConfig(
         backend=backend, k=k, target_recall=target_recall or None, mass_target=mass_target,
         build_params=_parse_params(param), plan=plan, tail_correction=tail_correction,
-        tail_map_rank=tail_map_rank, calibration=TextConfig(max_tokens=calib_tokens))
+        tail_map_rank=tail_map_rank, gated_selection=gated_selection, calibration=TextConfig(max_tokens=calib_tokens))
     out = out or DEFAULT_STORE_ROOT / Path(checkpoint.rstrip("/")).stem
     path = build_store(checkpoint, out, config, calib_text, overwrite=force, progress=_progress())
     from ann_mlp.store import Store
@@ -102,8 +103,9 @@ def evaluate(
     k: int | None = typer.Option(None, help="Keys retrieved per token [default: the store's k]."),
     backend: str | None = typer.Option(None, help="Evaluate another backend, built in memory and tuned like the store."),
     effort: int | None = typer.Option(None, help="Search effort for every layer (nprobe, efSearch, ...) [default: tuned]."),
-    candidate_factor: float = typer.Option(1.0, help="Retrieve this many times k by key score and keep the k largest "
-                                                      "|contributions| (gated: |act(gate)*up|)."),
+    candidate_factor: float | None = typer.Option(None, help="Retrieve this many times k by key score and keep the k "
+                                                             "largest |contributions| (gated: |act(gate)*up|) [default: "
+                                                             "as built, 1 but for gated layers]."),
     max_tokens: int = typer.Option(EvalConfig().text.max_tokens, help="Evaluation tokens."),
     checkpoint: str | None = typer.Option(None, help="Where the store's checkpoint is now, if it moved."),
     reference: str | None = typer.Option(None, help="Also compare both with this checkpoint end to end (e.g. the original of a sparsified model)."),
@@ -145,10 +147,11 @@ def _rebuilt(model, backend: str):
                          tail_correction=any(entry.tail_mean_file for entry in manifest.layers),
                          # absent from stores built before tail maps, which have none
                          tail_map_rank=manifest.extra.get("tail_map_rank", 0),
+                         gated_selection=manifest.extra.get("gated_selection", False),  # likewise
                          calibration=TextConfig(max_tokens=manifest.calibration["tokens"]))
     calib_path = None if calib.startswith("python-stdlib-docstrings") else Path(calib)
-    new_manifest, indexes, tails = build_indexes(model.checkpoint, config, calib_path, _progress(), name=manifest.name)
-    return ApproxModel(new_manifest, model.checkpoint, indexes, tails=tails)
+    new_manifest, indexes, arrays = build_indexes(model.checkpoint, config, calib_path, _progress(), name=manifest.name)
+    return ApproxModel(new_manifest, model.checkpoint, indexes, layer_arrays=arrays)
 
 
 @app.command()

@@ -55,6 +55,9 @@ class BuildConfig:
     # out (build.fit_tail_map), kept per layer only where it lowers the held-out error.
     # None: build.default_tail_map_rank (16; none for Top-k and thresholded layers); 0: none.
     tail_map_rank: int | None = None
+    # Gated layers: retrieve more candidates than k by gate score and keep the k with the largest
+    # |act(gate) * up|, estimated from 8-bit codes of the up rows (build.tune_candidates picks how many).
+    gated_selection: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -91,12 +94,12 @@ class EvalConfig:
     k: int | None = None  # None: the k the store was built for
     search_params: dict = field(default_factory=dict)  # effort overrides; absent: the tuned values
     # Retrieve this many times k by key score, keep the k with the largest |contribution|
-    # (gated: |act(gate) * up|); 1: keep the top k by key score.
-    candidate_factor: float = 1.0
+    # (gated: |act(gate) * up|); 1: keep the top k by key score; None: as the store was built.
+    candidate_factor: float | None = None
     text: TextConfig = TextConfig(max_tokens=8_192)
 
     def __post_init__(self) -> None:
-        if self.candidate_factor < 1:
+        if self.candidate_factor is not None and self.candidate_factor < 1:
             raise InputError(f"candidate factor must be at least 1, got {self.candidate_factor}")
 
 

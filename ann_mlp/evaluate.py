@@ -197,8 +197,10 @@ def evaluate(model: ApproxModel, config: EvalConfig, text: Path | None = None,
             against["approx_vs_reference"].add(batch, expected, approx)
     manifest = model.manifest
     extra = {"reference": reference.source.spec, **{name: a.report() for name, a in against.items()}} if against else {}
-    if config.candidate_factor > 1:
+    if config.candidate_factor is not None:
         extra["candidate_factor"] = config.candidate_factor
+    if any(mlp.candidates > mlp.k for mlp in model.mlps.values()):
+        extra["candidates"] = [mlp.candidates for mlp in model.mlps.values()]
     return Report(
         model=manifest.name, backend=manifest.backend, k=config.k or manifest.k,
         text=describe(text, "evaluation"), tokens=comparison.tokens, layers=comparison.layer_reports(),

@@ -77,6 +77,10 @@ class RowCodes:
         ranges = faiss.vector_to_array(quantizer.trained).reshape(2, rows.shape[1])  # (2, d)
         return cls(quantizer.compute_codes(np.ascontiguousarray(rows, dtype=np.float32)), ranges)
 
+    def decode(self) -> torch.Tensor:
+        """The decoded rows: (n, d) float32."""
+        return self.offset + self.codes.float() * self.step
+
     def dot(self, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Each query's inner products with its own selected decoded rows: ids (N, c), x (N, d) -> (N, c).
 

@@ -49,6 +49,12 @@ class LayerEntry:
     tail_map_file: str | None = None  # (r, d_model + 1 + d_model) float32 .npy: build.fit_tail_map
     # Held-out metrics.total_relative_error of the MLP output without and with the fitted map (None: not fit).
     tail_map_error: list[float] | None = None
+    # Gated layers: neurons retrieved by gate score per token, of which the k with the largest estimated
+    # |act(gate) * up| are kept (build.tune_candidates; None: k), estimated from these 8-bit codes of the
+    # up rows: (d_ff, d_model) uint8 and their (2, d_model) float32 per-dimension minimum and range.
+    candidates: int | None = None
+    up_codes_file: str | None = None
+    up_ranges_file: str | None = None
 
 
 @dataclass
@@ -167,10 +173,12 @@ class Store:
         return backend_class(entry.backend).load(self.path, f"layer_{layer:03d}", keys,
                                                  entry.build_params, entry.search_params)
 
-    def load_tail(self, layer: int) -> dict[str, np.ndarray]:
-        """The layer's tail correction: {"tail_mean": (d_ff,), "tail_map": (r, 2 d_model + 1)}, those it has."""
+    def load_layer_arrays(self, layer: int) -> dict[str, np.ndarray]:
+        """The arrays beside the layer's index, those it has: its tail correction {"tail_mean": (d_ff,),
+        "tail_map": (r, 2 d_model + 1)} and up codes {"up_codes": (d_ff, d_model), "up_ranges": (2, d_model)}."""
         entry = self.manifest.layers[layer]
-        names = {"tail_mean": entry.tail_mean_file, "tail_map": entry.tail_map_file}
+        names = {"tail_mean": entry.tail_mean_file, "tail_map": entry.tail_map_file,
+                 "up_codes": entry.up_codes_file, "up_ranges": entry.up_ranges_file}
         return {part: np.load(self.path / name, allow_pickle=False) for part, name in names.items() if name}
 
     def verify_source(self, source: CheckpointSource) -> None:

@@ -23,6 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 # The rows reported before build fit linear tail maps by default, built as they were then.
 NO_MAP = ["--tail-map-rank", "0"]
+# Gated rows reported before build chose neurons by estimated contribution, built as they were then.
+BY_GATE = ["--no-gated-selection"]
 # Tail maps at rank d_ff / 64, the first default (relu-lm, topk-lm: 64; MiniLM, SmolLM2: 24).
 MAP_64, MAP_24 = ["--tail-map-rank", "64"], ["--tail-map-rank", "24"]
 # row name -> (checkpoint, build options, eval options)
@@ -30,7 +32,7 @@ ROWS: dict[str, tuple[str, list[str], list[str]]] = {
     "minilm-ivf": ("minilm", [*NO_MAP, "--backend", "ivf"], []),
     "minilm-cells": ("minilm", [*NO_MAP, "--backend", "cells"], []),
     "minilm-lowrank": ("minilm", [*NO_MAP, "--backend", "lowrank"], []),
-    "smollm2-ivf": ("smollm2", [*NO_MAP, "--backend", "ivf"], []),
+    "smollm2-ivf": ("smollm2", [*BY_GATE, *NO_MAP, "--backend", "ivf"], []),
     "relu-lm-ivf": ("relu-lm", [*NO_MAP, "--backend", "ivf"], []),
     "relu-lm-cells": ("relu-lm", [*NO_MAP, "--backend", "cells"], []),
     "relu-lm-cells-mass": ("relu-lm", [*NO_MAP, "--backend", "cells", "--k", "1024", "--mass-target", "0.9"], []),
@@ -94,21 +96,28 @@ ROWS: dict[str, tuple[str, list[str], list[str]]] = {
     "relu-lm-exact-mass95-map": ("relu-lm", [*MAP_64, "--backend", "exact", "--k", "2048", "--mass-target", "0.95"], []),
     "minilm-exact-192": ("minilm", [*NO_MAP, "--backend", "exact", "--k", "192"], []),
     "minilm-exact-192-tail": ("minilm", [*NO_MAP, "--backend", "exact", "--k", "192", "--tail-correction"], []),
-    "smollm2-exact-768": ("smollm2", [*NO_MAP, "--backend", "exact", "--k", "768", "--calib-tokens", "4096"],
+    "smollm2-exact-768": ("smollm2", [*BY_GATE, *NO_MAP, "--backend", "exact", "--k", "768", "--calib-tokens", "4096"],
                           ["--max-tokens", "2048"]),
-    "smollm2-exact-768-product": ("smollm2", [*NO_MAP, "--backend", "exact", "--k", "768", "--calib-tokens", "4096"],
+    "smollm2-exact-768-product": ("smollm2", [*BY_GATE, *NO_MAP, "--backend", "exact", "--k", "768", "--calib-tokens", "4096"],
                                   ["--max-tokens", "2048", "--candidate-factor", "2"]),
-    "smollm2-exact-768-tail": ("smollm2", [*NO_MAP, "--backend", "exact", "--k", "768", "--calib-tokens", "4096",
+    "smollm2-exact-768-tail": ("smollm2", [*BY_GATE, *NO_MAP, "--backend", "exact", "--k", "768", "--calib-tokens", "4096",
                                            "--tail-correction"], ["--max-tokens", "2048"]),
-    "smollm2-exact-768-map": ("smollm2", [*MAP_24, "--backend", "exact", "--k", "768", "--calib-tokens", "4096"],
+    "smollm2-exact-768-map": ("smollm2", [*BY_GATE, *MAP_24, "--backend", "exact", "--k", "768", "--calib-tokens", "4096"],
                               ["--max-tokens", "2048"]),
-    "smollm2-exact-384-product": ("smollm2", [*NO_MAP, "--backend", "exact", "--k", "768", "--calib-tokens", "4096"],
+    "smollm2-exact-384-product": ("smollm2", [*BY_GATE, *NO_MAP, "--backend", "exact", "--k", "768", "--calib-tokens", "4096"],
                                   ["--max-tokens", "2048", "--k", "384", "--candidate-factor", "2"]),
     # The default backend on the gated model: 1152 candidates by gate score, the 768 largest |silu(g)·u| kept.
-    "smollm2-lowrank-768-product": ("smollm2", [*NO_MAP, "--backend", "lowrank", "--k", "768", "--calib-tokens", "4096"],
+    "smollm2-lowrank-768-product": ("smollm2", [*BY_GATE, *NO_MAP, "--backend", "lowrank", "--k", "768", "--calib-tokens", "4096"],
                                     ["--max-tokens", "2048", "--candidate-factor", "1.5"]),
-    "smollm2-exact-768-product-tail": ("smollm2", [*NO_MAP, "--backend", "exact", "--k", "768", "--calib-tokens", "4096",
+    "smollm2-exact-768-product-tail": ("smollm2", [*BY_GATE, *NO_MAP, "--backend", "exact", "--k", "768", "--calib-tokens", "4096",
                                                    "--tail-correction"], ["--max-tokens", "2048", "--candidate-factor", "2"]),
+    # Gated selection as built by default (session 8): candidates per layer tuned at build, the k largest
+    # |silu(g)·u| kept, u estimated from 8-bit codes of the up rows; with and without the default tail map.
+    "smollm2-exact-768-chosen": ("smollm2", [*NO_MAP, "--backend", "exact", "--k", "768", "--calib-tokens", "4096"],
+                                 ["--max-tokens", "2048"]),
+    "smollm2-exact-768-chosen-map": ("smollm2", ["--backend", "exact", "--k", "768", "--calib-tokens", "4096"],
+                                     ["--max-tokens", "2048"]),
+    "smollm2-lowrank-768-chosen-map": ("smollm2", ["--k", "768", "--calib-tokens", "4096"], ["--max-tokens", "2048"]),
 }
 
 

@@ -47,7 +47,7 @@ class Knobs:
     mode: Mode = "auto"
     k: int | None = None
     effort: int | None = None
-    candidate_factor: float = 1.0
+    candidate_factor: float | None = None
 
 
 @dataclass

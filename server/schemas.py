@@ -17,8 +17,9 @@ class AnnMlpOptions(BaseModel):
     mode: Mode = "auto"
     k: int | None = Field(None, ge=1, description="keys retrieved per token [the store's k]")
     effort: int | None = Field(None, ge=0, description="search effort (nprobe, efSearch, ...) [tuned]")
-    candidate_factor: float = Field(1.0, ge=1.0, description="retrieve this many times k by key score, keep the k "
-                                                             "largest |contributions| (gated: |act(gate)*up|)")
+    candidate_factor: float | None = Field(None, ge=1.0, description="retrieve this many times k by key score, keep "
+                                                                    "the k largest |contributions| (gated: "
+                                                                    "|act(gate)*up|) [as built: 1 but for gated layers]")
 
 
 class EmbeddingRequest(BaseModel):
@@ -78,7 +79,8 @@ class RunInfo(BaseModel):
     mode: Mode
     k: int | list[int]  # one k, or one per layer when the store chose k per layer
     search_params: dict[str, Any]
-    candidate_factor: float  # neurons retrieved per kept neuron
+    candidate_factor: float | None  # neurons retrieved per kept neuron, as asked (None: as built)
+    candidates: int | list[int]  # neurons retrieved per token, one number or one per layer
     scanned_fraction: float | None  # keys scored / keys of the dense MLP, planner's dense layers included
     dense_fraction: float | None  # share of (layer, token) pairs the planner ran dense (mode auto)
     timing: dict[str, float]  # total_ms, index_search_ms, rest_ms

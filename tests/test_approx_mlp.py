@@ -127,6 +127,48 @@ def test_candidates_keep_the_largest_contributions(tiny_checkpoints):
     assert result.bytes_read == 6 * (by_contribution.index.full_scan_bytes + (weights.d_ff - k) * weights.d_model * 4)
 
 
+def test_row_codes_score_selected_rows_within_their_rounding():
+    """8-bit codes of a table's rows score each query's own rows as their decoded rows do, within
+    half a code step per dimension of the exact inner products."""
+    from ann_mlp.linalg import RowCodes
+
+    rows, x = torch.randn(50, 12) * torch.linspace(0.1, 3, 12), torch.randn(4, 12)
+    codes = RowCodes.encode(rows.numpy())
+    ids = torch.randint(0, 50, (4, 7))
+    scores = codes.dot(ids, x)  # (4, 7)
+    torch.testing.assert_close(scores, (x @ codes.decode().T).gather(1, ids), rtol=1e-5, atol=1e-5)
+    exact = (x @ rows.T).gather(1, ids)
+    assert ((scores - exact).abs() <= (x.abs() @ codes.step)[:, None] / 2 + 1e-5).all()
+    assert (scores - exact).abs().max() > 1e-6  # coded, not exact
+
+
+def test_up_codes_choose_as_the_exact_up_does_for_a_quarter_of_the_bytes(tiny_checkpoints):
+    """Gated: choosing the k largest |act(g)*u| among the candidates with u estimated from 8-bit codes
+    of the up rows keeps the neurons the exact up keeps (ties aside); the k kept get their exact up, so
+    the output is the exact sum over them; choosing reads one byte per candidate and dimension instead
+    of the four bytes of every candidate not kept."""
+    from ann_mlp.linalg import RowCodes
+
+    weights = load_checkpoint(str(tiny_checkpoints["llama"])).adapter.mlp_weights(0)
+    x = torch.randn(6, weights.d_model)
+    k, d_ff, d_model = 8, weights.d_ff, weights.d_model
+    codes = RowCodes.encode(weights.up.float().numpy())
+    index = build_index("exact", augmented_keys(weights))
+    by_exact_up = ApproxMLP(weights, index, k=k, candidates=d_ff)
+    by_codes = ApproxMLP(weights, index, k=k, candidates=d_ff, up_codes=codes.codes,
+                         up_ranges=torch.from_numpy(codes.ranges))
+    with torch.inference_mode():
+        _, kept_exactly, exact_result = by_exact_up.forward_with_selection(x)
+        out, kept, result = by_codes.forward_with_selection(x)
+    same = [len(set(a.tolist()) & set(b.tolist())) for a, b in zip(kept, kept_exactly)]
+    assert sum(same) >= 0.95 * kept.numel(), same
+    _, activations = dense_activations(weights, x)  # (6, d_ff)
+    expected = activations.gather(1, kept)[..., None].mul(by_codes.value_rows[kept]).sum(1)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert result.bytes_read == 6 * (index.full_scan_bytes + d_ff * d_model)
+    assert exact_result.bytes_read == 6 * (index.full_scan_bytes + (d_ff - k) * d_model * 4)
+
+
 def test_tail_of_dropped_means_is_unbiased_on_its_tokens(tiny_checkpoints):
     """Each neuron's mean over the tokens that leave it out of their top-k makes the corrected output
     right on average over those tokens; the plain mean (which also counts the tokens where the neuron

@@ -85,6 +85,8 @@ def test_mode_exact_and_full_k_agree(client):
     chosen = client.post("/v1/embeddings", json={**texts, "ann_mlp": {"k": 96, "effort": hi, "candidate_factor": 2}})
     np.testing.assert_allclose(chosen.json()["data"][0]["embedding"], exact["data"][0]["embedding"], atol=1e-5)
     assert chosen.json()["ann_mlp"]["candidate_factor"] == 2
+    assert chosen.json()["ann_mlp"]["candidates"] == 96  # at most d_ff
+    assert full["ann_mlp"]["candidate_factor"] is None and full["ann_mlp"]["candidates"] == 96
     assert_error(client.post("/v1/infer", json={"model": "tiny-bert", "texts": ["x"], "candidate_factor": 0.5}),
                  422, "invalid_value")
 

@@ -123,7 +123,7 @@ def test_mass_target_chooses_k_per_layer(tiny_checkpoints, tmp_path):
                          calibration=TextConfig(max_tokens=600, batch_size=8))
     store = build_store(str(tiny_checkpoints["opt"]), tmp_path / "mass", config, progress=False)
     manifest = Store.open(store).manifest
-    assert manifest.extra == {"mass_target": 0.9, "tail_map_rank": None}
+    assert manifest.extra == {"mass_target": 0.9, "tail_map_rank": None, "gated_selection": True}
     for entry in manifest.layers:
         assert entry.k is not None and entry.k % 16 == 0 and 16 <= entry.k <= 96
     model = ApproxModel.open(store)
@@ -209,10 +209,57 @@ def test_model_and_index_hold_the_weights_once(tiny_checkpoints, tmp_path, famil
 @pytest.mark.parametrize(("family", "corrected"), [("bert", True), ("opt", False), ("llama", False)])
 def test_tail_correction_by_default_only_where_the_tail_is_not_zero(tiny_checkpoints, tmp_path, family, corrected):
     """GELU (BERT) drops non-zero neurons; ReLU (OPT) drops zeros; gated (LLaMA) is served by
-    choosing neurons by contribution instead."""
+    choosing neurons by contribution instead (test_gated_build_chooses_by_estimated_contribution)."""
     config = BuildConfig(backend="exact", k=8, target_recall=None, plan=False, calibration=TextConfig(max_tokens=400))
     manifest = Store.open(build_store(str(tiny_checkpoints[family]), tmp_path / family, config, progress=False)).manifest
     assert all((entry.tail_mean_file is not None) == corrected for entry in manifest.layers)
+
+
+def test_gated_build_chooses_by_estimated_contribution(tiny_checkpoints, tmp_path):
+    """A gated model, whose gate score ranks the neurons' contributions poorly: the build tunes more
+    candidates than k per layer and stores 8-bit codes of the up rows with its checksums; the loaded
+    model chooses the k largest estimated |silu(g)*u| among them, which lowers the MLP error on text
+    it was not built on against the top k by gate score. The built selection scales with k unless a
+    candidate factor is asked for; with the selection turned off nothing of it is stored."""
+    from dataclasses import replace
+
+    from ann_mlp.approx_mlp import exact_output
+    from ann_mlp.capture import forward_capturing
+    from ann_mlp.metrics import total_relative_error
+    from tests.tiny_checkpoints import D_FF, D_MODEL
+
+    config = BuildConfig(backend="exact", k=8, target_recall=None, tail_map_rank=0, plan=False,
+                         calibration=TextConfig(max_tokens=1500))
+    stores = {on: build_store(str(tiny_checkpoints["llama"]), tmp_path / f"selection-{on}",
+                              replace(config, gated_selection=on), progress=False) for on in (True, False)}
+    chosen, by_gate = (Store.open(stores[on]).manifest for on in (True, False))
+    assert chosen.extra["gated_selection"] and not by_gate.extra["gated_selection"]
+    assert all(e.candidates is None and e.up_codes_file is None and e.up_ranges_file is None for e in by_gate.layers)
+    for entry in chosen.layers:
+        assert 8 < entry.candidates <= D_FF, entry
+        codes = np.load(stores[True] / entry.up_codes_file)
+        assert codes.shape == (D_FF, D_MODEL) and codes.dtype == np.uint8
+        assert {entry.up_codes_file, entry.up_ranges_file} <= entry.files.keys()
+
+    models = {on: ApproxModel.open(store) for on, store in stores.items()}
+    batch = make_batch(models[True].checkpoint, ["Evaluation text that neither store was calibrated on, "
+                                                 "about rivers, trains and the price of tea."] * 2, 32)
+    layers = [entry.layer for entry in chosen.layers]
+    _, captured = forward_capturing(models[True].checkpoint, batch, layers)
+    for entry in chosen.layers:
+        x = captured[entry.layer]  # (n, d_model)
+        mlp, plain = models[True].mlps[entry.layer], models[False].mlps[entry.layer]
+        assert mlp.candidates == entry.candidates and mlp.up_codes is not None and plain.candidates == 8
+        exact = exact_output(mlp.weights, x)
+        with torch.inference_mode():
+            assert total_relative_error(mlp(x), exact) < total_relative_error(plain(x), exact)
+    model = models[True]
+    model.configure(k=4)
+    assert [mlp.candidates for mlp in model.mlps.values()] == [-(-e.candidates // 2) for e in chosen.layers]
+    model.configure(candidate_factor=1)
+    assert all(mlp.candidates == mlp.k == 8 for mlp in model.mlps.values())
+    model.configure()
+    assert [mlp.candidates for mlp in model.mlps.values()] == [e.candidates for e in chosen.layers]
 
 
 def test_tail_map_is_kept_where_it_lowers_held_out_error_and_applies_only_to_its_selection(tiny_checkpoints, tmp_path):
