@@ -84,7 +84,11 @@ class RowCodes:
     def dot(self, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Each query's inner products with its own selected decoded rows: ids (N, c), x (N, d) -> (N, c).
 
-        x · (offset + step ⊙ code) = x · offset + (x ⊙ step) · code.
+        x · (offset + step ⊙ code) = x · offset + (x ⊙ step) · code. When the selections together
+        outnumber the rows (large batches), the rows are decoded once and scored as rows_dot scores
+        float rows: gathering every selection's codes would take N·c·d floats.
         """
+        if ids.numel() > self.codes.shape[0]:
+            return rows_dot(self.decode(), ids, x)
         codes = self.codes[ids].float()  # (N, c, d)
         return torch.bmm(codes, (x * self.step).unsqueeze(2)).squeeze(2) + (x @ self.offset)[:, None]

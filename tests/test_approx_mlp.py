@@ -128,8 +128,9 @@ def test_candidates_keep_the_largest_contributions(tiny_checkpoints):
 
 
 def test_row_codes_score_selected_rows_within_their_rounding():
-    """8-bit codes of a table's rows score each query's own rows as their decoded rows do, within
-    half a code step per dimension of the exact inner products."""
+    """8-bit codes of a table's rows score each query's own rows as their decoded rows do (gathered
+    for a few selections, decoded once for many), within half a code step per dimension of the exact
+    inner products."""
     from ann_mlp.linalg import RowCodes
 
     rows, x = torch.randn(50, 12) * torch.linspace(0.1, 3, 12), torch.randn(4, 12)
@@ -140,6 +141,8 @@ def test_row_codes_score_selected_rows_within_their_rounding():
     exact = (x @ rows.T).gather(1, ids)
     assert ((scores - exact).abs() <= (x.abs() @ codes.step)[:, None] / 2 + 1e-5).all()
     assert (scores - exact).abs().max() > 1e-6  # coded, not exact
+    many = torch.randint(0, 50, (4, 40))  # selections outnumbering the rows: decoded once, not gathered
+    torch.testing.assert_close(codes.dot(many, x), (x @ codes.decode().T).gather(1, many), rtol=1e-5, atol=1e-5)
 
 
 def test_up_codes_choose_as_the_exact_up_does_for_a_quarter_of_the_bytes(tiny_checkpoints):
