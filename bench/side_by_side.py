@@ -122,7 +122,6 @@ ROWS: dict[str, tuple[str, list[str], list[str]]] = {
                                  ["--max-tokens", "2048"]),
     "smollm2-exact-768-chosen-map": ("smollm2", ["--backend", "exact", "--k", "768", "--calib-tokens", "4096"],
                                      ["--max-tokens", "2048"]),
-    "smollm2-lowrank-768-chosen-map": ("smollm2", ["--k", "768", "--calib-tokens", "4096"], ["--max-tokens", "2048"]),
 }
 
 
