@@ -146,7 +146,7 @@ def tune_candidates(weights: MlpWeights, codes: RowCodes, x: torch.Tensor, k: in
     The gate alone ranks the contributions poorly: on SmolLM2 at k = 768 of 1536 (held-out
     docstrings, layers 0/8/16/24/29) the top k by gate keep 0.46-0.86 of the mass, the top k by
     |silu(g) * u| 0.87-0.95, and the same chosen by 8-bit codes of u the same 0.87-0.95 (a
-    rank-64 score-preserving estimate of u: 0.76-0.93).
+    rank-64 score-preserving estimate of u: 0.75-0.93).
     """
     x = x[:1024].float()
     scores, activations = dense_activations(weights, x)  # (n, d_ff) each
