@@ -56,7 +56,12 @@ def dense_activations(weights: MlpWeights, x: torch.Tensor) -> tuple[torch.Tenso
 
 def exact_output(weights: MlpWeights, x: torch.Tensor) -> torch.Tensor:
     """The exact MLP's output, x (n, d_model) -> (n, d_model)."""
-    y = dense_activations(weights, x)[1] @ weights.values.float()  # (n, d_model)
+    return values_output(weights, dense_activations(weights, x)[1])
+
+
+def values_output(weights: MlpWeights, activations: torch.Tensor) -> torch.Tensor:
+    """The second layer over all neurons: activations (n, d_ff) -> output (n, d_model)."""
+    y = activations @ weights.values.float()  # (n, d_model)
     return y if weights.out_bias is None else y + weights.out_bias.float()
 
 

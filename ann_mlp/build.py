@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ann_mlp.activations import activation_module
-from ann_mlp.approx_mlp import ApproxMLP, augmented_keys, augmented_queries, dense_activations, exact_output
+from ann_mlp.approx_mlp import ApproxMLP, augmented_keys, augmented_queries, dense_activations, values_output
 from ann_mlp.capture import batches, forward_capturing
 from ann_mlp.checkpoint import Checkpoint, MlpWeights, load_checkpoint
 from ann_mlp.config import BuildConfig
@@ -53,15 +54,39 @@ def capture_calibration(checkpoint: Checkpoint, config: BuildConfig, text: Path 
     return [torch.cat(t) for t in tune], [torch.cat(h) for h in holdout], tokens
 
 
-def k_for_mass(weights: MlpWeights, x: torch.Tensor, mass_target: float, k_max: int) -> int:
+class LayerCalibration:
+    """One layer's calibration inputs and the exact MLP over them, computed once on first use:
+    choosing k, the dropped means, the candidates and the tail map all read the same dense pass."""
+
+    def __init__(self, weights: MlpWeights, x: torch.Tensor) -> None:
+        self.weights = weights
+        self.x = x  # (n, d_model)
+
+    @cached_property
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores, activations), each (n, d_ff): approx_mlp.dense_activations."""
+        return dense_activations(self.weights, self.x)
+
+    @cached_property
+    def exact(self) -> torch.Tensor:
+        """The exact MLP output (n, d_model)."""
+        return values_output(self.weights, self.dense[1])
+
+
+def round_up_16(n: int) -> int:
+    """Candidate and k counts are multiples of 16, the SIMD width of the scans that read them."""
+    return -(-n // 16) * 16
+
+
+def k_for_mass(calibration: LayerCalibration, mass_target: float, k_max: int) -> int:
     """Smallest k (a multiple of 16, at most k_max) whose exact top-k by score keeps
-    `mass_target` of sum |h| on average over the calibration inputs x (N, d_model)."""
-    scores, activations = dense_activations(weights, x)  # (N, d_ff) each
+    `mass_target` of sum |h| on average over the calibration inputs."""
+    scores, activations = calibration.dense  # (N, d_ff) each
     order = scores.argsort(dim=1, descending=True)  # retrieval order: by score
     mass = activations.abs().gather(1, order).cumsum(dim=1)  # (N, d_ff)
     captured = (mass / mass[:, -1:].clamp_min(1e-30)).mean(0)  # (d_ff,) mean share kept by the top-(i+1)
     reaching = int(torch.searchsorted(captured, torch.tensor(mass_target)).item()) + 1
-    return int(min(k_max, max(16, -(-reaching // 16) * 16)))
+    return int(min(k_max, max(16, round_up_16(reaching))))
 
 
 def _sample(x: torch.Tensor, limit: int, seed: int) -> torch.Tensor:
@@ -84,14 +109,14 @@ def tail_correction_pays(weights: MlpWeights) -> bool:
     return not zero_tail and not weights.gated
 
 
-def dropped_mean(weights: MlpWeights, x: torch.Tensor, k: int) -> torch.Tensor:
-    """Per neuron, its mean activation over the tokens x (n, d_model) whose top-k leaves it out: (d_ff,).
+def dropped_mean(calibration: LayerCalibration, k: int) -> torch.Tensor:
+    """Per neuron, its mean activation over the calibration tokens whose top-k leaves it out: (d_ff,).
 
     This is what the tail correction adds for a neuron that is not retrieved. The plain
     mean would also count the tokens where the neuron fires most, exactly those where it
     is retrieved (on MiniLM at k = 192 it raised the MLP error from 0.60 to 1.04).
     """
-    scores, activations = dense_activations(weights, x)  # (n, d_ff) each
+    scores, activations = calibration.dense  # (n, d_ff) each
     retrieved = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, scores.topk(k, dim=1).indices, True)
     dropped = (~retrieved).float()  # (n, d_ff)
     return (activations * dropped).sum(0) / dropped.sum(0).clamp_min(1)
@@ -113,18 +138,19 @@ def default_tail_map_rank(weights: MlpWeights) -> int:
     return min(weights.d_model, 16)
 
 
-def fit_tail_map(mlp: ApproxMLP, x: torch.Tensor, rank: int) -> torch.Tensor:
+def fit_tail_map(mlp: ApproxMLP, calibration: LayerCalibration, rank: int) -> torch.Tensor:
     """Reduced-rank least squares from [x; 1] to what the approximate MLP leaves out of its output.
 
-    x (n, d_model) calibration inputs -> (r, D + d_model) float32, row j = [p_j; q_j], the
+    Calibration inputs x (n, d_model) -> (r, D + d_model) float32, row j = [p_j; q_j], the
     correction being sum_j (p_j . [x; 1]) q_j. The residual is that of the MLP as served (its
     index, k and mean tail), so the map also absorbs what search misses on average. Rows are
     weighted by 1 / |exact output|: relative error, so the few tokens with huge outputs (a first
     token's massive activations) do not decide the fit. The rank-r map keeps the r directions of
     the full-rank fit's output that carry most of the fitted residual.
     """
+    x = calibration.x
+    exact = calibration.exact.double()  # (n, d_model)
     with torch.inference_mode():
-        exact = exact_output(mlp.weights, x).double()  # (n, d_model)
         missed = exact - mlp.forward_with_selection(x)[0].double()  # (n, d_model)
     weight = 1 / exact.norm(dim=1, keepdim=True).clamp_min(1e-6)  # (n, 1)
     inputs = torch.from_numpy(augmented_queries(x)).double() * weight  # (n, D)
@@ -137,19 +163,20 @@ def fit_tail_map(mlp: ApproxMLP, x: torch.Tensor, rank: int) -> torch.Tensor:
     return torch.cat([(full @ out.T).T, out], dim=1).float()  # (r, D + d_model)
 
 
-def tune_candidates(weights: MlpWeights, codes: RowCodes, x: torch.Tensor, k: int, slack: float = 0.01) -> int:
+def tune_candidates(calibration: LayerCalibration, codes: RowCodes, k: int, slack: float = 0.01) -> int:
     """Gated layers: the fewest candidates by gate score (k, then steps of k/4 in multiples of 16, up to
     d_ff) among which keeping the k largest |act(gate) * up|, up estimated from its 8-bit codes, keeps
     within `slack` of the |contribution| mass that choosing among all d_ff neurons keeps, on average
-    over the calibration inputs x (n, d_model).
+    over (at most 1024 of) the calibration inputs.
 
     The gate alone ranks the contributions poorly: on SmolLM2 at k = 768 of 1536 (held-out
     docstrings, layers 0/8/16/24/29) the top k by gate keep 0.46-0.86 of the mass, the top k by
     |silu(g) * u| 0.87-0.95, and the same chosen by 8-bit codes of u the same 0.87-0.95 (a
     rank-64 score-preserving estimate of u: 0.75-0.93).
     """
-    x = x[:1024].float()
-    scores, activations = dense_activations(weights, x)  # (n, d_ff) each
+    weights, tokens = calibration.weights, slice(0, 1024)
+    x = calibration.x[tokens]  # (n, d_model)
+    scores, activations = (part[tokens] for part in calibration.dense)  # (n, d_ff) each
     up_estimate = x @ codes.decode().T  # (n, d_ff)
     if weights.up_bias is not None:
         up_estimate = up_estimate + weights.up_bias.float()
@@ -165,43 +192,44 @@ def tune_candidates(weights: MlpWeights, codes: RowCodes, x: torch.Tensor, k: in
         return (magnitude.gather(1, kept).sum(1) / total).mean().item()
 
     d_ff = weights.d_ff
-    sizes = sorted({k, d_ff, *(min(d_ff, -(-(k + step * k // 4) // 16) * 16) for step in range(1, 4 * d_ff // k + 1))})
+    quarter_steps = (k + step * k // 4 for step in range(1, 4 * d_ff // k + 1))
+    sizes = sorted({k, d_ff} | {min(d_ff, round_up_16(size)) for size in quarter_steps})
     best = kept_mass(d_ff)
     return next(size for size in sizes if kept_mass(size) >= best - slack)
 
 
-def gated_selection(config: BuildConfig, weights: MlpWeights, tune_x: torch.Tensor, k: int) -> dict[str, Any]:
+def gated_selection(config: BuildConfig, tune: LayerCalibration, k: int) -> dict[str, Any]:
     """ApproxMLP's selection options for a gated layer: {"candidates": c, "up_codes": (d_ff, d_model),
     "up_ranges": (2, d_model)}; none when the layer is not gated, the config turns it off, or the top k
     by gate score already keep (within the slack) what choosing among more would."""
-    if not (weights.gated and config.gated_selection):
+    if not (tune.weights.gated and config.gated_selection):
         return {}
-    codes = RowCodes.encode(weights.up.float().numpy())
-    candidates = tune_candidates(weights, codes, tune_x, k)
+    codes = RowCodes.encode(tune.weights.up.float().numpy())
+    candidates = tune_candidates(tune, codes, k)
     if candidates == k:
         return {}
     return {"candidates": candidates, "up_codes": codes.codes, "up_ranges": torch.from_numpy(codes.ranges)}
 
 
-def corrected_mlp(config: BuildConfig, weights: MlpWeights, index: MipsIndex, k: int, tune_x: torch.Tensor,
-                  holdout_x: torch.Tensor, selection: dict[str, Any]
+def corrected_mlp(config: BuildConfig, index: MipsIndex, k: int, tune: LayerCalibration,
+                  holdout: LayerCalibration, selection: dict[str, Any]
                   ) -> tuple[ApproxMLP, dict[str, torch.Tensor], list[float] | None]:
     """The layer's approximate MLP, choosing neurons as `selection` says (gated_selection), with the
-    tail correction the config asks for, fit on tune_x: (the MLP, {"tail_mean": (d_ff,),
+    tail correction the config asks for, fit on `tune`: (the MLP, {"tail_mean": (d_ff,),
     "tail_map": (r, D + d_model)} as kept, the held-out metrics.total_relative_error without and
     with the map, or None when none was fit)."""
-    tail = {}
+    weights, tail = tune.weights, {}
     if config.tail_correction if config.tail_correction is not None else tail_correction_pays(weights):
-        tail["tail_mean"] = dropped_mean(weights, tune_x, k)  # (d_ff,)
+        tail["tail_mean"] = dropped_mean(tune, k)  # (d_ff,)
     mlp = ApproxMLP(weights, index, k, index.search_params, **selection, **tail)
     rank = config.tail_map_rank if config.tail_map_rank is not None else default_tail_map_rank(weights)
     if not rank:
         return mlp, tail, None
-    tail_map = fit_tail_map(mlp, tune_x, rank)  # (r, D + d_model)
+    tail_map = fit_tail_map(mlp, tune, rank)  # (r, D + d_model)
     mapped = ApproxMLP(weights, index, k, index.search_params, **selection, **tail, tail_map=tail_map)
-    exact = exact_output(weights, holdout_x)  # (n', d_model)
     with torch.inference_mode():
-        errors = [round(total_relative_error(m.forward_with_selection(holdout_x)[0], exact), 6) for m in (mlp, mapped)]
+        errors = [round(total_relative_error(m.forward_with_selection(holdout.x)[0], holdout.exact), 6)
+                  for m in (mlp, mapped)]
     if errors[1] >= errors[0]:  # kept only where it helps on tokens it was not fit on
         return mlp, tail, errors
     return mapped, {**tail, "tail_map": tail_map}, errors
@@ -231,13 +259,13 @@ def build_indexes(checkpoint: Checkpoint, config: BuildConfig, calib_text: Path 
             # one passage look alike, so a random token split would tune in-sample.
             cut = len(inputs) * 3 // 4
             learn_q, inputs = augmented_queries(inputs[:cut]), inputs[cut:]
-        tune_x = _sample(inputs, MAX_TUNING_QUERIES, config.seed)  # (n, d_model)
-        tune_q = augmented_queries(tune_x)
-        k = config.k if config.mass_target is None else k_for_mass(weights, tune_x, config.mass_target, config.k)
+        tune = LayerCalibration(weights, _sample(inputs, MAX_TUNING_QUERIES, config.seed))  # (n, d_model)
+        tune_q = augmented_queries(tune.x)
+        k = config.k if config.mass_target is None else k_for_mass(tune, config.mass_target, config.k)
         index = build_index(backend.name, keys, queries=learn_q, k=k, target_recall=config.target_recall,
                             **config.build_params)
-        holdout_x = _sample(holdout_inputs[layer], MAX_TUNING_QUERIES, config.seed)  # (n', d_model)
-        holdout_q = augmented_queries(holdout_x)
+        holdout = LayerCalibration(weights, _sample(holdout_inputs[layer], MAX_TUNING_QUERIES, config.seed))
+        holdout_q = augmented_queries(holdout.x)
         key_t = torch.from_numpy(keys)
         if config.target_recall is not None:
             point = tune_effort(index, tune_q, torch.from_numpy(tune_q) @ key_t.T, k,
@@ -248,11 +276,11 @@ def build_indexes(checkpoint: Checkpoint, config: BuildConfig, calib_text: Path 
                  held.recall, held.scanned_fraction)
         indexes[layer] = index
         files = writer.add_layer(layer, index) if writer else {}
-        selection = gated_selection(config, weights, tune_x, k)
-        mlp, tail, tail_map_error = corrected_mlp(config, weights, index, k, tune_x, holdout_x, selection)
+        selection = gated_selection(config, tune, k)
+        mlp, tail, tail_map_error = corrected_mlp(config, index, k, tune, holdout, selection)
         arrays = {**tail, **{part: selection[part] for part in ("up_codes", "up_ranges") if part in selection}}
         layer_arrays[layer] = {part: array.numpy() for part, array in arrays.items()}
-        plan = plan_layer(mlp, tune_x) if config.plan else None
+        plan = plan_layer(mlp, tune.x) if config.plan else None
         array_files = {}  # part -> its file name in the store
         if writer:
             for part, array in layer_arrays[layer].items():
@@ -263,10 +291,8 @@ def build_indexes(checkpoint: Checkpoint, config: BuildConfig, calib_text: Path 
             activation=weights.activation, backend=backend.name, build_params=index.build_params,
             search_params=index.search_params, effort_param=index.effort_param,
             effort_range=list(index.effort_range(k)), k=k if config.mass_target is not None else None,
-            files=files, plan=plan, tail_mean_file=array_files.get("tail_mean"),
-            tail_map_file=array_files.get("tail_map"), tail_map_error=tail_map_error,
-            candidates=selection.get("candidates"), up_codes_file=array_files.get("up_codes"),
-            up_ranges_file=array_files.get("up_ranges"),
+            files=files, plan=plan, tail_map_error=tail_map_error, candidates=selection.get("candidates"),
+            **{f"{part}_file": name for part, name in array_files.items()},
             build_recall=round(held.recall, 6), build_scanned_fraction=round(held.scanned_fraction, 6),
             build_seconds=round(time.perf_counter() - start, 3)))
     manifest = Manifest(

@@ -25,6 +25,8 @@ from ann_mlp.errors import CheckpointError, StoreError
 from ann_mlp.index import MipsIndex, backend_class
 
 MANIFEST = "manifest.json"
+# Arrays a layer may store beside its index, each recorded in LayerEntry.<part>_file.
+LAYER_ARRAYS = ("tail_mean", "tail_map", "up_codes", "up_ranges")
 
 
 @dataclass
@@ -55,6 +57,10 @@ class LayerEntry:
     candidates: int | None = None
     up_codes_file: str | None = None
     up_ranges_file: str | None = None
+
+    def array_files(self) -> dict[str, str]:
+        """The arrays stored beside the layer's index: part (one of LAYER_ARRAYS) -> file name."""
+        return {part: name for part in LAYER_ARRAYS if (name := getattr(self, f"{part}_file"))}
 
 
 @dataclass
@@ -176,10 +182,8 @@ class Store:
     def load_layer_arrays(self, layer: int) -> dict[str, np.ndarray]:
         """The arrays beside the layer's index, those it has: its tail correction {"tail_mean": (d_ff,),
         "tail_map": (r, 2 d_model + 1)} and up codes {"up_codes": (d_ff, d_model), "up_ranges": (2, d_model)}."""
-        entry = self.manifest.layers[layer]
-        names = {"tail_mean": entry.tail_mean_file, "tail_map": entry.tail_map_file,
-                 "up_codes": entry.up_codes_file, "up_ranges": entry.up_ranges_file}
-        return {part: np.load(self.path / name, allow_pickle=False) for part, name in names.items() if name}
+        files = self.manifest.layers[layer].array_files()
+        return {part: np.load(self.path / name, allow_pickle=False) for part, name in files.items()}
 
     def verify_source(self, source: CheckpointSource) -> None:
         """Refuse a checkpoint whose weights are not the ones this store was built from."""

@@ -176,7 +176,7 @@ def test_tail_of_dropped_means_is_unbiased_on_its_tokens(tiny_checkpoints):
     """Each neuron's mean over the tokens that leave it out of their top-k makes the corrected output
     right on average over those tokens; the plain mean (which also counts the tokens where the neuron
     fires and is retrieved) leaves a bias."""
-    from ann_mlp.build import dropped_mean
+    from ann_mlp.build import LayerCalibration, dropped_mean
 
     weights = load_checkpoint(str(tiny_checkpoints["bert"])).adapter.mlp_weights(0)
     x = 3 * torch.randn(512, weights.d_model, generator=torch.Generator().manual_seed(0))
@@ -189,7 +189,7 @@ def test_tail_of_dropped_means_is_unbiased_on_its_tokens(tiny_checkpoints):
         with torch.inference_mode():
             return float((mlp(x) - exact).mean(0).norm() / exact.norm(dim=1).mean())
 
-    conditional, plain = mean_residual(dropped_mean(weights, x, k)), mean_residual(activations.mean(0))
+    conditional, plain = mean_residual(dropped_mean(LayerCalibration(weights, x), k)), mean_residual(activations.mean(0))
     assert conditional < 1e-5 and plain > 100 * conditional, (conditional, plain)
 
 

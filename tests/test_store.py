@@ -135,16 +135,17 @@ def test_mass_target_chooses_k_per_layer(tiny_checkpoints, tmp_path):
 
 
 def test_k_for_mass_keeps_the_target_share_of_activation():
-    from ann_mlp.build import k_for_mass
+    from ann_mlp.build import LayerCalibration, k_for_mass
     from ann_mlp.checkpoint.base import MlpWeights
 
     d = 64
     weights = MlpWeights(keys=torch.eye(d), key_bias=None, values=torch.eye(d), out_bias=None, activation="relu")
     x = -torch.ones(5, d)
     x[:, :20] = 1.0  # 20 neurons fire, equally: a share m needs ceil(20 m) of them
-    assert k_for_mass(weights, x, 0.5, 64) == 16  # 10 neurons, rounded up to 16
-    assert k_for_mass(weights, x, 0.9, 64) == 32  # 18 -> 32
-    assert k_for_mass(weights, x, 1.0, 24) == 24  # capped at k
+    calibration = LayerCalibration(weights, x)
+    assert k_for_mass(calibration, 0.5, 64) == 16  # 10 neurons, rounded up to 16
+    assert k_for_mass(calibration, 0.9, 64) == 32  # 18 -> 32
+    assert k_for_mass(calibration, 1.0, 24) == 24  # capped at k
 
 
 def test_tail_correction_is_stored_exact_at_full_k_and_lowers_gelu_error(tiny_checkpoints, tmp_path):
