@@ -333,3 +333,49 @@ def test_scann_soar_spills_every_key_into_a_second_leaf(data):
     full = measure(index, queries, truth, K, index.effort_range(K)[1])
     assert full.recall >= 0.98 and full.scanned_fraction == pytest.approx(2.0)
     assert measure(index, queries, truth, K, 1).scanned_fraction < 0.5
+
+
+def test_low_rank_refinement_reorders_the_first_pass_with_more_columns(tmp_path):
+    """refine_rank=16 over rank 8: the best refine_factor·rerank by rank-8 score are re-scored with
+    the fit's next 8 columns (8-bit codes), so at the same rerank it finds what rank 8 alone misses,
+    for 8 more bytes per refined candidate and 8 more projection rows; it survives a round trip,
+    and the build rejects settings it cannot serve."""
+    from ann_mlp.index.low_rank import (bytes_per_query, refined_rerank_needed, rerank_needed,
+                                        score_preserving_factors, simd_padded)
+
+    rng = np.random.default_rng(3)
+    dim, num_keys = 129, 2048
+    keys = rng.standard_normal((num_keys, dim)).astype(np.float32)
+    calibration, test = _low_dimensional_queries(rng, (2000, 300), dim, 14)
+    truth = torch.from_numpy(test) @ torch.from_numpy(keys).T
+    plain = build_index("lowrank", keys, queries=calibration, k=K, rank=8, rerank_bits=8)
+    refined = build_index("lowrank", keys, queries=calibration, k=K, rank=8, refine_rank=16, rerank_bits=8)
+    assert refined.build_params["refine_factor"] == 2.5
+    rerank = 2 * K
+    before, after = plain.search(test, K, rerank=rerank), refined.search(test, K, rerank=rerank)
+    recall_before = recall_at_k(truth, torch.from_numpy(before.ids), K).mean().item()
+    recall_after = recall_at_k(truth, torch.from_numpy(after.ids), K).mean().item()
+    # Rank 16 spans the queries, so the refined order is exact: it keeps rerank candidates yet finds
+    # what rank 8 alone finds among all refine_factor·rerank first-pass candidates.
+    refined_count = int(np.ceil(2.5 * rerank))
+    wide = plain.search(test, K, rerank=refined_count)
+    recall_wide = recall_at_k(truth, torch.from_numpy(wide.ids), K).mean().item()
+    assert recall_after > recall_before + 0.15 and abs(recall_after - recall_wide) < 0.02, (
+        recall_before, recall_after, recall_wide)
+    assert after.bytes_read - before.bytes_read == len(test) * (refined_count * 8 + 8 * simd_padded(dim))
+    assert after.bytes_read == len(test) * bytes_per_query(num_keys, dim, 8, rerank, K, 8, 32, 8, 16, 2.5)
+    # The build's estimate: refining ranks the first pass's candidates as rank 16 does, exactly here.
+    a, b = (torch.from_numpy(m) for m in score_preserving_factors(keys, calibration, 16))
+    test_t, keys_t = torch.from_numpy(test), torch.from_numpy(keys)
+    assert refined_rerank_needed(keys_t, a, b, test_t, K, 0.95, 8, 16, 2.5) < rerank_needed(
+        keys_t, a[:, :8], b[:8], test_t, K, 0.95) / 2
+    files = refined.save(tmp_path, "layer_000")
+    assert "layer_000.refine_codes.npy" in files and "layer_000.refine_ranges.npy" in files
+    loaded = type(refined).load(tmp_path, "layer_000", keys, refined.build_params, refined.search_params)
+    np.testing.assert_array_equal(loaded.search(test, K, rerank=rerank).ids, after.ids)
+    with pytest.raises(BackendError, match="refine_rank must be"):
+        build_index("lowrank", keys, queries=calibration, k=K, rank=16, refine_rank=8)
+    with pytest.raises(BackendError, match="needs projection_bits=8"):
+        build_index("lowrank", keys, queries=calibration, k=K, rank=8, refine_rank=16, projection_bits=32)
+    with pytest.raises(BackendError, match="refine_factor"):
+        build_index("lowrank", keys, queries=calibration, k=K, rank=8, refine_rank=16, refine_factor=0.5)
