@@ -78,9 +78,9 @@ class BuildConfig:
 PRESET_BUILDS: dict[str, BuildConfig] = {
     "minilm": BuildConfig(),
     # Layer 0 of relu-lm fires ~25% of its neurons, the others ~3-5%: a per-layer k keeping
-    # 90% of the activation mass; low-rank pre-scoring, refined, and tail maps, which on held-out
-    # text read 0.135 of the key bytes for recall 0.94 and next-token agreement 0.927 (not refined:
-    # 0.157 and 0.928; without the maps: 0.158 and 0.90; cells: 0.35 and 0.87).
+    # 90% of the activation mass; low-rank pre-scoring and tail maps, which on held-out text
+    # read 0.157 of the key bytes for recall 0.94 and next-token agreement 0.928 (without the
+    # maps: 0.158 and 0.90; cells: 0.35 and 0.87).
     "relu-lm": BuildConfig(backend="lowrank", k=1024, mass_target=0.9),
 }
 # What the README's main job serves: the checkpoint where the method holds up end to end.

@@ -373,8 +373,16 @@ def test_low_rank_refinement_reorders_the_first_pass_with_more_columns(tmp_path)
     assert "layer_000.refine_codes.npy" in files and "layer_000.refine_ranges.npy" in files
     loaded = type(refined).load(tmp_path, "layer_000", keys, refined.build_params, refined.search_params)
     np.testing.assert_array_equal(loaded.search(test, K, rerank=rerank).ids, after.ids)
+    # "auto" weighs no refinement against 2 and 3 times each first-pass rank and records its choice;
+    # none is the default, as it costs search time.
+    chosen = build_index("lowrank", keys, queries=calibration, k=K, refine_rank="auto")
+    rank, refine_rank = chosen.build_params["rank"], chosen.build_params["refine_rank"]
+    assert refine_rank in (0, 2 * rank, 3 * rank) and (refine_rank > 0) == (chosen.refine_codes is not None)
+    assert build_index("lowrank", keys, queries=calibration, k=K).build_params["refine_rank"] == 0
     with pytest.raises(BackendError, match="refine_rank must be"):
         build_index("lowrank", keys, queries=calibration, k=K, rank=16, refine_rank=8)
+    with pytest.raises(BackendError, match="must exceed a first-pass rank"):
+        build_index("lowrank", keys, queries=calibration, k=K, refine_rank=8)  # the smallest rank tried is 8
     with pytest.raises(BackendError, match="needs projection_bits=8"):
         build_index("lowrank", keys, queries=calibration, k=K, rank=8, refine_rank=16, projection_bits=32)
     with pytest.raises(BackendError, match="refine_factor"):

@@ -14,13 +14,17 @@ of codes, and the `rerank` candidates' full keys. `rerank` is the query-time kno
 are the best `rerank` by approximate score, so the sets are nested and recall
 grows with it; rerank = num_keys is an exhaustive exact search.
 
-With `refine_rank` r2 > r (8-bit projection only), a refinement stage sits
+With `refine_rank` r2 > r (8-bit projection only; "auto" picks none, 2r or
+3r with the rank; none by default), a refinement stage sits
 between the two: the best `refine_factor`·rerank by rank-r score are re-scored
 with the fit's next r2 − r columns (8-bit codes, r2 − r bytes per candidate;
 the fit is nested, so rank r plus those columns is the rank-r2 fit) and the best
 `rerank` of them go on to the re-rank. On minilm-sparse's held-out hidden states
-(k = 96 of 1536) it cut the bytes for recall 0.96 by 6-8 % per layer: a cheap
-first pass over every key, a sharper one over a few hundred.
+(k = 96 of 1536) it cut the bytes for recall 0.96 by 5 %, and on relu-lm's
+served settings by 14 %: a cheap first pass over every key, a sharper one over
+the best few hundred. It costs time at these sizes (faiss keeps 2.5·rerank
+candidates in its heap, the extra columns are gathered per candidate): one
+query's search took 1.7-2x as long, hence off by default.
 
 With `rerank_bits=8` the candidates are re-ranked from 8-bit codes of the full
 keys (per-dimension scalar quantization, as ScaNN re-orders with int8: scores
@@ -217,8 +221,8 @@ class LowRankIndex(KeyRowsIndex):
 
     @classmethod
     def default_build_params(cls, num_keys: int, dim: int) -> dict[str, Any]:
-        # refine_rank (absent here): chosen with the rank when the rank is "auto", else none unless given.
-        return {"rank": "auto", "projection_bits": 8, "rerank_bits": 32, "kept_bits": 32,
+        # No refinement by default: it saves bytes but doubled the search time on relu-lm and minilm-sparse.
+        return {"rank": "auto", "projection_bits": 8, "rerank_bits": 32, "kept_bits": 32, "refine_rank": 0,
                 "refine_factor": DEFAULT_REFINE_FACTOR}
 
     @classmethod
@@ -236,23 +240,29 @@ class LowRankIndex(KeyRowsIndex):
             raise BackendError("kept_bits=8 scores the kept keys from the 8-bit key codes: it needs rerank_bits=8")
         if not isinstance(params["refine_factor"], (int, float)) or params["refine_factor"] < 1:
             raise BackendError(f"refine_factor must be a number >= 1, got {params['refine_factor']!r}")
-        rank = params["rank"]
-        refine_rank = params.get("refine_rank", 0)
-        if refine_rank and (not isinstance(refine_rank, int) or not 1 < refine_rank <= dim
-                            or rank not in ("auto", *range(1, refine_rank))):
-            raise BackendError(f"refine_rank must be 0 or an integer in (rank, {dim}], got {refine_rank!r}")
+        rank, refine_rank = params["rank"], params["refine_rank"]
+        if rank != "auto" and (not isinstance(rank, int) or not 1 <= rank <= dim):
+            raise BackendError(f"rank must be 'auto' or an integer in [1, {dim}], got {rank!r}")
+        if refine_rank not in (0, "auto") and (not isinstance(refine_rank, int) or not 1 < refine_rank <= dim
+                                               or rank not in ("auto", *range(1, refine_rank))):
+            raise BackendError(f"refine_rank must be 0, 'auto' or an integer in (rank, {dim}], got {refine_rank!r}")
         if refine_rank and params["projection_bits"] != 8:
             raise BackendError("refine_rank needs projection_bits=8 (the refined columns come from its codes)")
-        if rank == "auto":
-            # One fit at the largest rank considered: its leading r columns are the rank-r fit.
-            a, b = score_preserving_factors(keys, queries, max(*candidate_ranks(dim), refine_rank))
-            rank, refine_rank = cls._cheapest_ranks(keys, a, b, queries, k, target_recall or 0.95, params)
-            params.update(rank=rank, refine_rank=refine_rank)
-        else:
-            if not isinstance(rank, int) or not 1 <= rank <= dim:
-                raise BackendError(f"rank must be 'auto' or an integer in [1, {dim}], got {rank!r}")
-            params["refine_rank"] = refine_rank
-            a, b = score_preserving_factors(keys, queries, max(rank, refine_rank))
+        ranks = candidate_ranks(dim) if rank == "auto" else [rank]
+
+        def refinements(first_rank: int) -> list[int]:
+            if refine_rank == "auto":  # none, or 2 or 3 times the first pass's rank
+                return [0, *(times * first_rank for times in (2, 3) if times * first_rank <= dim // 2)]
+            return [refine_rank] if refine_rank == 0 or refine_rank > first_rank else []
+
+        options = [(r, refine) for r in ranks for refine in refinements(r)]  # (rank, refine_rank)
+        if not options:
+            raise BackendError(f"refine_rank {refine_rank} must exceed a first-pass rank (considered: {ranks})")
+        # One fit at the largest rank considered: its leading r columns are the rank-r fit.
+        a, b = score_preserving_factors(keys, queries, max(max(option) for option in options))
+        rank, refine_rank = options[0] if len(options) == 1 else cls._cheapest_ranks(
+            keys, a, b, queries, k, target_recall or 0.95, params, options)
+        params.update(rank=rank, refine_rank=refine_rank)
         quantized = {}
         if refine_rank:
             refined = RowCodes.encode(a[:, rank:refine_rank])
@@ -277,21 +287,13 @@ class LowRankIndex(KeyRowsIndex):
 
     @staticmethod
     def _cheapest_ranks(keys: np.ndarray, a: np.ndarray, b: np.ndarray, queries: np.ndarray, k: int,
-                        target_recall: float, params: dict[str, Any]) -> tuple[int, int]:
-        """(rank, refine_rank) with the fewest bytes per query at the target recall, among the
-        candidate ranks, each alone or refined to 2 or 3 times its rank (8-bit projections only), or
-        refined to the refine_rank given; the factors (a, b) are of the largest candidate rank (or of
-        the refine_rank given), whose leading r columns are the rank-r fit."""
+                        target_recall: float, params: dict[str, Any],
+                        options: list[tuple[int, int]]) -> tuple[int, int]:
+        """The (rank, refine_rank) option with the fewest bytes per query at the target recall; the
+        factors (a, b) are of the largest rank considered, whose leading r columns are the rank-r fit."""
         num_keys, dim = keys.shape
         sample = torch.from_numpy(queries[:: max(1, len(queries) // 2048)])  # (≤ 2048·2, D)
         keys_t, a_t, b_t = torch.from_numpy(keys), torch.from_numpy(a), torch.from_numpy(b)
-        ranks = candidate_ranks(dim)
-        refinable = params["projection_bits"] == 8
-        options = [(rank, 0) for rank in ranks] + [
-            (rank, times * rank) for rank in ranks for times in (2, 3) if refinable and times * rank <= ranks[-1]]
-        if "refine_rank" in params:
-            options = [(rank, params["refine_rank"]) for rank in ranks if not params["refine_rank"]
-                       or rank < params["refine_rank"]]
 
         def cost(option: tuple[int, int]) -> int:
             rank, refine_rank = option
