@@ -19,10 +19,10 @@ from ann_mlp.checkpoint import Checkpoint, MlpWeights, load_checkpoint
 from ann_mlp.config import BuildConfig
 from ann_mlp.errors import InputError
 from ann_mlp.index import MipsIndex, backend_class, build_index
-from ann_mlp.linalg import RowCodes
+from ann_mlp.linalg import RowCodes, round_up_16
 from ann_mlp.metrics import total_relative_error
 from ann_mlp.planner import plan_layer
-from ann_mlp.store import LayerEntry, Manifest, StoreWriter
+from ann_mlp.store import LAYER_ARRAYS, LayerEntry, Manifest, StoreWriter
 from ann_mlp.text import describe, passages
 from ann_mlp.tuning import measure, tune_effort
 
@@ -71,11 +71,6 @@ class LayerCalibration:
     def exact(self) -> torch.Tensor:
         """The exact MLP output (n, d_model)."""
         return values_output(self.weights, self.dense[1])
-
-
-def round_up_16(n: int) -> int:
-    """Candidate and k counts are multiples of 16, the SIMD width of the scans that read them."""
-    return -(-n // 16) * 16
 
 
 def k_for_mass(calibration: LayerCalibration, mass_target: float, k_max: int) -> int:
@@ -278,7 +273,7 @@ def build_indexes(checkpoint: Checkpoint, config: BuildConfig, calib_text: Path 
         files = writer.add_layer(layer, index) if writer else {}
         selection = gated_selection(config, tune, k)
         mlp, tail, tail_map_error = corrected_mlp(config, index, k, tune, holdout, selection)
-        arrays = {**tail, **{part: selection[part] for part in ("up_codes", "up_ranges") if part in selection}}
+        arrays = {part: array for part, array in {**tail, **selection}.items() if part in LAYER_ARRAYS}
         layer_arrays[layer] = {part: array.numpy() for part, array in arrays.items()}
         plan = plan_layer(mlp, tune.x) if config.plan else None
         array_files = {}  # part -> its file name in the store

@@ -32,6 +32,12 @@ def rows_dot(rows: torch.Tensor, ids: torch.Tensor, x: torch.Tensor, max_gathere
     return torch.from_numpy(out)
 
 
+def round_up_16(n: int) -> int:
+    """Counts and widths rounded to a multiple of 16, the SIMD width of faiss' scans (and of the
+    candidate and k counts they read)."""
+    return -(-n // 16) * 16
+
+
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over real tokens, as sentence-transformers pools MiniLM: (B, T, d), (B, T) -> (B, d)."""
     weights = mask.unsqueeze(-1).float()  # (B, T, 1)

@@ -49,11 +49,15 @@ def as_list(value) -> list:
     return list(value)
 
 
+def one_or_each(values: list[int]) -> int | list[int]:
+    """A per-layer setting as one number when every layer has it, else the list in layer order."""
+    return values[0] if len(set(values)) == 1 else values
+
+
 def run_info(served: ServedModel, knobs: Knobs, run: Run) -> RunInfo:
     mlps = list(served.approx.mlps.values())
-    ks, candidates = sorted({mlp.k for mlp in mlps}), sorted({mlp.candidates for mlp in mlps})
-    return RunInfo(mode=knobs.mode, k=ks[0] if len(ks) == 1 else [mlp.k for mlp in mlps],
-                   candidates=candidates[0] if len(candidates) == 1 else [mlp.candidates for mlp in mlps],
+    return RunInfo(mode=knobs.mode, k=one_or_each([mlp.k for mlp in mlps]),
+                   candidates=one_or_each([mlp.candidates for mlp in mlps]),
                    search_params=dict(mlps[0].search_params), candidate_factor=knobs.candidate_factor,
                    scanned_fraction=None if knobs.mode == "exact" else run.scanned_fraction,
                    dense_fraction=run.dense_fraction if knobs.mode == "auto" else None, timing=asdict(run.timing), report=run.report)

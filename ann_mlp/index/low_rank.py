@@ -51,7 +51,7 @@ import torch
 
 from ann_mlp.errors import BackendError
 from ann_mlp.index.base import BYTES_PER_FLOAT, KeyRowsIndex, SearchResult
-from ann_mlp.linalg import RowCodes, best_candidates, rows_dot
+from ann_mlp.linalg import RowCodes, best_candidates, round_up_16, rows_dot
 
 
 def score_preserving_factors(keys: np.ndarray, queries: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
@@ -74,20 +74,28 @@ def score_preserving_factors(keys: np.ndarray, queries: np.ndarray, rank: int) -
     return a.float().numpy(), b.float().numpy()
 
 
+QUERY_CHUNK = 512  # queries scored at once when tuning: their (chunk, n) score matrices stay small
+
+
+def true_top_k(keys: torch.Tensor, queries: torch.Tensor, k: int) -> torch.Tensor:
+    """Each query's exact top k: keys (n, D), queries (N, D) -> ids (N, k)."""
+    return torch.cat([(chunk @ keys.T).topk(k, dim=1).indices for chunk in queries.split(QUERY_CHUNK)])
+
+
 def rerank_needed(keys: torch.Tensor, a: torch.Tensor, b: torch.Tensor, queries: torch.Tensor, k: int,
-                  target_recall: float) -> int:
+                  target_recall: float, true_top: torch.Tensor | None = None) -> int:
     """Candidates to re-score so that mean recall@k reaches the target when ranking by (q Bᵀ) Aᵀ.
 
-    keys (n, D), a (n, r), b (r, D), queries (N, D). Every query has k true
-    neighbours, so mean recall at R candidates is the share of all true
-    neighbours ranked below R by approximate score: R is a quantile of those ranks.
+    keys (n, D), a (n, r), b (r, D), queries (N, D), true_top (N, k) from true_top_k (computed
+    when not given). Every query has k true neighbours, so mean recall at R candidates is the
+    share of all true neighbours ranked below R by approximate score: R is a quantile of those ranks.
     """
+    true_top = true_top_k(keys, queries, k) if true_top is None else true_top
     ranks = []
-    for chunk in queries.split(512):  # (c, D)
-        true_top = (chunk @ keys.T).topk(k, dim=1).indices  # (c, k)
+    for chunk, chunk_top in zip(queries.split(QUERY_CHUNK), true_top.split(QUERY_CHUNK)):  # (c, D), (c, k)
         order = ((chunk @ b.T) @ a.T).argsort(dim=1, descending=True)  # (c, n)
         rank_of = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1]).expand_as(order))
-        ranks.append(rank_of.gather(1, true_top).flatten())
+        ranks.append(rank_of.gather(1, chunk_top).flatten())
     all_ranks = torch.cat(ranks).float()
     return int(torch.quantile(all_ranks, min(target_recall, 1.0)).item()) + 1
 
@@ -111,18 +119,20 @@ def bytes_per_query(num_keys: int, dim: int, rank: int, rerank: int, k: int, rer
 
 
 def refined_rerank_needed(keys: torch.Tensor, a: torch.Tensor, b: torch.Tensor, queries: torch.Tensor, k: int,
-                          target_recall: float, rank: int, refine_rank: int, refine_factor: float) -> int:
+                          target_recall: float, rank: int, refine_rank: int, refine_factor: float,
+                          true_top: torch.Tensor | None = None) -> int:
     """Candidates to re-score (`rerank`) so that mean recall@k reaches the target when the best
     refine_factor·rerank by rank-r score are re-ordered by rank-r2 score and the best rerank kept.
 
-    keys (n, D), a (n, ≥ r2), b (≥ r2, D), queries (N, D); bisection, as recall grows with rerank.
+    keys (n, D), a (n, ≥ r2), b (≥ r2, D), queries (N, D), true_top (N, k) as for rerank_needed;
+    bisection, as recall grows with rerank.
     """
     num_keys = len(keys)
+    true_top = true_top_k(keys, queries, k) if true_top is None else true_top
     chunks = []  # per chunk of queries: true top-k (c, k), rank-r scores (c, n), rank-r2 scores (c, n)
-    for chunk in queries.split(512):  # (c, D)
+    for chunk, chunk_top in zip(queries.split(QUERY_CHUNK), true_top.split(QUERY_CHUNK)):  # (c, D), (c, k)
         projected = chunk @ b[:refine_rank].T  # (c, r2)
-        chunks.append(((chunk @ keys.T).topk(k, dim=1).indices, projected[:, :rank] @ a[:, :rank].T,
-                       projected @ a[:, :refine_rank].T))
+        chunks.append((chunk_top, projected[:, :rank] @ a[:, :rank].T, projected @ a[:, :refine_rank].T))
 
     def recall(rerank: int) -> float:
         hits = 0.0
@@ -146,7 +156,7 @@ def refined_rerank_needed(keys: torch.Tensor, a: torch.Tensor, b: torch.Tensor, 
 def simd_padded(dim: int) -> int:
     """faiss' scalar-quantizer scan takes its SIMD path only for dimensions that are multiples of 16
     (D = d_model + 1 never is): padding B's rows with zero columns made q Bᵀ 5× faster (1025 dims)."""
-    return -(-dim // 16) * 16
+    return round_up_16(dim)
 
 
 def candidate_ranks(dim: int) -> list[int]:
@@ -244,7 +254,7 @@ class LowRankIndex(KeyRowsIndex):
         if rank != "auto" and (not isinstance(rank, int) or not 1 <= rank <= dim):
             raise BackendError(f"rank must be 'auto' or an integer in [1, {dim}], got {rank!r}")
         if refine_rank not in (0, "auto") and (not isinstance(refine_rank, int) or not 1 < refine_rank <= dim
-                                               or rank not in ("auto", *range(1, refine_rank))):
+                                               or rank != "auto" and rank >= refine_rank):
             raise BackendError(f"refine_rank must be 0, 'auto' or an integer in (rank, {dim}], got {refine_rank!r}")
         if refine_rank and params["projection_bits"] != 8:
             raise BackendError("refine_rank needs projection_bits=8 (the refined columns come from its codes)")
@@ -294,14 +304,15 @@ class LowRankIndex(KeyRowsIndex):
         num_keys, dim = keys.shape
         sample = torch.from_numpy(queries[:: max(1, len(queries) // 2048)])  # (≤ 2048·2, D)
         keys_t, a_t, b_t = torch.from_numpy(keys), torch.from_numpy(a), torch.from_numpy(b)
+        true_top = true_top_k(keys_t, sample, k)  # (N, k): the same for every option
 
         def cost(option: tuple[int, int]) -> int:
             rank, refine_rank = option
             if refine_rank:
                 rerank = refined_rerank_needed(keys_t, a_t, b_t, sample, k, target_recall, rank, refine_rank,
-                                               params["refine_factor"])
+                                               params["refine_factor"], true_top)
             else:
-                rerank = rerank_needed(keys_t, a_t[:, :rank], b_t[:rank], sample, k, target_recall)
+                rerank = rerank_needed(keys_t, a_t[:, :rank], b_t[:rank], sample, k, target_recall, true_top)
             return bytes_per_query(num_keys, dim, rank, rerank, k, params["rerank_bits"], params["kept_bits"],
                                    params["projection_bits"], refine_rank, params["refine_factor"])
 
@@ -356,12 +367,11 @@ class LowRankIndex(KeyRowsIndex):
         return (best, kept) if self.kept_bits == 8 else (rows_dot(self.keys, kept, q), kept)
 
     def arrays(self) -> dict[str, np.ndarray]:
-        coded = {name: table for name, table in (("key", self.key_codes), ("refine", self.refine_codes))
-                 if table is not None}
-        quantized = {f"{name}_{part}": array for name, table in coded.items()
-                     for part, array in (("codes", table.codes.numpy()), ("ranges", table.ranges))}
-        projection = {} if self.projection is None else {"projection": self.projection}
-        return {**projection, **quantized}
+        arrays = {} if self.projection is None else {"projection": self.projection}
+        for name, table in (("key", self.key_codes), ("refine", self.refine_codes)):
+            if table is not None:
+                arrays.update({f"{name}_codes": table.codes.numpy(), f"{name}_ranges": table.ranges})
+        return arrays
 
     def save(self, folder: Path, stem: str) -> list[str]:
         indexes = {"codes": self.codes, **({} if self.projector is None else {"projection": self.projector})}
