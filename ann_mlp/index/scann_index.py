@@ -65,7 +65,9 @@ class ScannIndex(MipsIndex):
         ids, scores = self.searcher.search_batched(
             queries, final_num_neighbors=k, pre_reorder_num_neighbors=reorder, leaves_to_search=leaves)
         ids = ids.astype(np.int64)
-        if ids.shape[1] < k:  # fewer keys in the searched leaves than k
+        missing = np.isnan(scores)  # ScaNN fills the slots it found no key for with id 0, score NaN
+        ids[missing], scores[missing] = -1, -np.inf
+        if ids.shape[1] < k:  # fewer keys in the whole index than k
             pad = k - ids.shape[1]
             ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
             scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
