@@ -55,7 +55,10 @@ class ApproxModel:
         indexes = {}
         for entry in store.manifest.layers:
             weights = checkpoint.adapter.mlp_weights(entry.layer)
-            indexes[entry.layer] = store.load_index(entry.layer, share_layer_tables(checkpoint.model, weights))
+            keys = augmented_keys(weights)  # (d_ff, d_model + 1)
+            indexes[entry.layer] = store.load_index(entry.layer, keys)
+            held = indexes[entry.layer].key_table()
+            share_layer_tables(checkpoint.model, weights, keys if held is None else held)
         arrays = {entry.layer: store.load_layer_arrays(entry.layer) for entry in store.manifest.layers}
         return cls(store.manifest, checkpoint, indexes, layer_arrays=arrays, **options)
 
@@ -117,21 +120,20 @@ class ApproxModel:
             mlp.stats.reset()
 
 
-def share_layer_tables(model: nn.Module, weights: MlpWeights) -> np.ndarray:
+def share_layer_tables(model: nn.Module, weights: MlpWeights, key_table: np.ndarray) -> None:
     """Hold one layer's MLP weights once, in the layouts the approximate path reads.
 
-    Copies the key rows and bias into one augmented table [k_i; b_i] (d_ff, D) and the
-    value rows into a contiguous (d_ff, d_model) table, then points the model's own
-    parameters at views of them (a transposed view where the family stores the
-    matrix the other way round), so the dense model, the index and ApproxMLP read
-    the same memory and the old tensors are freed. Returns the augmented table.
+    key_table: (d_ff, >= d_model + 1) float32, the augmented keys [k_i; b_i] (the index's
+    own when it holds them), columns past d_model + 1 ignored. Points the model's key and
+    bias parameters at views of it and its value parameters at a contiguous (d_ff, d_model)
+    table (a transposed view where the family stores the matrix the other way round), so
+    the dense model, the index and ApproxMLP read the same memory and the old tensors are freed.
     """
-    table = torch.from_numpy(augmented_keys(weights))  # (d_ff, d_model + 1)
-    _repoint(model, weights.keys, table[:, :-1])
+    table = torch.from_numpy(key_table)
+    _repoint(model, weights.keys, table[:, : weights.d_model])
     if weights.key_bias is not None:
-        _repoint(model, weights.key_bias, table[:, -1])
+        _repoint(model, weights.key_bias, table[:, weights.d_model])
     _repoint(model, weights.values, weights.values.float().contiguous())
-    return table.numpy()
 
 
 def _repoint(model: nn.Module, current: torch.Tensor, replacement: torch.Tensor) -> None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import numpy as np
 import pytest
 import torch
 
 from ann_mlp.errors import BackendError
-from ann_mlp.index import BACKENDS, KeyRowsIndex, build_index
+from ann_mlp.index import BACKENDS, KeyRowsIndex, backend_class, build_index
 from ann_mlp.metrics import recall_at_k
 from ann_mlp.tuning import measure, tune_effort
 
@@ -125,6 +128,30 @@ def test_save_load_round_trip(data, name, tmp_path):
     if isinstance(index, KeyRowsIndex):  # the keys are the checkpoint's: neither saved nor copied
         assert not any(np.load(tmp_path / f).shape == keys.shape for f in files if f.endswith(".npy"))
         assert loaded.keys.data_ptr() == held_keys.ctypes.data
+
+
+@pytest.mark.parametrize("name", ["hnsw", "pq"])
+def test_faiss_flat_storage_is_lent_as_the_key_table(data, name, tmp_path):
+    """HNSW's and PQ-refine's full-precision keys are the table the model's parameters point
+    into: it keeps the faiss index alive, and a file whose keys differ is refused."""
+    keys = data[0]
+    index = build_index(name, keys)
+    index.save(tmp_path, "layer_000")
+    owner = weakref.ref(index.index)
+    table = index.key_table()  # (n, >= DIM), PQ's padded with zero columns
+    np.testing.assert_array_equal(table[:, :DIM], keys)
+    assert not table[:, DIM:].any()
+    del index
+    gc.collect()
+    assert owner() is not None  # the table holds the index that owns its memory
+    del table
+    gc.collect()
+    assert owner() is None
+    other = keys.copy()
+    other[3, 5] += 1
+    with pytest.raises(BackendError, match="not the checkpoint's"):
+        backend_class(name).load(tmp_path, "layer_000", other, {**BACKENDS[name].default_build_params(*keys.shape),
+                                                                 "dim": DIM}, {})
 
 
 def test_load_refuses_keys_of_another_size(data, tmp_path):

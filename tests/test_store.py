@@ -178,11 +178,13 @@ def test_tail_correction_is_stored_exact_at_full_k_and_lowers_gelu_error(tiny_ch
         Store.open(store)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
-def test_model_and_index_hold_the_weights_once(tiny_checkpoints, tmp_path, family):
-    """Keys live once, in the index's augmented table, values once in ApproxMLP's table; the
-    model's parameters are views of them (GPT-2 stores keys transposed, LLaMA and BERT values)."""
-    config = BuildConfig(backend="lowrank", k=16, target_recall=0.9, calibration=TextConfig(max_tokens=600))
+@pytest.mark.parametrize(("family", "backend"), [("gpt2", "lowrank"), ("llama", "lowrank"), ("bert", "lowrank"),
+                                               ("gpt2", "hnsw"), ("bert", "pq")])
+def test_model_and_index_hold_the_weights_once(tiny_checkpoints, tmp_path, family, backend):
+    """Keys live once, in the index's augmented table (faiss' own flat storage for HNSW and
+    PQ's refine stage, padded for PQ), values once in ApproxMLP's table; the model's parameters
+    are views of them (GPT-2 stores keys transposed, LLaMA and BERT values)."""
+    config = BuildConfig(backend=backend, k=16, target_recall=0.9, calibration=TextConfig(max_tokens=600))
     store = build_store(str(tiny_checkpoints[family]), tmp_path / family, config, progress=False)
     plain = load_checkpoint(str(tiny_checkpoints[family]))
     model = ApproxModel.open(store)
@@ -195,12 +197,14 @@ def test_model_and_index_hold_the_weights_once(tiny_checkpoints, tmp_path, famil
     adapter = model.checkpoint.adapter
     for layer, mlp in model.mlps.items():
         weights = adapter.mlp_weights(layer)
-        assert weights.keys.data_ptr() == mlp.index.keys.data_ptr()
+        table = torch.from_numpy(mlp.index.key_table())  # (d_ff, >= d_model + 1)
+        assert weights.keys.data_ptr() == table.data_ptr()
         assert weights.values.data_ptr() == mlp.value_rows.data_ptr()
         if weights.key_bias is not None:
-            torch.testing.assert_close(weights.key_bias, mlp.index.keys[:, -1], rtol=0, atol=0)
-            assert weights.key_bias.untyped_storage().data_ptr() == mlp.index.keys.untyped_storage().data_ptr()
-    model.configure(k=model.mlps[0].weights.d_ff, search_params={"rerank": model.mlps[0].weights.d_ff})
+            torch.testing.assert_close(weights.key_bias, table[:, weights.d_model], rtol=0, atol=0)
+            assert weights.key_bias.data_ptr() == table[:, weights.d_model].data_ptr()
+    index, d_ff = model.mlps[0].index, model.mlps[0].weights.d_ff
+    model.configure(k=d_ff, search_params={index.effort_param: index.effort_range(d_ff)[1]})
     with model.approximate():
         full = output(model.checkpoint)
     exact = output(plain)

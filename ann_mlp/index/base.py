@@ -22,7 +22,7 @@ BYTES_PER_FLOAT = 4
 @dataclass(frozen=True)
 class SearchResult:
     scores: np.ndarray  # (N, k) float32; exact inner products iff the index has exact_scores
-    ids: np.ndarray  # (N, k) int64; -1 where fewer than k keys were found
+    ids: np.ndarray  # (N, k) int64; -1 where fewer than k keys were found (score -inf or -FLT_MAX)
     keys_scored: int  # keys whose score was computed, at any precision, summed over the N queries
     bytes_read: int  # index bytes read to choose the candidates, summed over the N queries
 
@@ -99,6 +99,15 @@ class MipsIndex(ABC):
         them keep this array itself, not a copy.
         """
 
+    def key_table(self) -> np.ndarray | None:
+        """The augmented keys as this index holds them in memory: (num_keys, >= dim) float32, rows
+        in key order, columns past `dim` zero padding; None when it holds no such table.
+
+        ApproxModel points the model's key parameters into this table, so a backend holding
+        the keys anyway does not cost a second copy of them.
+        """
+        return None
+
     def __str__(self) -> str:
         params = ", ".join(f"{k}={v}" for k, v in {**self.build_params, **self.search_params}.items())
         return f"{type(self).__name__}({params})"
@@ -124,6 +133,9 @@ class KeyRowsIndex(MipsIndex):
     def __init__(self, keys: np.ndarray, build_params: dict[str, Any], search_params: dict[str, Any]) -> None:
         super().__init__(keys.shape[0], keys.shape[1], build_params, search_params)
         self.keys = torch.from_numpy(np.ascontiguousarray(keys, dtype=np.float32))  # (n, D), not copied if float32
+
+    def key_table(self) -> np.ndarray:
+        return self.keys.numpy()
 
     def effort_range(self, k: int) -> tuple[int, int]:
         """By default the effort is how many candidates are re-scored exactly: from k to every key."""

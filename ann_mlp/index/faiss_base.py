@@ -1,4 +1,5 @@
-"""What the faiss backends share: persistence with faiss' own serialiser (no pickle)."""
+"""What the faiss backends share: persistence with faiss' own serialiser (no pickle), and the
+full-precision keys some of them hold, lent to the model."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import faiss
+import numpy as np
 
 from ann_mlp.errors import BackendError
 from ann_mlp.index.base import MipsIndex
@@ -17,6 +19,17 @@ class FaissIndex(MipsIndex):
         super().__init__(index.ntotal, index.d, build_params, search_params)
         self.index = index
 
+    def flat_storage(self) -> faiss.IndexFlat | None:
+        """The flat index inside this one that holds every key at full precision, in key order."""
+        return None
+
+    def key_table(self) -> np.ndarray | None:
+        storage = self.flat_storage()
+        if storage is None:
+            return None
+        view = faiss.rev_swig_ptr(storage.get_xb(), storage.ntotal * storage.d)  # faiss' memory, not a copy
+        return np.asarray(_KeptAlive(view.reshape(storage.ntotal, storage.d), self.index))
+
     def save(self, folder: Path, stem: str) -> list[str]:
         name = f"{stem}.faiss"
         faiss.write_index(self.index, str(folder / name))
@@ -27,4 +40,18 @@ class FaissIndex(MipsIndex):
         index = faiss.read_index(str(folder / f"{stem}.faiss"))
         if index.ntotal != len(keys):
             raise BackendError(f"{stem}: the index holds {index.ntotal} keys, the layer has {len(keys)}")
-        return cls(index, build_params, search_params)
+        loaded = cls(index, build_params, search_params)
+        held = loaded.key_table()
+        # The model will run on these keys: they must be the checkpoint's, bit for bit.
+        if held is not None and not np.array_equal(held[:, : keys.shape[1]], keys):
+            raise BackendError(f"{stem}: the keys inside the index are not the checkpoint's")
+        return loaded
+
+
+class _KeptAlive:
+    """An array view of memory the faiss index owns, holding a reference to the index: arrays
+    and tensors made from it keep the index, and so the memory, alive."""
+
+    def __init__(self, view: np.ndarray, owner: faiss.Index) -> None:
+        self.__array_interface__ = view.__array_interface__
+        self.owner = owner

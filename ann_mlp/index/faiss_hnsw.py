@@ -28,6 +28,9 @@ class HnswIndex(FaissIndex):
         index.add(keys)
         return cls(index, params, {})
 
+    def flat_storage(self) -> faiss.IndexFlat:
+        return faiss.downcast_index(self.index.storage)
+
     def effort_range(self, k: int) -> tuple[int, int]:
         return (k, max(k, self.num_keys))
 

@@ -62,6 +62,9 @@ class PqRefineIndex(FaissIndex):
         index.add(padded_keys)
         return cls(index, params, {})
 
+    def flat_storage(self) -> faiss.IndexFlat:
+        return faiss.downcast_index(self.index.refine_index)
+
     def effort_range(self, k: int) -> tuple[int, int]:
         return (1, max(1, math.ceil(self.num_keys / k)))
 
