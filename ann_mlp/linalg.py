@@ -10,13 +10,17 @@ import torch
 def rows_dot(rows: torch.Tensor, ids: torch.Tensor, x: torch.Tensor, max_gathered: int = 1 << 22) -> torch.Tensor:
     """Inner products of each query with its own selected rows.
 
-    rows (n, d), ids (N, k), x (N, d) -> (N, k) float32. When the selections together
-    outnumber the rows (large batches), one matmul per chunk of queries and a gather
-    read each row once; otherwise faiss scores the selected rows in place, without
-    gathering copies of them (20x faster than gather + einsum at one query).
+    rows (n, d), ids (N, k), x (N, d) -> (N, k) float32. faiss scores the selected rows in
+    place, without gathering copies of them (20x faster than gather + einsum at one query).
+    Only when each query selects 40 % of the rows or more, in a batch of 8 or more, is one
+    matmul per chunk of queries (then a gather) faster: it computes every row for every
+    query, and its fixed cost is some 80 µs. Measured on 2 cores, random selections, in place
+    vs matmul: 1536x385, 16 queries of 1024 rows 265 vs 171 µs, of 128 rows 32 vs 167 µs;
+    4096x257, 64 queries of 1024 rows 756 vs 931 µs, of 1795 rows 1490 vs 1140 µs; 16384x4097,
+    64 queries of 512 rows 16 vs 80 ms.
     """
     n_queries, k = ids.shape
-    if n_queries * k > rows.shape[0]:
+    if 5 * k >= 2 * rows.shape[0] and n_queries >= 8:
         chunk = max(1, max_gathered // rows.shape[0])  # the (chunk, n) scores stay bounded
         out = torch.empty(n_queries, k, dtype=torch.float32)
         for start in range(0, n_queries, chunk):

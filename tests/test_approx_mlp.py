@@ -127,6 +127,17 @@ def test_candidates_keep_the_largest_contributions(tiny_checkpoints):
     assert result.bytes_read == 6 * (by_contribution.index.full_scan_bytes + (weights.d_ff - k) * weights.d_model * 4)
 
 
+@pytest.mark.parametrize(("n_queries", "selected"), [(1, 7), (3, 40), (16, 7), (16, 30)])
+def test_rows_dot_scores_each_querys_own_rows(n_queries, selected):
+    """Scored in place (few rows or few queries) or by one matmul then a gather (16 queries of
+    30 of 50 rows): the same inner products."""
+    from ann_mlp.linalg import rows_dot
+
+    rows, x = torch.randn(50, 12), torch.randn(n_queries, 12)
+    ids = torch.stack([torch.randperm(50)[:selected] for _ in range(n_queries)])  # (N, selected)
+    torch.testing.assert_close(rows_dot(rows, ids, x), (x @ rows.T).gather(1, ids), rtol=1e-5, atol=1e-5)
+
+
 def test_row_codes_score_selected_rows_within_their_rounding():
     """8-bit codes of a table's rows score each query's own rows as their decoded rows do (gathered
     for a few selections, decoded once for many), within half a code step per dimension of the exact
