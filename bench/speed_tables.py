@@ -5,8 +5,8 @@
 
 Runs `ann-mlp bench layer` for the issue's shapes at batch 1, 4, 16 and 64 (IVF
 probing 1/16 of its lists, k = 128), `ann-mlp bench e2e` and `ann-mlp bench
-memory` on the default served store (and memory on an IVF store of the same
-checkpoint), into fresh JSON-lines files, then prints markdown tables with the
+memory` on the default served store (and memory on IVF and HNSW stores of the
+same checkpoint), into fresh JSON-lines files, then prints markdown tables with the
 targets beside the measured figures. Nothing else may run meanwhile: with two
 cores, any concurrent job invalidates the timings.
 """
@@ -27,7 +27,8 @@ BATCHES = (1, 4, 16, 64)
 # (d_model, d_ff, batch) -> the speedup the performance issue asks for
 TARGETS = {(4096, 16384, 1): 12.0, (2048, 8192, 1): 8.0, (1024, 4096, 1): 5.0, (4096, 16384, 16): 4.0}
 # store -> (checkpoint, build options, timed end to end as well as measured for memory)
-STORES = {"relu-lm": ("relu-lm", ["--preset"], True), "relu-lm-ivf": ("relu-lm", ["--backend", "ivf"], False)}
+STORES = {"relu-lm": ("relu-lm", ["--preset"], True), "relu-lm-ivf": ("relu-lm", ["--backend", "ivf"], False),
+          "relu-lm-hnsw": ("relu-lm", ["--backend", "hnsw"], False)}
 
 
 def ann_mlp(*args: str) -> None:
