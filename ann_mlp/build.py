@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from ann_mlp.linalg import RowCodes, round_up_16
 from ann_mlp.metrics import total_relative_error
 from ann_mlp.planner import plan_layer
 from ann_mlp.store import LAYER_ARRAYS, LayerEntry, Manifest, StoreWriter
-from ann_mlp.text import describe, passages
+from ann_mlp.text import STDLIB_SOURCE, calibration_passages, describe_calibration
 from ann_mlp.tuning import measure, tune_effort
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ ZERO_TAIL_ACTIVATIONS = frozenset({"relu", "relu2", "relu6"})  # negative scores
 MAX_TUNING_QUERIES = 4096
 
 
-def capture_calibration(checkpoint: Checkpoint, config: BuildConfig, text: Path | None,
+def capture_calibration(checkpoint: Checkpoint, config: BuildConfig, sources: Sequence[str | Path],
                         progress: bool) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
     """MLP inputs per layer on calibration text, split into (tune, holdout) by batch."""
     layers = range(checkpoint.num_layers)
@@ -39,7 +40,7 @@ def capture_calibration(checkpoint: Checkpoint, config: BuildConfig, text: Path 
     holdout: list[list[torch.Tensor]] = [[] for _ in layers]
     every = max(2, round(1 / config.holdout_fraction))
     tokens = 0
-    stream = batches(checkpoint, passages(text, "calibration"), config.calibration)
+    stream = batches(checkpoint, calibration_passages(sources), config.calibration)
     for i, batch in enumerate(tqdm(stream, desc="calibration batches", disable=not progress)):
         _, captured = forward_capturing(checkpoint, batch, layers)
         side = holdout if i % every == every - 1 else tune
@@ -230,18 +231,18 @@ def corrected_mlp(config: BuildConfig, index: MipsIndex, k: int, tune: LayerCali
     return mapped, {**tail, "tail_map": tail_map}, errors
 
 
-def build_indexes(checkpoint: Checkpoint, config: BuildConfig, calib_text: Path | None = None,
+def build_indexes(checkpoint: Checkpoint, config: BuildConfig, calib_sources: Sequence[str | Path] = (),
                   progress: bool = True, writer: StoreWriter | None = None, name: str = "in-memory",
                   ) -> tuple[Manifest, dict[int, MipsIndex], dict[int, dict[str, np.ndarray]]]:
     """One index per layer, tuned on calibration text, and the arrays beside each layer's index: its
     tail correction ({"tail_mean": (d_ff,), "tail_map": (r, D + d_model)}, either or both, or none)
-    and, for gated layers, the up codes of its selection ({"up_codes", "up_ranges"});
-    `writer` persists each layer as it is built."""
+    and, for gated layers, the up codes of its selection ({"up_codes", "up_ranges"}).
+    calib_sources: text.calibration_passages' sources; `writer` persists each layer as it is built."""
     backend = backend_class(config.backend)
     d_ffs = [checkpoint.adapter.mlp_weights(layer).d_ff for layer in range(checkpoint.num_layers)]
     if config.k > min(d_ffs):
         raise InputError(f"k={config.k} exceeds d_ff={min(d_ffs)} of {checkpoint.source.spec}")
-    tune_inputs, holdout_inputs, tokens = capture_calibration(checkpoint, config, calib_text, progress)
+    tune_inputs, holdout_inputs, tokens = capture_calibration(checkpoint, config, calib_sources, progress)
     entries, indexes, layer_arrays = [], {}, {}
     for layer in tqdm(range(checkpoint.num_layers), desc="layers", disable=not progress):
         start = time.perf_counter()
@@ -296,7 +297,9 @@ def build_indexes(checkpoint: Checkpoint, config: BuildConfig, calib_text: Path 
         extra={"tail_map_rank": config.tail_map_rank,  # None: default_tail_map_rank per layer
                "gated_selection": config.gated_selection,
                **({"mass_target": config.mass_target} if config.mass_target is not None else {})},
-        calibration={"text": describe(calib_text, "calibration"), "tokens": tokens,
+        calibration={"text": describe_calibration(calib_sources),
+                     "sources": [str(s) if str(s) == STDLIB_SOURCE else str(Path(s).resolve()) for s in calib_sources],
+                     "tokens": tokens,
                      "tune_queries": int(min(len(tune_inputs[0]), MAX_TUNING_QUERIES)),
                      "holdout_queries": int(min(len(holdout_inputs[0]), MAX_TUNING_QUERIES)),
                      "seed": config.seed},
@@ -304,11 +307,11 @@ def build_indexes(checkpoint: Checkpoint, config: BuildConfig, calib_text: Path 
     return manifest, indexes, layer_arrays
 
 
-def build_store(spec: str, out: Path, config: BuildConfig, calib_text: Path | None = None,
+def build_store(spec: str, out: Path, config: BuildConfig, calib_sources: Sequence[str | Path] = (),
                 overwrite: bool = False, progress: bool = True) -> Path:
     backend_class(config.backend)  # an unknown backend fails before the model loads
     with StoreWriter(out, overwrite=overwrite) as writer:
         checkpoint = load_checkpoint(spec)
-        manifest, _, _ = build_indexes(checkpoint, config, calib_text, progress, writer=writer,
+        manifest, _, _ = build_indexes(checkpoint, config, calib_sources, progress, writer=writer,
                                        name=Path(out).name)
         return writer.commit(manifest)

@@ -63,7 +63,7 @@ def build(
     k: int = typer.Option(DEFAULT_K, help="Keys retrieved per token."),
     target_recall: float = typer.Option(DEFAULT_TARGET_RECALL, help="Tune each layer's search effort to this recall@k; 0 to skip tuning."),
     mass_target: float | None = typer.Option(None, help="Per layer, the smallest k (<= --k) whose exact top-k keeps this share of activation mass."),
-    calib_text: Path | None = typer.Option(None, help="Calibration text file [default: Python standard library docstrings]."),
+    calib_text: list[str] = typer.Option([], help="Calibration text: a file, a folder of .txt/.rst/.md files, or 'stdlib' (the standard library's calibration docstrings); repeat to mix kinds of text, passages taken in turn from each [default: stdlib]."),
     calib_tokens: int = typer.Option(TextConfig.max_tokens, help="Calibration tokens to run through the model."),
     param: list[str] = typer.Option([], "--param", help="Backend build parameter NAME=VALUE (repeatable)."),
     plan: bool = typer.Option(True, help="Time dense vs approximate per layer and batch size for serving mode auto."),
@@ -141,7 +141,9 @@ def _rebuilt(model, backend: str):
     from ann_mlp.build import build_indexes
 
     manifest = model.manifest
+    # stores built before calibration could mix sources record only the one's description
     calib = manifest.calibration["text"]
+    sources = manifest.calibration.get("sources", [] if calib.startswith("python-stdlib-docstrings") else [calib])
     config = BuildConfig(backend=backend, k=manifest.k, target_recall=manifest.target_recall,
                          mass_target=manifest.extra.get("mass_target"),
                          tail_correction=any(entry.tail_mean_file for entry in manifest.layers),
@@ -149,8 +151,7 @@ def _rebuilt(model, backend: str):
                          tail_map_rank=manifest.extra.get("tail_map_rank", 0),
                          gated_selection=manifest.extra.get("gated_selection", False),  # likewise
                          calibration=TextConfig(max_tokens=manifest.calibration["tokens"]))
-    calib_path = None if calib.startswith("python-stdlib-docstrings") else Path(calib)
-    new_manifest, indexes, arrays = build_indexes(model.checkpoint, config, calib_path, _progress(), name=manifest.name)
+    new_manifest, indexes, arrays = build_indexes(model.checkpoint, config, sources, _progress(), name=manifest.name)
     return ApproxModel(new_manifest, model.checkpoint, indexes, layer_arrays=arrays)
 
 

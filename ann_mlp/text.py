@@ -11,13 +11,14 @@ import hashlib
 import inspect
 import re
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
 from ann_mlp.errors import InputError
 
 Split = Literal["calibration", "evaluation"]
+STDLIB_SOURCE = "stdlib"  # a calibration source naming the standard library's calibration split
 MIN_PASSAGE_CHARS = 40
 TEXT_SUFFIXES = {".txt", ".rst", ".md"}
 _SKIP_DIRS = {"test", "tests", "site-packages", "idle_test", "__pycache__"}
@@ -97,6 +98,35 @@ def corpus_passages(paths: list[Path]) -> list[str]:
 def passages(path: Path | None, split: Split) -> Iterator[str]:
     """The user's file when given, else the standard library split."""
     return iter(file_passages(path)) if path is not None else stdlib_passages(split)
+
+
+def calibration_passages(sources: Sequence[str | Path]) -> Iterator[str]:
+    """Passages taken in turn from each source, so that a token budget covers every source alike:
+    `stdlib` (the standard library's calibration split), a text file, or a folder of them. No
+    sources: the standard library's.
+
+    Calibrating on several kinds of text makes an index's tuned recall hold on text of other
+    kinds (README, "Fidelity frontier")."""
+    if not sources:
+        return stdlib_passages("calibration")
+    streams = [stdlib_passages("calibration") if str(source) == STDLIB_SOURCE else iter(corpus_passages([Path(source)]))
+               for source in sources]
+    return _in_turn(streams)
+
+
+def _in_turn(streams: list[Iterator[str]]) -> Iterator[str]:
+    while streams:
+        for stream in list(streams):
+            passage = next(stream, None)
+            if passage is None:
+                streams.remove(stream)
+            else:
+                yield passage
+
+
+def describe_calibration(sources: Sequence[str | Path]) -> str:
+    return " + ".join(describe(None if str(source) == STDLIB_SOURCE else Path(source), "calibration")
+                      for source in sources or [STDLIB_SOURCE])
 
 
 def describe(path: Path | None, split: Split) -> str:

@@ -102,6 +102,8 @@ def test_bad_input_gives_one_line_errors(minilm_store, tiny_checkpoints, tmp_pat
         (("build", str(tiny_checkpoints["opt"]), "--out", str(out), "--backend", "annoy"), "unknown backend"),
         (("build", str(tiny_checkpoints["opt"]), "--out", str(out), "--tail-map-rank", "-1"), "tail map rank"),
         (("build", str(tiny_checkpoints["opt"]), "--out", str(out), "--k", "8", "--calib-text", str(empty)), "empty"),
+        (("build", str(tiny_checkpoints["opt"]), "--out", str(out), "--k", "8", "--calib-text", str(tmp_path / "none.txt")),
+         "cannot read"),
         (("eval", str(minilm_store), "--text", str(empty)), "empty"),
         (("eval", str(minilm_store), "--k", "5000"), "k must be in"),
         (("eval", str(minilm_store), "--candidate-factor", "0.5"), "candidate factor"),
@@ -123,8 +125,13 @@ def test_build_defaults_to_the_low_rank_backend(tiny_checkpoints, tmp_path):
     """With no --backend, build picks lowrank (the fewest bytes at the target recall on every
     checkpoint measured) and stores no copy of the keys, only its projection and codes."""
     out = tmp_path / "store"
-    run("build", str(tiny_checkpoints["gpt2"]), "--out", str(out), "--k", "8", "--calib-tokens", "400")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("A calibration text of another kind, mixed in turn with the docstrings.\n")
+    run("build", str(tiny_checkpoints["gpt2"]), "--out", str(out), "--k", "8", "--calib-tokens", "400",
+        "--calib-text", "stdlib", "--calib-text", str(notes))
     manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["calibration"]["sources"] == ["stdlib", str(notes.resolve())]
+    assert manifest["calibration"]["text"] == f"python-stdlib-docstrings:calibration + {notes}"
     assert manifest["backend"] == "lowrank"
     assert all(layer["effort_param"] == "rerank" and layer["build_params"]["rerank_bits"] == 32
                and layer["build_params"]["projection_bits"] == 8 for layer in manifest["layers"])

@@ -67,7 +67,7 @@ def test_relu_gated_model_is_read_by_stock_transformers_and_the_chain_runs(tiny_
     assert isinstance(stock.model.layers[0].mlp.act_fn, torch.nn.ReLU)
     store = build_store(str(out), tmp_path / "store", BuildConfig(backend="exact", k=D_FF, target_recall=None,
                                                                calibration=TextConfig(max_tokens=200)),
-                        calib_text=text_file, progress=False)
+                        calib_sources=[text_file], progress=False)
     proc = run("eval", str(store), "--text", str(text_file), "--max-tokens", "200")
     assert "next_token_agreement" in proc.stdout and " 1.0000" in proc.stdout
 

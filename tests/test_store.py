@@ -96,7 +96,7 @@ def test_interrupted_build_leaves_nothing(tiny_checkpoints, tmp_path):
     out = tmp_path / "store"
     config = BuildConfig(backend="ivf", k=16, target_recall=None, calibration=TextConfig(max_tokens=200))
     with pytest.raises(InputError, match="empty"):
-        build_store(str(tiny_checkpoints["opt"]), out, config, calib_text=_empty(tmp_path), progress=False)
+        build_store(str(tiny_checkpoints["opt"]), out, config, calib_sources=[_empty(tmp_path)], progress=False)
     assert list(tmp_path.iterdir()) == [tmp_path / "empty.txt"]
 
 
