@@ -10,36 +10,36 @@ from torch import nn
 from ann_mlp.approx_mlp import ApproxMLP
 from ann_mlp.checkpoint.base import FamilyAdapter
 
-
-def _set(model: nn.Module, path: str, module: nn.Module) -> nn.Module:
-    parent_path, _, name = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    old = getattr(parent, name)
-    setattr(parent, name, module)
-    return old
+# Stateless, so one instance stands in everywhere: constructing modules on every swap cost
+# as much as the swaps themselves, and a model is patched per request.
+_IDENTITY = nn.Identity()
 
 
 class Patch:
     """The original modules replaced in one model; `undo()` restores them."""
 
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.originals: list[tuple[str, nn.Module]] = []
+    def __init__(self) -> None:
+        self.originals: list[tuple[nn.Module, str, nn.Module]] = []  # (parent, attribute, original)
+
+    def swap(self, slot: tuple[nn.Module, str], module: nn.Module) -> None:
+        parent, name = slot
+        self.originals.append((parent, name, getattr(parent, name)))
+        setattr(parent, name, module)
 
     def undo(self) -> None:
-        for path, original in reversed(self.originals):
-            _set(self.model, path, original)
+        for parent, name, original in reversed(self.originals):
+            setattr(parent, name, original)
         self.originals.clear()
 
 
 def patch_model(adapter: FamilyAdapter, mlps: dict[int, ApproxMLP]) -> Patch:
     """Put each ApproxMLP in place of its layer's MLP. Layers not in `mlps` stay exact."""
-    patch = Patch(adapter.model)
+    patch = Patch()
     for layer, mlp in mlps.items():
         target, identities = adapter.replacement(layer)
-        patch.originals.append((target, _set(adapter.model, target, mlp)))
+        patch.swap(adapter.slot(target), mlp)
         for path in identities:
-            patch.originals.append((path, _set(adapter.model, path, nn.Identity())))
+            patch.swap(adapter.slot(path), _IDENTITY)
     return patch
 
 
