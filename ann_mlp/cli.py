@@ -311,13 +311,13 @@ def bench_e2e(
 
     model = ApproxModel.open(store)
     typer.echo(f"{'model':>12} {'batch':>5} {'tokens':>6} {'exact tok/s':>11} {'approx tok/s':>12} "
-               f"{'auto tok/s':>10} {'auto dense':>10} {'recall':>6} {'scanned':>7}  end to end")
+               f"{'auto tok/s':>10} {'auto/exact':>10} {'auto dense':>10} {'recall':>6} {'scanned':>7}  end to end")
     json_out.parent.mkdir(parents=True, exist_ok=True)
     for size in batch:
         result = run(model, size, text, max_tokens, repeats)
         e2e = ", ".join(f"{name} {value:.4g}" for name, value in result.end_to_end.items())
         typer.echo(f"{result.model:>12} {size:>5} {result.tokens:>6} {result.exact_tokens_per_s:>11.1f} "
-                   f"{result.approx_tokens_per_s:>12.1f} {result.auto_tokens_per_s:>10.1f} "
+                   f"{result.approx_tokens_per_s:>12.1f} {result.auto_tokens_per_s:>10.1f} {result.auto_speedup:>10.3f} "
                    f"{result.auto_dense_fraction:>10.3f} {result.recall_at_k:>6.3f} {result.scanned_fraction:>7.3f}  {e2e}")
         with open(json_out, "a") as f:
             f.write(json.dumps(result.to_json()) + "\n")

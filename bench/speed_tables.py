@@ -70,13 +70,14 @@ def tables(results: Path) -> str:
                     f"{r['overhead_us']:.0f} |")
     e2e_path = results / "bench_e2e.jsonl"
     if e2e_path.exists():
-        rows += ["", "| store | batch | tokens | exact tok/s | approx tok/s | auto tok/s | auto dense share | "
-                 "recall@k | keys scanned | end to end (approx vs exact) |",
-                 "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        rows += ["", "| store | batch | tokens | exact tok/s | approx tok/s | auto tok/s | auto/exact (paired) | "
+                 "auto dense share | recall@k | keys scanned | end to end (approx vs exact) |",
+                 "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in (json.loads(line) for line in e2e_path.read_text().splitlines()):
             e2e = ", ".join(f"{name} {value:.3g}" for name, value in r["end_to_end"].items() if name != "positions")
             rows.append(f"| {r['model']} | {r['batch']} | {r['tokens']} | {r['exact_tokens_per_s']:.0f} | "
-                        f"{r['approx_tokens_per_s']:.0f} | {r['auto_tokens_per_s']:.0f} | {r['auto_dense_fraction']:.2f} | "
+                        f"{r['approx_tokens_per_s']:.0f} | {r['auto_tokens_per_s']:.0f} | {r['auto_speedup']:.2f}× | "
+                        f"{r['auto_dense_fraction']:.2f} | "
                         f"{r['recall_at_k']:.3f} | {r['scanned_fraction']:.3f} | {e2e} |")
     memory_path = results / "bench_memory.jsonl"
     if memory_path.exists():
