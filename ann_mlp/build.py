@@ -24,7 +24,7 @@ from ann_mlp.linalg import RowCodes, round_up_16
 from ann_mlp.metrics import total_relative_error
 from ann_mlp.planner import plan_layer
 from ann_mlp.store import LAYER_ARRAYS, LayerEntry, Manifest, StoreWriter
-from ann_mlp.text import STDLIB_SOURCE, calibration_passages, describe_calibration
+from ann_mlp.text import calibration_passages, describe_calibration, recorded_sources
 from ann_mlp.tuning import measure, tune_effort
 
 log = logging.getLogger(__name__)
@@ -298,7 +298,7 @@ def build_indexes(checkpoint: Checkpoint, config: BuildConfig, calib_sources: Se
                "gated_selection": config.gated_selection,
                **({"mass_target": config.mass_target} if config.mass_target is not None else {})},
         calibration={"text": describe_calibration(calib_sources),
-                     "sources": [str(s) if str(s) == STDLIB_SOURCE else str(Path(s).resolve()) for s in calib_sources],
+                     "sources": recorded_sources(calib_sources),
                      "tokens": tokens,
                      "tune_queries": int(min(len(tune_inputs[0]), MAX_TUNING_QUERIES)),
                      "holdout_queries": int(min(len(holdout_inputs[0]), MAX_TUNING_QUERIES)),

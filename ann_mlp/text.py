@@ -109,9 +109,13 @@ def calibration_passages(sources: Sequence[str | Path]) -> Iterator[str]:
     kinds (README, "Fidelity frontier")."""
     if not sources:
         return stdlib_passages("calibration")
-    streams = [stdlib_passages("calibration") if str(source) == STDLIB_SOURCE else iter(corpus_passages([Path(source)]))
+    streams = [stdlib_passages("calibration") if _is_stdlib(source) else iter(corpus_passages([Path(source)]))
                for source in sources]
     return _in_turn(streams)
+
+
+def _is_stdlib(source: str | Path) -> bool:
+    return str(source) == STDLIB_SOURCE
 
 
 def _in_turn(streams: list[Iterator[str]]) -> Iterator[str]:
@@ -125,8 +129,13 @@ def _in_turn(streams: list[Iterator[str]]) -> Iterator[str]:
 
 
 def describe_calibration(sources: Sequence[str | Path]) -> str:
-    return " + ".join(describe(None if str(source) == STDLIB_SOURCE else Path(source), "calibration")
+    return " + ".join(describe(None if _is_stdlib(source) else Path(source), "calibration")
                       for source in sources or [STDLIB_SOURCE])
+
+
+def recorded_sources(sources: Sequence[str | Path]) -> list[str]:
+    """The sources as a manifest records them: `stdlib`, or absolute paths (a rebuild may run elsewhere)."""
+    return [STDLIB_SOURCE if _is_stdlib(source) else str(Path(source).resolve()) for source in sources]
 
 
 def describe(path: Path | None, split: Split) -> str:
