@@ -48,13 +48,17 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1)
 
 
-def best_candidates(rows: torch.Tensor, candidates: torch.Tensor, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def best_candidates(rows: torch.Tensor, candidates: torch.Tensor, x: torch.Tensor, k: int,
+                    valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact re-rank: each query's k best rows among its own candidates.
 
     rows (n, d), candidates (N, c) int64, x (N, d) -> (scores (N, k) float32, ids (N, k) int64),
-    padded with -inf / -1 when there are fewer than k candidates.
+    padded with -inf / -1 when there are fewer than k candidates. valid (N, c) bool: the
+    candidates that count (None: all), at least k per query.
     """
     scores = rows_dot(rows, candidates, x)  # (N, c)
+    if valid is not None:
+        scores = scores.masked_fill(~valid, -torch.inf)
     top = scores.topk(min(k, candidates.shape[1]), dim=1)
     values, ids = top.values, candidates.gather(1, top.indices)
     if candidates.shape[1] < k:
@@ -90,6 +94,10 @@ class RowCodes:
     def decode(self) -> torch.Tensor:
         """The decoded rows: (n, d) float32."""
         return self.offset + self.codes.float() * self.step
+
+    def dot_all(self, x: torch.Tensor) -> torch.Tensor:
+        """Every query's inner products with every decoded row: x (N, d) -> (N, n)."""
+        return (self.codes.float() @ (x * self.step).T).T + (x @ self.offset)[:, None]
 
     def dot(self, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Each query's inner products with its own selected decoded rows: ids (N, c), x (N, d) -> (N, c).

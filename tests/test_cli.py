@@ -138,3 +138,24 @@ def test_build_defaults_to_the_low_rank_backend(tiny_checkpoints, tmp_path):
     stored = sorted(p.name for p in out.rglob("*") if p.is_file())
     assert any(name.endswith(".projection.faiss") for name in stored)
     assert not any("keys" in name for name in stored)
+
+
+def test_low_rank_margin_build_and_eval_by_margin(tiny_checkpoints, tmp_path):
+    """--param margin_rank=N builds lowrank with a per-query margin: the manifest's effort is
+    `margin` (tuned, in hundredths of σ_q), each layer stores its error basis, and eval's
+    --effort sets the margin: at 0 only the k best by approximate score are re-ranked."""
+    out = tmp_path / "store"
+    run("build", str(tiny_checkpoints["gpt2"]), "--out", str(out), "--k", "8", "--calib-tokens", "400",
+        "--param", "margin_rank=8")
+    manifest = json.loads((out / "manifest.json").read_text())
+    for layer in manifest["layers"]:
+        assert layer["effort_param"] == "margin" and layer["effort_range"] == [0, 2000]
+        assert layer["build_params"]["margin_rank"] == 8 and 0 <= layer["search_params"]["margin"] <= 2000
+        assert any(name.endswith(".error_basis.npy") for name in layer["files"])
+    reports = {}
+    for effort in ("0", "2000"):
+        run("eval", str(out), "--effort", effort, "--max-tokens", "256", "--json", str(tmp_path / f"{effort}.json"))
+        reports[effort] = json.loads((tmp_path / f"{effort}.json").read_text())["layers"]
+    for least, most in zip(reports["0"], reports["2000"]):
+        assert least["bytes_read_fraction"] < most["bytes_read_fraction"]
+        assert least["recall_at_k"] <= most["recall_at_k"] and most["recall_at_k"] > 0.99

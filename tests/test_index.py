@@ -15,7 +15,9 @@ from ann_mlp.metrics import recall_at_k
 from ann_mlp.tuning import measure, tune_effort
 
 NUM_KEYS, DIM, K = 512, 33, 16
-APPROXIMATE = [name for name in BACKENDS if name != "exact"]
+# Build parameters that change how a backend searches, held to the same contract as the backends.
+VARIANTS = {"lowrank-margin": ("lowrank", {"margin_rank": 8})}
+APPROXIMATE = [name for name in BACKENDS if name != "exact"] + list(VARIANTS)
 
 
 def _require_backend(name: str) -> None:
@@ -43,7 +45,8 @@ def _index(name, data):
     get it back with no search parameters set."""
     _require_backend(name)
     if name not in _BUILT:
-        _BUILT[name] = build_index(name, data[0], queries=data[3], k=K)
+        backend, params = VARIANTS.get(name, (name, {}))
+        _BUILT[name] = build_index(backend, data[0], queries=data[3], k=K, **params)
     index = _BUILT[name]
     index.search_params = {}
     return index
@@ -114,7 +117,7 @@ def test_tuning_finds_the_smallest_effort_reaching_the_target(data, name):
         assert measure(index, queries, truth, K, point.effort - 1).recall < 0.9
 
 
-@pytest.mark.parametrize("name", list(BACKENDS))
+@pytest.mark.parametrize("name", [*BACKENDS, *VARIANTS])
 def test_save_load_round_trip(data, name, tmp_path):
     keys, queries, _, _ = data
     index = _index(name, data)
@@ -343,6 +346,58 @@ def test_low_rank_8_bit_kept_scores_read_no_float32_key(data, tmp_path):
         build_index("lowrank", keys, queries=calibration, k=K, kept_bits=8)
     with pytest.raises(BackendError, match="kept_bits"):
         build_index("lowrank", keys, queries=calibration, k=K, rerank_bits=8, kept_bits=16)
+
+
+def test_low_rank_margin_re_ranks_more_where_the_fit_is_worse():
+    """With margin_rank, each query's candidates are the keys within margin·σ_q of its k-th best
+    approximate score, σ_q its expected score error. Tuned on queries like the calibration ones,
+    it keeps its recall on queries that also use other directions (as text of another kind does)
+    by re-ranking more for them; a fixed rerank tuned the same way loses recall there."""
+    rng = np.random.default_rng(6)
+    dim = 65
+    keys = rng.standard_normal((2048, dim)).astype(np.float32)
+    calibration, tune, alike = _low_dimensional_queries(rng, (3000, 300, 300), dim, 12)
+    other = alike.copy()
+    other[:, :-1] += np.abs(alike[:, :-1]).mean() * rng.standard_normal((300, dim - 1)).astype(np.float32)
+    truth = {name: torch.from_numpy(q) @ torch.from_numpy(keys).T for name, q in
+             (("tune", tune), ("alike", alike), ("other", other))}
+    points = {}
+    for margin_rank in (0, 16):
+        index = build_index("lowrank", keys, queries=calibration, k=K, rank=8, margin_rank=margin_rank)
+        effort = tune_effort(index, tune, truth["tune"], K, 0.95).effort
+        points[margin_rank] = {name: measure(index, q, truth[name], K, effort) for name, q in
+                               (("alike", alike), ("other", other))}
+    fixed, margin = points[0], points[16]
+    assert min(fixed["alike"].recall, margin["alike"].recall) >= 0.94
+    assert margin["alike"].bytes_read_fraction <= 1.05 * fixed["alike"].bytes_read_fraction
+    assert fixed["other"].recall < 0.85 and margin["other"].recall > 0.92, points
+    assert margin["other"].bytes_read_fraction > 1.5 * margin["alike"].bytes_read_fraction
+
+
+def test_low_rank_margin_basis_and_bytes(data):
+    """At full rank the error basis gives each query's exact mean squared score error; at margin 0
+    exactly the k best by approximate score are re-ranked, and the bytes count them and the basis."""
+    from ann_mlp.index.low_rank import MAX_MARGIN, bytes_per_query, residual_error_basis, score_preserving_factors
+
+    keys, queries, truth, calibration = data
+    a, b = score_preserving_factors(keys, calibration, 4)
+    basis = residual_error_basis(keys, a, b, DIM)  # (D, D)
+    errors = torch.from_numpy(queries @ (keys - a @ b).T)  # (N, n)
+    torch.testing.assert_close(torch.from_numpy(queries @ basis.T).square().sum(1), errors.square().mean(1),
+                               rtol=1e-3, atol=1e-3)
+    index = build_index("lowrank", keys, queries=calibration, k=K, rank=4, margin_rank=8)
+    assert (index.effort_param, index.effort_range(K)) == ("margin", (0, MAX_MARGIN))
+    result = index.search(queries, K, margin=0)
+    per_query = bytes_per_query(NUM_KEYS, DIM, 4, K, K, projection_bits=8, margin_rank=8)
+    assert result.bytes_read == len(queries) * per_query
+    assert per_query - bytes_per_query(NUM_KEYS, DIM, 4, K, K, projection_bits=8) == 8 * DIM * 4
+    for params, message in (({"margin_rank": 8, "refine_rank": 8}, "no refine_rank"),
+                            ({"margin_rank": 8, "projection_bits": 32}, "projection_bits=8"),
+                            ({"margin_rank": -1}, "margin_rank must be")):
+        with pytest.raises(BackendError, match=message):
+            build_index("lowrank", keys, queries=calibration, k=K, rank=4, **params)
+    with pytest.raises(BackendError, match="no search parameter rerank"):
+        index.search(queries, K, rerank=64)
 
 
 def test_dejavu_predictor_learns_which_neurons_fire():

@@ -34,6 +34,17 @@ beside the keys (a quarter of their memory). With `kept_bits=8` as well, the k
 kept keep their 8-bit scores and no float32 key is read at all: the activations
 then see scores within about 1 % of exact (`exact_scores` is false).
 
+With `margin_rank` t > 0 (8-bit projection, no refinement), how many are re-ranked
+adapts to each query: every key whose approximate score is within `margin` of the
+query's k-th best approximate score is a candidate, the margin counted in σ_q, the
+typical error of that query's approximate scores (σ_q² = ||E q||², E (t, D) the
+leading directions of the residual K − A B, scaled: the mean squared score error
+over all keys, as far as t directions carry it). A fixed `rerank`, tuned on
+calibration text, re-ranks too few candidates for queries the factorisation fits
+badly, which is what queries from text of another kind are (they use directions
+the calibration queries did not), and too many for those it fits well. The
+effort is then `margin`, in hundredths of σ_q.
+
 The best rank depends on the layer (how many directions its queries use): with
 rank "auto" the build picks, among ranks from D/32 to D/2, the one whose
 total bytes per query are smallest at the target recall on the calibration queries.
@@ -52,6 +63,8 @@ import torch
 from ann_mlp.errors import BackendError
 from ann_mlp.index.base import BYTES_PER_FLOAT, KeyRowsIndex, SearchResult
 from ann_mlp.linalg import RowCodes, best_candidates, round_up_16, rows_dot
+
+MAX_MARGIN = 2000  # hundredths of σ_q: 20 σ_q re-ranks nearly every key
 
 
 def score_preserving_factors(keys: np.ndarray, queries: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
@@ -100,6 +113,15 @@ def rerank_needed(keys: torch.Tensor, a: torch.Tensor, b: torch.Tensor, queries:
     return int(torch.quantile(all_ranks, min(target_recall, 1.0)).item()) + 1
 
 
+def residual_error_basis(keys: np.ndarray, a: np.ndarray, b: np.ndarray, rank: int) -> np.ndarray:
+    """E (t, D) with ||E q||² the mean over keys of (q · (k_i − a_i B))², as far as the residual's
+    `rank` leading directions carry it: keys (n, D), a (n, r), b (r, D)."""
+    residual = torch.from_numpy(keys).double() - torch.from_numpy(a).double() @ torch.from_numpy(b).double()  # (n, D)
+    eigenvalues, eigenvectors = torch.linalg.eigh(residual.T @ residual / len(keys))  # ascending
+    leading = eigenvectors[:, -rank:] * eigenvalues[-rank:].clamp_min(0).sqrt()  # (D, t)
+    return leading.T.float().numpy()
+
+
 def refined_candidates(num_keys: int, rerank: int, refine_factor: float) -> int:
     """How many candidates the refinement stage re-scores to keep `rerank` of them."""
     return min(num_keys, math.ceil(refine_factor * rerank))
@@ -107,15 +129,16 @@ def refined_candidates(num_keys: int, rerank: int, refine_factor: float) -> int:
 
 def bytes_per_query(num_keys: int, dim: int, rank: int, rerank: int, k: int, rerank_bits: int = 32,
                     kept_bits: int = 32, projection_bits: int = 32, refine_rank: int = 0,
-                    refine_factor: float = 0.0) -> int:
+                    refine_factor: float = 0.0, margin_rank: int = 0) -> int:
     """Projection (r·D floats, or r·D' bytes at 8 bits, D' = D padded for SIMD; r2 rows with a
     refinement stage) + 8-bit codes (one byte per key and rank) + the refined candidates' r2 − r
     further code bytes + the re-ranked full keys at rerank_bits + for 8-bit re-ranking the k kept
-    keys re-scored in float32 unless kept_bits = 8."""
+    keys re-scored in float32 unless kept_bits = 8 + the error basis (t·D floats) with a margin."""
     kept = k * dim * BYTES_PER_FLOAT if rerank_bits == 8 and kept_bits == 32 else 0
     projection = max(rank, refine_rank) * (dim * BYTES_PER_FLOAT if projection_bits == 32 else simd_padded(dim))
     refine = refined_candidates(num_keys, rerank, refine_factor) * (refine_rank - rank) if refine_rank else 0
-    return projection + num_keys * rank + refine + rerank * dim * rerank_bits // 8 + kept
+    error_basis = margin_rank * dim * BYTES_PER_FLOAT
+    return projection + num_keys * rank + refine + rerank * dim * rerank_bits // 8 + kept + error_basis
 
 
 def refined_rerank_needed(keys: torch.Tensor, a: torch.Tensor, b: torch.Tensor, queries: torch.Tensor, k: int,
@@ -169,16 +192,16 @@ DEFAULT_REFINE_FACTOR = 2.5  # first-pass candidates per re-ranked one (minilm-s
 
 class LowRankIndex(KeyRowsIndex):
     name = "lowrank"
-    effort_param = "rerank"  # candidates re-ranked per query (exactly, or from 8-bit keys)
     needs_queries = True
     # float32 projection with projection_bits = 32, key codes with rerank_bits = 8, the refinement
-    # stage's codes with refine_rank > 0
-    parts = ("projection", "key_codes", "key_ranges", "refine_codes", "refine_ranges")
+    # stage's codes with refine_rank > 0, the error basis with margin_rank > 0
+    parts = ("projection", "key_codes", "key_ranges", "refine_codes", "refine_ranges", "error_basis")
 
     def __init__(self, keys: np.ndarray, codes: faiss.Index, projection: np.ndarray | faiss.Index,
                  build_params: dict[str, Any], search_params: dict[str, Any],
                  key_codes: np.ndarray | None = None, key_ranges: np.ndarray | None = None,
-                 refine_codes: np.ndarray | None = None, refine_ranges: np.ndarray | None = None) -> None:
+                 refine_codes: np.ndarray | None = None, refine_ranges: np.ndarray | None = None,
+                 error_basis: np.ndarray | None = None) -> None:
         super().__init__(keys, build_params, search_params)
         self.codes = codes  # n vectors of r dims: A's rows, 8-bit
         if isinstance(projection, faiss.Index):  # B's r rows, 8-bit: q Bᵀ is a search for all r of them
@@ -197,6 +220,25 @@ class LowRankIndex(KeyRowsIndex):
         self.key_codes = None if key_codes is None else RowCodes(key_codes, key_ranges)
         # refine_rank > 0: columns r .. r2 of A, 8-bit, for the refinement stage.
         self.refine_codes = None if refine_codes is None else RowCodes(refine_codes, refine_ranges)
+        # margin_rank > 0: E (t, D), and every key's approximate score read from the codes index's own memory.
+        self.error_basis = None if error_basis is None else torch.from_numpy(error_basis)
+        if self.error_basis is not None:
+            view = faiss.rev_swig_ptr(codes.codes.data(), codes.ntotal * codes.code_size)
+            self.first_pass = RowCodes(view.reshape(codes.ntotal, codes.code_size),
+                                       faiss.vector_to_array(codes.sq.trained).reshape(2, codes.d))
+
+    @property
+    def effort_param(self) -> str:
+        """`margin` (hundredths of σ_q) with an error basis, else `rerank`: candidates re-ranked
+        per query (exactly, or from 8-bit keys)."""
+        return "rerank" if self.error_basis is None else "margin"
+
+    def effort_range(self, k: int) -> tuple[int, int]:
+        return super().effort_range(k) if self.error_basis is None else (0, MAX_MARGIN)
+
+    @property
+    def margin_rank(self) -> int:
+        return self.build_params.get("margin_rank", 0)
 
     @property
     def rerank_bits(self) -> int:
@@ -226,14 +268,15 @@ class LowRankIndex(KeyRowsIndex):
     def parts_for(cls, build_params: dict[str, Any]) -> tuple[str, ...]:
         # Stores written before projection_bits existed hold the float32 projection.
         projection = ("projection",) if build_params.get("projection_bits", 32) == 32 else ()
-        key_codes = cls.parts[1:3] if build_params.get("rerank_bits", 32) == 8 else ()
-        return projection + key_codes + (cls.parts[3:] if build_params.get("refine_rank", 0) else ())
+        key_codes = ("key_codes", "key_ranges") if build_params.get("rerank_bits", 32) == 8 else ()
+        refine = ("refine_codes", "refine_ranges") if build_params.get("refine_rank", 0) else ()
+        return projection + key_codes + refine + (("error_basis",) if build_params.get("margin_rank", 0) else ())
 
     @classmethod
     def default_build_params(cls, num_keys: int, dim: int) -> dict[str, Any]:
         # No refinement by default: it saves bytes but made searches up to 2.2x slower on relu-lm and minilm-sparse.
         return {"rank": "auto", "projection_bits": 8, "rerank_bits": 32, "kept_bits": 32, "refine_rank": 0,
-                "refine_factor": DEFAULT_REFINE_FACTOR}
+                "refine_factor": DEFAULT_REFINE_FACTOR, "margin_rank": 0}
 
     @classmethod
     def build(cls, keys: np.ndarray, queries: np.ndarray | None = None, k: int | None = None,
@@ -258,6 +301,11 @@ class LowRankIndex(KeyRowsIndex):
             raise BackendError(f"refine_rank must be 0, 'auto' or an integer in (rank, {dim}], got {refine_rank!r}")
         if refine_rank and params["projection_bits"] != 8:
             raise BackendError("refine_rank needs projection_bits=8 (the refined columns come from its codes)")
+        margin_rank = params["margin_rank"]
+        if not isinstance(margin_rank, int) or not 0 <= margin_rank <= dim:
+            raise BackendError(f"margin_rank must be an integer in [0, {dim}], got {margin_rank!r}")
+        if margin_rank and (refine_rank or params["projection_bits"] != 8):
+            raise BackendError("margin_rank needs projection_bits=8 and no refine_rank")
         ranks = candidate_ranks(dim) if rank == "auto" else [rank]
 
         def refinements(first_rank: int) -> list[int]:
@@ -293,6 +341,8 @@ class LowRankIndex(KeyRowsIndex):
         if params["rerank_bits"] == 8:
             codes_of_keys = RowCodes.encode(keys)
             quantized.update(key_codes=codes_of_keys.codes.numpy(), key_ranges=codes_of_keys.ranges)
+        if margin_rank:
+            quantized["error_basis"] = residual_error_basis(keys, a, b, margin_rank)
         return cls(keys, codes, projection, params, {}, **quantized)
 
     @staticmethod
@@ -319,8 +369,10 @@ class LowRankIndex(KeyRowsIndex):
         return min(options, key=cost)
 
     def search(self, queries: np.ndarray, k: int, **search_params: Any) -> SearchResult:
-        rerank = self.resolve_effort(k, search_params)
+        effort = self.resolve_effort(k, search_params)
+        rerank = 0 if self.error_basis is not None else effort
         q = np.ascontiguousarray(queries, dtype=np.float32)  # (N, D)
+        valid, within_margin = None, 0  # (N, c) bool: the candidates within the margin; how many in all
         if self.projector is None:
             _, candidates = self.projected_codes.search(q, rerank)  # (N, rerank) by approximate score
         else:
@@ -334,18 +386,35 @@ class LowRankIndex(KeyRowsIndex):
                                     faiss.swig_ptr(rows))
             projected = np.empty_like(row_scores)
             projected[np.arange(n_queries)[:, None], rows] = row_scores  # (N, r2): q Bᵀ in row order
-            if self.refine_codes is None:
+            if self.error_basis is not None:
+                candidates, valid, within_margin = self._within_margin(projected, torch.from_numpy(q), k, effort / 100)
+            elif self.refine_codes is None:
                 _, candidates = self.codes.search(projected, rerank)  # (N, rerank) by approximate score
             else:
                 candidates = self._refined_candidates(projected, rerank)
+        candidates = torch.as_tensor(candidates)
         if self.key_codes is None:
-            values, ids = best_candidates(self.keys, torch.from_numpy(candidates), torch.from_numpy(q), k)
+            values, ids = best_candidates(self.keys, candidates, torch.from_numpy(q), k, valid)
         else:
-            values, ids = self._best_by_key_codes(torch.from_numpy(candidates), torch.from_numpy(q), k)
+            values, ids = self._best_by_key_codes(candidates, torch.from_numpy(q), k, valid)
         per_query = bytes_per_query(self.num_keys, self.dim, self.codes.d, rerank, k, self.rerank_bits, self.kept_bits,
-                                    self.projection_bits, self.refine_rank, self.refine_factor)
+                                    self.projection_bits, self.refine_rank, self.refine_factor, self.margin_rank)
         return SearchResult(values.numpy(), ids.numpy(), keys_scored=len(q) * self.num_keys,
-                            bytes_read=len(q) * per_query)
+                            bytes_read=len(q) * per_query + within_margin * self.dim * self.rerank_bits // 8)
+
+    def _within_margin(self, projected: np.ndarray, q: torch.Tensor, k: int,
+                       margin: float) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """Each query's keys whose approximate score is within margin·σ_q of its k-th best, best first:
+        projected (N, r), q (N, D) -> (candidates (N, c), valid (N, c) bool or None when every
+        slot is, candidates in all). c is the widest query's count; narrower rows are padded."""
+        approx = self.first_pass.dot_all(torch.from_numpy(projected[:, :self.codes.d]))  # (N, n)
+        kth = approx.topk(k, dim=1).values[:, -1:]  # (N, 1)
+        sigma = (q @ self.error_basis.T).norm(dim=1, keepdim=True)  # (N, 1)
+        counts = (approx >= kth - margin * sigma).sum(1)  # (N,): at least k
+        widest, total = int(counts.max()), int(counts.sum())
+        candidates = approx.topk(widest, dim=1).indices  # (N, c)
+        valid = None if total == widest * len(q) else torch.arange(widest) < counts[:, None]
+        return candidates, valid, total
 
     def _refined_candidates(self, projected: np.ndarray, rerank: int) -> np.ndarray:
         """The best `rerank` by rank-r2 score among the best refine_factor·rerank by rank-r score:
@@ -358,10 +427,13 @@ class LowRankIndex(KeyRowsIndex):
         refined = torch.from_numpy(first_scores) + further  # (N, R1): rank-r2 scores
         return first_t.gather(1, refined.topk(rerank, dim=1).indices).numpy()  # (N, rerank)
 
-    def _best_by_key_codes(self, candidates: torch.Tensor, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _best_by_key_codes(self, candidates: torch.Tensor, q: torch.Tensor, k: int,
+                           valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The k best candidates by their 8-bit keys, scored exactly unless kept_bits = 8:
-        candidates (N, R), q (N, D) -> (scores, ids) (N, k)."""
+        candidates (N, R), q (N, D), valid (N, R) bool or None (all) -> (scores, ids) (N, k)."""
         coarse = self.key_codes.dot(candidates, q)  # (N, R)
+        if valid is not None:
+            coarse = coarse.masked_fill(~valid, -torch.inf)
         best, order = coarse.topk(min(k, candidates.shape[1]), dim=1)  # (N, k)
         kept = candidates.gather(1, order)  # (N, k)
         return (best, kept) if self.kept_bits == 8 else (rows_dot(self.keys, kept, q), kept)
@@ -371,6 +443,8 @@ class LowRankIndex(KeyRowsIndex):
         for name, table in (("key", self.key_codes), ("refine", self.refine_codes)):
             if table is not None:
                 arrays.update({f"{name}_codes": table.codes.numpy(), f"{name}_ranges": table.ranges})
+        if self.error_basis is not None:
+            arrays["error_basis"] = self.error_basis.numpy()
         return arrays
 
     def save(self, folder: Path, stem: str) -> list[str]:
