@@ -400,6 +400,23 @@ def test_low_rank_margin_basis_and_bytes(data):
         index.search(queries, K, rerank=64)
 
 
+def test_low_rank_margin_first_pass_in_torch_and_in_faiss_agree(data):
+    """Small layers decode every approximate score in torch, larger ones let faiss' scan keep a
+    heap that grows until every query's margin fits: the same candidates either way."""
+    keys, queries, _, calibration = data
+    index = build_index("lowrank", keys, queries=calibration, k=K, rank=8, margin_rank=8)
+    decoding = index.first_pass
+    assert decoding is not None  # 512 keys × rank 8
+    for margin in (0, 150, 600):
+        decoded = index.search(queries, K, margin=margin)
+        index.first_pass, index._margin_width = None, 0  # faiss' heap, starting at 2k
+        scanned = index.search(queries, K, margin=margin)
+        index.first_pass = decoding
+        np.testing.assert_array_equal(scanned.ids, decoded.ids)
+        assert scanned.bytes_read == decoded.bytes_read
+    assert index._margin_width > 2 * K  # the widest margin at 600 held more than the first heap
+
+
 def test_dejavu_predictor_learns_which_neurons_fire():
     rng = np.random.default_rng(4)
     keys = rng.standard_normal((1024, DIM)).astype(np.float32)
