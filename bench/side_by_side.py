@@ -27,6 +27,8 @@ NO_MAP = ["--tail-map-rank", "0"]
 BY_GATE = ["--no-gated-selection"]
 # lowrank with its first pass refined, rank and refine rank chosen together (session 9).
 REFINED = ["--backend", "lowrank", "--param", "refine_rank=auto"]
+# lowrank re-ranking each query's keys within a margin of its k-th approximate score (session 11).
+MARGIN = ["--param", "margin_rank=16"]
 # Tail maps at rank d_ff / 64, the first default (relu-lm, topk-lm: 64; MiniLM, SmolLM2: 24).
 MAP_64, MAP_24 = ["--tail-map-rank", "64"], ["--tail-map-rank", "24"]
 # row name -> (checkpoint, build options, eval options)
@@ -78,6 +80,20 @@ ROWS: dict[str, tuple[str, list[str], list[str]]] = {
     "relu-lm-lowrank8k-mass95-map": ("relu-lm", [*MAP_64, "--backend", "lowrank", "--k", "2048", "--mass-target", "0.95",
                                                  "--param", "rerank_bits=8", "--param", "kept_bits=8"], []),
     "relu-lm-preset": ("relu-lm", ["--preset"], []),
+    # The served default until session 11 (mass 0.9, recall 0.95, a fixed re-rank count).
+    "relu-lm-preset-s10": ("relu-lm", ["--backend", "lowrank", "--k", "1024", "--mass-target", "0.9"], []),
+    # Per-query re-rank margins (session 11); the README also evaluates these on reST documentation.
+    "topk-lm-lowrank8k-99-margin": ("topk-lm", [*NO_MAP, "--backend", "lowrank", "--target-recall", "0.99",
+                                                "--param", "rerank_bits=8", "--param", "kept_bits=8", *MARGIN], []),
+    "relu-lm-lowrank8k-mass95-99-margin": ("relu-lm", ["--backend", "lowrank", "--k", "2048", "--mass-target", "0.95",
+                                                       "--param", "rerank_bits=8", "--param", "kept_bits=8",
+                                                       "--target-recall", "0.99", *MARGIN], []),
+    "relu-lm-lowrank8k-mass98-99-margin": ("relu-lm", ["--backend", "lowrank", "--k", "2048", "--mass-target", "0.98",
+                                                       "--param", "rerank_bits=8", "--param", "kept_bits=8",
+                                                       "--target-recall", "0.99", *MARGIN], []),
+    "minilm-sparse-lowrank8k-96-margin": ("minilm-sparse", [*NO_MAP, "--backend", "lowrank", "--k", "96",
+                                                            "--param", "rerank_bits=8", "--param", "kept_bits=8",
+                                                            "--target-recall", "0.96", *MARGIN], ["--reference", "minilm"]),
     "relu-lm-lowrank8k-mass95-98-map": ("relu-lm", [*MAP_64, "--backend", "lowrank", "--k", "2048", "--mass-target", "0.95",
                                                     "--param", "rerank_bits=8", "--param", "kept_bits=8",
                                                     "--target-recall", "0.98"], []),
