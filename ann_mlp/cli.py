@@ -102,7 +102,7 @@ def evaluate(
     text: Path | None = typer.Option(None, help="Text file [default: held-out Python standard library docstrings]."),
     k: int | None = typer.Option(None, help="Keys retrieved per token [default: the store's k]."),
     backend: str | None = typer.Option(None, help="Evaluate another backend, built in memory and tuned like the store."),
-    effort: int | None = typer.Option(None, help="Search effort for every layer (nprobe, efSearch, ...) [default: tuned]."),
+    effort: int | None = typer.Option(None, help="Search effort for every layer, the store's effort_param (nprobe, efSearch, rerank, margin, ...) [default: tuned]."),
     candidate_factor: float | None = typer.Option(None, help="Retrieve this many times k by key score and keep the k "
                                                              "largest |contributions| (gated: |act(gate)*up|) [default: "
                                                              "as built, 1 but for gated layers]."),

@@ -16,7 +16,8 @@ class AnnMlpOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     mode: Mode = "auto"
     k: int | None = Field(None, ge=1, description="keys retrieved per token [the store's k]")
-    effort: int | None = Field(None, ge=0, description="search effort (nprobe, efSearch, ...) [tuned]")
+    effort: int | None = Field(None, ge=0, description="search effort, the store's effort_param "
+                               "(nprobe, efSearch, rerank, margin, ...) [tuned]")
     candidate_factor: float | None = Field(None, ge=1.0, description="retrieve this many times k by key score, keep "
                                                                     "the k largest |contributions| (gated: "
                                                                     "|act(gate)*up|) [as built: 1 but for gated layers]")
