@@ -128,7 +128,7 @@ ROWS: dict[str, tuple[str, list[str], list[str]]] = {
     "relu-lm-lowrank8k-mass95-99-refined": ("relu-lm", [*REFINED, "--k", "2048", "--mass-target", "0.95",
                                                         "--param", "rerank_bits=8", "--param", "kept_bits=8",
                                                         "--target-recall", "0.99"], []),
-    # The served default's settings (--preset), refined.
+    # The served default's settings until session 11 (--preset then), refined.
     "relu-lm-preset-refined": ("relu-lm", [*REFINED, "--k", "1024", "--mass-target", "0.9"], []),
     # Selection and tail correction on dense-activation models, with perfect retrieval (exact backend):
     # what is lost to top-k itself, before any index.
