@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 import torch
@@ -149,6 +152,25 @@ def test_cli_bench_memory_sees_the_copy_an_ivf_index_holds(minilm_store, tmp_pat
     assert record["ratio"] == pytest.approx(record["approx_mb"] / record["dense_mb"], abs=1e-3)
     key_mb = 6 * 1536 * 385 * 4 / 2**20  # six layers of (d_ff, d_model + 1) float32 keys
     assert 0.5 * key_mb < record["approx_mb"] - record["dense_mb"] < 2 * key_mb
+
+
+def _arena_setting() -> str | None:
+    return os.environ.get("MALLOC_ARENA_MAX")
+
+
+def test_memory_processes_start_with_one_malloc_arena(monkeypatch):
+    """bench memory's processes see MALLOC_ARENA_MAX=1 (glibc reads it at start); the caller's
+    environment is left as it was."""
+    from ann_mlp.benchmark import _one_malloc_arena
+
+    for before in (None, "4"):
+        if before is None:
+            monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+        else:
+            monkeypatch.setenv("MALLOC_ARENA_MAX", before)
+        with _one_malloc_arena(), ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            assert pool.submit(_arena_setting).result() == "1"
+        assert _arena_setting() == before
 
 
 def test_side_by_side_rows_differing_only_in_eval_options_share_a_store():
