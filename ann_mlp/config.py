@@ -82,7 +82,7 @@ PRESET_BUILDS: dict[str, BuildConfig] = {
     # keeps the tuned recall on text of other kinds, and tail maps. Held out: docstrings 0.233
     # of the key bytes, recall 0.990, next-token agreement 0.973; Python's reST docs 0.239,
     # 0.988, 0.957. The re-rank reads the model's own float32 keys: 8-bit key codes would read
-    # half the bytes (0.115) but hold a quarter of the keys' memory again (1.16x the dense
+    # half the bytes (0.115) but hold a quarter of the keys' memory again (1.12x the dense
     # model). Until session 11: mass 0.9, recall 0.95, a fixed re-rank count: 0.157 of the
     # bytes, agreement 0.928 and 0.881.
     "relu-lm": BuildConfig(backend="lowrank", k=2048, mass_target=0.98, target_recall=0.99,
