@@ -237,14 +237,14 @@ class LowRankIndex(KeyRowsIndex):
     def effort_param(self) -> str:
         """`margin` (hundredths of σ_q) with an error basis, else `rerank`: candidates re-ranked
         per query (exactly, or from 8-bit keys)."""
-        return "rerank" if self.error_basis is None else "margin"
+        return "margin" if self.margin_rank else "rerank"
 
     def effort_range(self, k: int) -> tuple[int, int]:
-        return super().effort_range(k) if self.error_basis is None else (0, MAX_MARGIN)
+        return (0, MAX_MARGIN) if self.margin_rank else super().effort_range(k)
 
     @property
     def margin_rank(self) -> int:
-        return self.build_params.get("margin_rank", 0)
+        return 0 if self.error_basis is None else len(self.error_basis)
 
     @property
     def rerank_bits(self) -> int:
@@ -376,8 +376,9 @@ class LowRankIndex(KeyRowsIndex):
 
     def search(self, queries: np.ndarray, k: int, **search_params: Any) -> SearchResult:
         effort = self.resolve_effort(k, search_params)
-        rerank = 0 if self.error_basis is not None else effort
+        rerank = 0 if self.margin_rank else effort
         q = np.ascontiguousarray(queries, dtype=np.float32)  # (N, D)
+        q_t = torch.from_numpy(q)  # the same memory
         valid, within_margin = None, 0  # (N, c) bool: the candidates within the margin; how many in all
         if self.projector is None:
             _, candidates = self.projected_codes.search(q, rerank)  # (N, rerank) by approximate score
@@ -392,17 +393,17 @@ class LowRankIndex(KeyRowsIndex):
                                     faiss.swig_ptr(rows))
             projected = np.empty_like(row_scores)
             projected[np.arange(n_queries)[:, None], rows] = row_scores  # (N, r2): q Bᵀ in row order
-            if self.error_basis is not None:
-                candidates, valid, within_margin = self._within_margin(projected, torch.from_numpy(q), k, effort / 100)
+            if self.margin_rank:
+                candidates, valid, within_margin = self._within_margin(projected, q_t, k, effort / 100)
             elif self.refine_codes is None:
                 _, candidates = self.codes.search(projected, rerank)  # (N, rerank) by approximate score
             else:
                 candidates = self._refined_candidates(projected, rerank)
         candidates = torch.as_tensor(candidates)
         if self.key_codes is None:
-            values, ids = best_candidates(self.keys, candidates, torch.from_numpy(q), k, valid)
+            values, ids = best_candidates(self.keys, candidates, q_t, k, valid)
         else:
-            values, ids = self._best_by_key_codes(candidates, torch.from_numpy(q), k, valid)
+            values, ids = self._best_by_key_codes(candidates, q_t, k, valid)
         per_query = bytes_per_query(self.num_keys, self.dim, self.codes.d, rerank, k, self.rerank_bits, self.kept_bits,
                                     self.projection_bits, self.refine_rank, self.refine_factor, self.margin_rank)
         return SearchResult(values.numpy(), ids.numpy(), keys_scored=len(q) * self.num_keys,
@@ -432,8 +433,9 @@ class LowRankIndex(KeyRowsIndex):
                 if width == self.num_keys or counts.max() < width:
                     break
                 width = min(self.num_keys, 2 * width)
-            self._margin_width = round_up_16(int(counts.max()) * 5 // 4)
-            candidates = torch.from_numpy(ranked[:, :int(counts.max())])  # (N, c)
+            widest = int(counts.max())
+            self._margin_width = round_up_16(widest * 5 // 4)
+            candidates = torch.from_numpy(ranked[:, :widest])  # (N, c)
         widest, total = candidates.shape[1], int(counts.sum())
         valid = None if total == widest * len(q) else torch.arange(widest) < counts[:, None]
         return candidates, valid, total
