@@ -27,6 +27,8 @@ NO_MAP = ["--tail-map-rank", "0"]
 BY_GATE = ["--no-gated-selection"]
 # lowrank with its first pass refined, rank and refine rank chosen together (session 9).
 REFINED = ["--backend", "lowrank", "--param", "refine_rank=auto"]
+# lowrank ranking its candidates by 8-bit key codes and keeping their 8-bit scores (³ in the README).
+CODES_8 = ["--param", "rerank_bits=8", "--param", "kept_bits=8"]
 # lowrank re-ranking each query's keys within a margin of its k-th approximate score (session 11).
 MARGIN = ["--param", "margin_rank=16"]
 # Tail maps at rank d_ff / 64, the first default (relu-lm, topk-lm: 64; MiniLM, SmolLM2: 24).
@@ -63,71 +65,51 @@ ROWS: dict[str, tuple[str, list[str], list[str]]] = {
     "topk-lm-lowrank8-99": ("topk-lm", [*NO_MAP, "--backend", "lowrank", "--target-recall", "0.99", "--param", "rerank_bits=8"],
                             []),
     # No float32 key read: candidates ranked and the k kept scored from 8-bit codes of the keys.
-    "relu-lm-lowrank8k-mass": ("relu-lm", [*NO_MAP, "--backend", "lowrank", "--k", "1024", "--mass-target", "0.9",
-                                           "--param", "rerank_bits=8", "--param", "kept_bits=8"], []),
-    "relu-lm-lowrank8k-mass95": ("relu-lm", [*NO_MAP, "--backend", "lowrank", "--k", "2048", "--mass-target", "0.95",
-                                             "--param", "rerank_bits=8", "--param", "kept_bits=8"], []),
-    "topk-lm-lowrank8k-99": ("topk-lm", [*NO_MAP, "--backend", "lowrank", "--target-recall", "0.99",
-                                         "--param", "rerank_bits=8", "--param", "kept_bits=8"], []),
-    "minilm-sparse-lowrank8k": ("minilm-sparse", [*NO_MAP, "--backend", "lowrank", "--k", "96", "--param", "rerank_bits=8",
-                                                  "--param", "kept_bits=8"], ["--reference", "minilm"]),
-    "minilm-sparse-lowrank8k-97": ("minilm-sparse", [*NO_MAP, "--backend", "lowrank", "--k", "96", "--param", "rerank_bits=8",
-                                                     "--param", "kept_bits=8", "--target-recall", "0.97"],
+    "relu-lm-lowrank8k-mass": ("relu-lm", [*NO_MAP, "--backend", "lowrank", "--k", "1024", "--mass-target", "0.9", *CODES_8], []),
+    "relu-lm-lowrank8k-mass95": ("relu-lm", [*NO_MAP, "--backend", "lowrank", "--k", "2048", "--mass-target", "0.95", *CODES_8], []),
+    "topk-lm-lowrank8k-99": ("topk-lm", [*NO_MAP, "--backend", "lowrank", "--target-recall", "0.99", *CODES_8], []),
+    "minilm-sparse-lowrank8k": ("minilm-sparse", [*NO_MAP, "--backend", "lowrank", "--k", "96", *CODES_8], ["--reference", "minilm"]),
+    "minilm-sparse-lowrank8k-97": ("minilm-sparse", [*NO_MAP, "--backend", "lowrank", "--k", "96", *CODES_8, "--target-recall", "0.97"],
                                    ["--reference", "minilm"]),
     # With the linear tail map (session 7), at rank d_ff / 64 as first measured; the build's default
     # is now rank 16, and none for Top-k models, whose tail is zero.
     "relu-lm-lowrank-mass-map": ("relu-lm", [*MAP_64, "--backend", "lowrank", "--k", "1024", "--mass-target", "0.9"], []),
-    "relu-lm-lowrank8k-mass95-map": ("relu-lm", [*MAP_64, "--backend", "lowrank", "--k", "2048", "--mass-target", "0.95",
-                                                 "--param", "rerank_bits=8", "--param", "kept_bits=8"], []),
+    "relu-lm-lowrank8k-mass95-map": ("relu-lm", [*MAP_64, "--backend", "lowrank", "--k", "2048", "--mass-target", "0.95", *CODES_8], []),
     "relu-lm-preset": ("relu-lm", ["--preset"], []),
     # The served default until session 11 (mass 0.9, recall 0.95, a fixed re-rank count).
     "relu-lm-preset-s10": ("relu-lm", ["--backend", "lowrank", "--k", "1024", "--mass-target", "0.9"], []),
     # Per-query re-rank margins (session 11); the README also evaluates these on reST documentation.
-    "topk-lm-lowrank8k-99-margin": ("topk-lm", [*NO_MAP, "--backend", "lowrank", "--target-recall", "0.99",
-                                                "--param", "rerank_bits=8", "--param", "kept_bits=8", *MARGIN], []),
+    "topk-lm-lowrank8k-99-margin": ("topk-lm", [*NO_MAP, "--backend", "lowrank", "--target-recall", "0.99", *CODES_8, *MARGIN], []),
     "relu-lm-lowrank8k-mass95-99-margin": ("relu-lm", ["--backend", "lowrank", "--k", "2048", "--mass-target", "0.95",
-                                                       "--param", "rerank_bits=8", "--param", "kept_bits=8",
-                                                       "--target-recall", "0.99", *MARGIN], []),
+                                                       *CODES_8, "--target-recall", "0.99", *MARGIN], []),
     "relu-lm-lowrank8k-mass98-99-margin": ("relu-lm", ["--backend", "lowrank", "--k", "2048", "--mass-target", "0.98",
-                                                       "--param", "rerank_bits=8", "--param", "kept_bits=8",
-                                                       "--target-recall", "0.99", *MARGIN], []),
+                                                       *CODES_8, "--target-recall", "0.99", *MARGIN], []),
     "minilm-sparse-lowrank8k-96-margin": ("minilm-sparse", [*NO_MAP, "--backend", "lowrank", "--k", "96",
-                                                            "--param", "rerank_bits=8", "--param", "kept_bits=8",
-                                                            "--target-recall", "0.96", *MARGIN], ["--reference", "minilm"]),
+                                                            *CODES_8, "--target-recall", "0.96", *MARGIN], ["--reference", "minilm"]),
     "minilm-sparse-lowrank8k-97-margin": ("minilm-sparse", [*NO_MAP, "--backend", "lowrank", "--k", "96",
-                                                            "--param", "rerank_bits=8", "--param", "kept_bits=8",
-                                                            "--target-recall", "0.97", *MARGIN], ["--reference", "minilm"]),
+                                                            *CODES_8, "--target-recall", "0.97", *MARGIN], ["--reference", "minilm"]),
     "relu-lm-lowrank8k-mass95-98-map": ("relu-lm", [*MAP_64, "--backend", "lowrank", "--k", "2048", "--mass-target", "0.95",
-                                                    "--param", "rerank_bits=8", "--param", "kept_bits=8",
-                                                    "--target-recall", "0.98"], []),
+                                                    *CODES_8, "--target-recall", "0.98"], []),
     "relu-lm-lowrank8k-mass95-99": ("relu-lm", ["--backend", "lowrank", "--k", "2048", "--mass-target", "0.95",
-                                                "--param", "rerank_bits=8", "--param", "kept_bits=8",
-                                                "--target-recall", "0.99"], []),
+                                                *CODES_8, "--target-recall", "0.99"], []),
     # The same with k at most d_ff / 8: layer 0 fires about a quarter of its neurons, and keeping 0.95
     # of its mass (k = 944) cost it 0.184 of its key bytes.
     "relu-lm-lowrank8k-512-mass95-99": ("relu-lm", ["--backend", "lowrank", "--k", "512", "--mass-target", "0.95",
-                                                    "--param", "rerank_bits=8", "--param", "kept_bits=8",
-                                                    "--target-recall", "0.99"], []),
+                                                    *CODES_8, "--target-recall", "0.99"], []),
     "topk-lm-lowrank8k-99-map": ("topk-lm", [*MAP_64, "--backend", "lowrank",
-                                             "--target-recall", "0.99", "--param", "rerank_bits=8",
-                                             "--param", "kept_bits=8"], []),
+                                             "--target-recall", "0.99", *CODES_8], []),
     "minilm-lowrank-map": ("minilm", [*MAP_24, "--backend", "lowrank"], []),
     "minilm-sparse-lowrank8k-97-map": ("minilm-sparse", [*MAP_24, "--backend", "lowrank",
-                                                         "--k", "96", "--param", "rerank_bits=8", "--param",
-                                                         "kept_bits=8", "--target-recall", "0.97"],
+                                                         "--k", "96", *CODES_8, "--target-recall", "0.97"],
                                        ["--reference", "minilm"]),
     # The first pass refined (session 9): the build picks rank and refine rank together.
-    "minilm-sparse-lowrank8k-96-refined": ("minilm-sparse", [*NO_MAP, *REFINED, "--k", "96", "--param", "rerank_bits=8",
-                                                             "--param", "kept_bits=8", "--target-recall", "0.96"],
+    "minilm-sparse-lowrank8k-96-refined": ("minilm-sparse", [*NO_MAP, *REFINED, "--k", "96", *CODES_8, "--target-recall", "0.96"],
                                            ["--reference", "minilm"]),
-    "minilm-sparse-lowrank8k-97-refined": ("minilm-sparse", [*NO_MAP, *REFINED, "--k", "96", "--param", "rerank_bits=8",
-                                                             "--param", "kept_bits=8", "--target-recall", "0.97"],
+    "minilm-sparse-lowrank8k-97-refined": ("minilm-sparse", [*NO_MAP, *REFINED, "--k", "96", *CODES_8, "--target-recall", "0.97"],
                                            ["--reference", "minilm"]),
-    "topk-lm-lowrank8k-99-refined": ("topk-lm", [*NO_MAP, *REFINED, "--target-recall", "0.99",
-                                                 "--param", "rerank_bits=8", "--param", "kept_bits=8"], []),
+    "topk-lm-lowrank8k-99-refined": ("topk-lm", [*NO_MAP, *REFINED, "--target-recall", "0.99", *CODES_8], []),
     "relu-lm-lowrank8k-mass95-99-refined": ("relu-lm", [*REFINED, "--k", "2048", "--mass-target", "0.95",
-                                                        "--param", "rerank_bits=8", "--param", "kept_bits=8",
-                                                        "--target-recall", "0.99"], []),
+                                                        *CODES_8, "--target-recall", "0.99"], []),
     # The served default's settings until session 11 (--preset then), refined.
     "relu-lm-preset-refined": ("relu-lm", [*REFINED, "--k", "1024", "--mass-target", "0.9"], []),
     # Selection and tail correction on dense-activation models, with perfect retrieval (exact backend):
