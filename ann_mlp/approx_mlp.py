@@ -85,10 +85,20 @@ class ApproxMLP(nn.Module):
     def __init__(self, weights: MlpWeights, index: MipsIndex, k: int, search_params: dict | None = None,
                  tail_mean: torch.Tensor | None = None, tail_map: torch.Tensor | None = None,
                  candidates: int | None = None, up_codes: torch.Tensor | None = None,
-                 up_ranges: torch.Tensor | None = None) -> None:
+                 up_ranges: torch.Tensor | None = None, neuron_order: torch.Tensor | None = None) -> None:
+        """neuron_order: (d_ff,) int64 when the model's neurons were put in the order of the index's
+        table (approx_model.share_layer_tables): weights' neuron p is the index's key neuron_order[p].
+        Search ids are then mapped to the model's neurons, and tail_mean and up_codes, given in
+        the index's order, are put in the model's."""
         super().__init__()
         if not 1 <= k <= weights.d_ff:
             raise InputError(f"k must be in [1, d_ff={weights.d_ff}], got {k}")
+        # The model's neuron for each index id, and -1 at the end, where id -1 (nothing found) reads.
+        self.neuron_of_id = None if neuron_order is None else \
+            np.append(torch.argsort(neuron_order).numpy(), -1)  # (d_ff + 1,)
+        if neuron_order is not None:
+            tail_mean = None if tail_mean is None else tail_mean[neuron_order]
+            up_codes = None if up_codes is None else up_codes[neuron_order]
         self.weights = weights
         self.index = index
         self.k = k
@@ -198,11 +208,12 @@ class ApproxMLP(nn.Module):
         result = self.index.search(self.augmented(x), max(self.k, self.candidates), **self.search_params)
         search_seconds = time.perf_counter() - search_start
 
-        retrieved = torch.from_numpy(result.ids)  # (N, c), -1 = nothing found
+        found = result.ids if self.neuron_of_id is None else self.neuron_of_id[result.ids]  # (N, c)
+        retrieved = torch.from_numpy(found)  # (N, c), -1 = nothing found
         # Usually every slot is filled; masking only when one is not keeps the batch-1 glue small.
-        all_found = bool(result.ids.min() >= 0)
-        missing = None if all_found else torch.from_numpy(result.ids < 0)  # (N, c) bool
-        ids = retrieved if all_found else torch.from_numpy(np.maximum(result.ids, 0))  # (N, c), valid rows
+        all_found = bool(found.min() >= 0)
+        missing = None if all_found else torch.from_numpy(found < 0)  # (N, c) bool
+        ids = retrieved if all_found else torch.from_numpy(np.maximum(found, 0))  # (N, c), valid rows
         scores = torch.from_numpy(result.scores)  # (N, c): exact, or the index's approximation
         silent = missing  # (N, c) bool: slots that contribute nothing (None: none)
         if w.topk and w.topk < self.k:  # Top-k model: only the K best of the retrieved fire

@@ -31,9 +31,11 @@ class ApproxModel:
 
     def __init__(self, manifest: Manifest, checkpoint: Checkpoint, indexes: dict[int, MipsIndex],
                  k: int | None = None, search_params: dict[str, Any] | None = None,
-                 layer_arrays: dict[int, dict[str, np.ndarray]] | None = None) -> None:
+                 layer_arrays: dict[int, dict[str, np.ndarray]] | None = None,
+                 neuron_orders: dict[int, np.ndarray] | None = None) -> None:
         """layer_arrays: per layer, the arrays beside its index (tail correction, up codes; from
-        build.build_indexes or Store.load_layer_arrays)."""
+        build.build_indexes or Store.load_layer_arrays). neuron_orders: per layer whose neurons
+        open() reordered to share its index's table, that order (share_layer_tables)."""
         self.manifest = manifest
         self.checkpoint = checkpoint
         self.mlps: dict[int, ApproxMLP] = {}
@@ -41,8 +43,11 @@ class ApproxModel:
             weights = checkpoint.adapter.mlp_weights(entry.layer)
             assert (weights.d_ff, weights.d_model) == (entry.d_ff, entry.d_model)
             arrays = {part: torch.from_numpy(array) for part, array in (layer_arrays or {}).get(entry.layer, {}).items()}
+            order = (neuron_orders or {}).get(entry.layer)
             self.mlps[entry.layer] = ApproxMLP(weights, indexes[entry.layer], entry.k or manifest.k,
-                                               candidates=entry.candidates, **arrays)
+                                               candidates=entry.candidates,
+                                               neuron_order=None if order is None else torch.from_numpy(order),
+                                               **arrays)
         self.configure(k, search_params)
 
     @classmethod
@@ -52,15 +57,17 @@ class ApproxModel:
         source = resolve_checkpoint(checkpoint or recorded_checkpoint(store))
         store.verify_source(source)
         checkpoint = load_checkpoint(source)
-        indexes = {}
+        indexes, orders = {}, {}
         for entry in store.manifest.layers:
             weights = checkpoint.adapter.mlp_weights(entry.layer)
             keys = augmented_keys(weights)  # (d_ff, d_model + 1)
-            indexes[entry.layer] = store.load_index(entry.layer, keys)
-            held = indexes[entry.layer].key_table()
-            share_layer_tables(checkpoint.model, weights, keys if held is None else held)
+            index = indexes[entry.layer] = store.load_index(entry.layer, keys)
+            held, order = index.key_table(), index.table_order()
+            share_layer_tables(checkpoint.model, weights, keys if held is None else held, order)
+            if order is not None:
+                orders[entry.layer] = order
         arrays = {entry.layer: store.load_layer_arrays(entry.layer) for entry in store.manifest.layers}
-        return cls(store.manifest, checkpoint, indexes, layer_arrays=arrays, **options)
+        return cls(store.manifest, checkpoint, indexes, layer_arrays=arrays, neuron_orders=orders, **options)
 
     def configure(self, k: int | None = None, search_params: dict[str, Any] | None = None,
                   candidate_factor: float | None = None) -> None:
@@ -120,20 +127,29 @@ class ApproxModel:
             mlp.stats.reset()
 
 
-def share_layer_tables(model: nn.Module, weights: MlpWeights, key_table: np.ndarray) -> None:
+def share_layer_tables(model: nn.Module, weights: MlpWeights, key_table: np.ndarray,
+                       order: np.ndarray | None = None) -> None:
     """Hold one layer's MLP weights once, in the layouts the approximate path reads.
 
     key_table: (d_ff, >= d_model + 1) float32, the augmented keys [k_i; b_i] (the index's
-    own when it holds them), columns past d_model + 1 ignored. Points the model's key and
-    bias parameters at views of it and its value parameters at a contiguous (d_ff, d_model)
-    table (a transposed view where the family stores the matrix the other way round), so
-    the dense model, the index and ApproxMLP read the same memory and the old tensors are freed.
+    own when it holds them), columns past d_model + 1 ignored; order: (d_ff,) the neuron in
+    each of its rows, when not in the model's order (MipsIndex.table_order). Points the
+    model's key and bias parameters at views of it and its value parameters at a contiguous
+    (d_ff, d_model) table (a transposed view where the family stores the matrix the other way
+    round), so the dense model, the index and ApproxMLP read the same memory and the old
+    tensors are freed. With an order, every per-neuron parameter (values, up rows and bias)
+    is put in it too: a permutation of an MLP's neurons leaves its output unchanged.
     """
     table = torch.from_numpy(key_table)
     _repoint(model, weights.keys, table[:, : weights.d_model])
     if weights.key_bias is not None:
         _repoint(model, weights.key_bias, table[:, weights.d_model])
-    _repoint(model, weights.values, weights.values.float().contiguous())
+    rows = slice(None) if order is None else torch.from_numpy(order)
+    _repoint(model, weights.values, weights.values.float()[rows].contiguous())
+    if order is not None:
+        for per_neuron in (weights.up, weights.up_bias):
+            if per_neuron is not None:
+                _repoint(model, per_neuron, per_neuron[rows].contiguous())
 
 
 def _repoint(model: nn.Module, current: torch.Tensor, replacement: torch.Tensor) -> None:

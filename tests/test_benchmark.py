@@ -141,9 +141,10 @@ def test_peers_sweep_reports_every_backend_with_consistent_fields(tiny_checkpoin
         map(json.dumps, [r for r in records if r["backend"] != "teal"] + again))
 
 
-def test_cli_bench_memory_sees_the_copy_an_ivf_index_holds(minilm_store, tmp_path):
-    """IVF keeps its own copy of the keys (faiss' inverted lists): the measured growth must show
-    about that many bytes, which the exact-rescoring backends no longer hold (tests/test_store.py)."""
+def test_cli_bench_memory_sees_no_second_copy_of_the_keys(minilm_store, tmp_path):
+    """IVF's lists are views of the model's own key rows (tests/test_store.py): loading the store
+    must grow the process by the model and little more. Before, the lists held their own copy
+    and the same measurement showed about one key table more (MiniLM: 1.147x)."""
     out = tmp_path / "memory.jsonl"
     proc = run("bench", "memory", str(minilm_store), "--repeats", "1", "--json", str(out))
     assert "ratio" in proc.stdout
@@ -153,7 +154,7 @@ def test_cli_bench_memory_sees_the_copy_an_ivf_index_holds(minilm_store, tmp_pat
     rounding = 0.05 / record["dense_mb"] * (1 + record["ratio"]) + 5e-4
     assert record["ratio"] == pytest.approx(record["approx_mb"] / record["dense_mb"], abs=rounding)
     key_mb = 6 * 1536 * 385 * 4 / 2**20  # six layers of (d_ff, d_model + 1) float32 keys
-    assert 0.5 * key_mb < record["approx_mb"] - record["dense_mb"] < 2 * key_mb
+    assert record["approx_mb"] - record["dense_mb"] < 0.25 * key_mb
 
 
 def _arena_setting() -> str | None:

@@ -157,6 +157,39 @@ def test_faiss_flat_storage_is_lent_as_the_key_table(data, name, tmp_path):
                                                                  "dim": DIM}, {})
 
 
+def test_ivf_lists_are_views_of_one_table_in_list_order(data, tmp_path):
+    """IVF-Flat's lists hold no keys of their own: each is a view of its rows of one contiguous
+    table, which is what the model borrows, and faiss searches it as it searched its own lists.
+    The table outlives the index; a file whose keys differ is refused."""
+    import faiss
+
+    keys, queries = data[0], data[1]
+    index = build_index("ivf", keys)
+    table, order = index.key_table(), index.table_order()  # (n, DIM) in list order, (n,)
+    assert table.flags.c_contiguous and sorted(order) == list(range(len(keys)))
+    np.testing.assert_array_equal(table, keys[order])
+    lists = faiss.downcast_InvertedLists(index.ivf.invlists)
+    assert not any(lists.codes.at(i).is_owned for i in range(lists.nlist))
+    # faiss' own IVF-Flat, trained and filled the same way, owning its lists: the same results
+    own = faiss.IndexIVFFlat(faiss.IndexFlatIP(DIM), DIM, index.ivf.nlist, faiss.METRIC_INNER_PRODUCT)
+    own.cp.min_points_per_centroid = 1
+    own.train(keys)
+    own.add(keys)
+    for nprobe in (1, 3, index.ivf.nlist):
+        scores, ids = own.search(queries, K, params=faiss.SearchParametersIVF(nprobe=nprobe))
+        result = index.search(queries, K, nprobe=nprobe)
+        np.testing.assert_array_equal(result.ids, ids)
+        np.testing.assert_array_equal(result.scores, scores)
+    index.save(tmp_path, "layer_000")
+    del index
+    gc.collect()
+    np.testing.assert_array_equal(table, keys[order])  # still readable: numpy owns it
+    other = keys.copy()
+    other[3, 5] += 1
+    with pytest.raises(BackendError, match="not the checkpoint's"):
+        backend_class("ivf").load(tmp_path, "layer_000", other, {}, {})
+
+
 def test_load_refuses_keys_of_another_size(data, tmp_path):
     index = _index("ivf", data)
     index.save(tmp_path, "layer_000")

@@ -179,11 +179,14 @@ def test_tail_correction_is_stored_exact_at_full_k_and_lowers_gelu_error(tiny_ch
 
 
 @pytest.mark.parametrize(("family", "backend"), [("gpt2", "lowrank"), ("llama", "lowrank"), ("bert", "lowrank"),
-                                               ("gpt2", "hnsw"), ("bert", "pq")])
+                                               ("gpt2", "hnsw"), ("bert", "pq"),
+                                               ("gpt2", "ivf"), ("llama", "ivf"), ("bert", "ivf")])
 def test_model_and_index_hold_the_weights_once(tiny_checkpoints, tmp_path, family, backend):
     """Keys live once, in the index's augmented table (faiss' own flat storage for HNSW and
-    PQ's refine stage, padded for PQ), values once in ApproxMLP's table; the model's parameters
-    are views of them (GPT-2 stores keys transposed, LLaMA and BERT values)."""
+    PQ's refine stage, padded for PQ; IVF's lists, one table in list order), values once in
+    ApproxMLP's table; the model's parameters are views of them (GPT-2 stores keys transposed,
+    LLaMA and BERT values). Under IVF the model's neurons take the lists' order: the same
+    model, summed in another order."""
     config = BuildConfig(backend=backend, k=16, target_recall=0.9, calibration=TextConfig(max_tokens=600))
     store = build_store(str(tiny_checkpoints[family]), tmp_path / family, config, progress=False)
     plain = load_checkpoint(str(tiny_checkpoints[family]))
@@ -193,11 +196,22 @@ def test_model_and_index_hold_the_weights_once(tiny_checkpoints, tmp_path, famil
         result = forward(checkpoint, batch)
         return result.logits if family != "bert" else result.last_hidden_state
 
-    assert torch.equal(output(model.checkpoint), output(plain))
+    if backend == "ivf":
+        torch.testing.assert_close(output(model.checkpoint), output(plain), rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.equal(output(model.checkpoint), output(plain))
     adapter = model.checkpoint.adapter
     for layer, mlp in model.mlps.items():
         weights = adapter.mlp_weights(layer)
         table = torch.from_numpy(mlp.index.key_table())  # (d_ff, >= d_model + 1)
+        order = mlp.index.table_order()
+        assert (order is None) == (backend != "ivf")
+        if order is not None:  # row p of every per-neuron tensor is the checkpoint's neuron order[p]
+            original = plain.adapter.mlp_weights(layer)
+            assert sorted(order) == list(range(weights.d_ff))
+            for name in ("keys", "key_bias", "values", "up", "up_bias"):
+                if getattr(original, name) is not None:
+                    assert torch.equal(getattr(weights, name), getattr(original, name)[order]), name
         assert weights.keys.data_ptr() == table.data_ptr()
         assert weights.values.data_ptr() == mlp.value_rows.data_ptr()
         if weights.key_bias is not None:
@@ -209,6 +223,42 @@ def test_model_and_index_hold_the_weights_once(tiny_checkpoints, tmp_path, famil
         full = output(model.checkpoint)
     exact = output(plain)
     assert float((full - exact).norm() / exact.norm()) < 1e-5
+
+
+@pytest.mark.parametrize(("family", "arrays"), [("bert", "tail_mean"), ("llama", "up_codes")])
+def test_ivf_reordered_model_selects_and_sums_the_same_neurons(tiny_checkpoints, tmp_path, family, arrays):
+    """An IVF store opened puts the model's neurons in its lists' order; at k < d_ff and a partial
+    probe (empty slots included) the approximate MLPs keep the same neurons, with the per-neuron
+    arrays (BERT's tail means, LLaMA's up codes) reordered with them, as the same indexes on the
+    model in its own order."""
+    from ann_mlp.approx_mlp import augmented_keys
+
+    config = BuildConfig(backend="ivf", k=8, target_recall=0.6, tail_correction=family == "bert",
+                         tail_map_rank=0, gated_selection=family == "llama", plan=False,
+                         calibration=TextConfig(max_tokens=800))
+    path = build_store(str(tiny_checkpoints[family]), tmp_path / family, config, progress=False)
+    reordered = ApproxModel.open(path)
+    store, plain = Store.open(path), load_checkpoint(str(tiny_checkpoints[family]))
+    indexes = {e.layer: store.load_index(e.layer, augmented_keys(plain.adapter.mlp_weights(e.layer)))
+               for e in store.manifest.layers}
+    in_order = ApproxModel(store.manifest, plain, indexes,
+                           layer_arrays={e.layer: store.load_layer_arrays(e.layer) for e in store.manifest.layers})
+    assert all(getattr(e, f"{arrays}_file") for e in store.manifest.layers)
+    for model in (reordered, in_order):
+        model.configure(search_params={"nprobe": 1})  # one list of ~6 keys: slots stay empty
+    x = torch.randn(48, plain.adapter.mlp_weights(0).d_model, generator=torch.Generator().manual_seed(1))
+    empty_slots = 0
+    for layer, mlp in reordered.mlps.items():
+        order = torch.from_numpy(mlp.index.table_order())
+        with torch.inference_mode():
+            y, kept, _ = mlp.forward_with_selection(x)
+            y_in_order, kept_in_order, _ = in_order.mlps[layer].forward_with_selection(x)
+        found = kept >= 0
+        empty_slots += int((~found).sum())
+        assert torch.equal(found, kept_in_order >= 0)
+        assert torch.equal(order[kept[found]], kept_in_order[found])  # the same checkpoint neurons
+        torch.testing.assert_close(y, y_in_order, rtol=1e-5, atol=1e-6)
+    assert empty_slots > 0
 
 
 @pytest.mark.parametrize(("family", "corrected"), [("bert", True), ("opt", False), ("llama", False)])

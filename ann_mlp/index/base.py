@@ -101,10 +101,18 @@ class MipsIndex(ABC):
 
     def key_table(self) -> np.ndarray | None:
         """The augmented keys as this index holds them in memory: (num_keys, >= dim) float32, rows
-        in key order, columns past `dim` zero padding; None when it holds no such table.
+        in table_order(), columns past `dim` zero padding; None when it holds no such table.
 
         ApproxModel points the model's key parameters into this table, so a backend holding
         the keys anyway does not cost a second copy of them.
+        """
+        return None
+
+    def table_order(self) -> np.ndarray | None:
+        """(num_keys,) int64, the key in each row of key_table(); None when that is key order.
+
+        An IVF holds each list's keys together. ApproxModel.open then puts the model's neurons
+        in this order too, which leaves the MLP's output unchanged.
         """
         return None
 

@@ -41,9 +41,9 @@ class FaissIndex(MipsIndex):
         if index.ntotal != len(keys):
             raise BackendError(f"{stem}: the index holds {index.ntotal} keys, the layer has {len(keys)}")
         loaded = cls(index, build_params, search_params)
-        held = loaded.key_table()
+        held, order = loaded.key_table(), loaded.table_order()
         # The model will run on these keys: they must be the checkpoint's, bit for bit.
-        if held is not None and not np.array_equal(held[:, : keys.shape[1]], keys):
+        if held is not None and not np.array_equal(held[:, : keys.shape[1]], keys if order is None else keys[order]):
             raise BackendError(f"{stem}: the keys inside the index are not the checkpoint's")
         return loaded
 

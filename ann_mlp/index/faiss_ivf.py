@@ -1,4 +1,7 @@
-"""faiss IVF-Flat with inner product: k-means lists over the keys, probe `nprobe` of them."""
+"""faiss IVF-Flat with inner product: k-means lists over the keys, probe `nprobe` of them.
+
+The lists' keys live in one table in list order, which is lent to the model: its neurons are
+put in the same order (ApproxModel.open), so the keys are held once."""
 
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ class IvfIndex(FaissIndex):
         self._params: dict[int, faiss.SearchParametersIVF] = {}  # per nprobe: built once, not per call
         # Keys per list: the keys a probe of those lists scores (what faiss' ndis counts).
         self.list_sizes = np.array([self.ivf.invlists.list_size(i) for i in range(self.ivf.nlist)], dtype=np.int64)
+        self._order, self._table = _lists_in_one_table(self.ivf, self.list_sizes)
 
     @classmethod
     def default_build_params(cls, num_keys: int, dim: int) -> dict[str, Any]:
@@ -43,6 +47,12 @@ class IvfIndex(FaissIndex):
 
     def effort_range(self, k: int) -> tuple[int, int]:
         return (1, self.ivf.nlist)
+
+    def key_table(self) -> np.ndarray:
+        return self._table
+
+    def table_order(self) -> np.ndarray:
+        return self._order
 
     def _search_params(self, nprobe: int) -> faiss.SearchParametersIVF:
         if nprobe not in self._params:
@@ -73,3 +83,32 @@ class IvfIndex(FaissIndex):
         centroid_count = n_queries * self.ivf.nlist
         return SearchResult(scores, ids, keys_scored,
                             (keys_scored + centroid_count) * self.dim * BYTES_PER_FLOAT)
+
+
+def _lists_in_one_table(ivf: faiss.IndexIVF, list_sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Move the lists' keys into one contiguous table, each list becoming a view of its rows.
+
+    Returns (order (n,) int64: the key in each row, table (n, D) float32 in list order). faiss'
+    search reads the same bytes as before, now in one allocation the model can share; the lists
+    do not own the table, so the index must keep it alive (IvfIndex does).
+    """
+    lists = faiss.downcast_InvertedLists(ivf.invlists)  # IVF-Flat: ArrayInvertedLists, one key per code
+    row_bytes = lists.code_size
+    table = np.empty((ivf.ntotal, ivf.d), dtype=np.float32)  # (n, D)
+    table_bytes = table.view(np.uint8).reshape(-1)
+    order = np.empty(ivf.ntotal, dtype=np.int64)
+    # An empty owner, read from a vector kept alive while it is copied: the table's lifetime is
+    # the Python side's business.
+    empty = faiss.MaybeOwnedVectorUInt8()
+    views, start = faiss.MaybeOwnedVectorUInt8Vector(), 0
+    for i, size in enumerate(int(size) for size in list_sizes):
+        if size == 0:
+            views.push_back(faiss.MaybeOwnedVectorUInt8())
+            continue
+        order[start: start + size] = faiss.rev_swig_ptr(lists.get_ids(i), size)
+        rows = table_bytes[start * row_bytes: (start + size) * row_bytes]
+        rows[:] = faiss.rev_swig_ptr(lists.get_codes(i), len(rows))
+        views.push_back(faiss.MaybeOwnedVectorUInt8.create_view(faiss.swig_ptr(rows), len(rows), empty.owner))
+        start += size
+    lists.codes.swap(views)  # the lists' own buffers leave with `views`
+    return order, table
