@@ -487,6 +487,37 @@ def test_scann_soar_spills_every_key_into_a_second_leaf(data):
     assert measure(index, queries, truth, K, 1).scanned_fraction < 0.5
 
 
+def test_scann_int8_reorder_scores_the_k_found_from_the_models_keys(data, tmp_path):
+    """New ScaNN builds re-order from ScaNN's int8 copy (a quarter of the keys' memory) and score
+    the k found exactly from the checkpoint's keys, which they lend to the model uncopied; a store
+    built before `reorder_bits` (float32 re-order, its own copy) loads as it was built."""
+    _require_backend("scann")
+    keys, queries, truth, _ = data
+    index = build_index("scann", keys)
+    assert index.build_params["reorder_bits"] == 8 and index.exact_scores
+    result = index.search(queries, K, leaves_to_search=index.effort_range(K)[1])
+    found = result.ids >= 0
+    exact = np.einsum("nd,nkd->nk", queries, keys[np.maximum(result.ids, 0)])  # (N, K)
+    np.testing.assert_allclose(result.scores[found], exact[found], rtol=1e-5, atol=1e-4)
+    assert measure(index, queries, truth, K, index.effort_range(K)[1]).recall >= 0.95
+    index.save(tmp_path, "int8")
+    held = keys.copy()
+    loaded = backend_class("scann").load(tmp_path, "int8", held, index.build_params, {})
+    assert loaded.key_table().ctypes.data == held.ctypes.data
+    np.testing.assert_array_equal(loaded.search(queries, K, leaves_to_search=2).ids,
+                                  index.search(queries, K, leaves_to_search=2).ids)
+
+    before = build_index("scann", keys, reorder_bits=32)
+    before.save(tmp_path, "float32")
+    params = {name: value for name, value in before.build_params.items() if name != "reorder_bits"}
+    old = backend_class("scann").load(tmp_path, "float32", keys, params, {})
+    assert old.key_table() is None  # ScaNN's own float32 copy scores the candidates
+    np.testing.assert_array_equal(old.search(queries, K, leaves_to_search=2).ids,
+                                  before.search(queries, K, leaves_to_search=2).ids)
+    with pytest.raises(BackendError, match="reorder_bits"):
+        build_index("scann", keys, reorder_bits=16)
+
+
 def test_low_rank_refinement_reorders_the_first_pass_with_more_columns(tmp_path):
     """refine_rank=16 over rank 8: the best refine_factor·rerank by rank-8 score are re-scored with
     the fit's next 8 columns (8-bit codes), so at the same rerank it finds what rank 8 alone misses,
