@@ -275,6 +275,8 @@ def bench_layer(
     from ann_mlp.benchmark import bench_layer as run
     from ann_mlp.benchmark import streaming_bandwidth_gb_s
 
+    if min(d_model, d_ff, *batch) < 1:
+        raise AnnMlpError(f"d_model, d_ff and batch sizes must be positive, got {d_model}, {d_ff}, {batch}")
     if not 0 < probe_fraction <= 1:
         raise AnnMlpError(f"probe fraction must be in (0, 1], got {probe_fraction}")
     if not 1 <= k <= d_ff:

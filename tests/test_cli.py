@@ -113,6 +113,8 @@ def test_bad_input_gives_one_line_errors(minilm_store, tiny_checkpoints, tmp_pat
         (("sparsity", str(no_weights)), "no .safetensors"),
         (("bench", "layer", "--d-model", "8", "--d-ff", "64", "--probe-fraction", "2"), "probe fraction"),
         (("bench", "layer", "--d-model", "8", "--d-ff", "64", "--k", "65"), "k must be in"),
+        (("bench", "layer", "--d-model", "0", "--d-ff", "64"), "must be positive"),
+        (("bench", "layer", "--d-model", "8", "--d-ff", "64", "--batch", "1", "--batch", "0"), "must be positive"),
         (("sparsity", str(tiny_checkpoints["opt"]), "--text", str(empty)), "empty"),
     ]
     for args, match in cases:
