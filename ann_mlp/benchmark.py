@@ -107,15 +107,21 @@ def time_calls(fn: Callable[[], object], repeats: int, warmup: int = 5) -> list[
 def time_in_turns(calls: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
     """Per-call seconds of each named call, the calls taking turns within each repeat: a drift in
     the machine's speed (±15 % between passes on a shared 2-core VM) falls on all of them alike
-    instead of on whichever ran last, and per-repeat differences between them cancel it."""
+    instead of on whichever ran last, and per-repeat differences between them cancel it.
+
+    The turn order reverses every other repeat, so that no call always follows the same other
+    one: a call after a search pass meets faiss' OpenMP threads still spinning (relu-lm's
+    planned pass, all of it dense, measured 0.955x the exact one right after the approximate
+    pass and 1.01x before it)."""
     for _ in range(warmup):
         for call in calls.values():
             call()
+    names = list(calls)
     times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
+    for repeat in range(repeats):
+        for name in names if repeat % 2 == 0 else names[::-1]:
             start = time.perf_counter()
-            call()
+            calls[name]()
             times[name].append(time.perf_counter() - start)
     return times
 
@@ -238,7 +244,7 @@ class EndToEndBenchResult:
         return asdict(self)
 
 
-def bench_e2e(model, batch: int, text=None, max_tokens: int = 4096, repeats: int = 5) -> EndToEndBenchResult:
+def bench_e2e(model, batch: int, text=None, max_tokens: int = 4096, repeats: int = 4) -> EndToEndBenchResult:
     """Median of `repeats` passes over the same held-out batches per path, all in this process."""
     from ann_mlp.capture import batches, forward
     from ann_mlp.config import TextConfig

@@ -304,7 +304,7 @@ def bench_e2e(
     text: Path | None = typer.Option(None, help="Text file [default: held-out Python standard library docstrings]."),
     batch: list[int] = typer.Option([1, 16], help="Sequences per forward call (repeatable)."),
     max_tokens: int = typer.Option(4096, help="Real tokens per pass."),
-    repeats: int = typer.Option(3, min=1, help="Timed passes per path, after one warm-up pass."),
+    repeats: int = typer.Option(4, min=1, help="Timed passes per path, after one warm-up pass (an even number: the turn order reverses every other pass)."),
     json_out: Path = typer.Option(Path("results/bench_e2e.jsonl"), "--json", help="Append JSON lines here."),
 ) -> None:
     """A real checkpoint end to end: exact vs approximate vs planned (auto) tokens/s, with fidelity."""

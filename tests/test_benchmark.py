@@ -41,7 +41,8 @@ def test_bench_layer_fields_are_consistent():
 def test_timed_calls_take_turns_within_each_repeat():
     order = []
     times = time_in_turns({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, repeats=3, warmup=1)
-    assert order == ["a", "b"] * 4  # one warm-up round, then three timed rounds
+    # one warm-up round, then three timed rounds, the order reversed every other round
+    assert order == ["a", "b"] + ["a", "b"] + ["b", "a"] + ["a", "b"]
     assert [len(t) for t in times.values()] == [3, 3] and all(t > 0 for t in times["a"] + times["b"])
 
 
