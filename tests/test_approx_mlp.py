@@ -156,6 +156,30 @@ def test_row_codes_score_selected_rows_within_their_rounding():
     torch.testing.assert_close(codes.dot(many, x), (x @ codes.decode().T).gather(1, many), rtol=1e-5, atol=1e-5)
 
 
+def test_4_bit_row_codes_decode_as_faiss_does_and_score_within_their_rounding():
+    """4-bit codes (two dimensions per byte, an odd dimension count padded) decode to faiss' own
+    QT_4bit reconstruction; selected and all rows score as the decoded rows do, within half a step
+    (range / 15) per dimension, and the rounding variance is step² / 12 per dimension."""
+    import faiss
+
+    from ann_mlp.linalg import RowCodes
+
+    rows, x = torch.randn(60, 13) * torch.linspace(0.1, 3, 13), torch.randn(4, 13)
+    codes = RowCodes.encode(rows.numpy(), bits=4)
+    assert codes.codes.shape == (60, 7) and codes.bits == 4
+    quantizer = faiss.ScalarQuantizer(13, faiss.ScalarQuantizer.QT_4bit)
+    quantizer.train(rows.numpy())
+    torch.testing.assert_close(codes.decode(), torch.from_numpy(quantizer.decode(codes.codes.numpy())))
+    decoded_scores = x @ codes.decode().T  # (4, 60)
+    torch.testing.assert_close(codes.dot_all(x), decoded_scores, rtol=1e-5, atol=1e-5)
+    ids = torch.randint(0, 60, (4, 7))
+    torch.testing.assert_close(codes.dot(ids, x), decoded_scores.gather(1, ids), rtol=1e-5, atol=1e-5)
+    step = (rows.max(0).values - rows.min(0).values) / 15
+    torch.testing.assert_close(codes.step, step)
+    assert ((decoded_scores - x @ rows.T).abs() <= (x.abs() @ step)[:, None] / 2 + 1e-5).all()
+    torch.testing.assert_close(codes.noise_variance, step.square() / 12)
+
+
 def test_up_codes_choose_as_the_exact_up_does_for_a_quarter_of_the_bytes(tiny_checkpoints):
     """Gated: choosing the k largest |act(g)*u| among the candidates with u estimated from 8-bit codes
     of the up rows keeps the neurons the exact up keeps (ties aside); the k kept get their exact up, so

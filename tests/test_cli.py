@@ -144,7 +144,7 @@ def test_build_defaults_to_the_low_rank_backend(tiny_checkpoints, tmp_path):
 
 def test_low_rank_margin_build_and_eval_by_margin(tiny_checkpoints, tmp_path):
     """--param margin_rank=N builds lowrank with a per-query margin: the manifest's effort is
-    `margin` (tuned, in hundredths of σ_q), each layer stores its error basis, and eval's
+    `margin` (tuned, in hundredths of σ_q), each layer stores its error basis (8-bit codes), and eval's
     --effort sets the margin: at 0 only the k best by approximate score are re-ranked."""
     out = tmp_path / "store"
     run("build", str(tiny_checkpoints["gpt2"]), "--out", str(out), "--k", "8", "--calib-tokens", "400",
@@ -153,7 +153,7 @@ def test_low_rank_margin_build_and_eval_by_margin(tiny_checkpoints, tmp_path):
     for layer in manifest["layers"]:
         assert layer["effort_param"] == "margin" and layer["effort_range"] == [0, 2000]
         assert layer["build_params"]["margin_rank"] == 8 and 0 <= layer["search_params"]["margin"] <= 2000
-        assert any(name.endswith(".error_basis.npy") for name in layer["files"])
+        assert any(name.endswith(".error_basis_codes.npy") for name in layer["files"])
     reports = {}
     for effort in ("0", "2000"):
         run("eval", str(out), "--effort", effort, "--max-tokens", "256", "--json", str(tmp_path / f"{effort}.json"))

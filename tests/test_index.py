@@ -16,7 +16,8 @@ from ann_mlp.tuning import measure, tune_effort
 
 NUM_KEYS, DIM, K = 512, 33, 16
 # Build parameters that change how a backend searches, held to the same contract as the backends.
-VARIANTS = {"lowrank-margin": ("lowrank", {"margin_rank": 8})}
+VARIANTS = {"lowrank-margin": ("lowrank", {"margin_rank": 8}),
+            "lowrank-4bit-margin": ("lowrank", {"margin_rank": 8, "code_bits": 4})}
 APPROXIMATE = [name for name in BACKENDS if name != "exact"] + list(VARIANTS)
 
 
@@ -381,11 +382,13 @@ def test_low_rank_8_bit_kept_scores_read_no_float32_key(data, tmp_path):
         build_index("lowrank", keys, queries=calibration, k=K, rerank_bits=8, kept_bits=16)
 
 
-def test_low_rank_margin_re_ranks_more_where_the_fit_is_worse():
+@pytest.mark.parametrize("code_bits", [8, 4])
+def test_low_rank_margin_re_ranks_more_where_the_fit_is_worse(code_bits):
     """With margin_rank, each query's candidates are the keys within margin·σ_q of its k-th best
     approximate score, σ_q its expected score error. Tuned on queries like the calibration ones,
     it keeps its recall on queries that also use other directions (as text of another kind does)
-    by re-ranking more for them; a fixed rerank tuned the same way loses recall there."""
+    by re-ranking more for them; a fixed rerank tuned the same way loses recall there. With 4-bit
+    codes σ_q counts their rounding too."""
     rng = np.random.default_rng(6)
     dim = 65
     keys = rng.standard_normal((2048, dim)).astype(np.float32)
@@ -396,7 +399,8 @@ def test_low_rank_margin_re_ranks_more_where_the_fit_is_worse():
              (("tune", tune), ("alike", alike), ("other", other))}
     points = {}
     for margin_rank in (0, 16):
-        index = build_index("lowrank", keys, queries=calibration, k=K, rank=8, margin_rank=margin_rank)
+        index = build_index("lowrank", keys, queries=calibration, k=K, rank=8, margin_rank=margin_rank,
+                            code_bits=code_bits)
         effort = tune_effort(index, tune, truth["tune"], K, 0.95).effort
         points[margin_rank] = {name: measure(index, q, truth[name], K, effort) for name, q in
                                (("alike", alike), ("other", other))}
@@ -407,9 +411,10 @@ def test_low_rank_margin_re_ranks_more_where_the_fit_is_worse():
     assert margin["other"].bytes_read_fraction > 1.5 * margin["alike"].bytes_read_fraction
 
 
-def test_low_rank_margin_basis_and_bytes(data):
+def test_low_rank_margin_basis_and_bytes(data, tmp_path):
     """At full rank the error basis gives each query's exact mean squared score error; at margin 0
-    exactly the k best by approximate score are re-ranked, and the bytes count them and the basis."""
+    exactly the k best by approximate score are re-ranked, and the bytes count them and the basis:
+    t·D bytes from its 8-bit codes (new builds), t·D floats as stores before error_basis_bits held it."""
     from ann_mlp.index.low_rank import MAX_MARGIN, bytes_per_query, residual_error_basis, score_preserving_factors
 
     keys, queries, truth, calibration = data
@@ -420,17 +425,76 @@ def test_low_rank_margin_basis_and_bytes(data):
                                rtol=1e-3, atol=1e-3)
     index = build_index("lowrank", keys, queries=calibration, k=K, rank=4, margin_rank=8)
     assert (index.effort_param, index.effort_range(K)) == ("margin", (0, MAX_MARGIN))
+    assert index.error_basis_bits == 8 and index.error_basis is None
     result = index.search(queries, K, margin=0)
-    per_query = bytes_per_query(NUM_KEYS, DIM, 4, K, K, projection_bits=8, margin_rank=8)
+    per_query = bytes_per_query(NUM_KEYS, DIM, 4, K, K, projection_bits=8, margin_rank=8, error_basis_bits=8)
     assert result.bytes_read == len(queries) * per_query
-    assert per_query - bytes_per_query(NUM_KEYS, DIM, 4, K, K, projection_bits=8) == 8 * DIM * 4
+    assert per_query - bytes_per_query(NUM_KEYS, DIM, 4, K, K, projection_bits=8) == 8 * DIM
+    # The 8-bit basis gives σ_q as the float32 one does, within its rounding.
+    float_basis = build_index("lowrank", keys, queries=calibration, k=K, rank=4, margin_rank=8, error_basis_bits=32)
+    assert float_basis.error_basis_codes is None and float_basis.error_basis_bits == 32
+    q = torch.from_numpy(queries)
+    first = index._project(queries)[:, :4]
+    torch.testing.assert_close(index._score_error(q, first), float_basis._score_error(q, first), rtol=0.02, atol=0)
+    float_result = float_basis.search(queries, K, margin=0)
+    assert float_result.bytes_read - result.bytes_read == len(queries) * 8 * DIM * 3
+    # A store from before error_basis_bits (no such build parameter) holds and loads the float32 basis.
+    float_basis.save(tmp_path, "layer_000")
+    assert (tmp_path / "layer_000.error_basis.npy").exists()
+    old_params = {name: value for name, value in float_basis.build_params.items()
+                  if name not in ("error_basis_bits", "code_bits")}
+    loaded = type(float_basis).load(tmp_path, "layer_000", keys, old_params, {})
+    assert (loaded.error_basis_bits, loaded.code_bits) == (32, 8)
+    for margin in (0, 300):
+        np.testing.assert_array_equal(loaded.search(queries, K, margin=margin).ids,
+                                      float_basis.search(queries, K, margin=margin).ids)
     for params, message in (({"margin_rank": 8, "refine_rank": 8}, "no refine_rank"),
                             ({"margin_rank": 8, "projection_bits": 32}, "projection_bits=8"),
-                            ({"margin_rank": -1}, "margin_rank must be")):
+                            ({"margin_rank": -1}, "margin_rank must be"),
+                            ({"code_bits": 2}, "code_bits must be 4 or 8"),
+                            ({"error_basis_bits": 16}, "error_basis_bits must be 8 or 32")):
         with pytest.raises(BackendError, match=message):
             build_index("lowrank", keys, queries=calibration, k=K, rank=4, **params)
     with pytest.raises(BackendError, match="no search parameter rerank"):
         index.search(queries, K, rerank=64)
+
+
+def test_low_rank_4_bit_codes_read_half_the_bytes_and_sigma_counts_their_rounding(data):
+    """code_bits=4 holds the first pass in faiss' QT_4bit: half a byte per key and rank. At full rank
+    the factorisation leaves no residual, so σ_q is the codes' rounding alone, and it predicts the
+    mean squared error of the approximate scores over the keys."""
+    from ann_mlp.index.low_rank import bytes_per_query
+
+    keys, queries, _, calibration = data
+    index = build_index("lowrank", keys, queries=calibration, k=K, rank=DIM, margin_rank=8, code_bits=4)
+    assert index.code_bits == 4 and index.codes.code_size == (DIM + 1) // 2
+    assert (bytes_per_query(NUM_KEYS, DIM, DIM, 0, K, code_bits=8) - bytes_per_query(NUM_KEYS, DIM, DIM, 0, K, code_bits=4)
+            == NUM_KEYS * (DIM - (DIM + 1) // 2))
+    projected = index._project(queries)  # (N, r)
+    approximate = torch.from_numpy(projected) @ index.first_pass.decode().T  # (N, n)
+    observed = (approximate - torch.from_numpy(queries @ keys.T)).square().mean(1)  # (N,)
+    predicted = index._score_error(torch.from_numpy(queries), projected).square()  # (N,)
+    ratio = (observed / predicted).mean().item()
+    assert 0.8 < ratio < 1.25, ratio
+    eight_bit = build_index("lowrank", keys, queries=calibration, k=K, rank=DIM, margin_rank=8)
+    assert index._score_error(torch.from_numpy(queries), projected).mean() > 8 * eight_bit._score_error(
+        torch.from_numpy(queries), eight_bit._project(queries)).mean()  # 4 bits: 17x the step
+
+
+def test_low_rank_4_bit_margin_widens_for_the_rounding_where_the_fit_is_exact():
+    """Queries in 12 directions, rank 13: the factorisation scores them exactly, so what errs is the
+    4-bit codes' rounding, which only σ_q's rounding term sees; the margin tuned to recall 0.95 then
+    re-ranks a few times k, not the whole layer."""
+    rng = np.random.default_rng(7)
+    dim = 65
+    keys = rng.standard_normal((2048, dim)).astype(np.float32)
+    calibration, tune, test = _low_dimensional_queries(rng, (3000, 300, 300), dim, 12)
+    index = build_index("lowrank", keys, queries=calibration, k=K, rank=13, margin_rank=8, code_bits=4)
+    truth = torch.from_numpy(test) @ torch.from_numpy(keys).T
+    effort = tune_effort(index, tune, torch.from_numpy(tune) @ torch.from_numpy(keys).T, K, 0.95).effort
+    point = measure(index, test, truth, K, effort)
+    assert point.recall >= 0.93, point
+    assert point.bytes_read_fraction < 0.25, point  # the 4-bit codes alone are 0.05
 
 
 def test_low_rank_margin_first_pass_in_torch_and_in_faiss_agree(data):

@@ -39,11 +39,20 @@ adapts to each query: every key whose approximate score is within `margin` of th
 query's k-th best approximate score is a candidate, the margin counted in σ_q, the
 typical error of that query's approximate scores (σ_q² = ||E q||², E (t, D) the
 leading directions of the residual K − A B, scaled: the mean squared score error
-over all keys, as far as t directions carry it). A fixed `rerank`, tuned on
+over all keys, as far as t directions carry it), plus the rounding error of the codes
+(Σ_j (q·B_j)² step_j² / 12 over the rank-r columns, step_j one code's width). E is read
+from 8-bit codes of its own in new builds (`error_basis_bits=8`). A fixed `rerank`, tuned on
 calibration text, re-ranks too few candidates for queries the factorisation fits
 badly, which is what queries from text of another kind are (they use directions
 the calibration queries did not), and too many for those it fits well. The
 effort is then `margin`, in hundredths of σ_q.
+
+With `code_bits=4` the first pass reads half a byte per key and rank (faiss' QT_4bit). Its
+rounding error is then comparable to the factorisation's, which is why σ_q counts it: a
+margin tuned on calibration text then keeps its recall on other text. On minilm-sparse
+(k = 96 of 1536, margin, tuned on docstrings, measured on Python's reST docs) 4-bit codes
+at rank 112 read 0.116 of the bytes for recall 0.958 where 8-bit codes at rank 96 read
+0.137 for 0.950 (per-layer hidden states of the exact model).
 
 The best rank depends on the layer (how many directions its queries use): with
 rank "auto" the build picks, among ranks from D/32 to D/2, the one whose
@@ -133,16 +142,19 @@ def refined_candidates(num_keys: int, rerank: int, refine_factor: float) -> int:
 
 def bytes_per_query(num_keys: int, dim: int, rank: int, rerank: int, k: int, rerank_bits: int = 32,
                     kept_bits: int = 32, projection_bits: int = 32, refine_rank: int = 0,
-                    refine_factor: float = 0.0, margin_rank: int = 0) -> int:
+                    refine_factor: float = 0.0, margin_rank: int = 0, code_bits: int = 8,
+                    error_basis_bits: int = 32) -> int:
     """Projection (r·D floats, or r·D' bytes at 8 bits, D' = D padded for SIMD; r2 rows with a
-    refinement stage) + 8-bit codes (one byte per key and rank) + the refined candidates' r2 − r
-    further code bytes + the re-ranked full keys at rerank_bits + for 8-bit re-ranking the k kept
-    keys re-scored in float32 unless kept_bits = 8 + the error basis (t·D floats) with a margin."""
+    refinement stage) + the codes (a byte, or half of one at 4 bits, per key and rank) + the
+    refined candidates' r2 − r further code bytes + the re-ranked full keys at rerank_bits + for
+    8-bit re-ranking the k kept keys re-scored in float32 unless kept_bits = 8 + the error basis
+    (t·D floats, or bytes at 8 bits) with a margin."""
     kept = k * dim * BYTES_PER_FLOAT if rerank_bits == 8 and kept_bits == 32 else 0
     projection = max(rank, refine_rank) * (dim * BYTES_PER_FLOAT if projection_bits == 32 else simd_padded(dim))
+    codes = num_keys * math.ceil(rank * code_bits / 8)
     refine = refined_candidates(num_keys, rerank, refine_factor) * (refine_rank - rank) if refine_rank else 0
-    error_basis = margin_rank * dim * BYTES_PER_FLOAT
-    return projection + num_keys * rank + refine + rerank * dim * rerank_bits // 8 + kept + error_basis
+    error_basis = margin_rank * dim * error_basis_bits // 8
+    return projection + codes + refine + rerank * dim * rerank_bits // 8 + kept + error_basis
 
 
 def refined_rerank_needed(keys: torch.Tensor, a: torch.Tensor, b: torch.Tensor, queries: torch.Tensor, k: int,
@@ -192,22 +204,26 @@ def candidate_ranks(dim: int) -> list[int]:
 
 
 DEFAULT_REFINE_FACTOR = 2.5  # first-pass candidates per re-ranked one (minilm-sparse: 2.3-2.8 was best)
+CODE_TYPES = {8: faiss.ScalarQuantizer.QT_8bit, 4: faiss.ScalarQuantizer.QT_4bit}  # code_bits -> faiss' codes
 
 
 class LowRankIndex(KeyRowsIndex):
     name = "lowrank"
     needs_queries = True
     # float32 projection with projection_bits = 32, key codes with rerank_bits = 8, the refinement
-    # stage's codes with refine_rank > 0, the error basis with margin_rank > 0
-    parts = ("projection", "key_codes", "key_ranges", "refine_codes", "refine_ranges", "error_basis")
+    # stage's codes with refine_rank > 0, the error basis with margin_rank > 0 (as 8-bit codes with
+    # error_basis_bits = 8)
+    parts = ("projection", "key_codes", "key_ranges", "refine_codes", "refine_ranges", "error_basis",
+             "error_basis_codes", "error_basis_ranges")
 
     def __init__(self, keys: np.ndarray, codes: faiss.Index, projection: np.ndarray | faiss.Index,
                  build_params: dict[str, Any], search_params: dict[str, Any],
                  key_codes: np.ndarray | None = None, key_ranges: np.ndarray | None = None,
                  refine_codes: np.ndarray | None = None, refine_ranges: np.ndarray | None = None,
-                 error_basis: np.ndarray | None = None) -> None:
+                 error_basis: np.ndarray | None = None, error_basis_codes: np.ndarray | None = None,
+                 error_basis_ranges: np.ndarray | None = None) -> None:
         super().__init__(keys, build_params, search_params)
-        self.codes = codes  # n vectors of r dims: A's rows, 8-bit
+        self.codes = codes  # n vectors of r dims: A's rows, 8- or 4-bit
         if isinstance(projection, faiss.Index):  # B's r rows, 8-bit: q Bᵀ is a search for all r of them
             self.projector, self.projection = projection, None
         else:
@@ -224,14 +240,18 @@ class LowRankIndex(KeyRowsIndex):
         self.key_codes = None if key_codes is None else RowCodes(key_codes, key_ranges)
         # refine_rank > 0: columns r .. r2 of A, 8-bit, for the refinement stage.
         self.refine_codes = None if refine_codes is None else RowCodes(refine_codes, refine_ranges)
-        # margin_rank > 0: E (t, D); for small layers the codes index's own memory read as RowCodes,
-        # for others how many candidates the last search's widest margin held.
+        # margin_rank > 0: E (t, D), float32 or 8-bit codes; the codes index's own memory read as
+        # RowCodes (its rounding error counts in σ_q, and small layers decode every key's approximate
+        # score from it); for larger layers how many candidates the last search's widest margin held.
         self.error_basis = None if error_basis is None else torch.from_numpy(error_basis)
-        self.first_pass, self._margin_width = None, 0
-        if self.error_basis is not None and codes.ntotal * codes.d <= DECODED_FIRST_PASS_MAX:
+        self.error_basis_codes = None if error_basis_codes is None else RowCodes(error_basis_codes, error_basis_ranges)
+        self.first_pass, self.code_table, self._margin_width = None, None, 0
+        if self.margin_rank:
             view = faiss.rev_swig_ptr(codes.codes.data(), codes.ntotal * codes.code_size)
-            self.first_pass = RowCodes(view.reshape(codes.ntotal, codes.code_size),
-                                       faiss.vector_to_array(codes.sq.trained).reshape(2, codes.d))
+            self.code_table = RowCodes(view.reshape(codes.ntotal, codes.code_size),
+                                       faiss.vector_to_array(codes.sq.trained).reshape(2, codes.d), self.code_bits)
+            if codes.ntotal * codes.d <= DECODED_FIRST_PASS_MAX:
+                self.first_pass = self.code_table
 
     @property
     def effort_param(self) -> str:
@@ -244,7 +264,16 @@ class LowRankIndex(KeyRowsIndex):
 
     @property
     def margin_rank(self) -> int:
-        return 0 if self.error_basis is None else len(self.error_basis)
+        basis = self.error_basis if self.error_basis_codes is None else self.error_basis_codes.codes
+        return 0 if basis is None else len(basis)
+
+    @property
+    def error_basis_bits(self) -> int:
+        return 32 if self.error_basis_codes is None else 8
+
+    @property
+    def code_bits(self) -> int:
+        return 4 if self.codes.sq.qtype == faiss.ScalarQuantizer.QT_4bit else 8
 
     @property
     def rerank_bits(self) -> int:
@@ -276,13 +305,18 @@ class LowRankIndex(KeyRowsIndex):
         projection = ("projection",) if build_params.get("projection_bits", 32) == 32 else ()
         key_codes = ("key_codes", "key_ranges") if build_params.get("rerank_bits", 32) == 8 else ()
         refine = ("refine_codes", "refine_ranges") if build_params.get("refine_rank", 0) else ()
-        return projection + key_codes + refine + (("error_basis",) if build_params.get("margin_rank", 0) else ())
+        # Stores written before error_basis_bits existed hold the float32 basis.
+        error_basis = ()
+        if build_params.get("margin_rank", 0):
+            error_basis = (("error_basis",) if build_params.get("error_basis_bits", 32) == 32
+                           else ("error_basis_codes", "error_basis_ranges"))
+        return projection + key_codes + refine + error_basis
 
     @classmethod
     def default_build_params(cls, num_keys: int, dim: int) -> dict[str, Any]:
         # No refinement by default: it saves bytes but made searches up to 2.2x slower on relu-lm and minilm-sparse.
-        return {"rank": "auto", "projection_bits": 8, "rerank_bits": 32, "kept_bits": 32, "refine_rank": 0,
-                "refine_factor": DEFAULT_REFINE_FACTOR, "margin_rank": 0}
+        return {"rank": "auto", "projection_bits": 8, "code_bits": 8, "rerank_bits": 32, "kept_bits": 32,
+                "refine_rank": 0, "refine_factor": DEFAULT_REFINE_FACTOR, "margin_rank": 0, "error_basis_bits": 8}
 
     @classmethod
     def build(cls, keys: np.ndarray, queries: np.ndarray | None = None, k: int | None = None,
@@ -292,9 +326,11 @@ class LowRankIndex(KeyRowsIndex):
         num_keys, dim = keys.shape
         params = {**cls.default_build_params(num_keys, dim), **build_params}
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        for bits in ("projection_bits", "rerank_bits", "kept_bits"):
+        for bits in ("projection_bits", "rerank_bits", "kept_bits", "error_basis_bits"):
             if params[bits] not in (8, 32):
                 raise BackendError(f"{bits} must be 8 or 32, got {params[bits]!r}")
+        if params["code_bits"] not in (4, 8):
+            raise BackendError(f"code_bits must be 4 or 8, got {params['code_bits']!r}")
         if params["kept_bits"] == 8 and params["rerank_bits"] != 8:
             raise BackendError("kept_bits=8 scores the kept keys from the 8-bit key codes: it needs rerank_bits=8")
         if not isinstance(params["refine_factor"], (int, float)) or params["refine_factor"] < 1:
@@ -333,7 +369,7 @@ class LowRankIndex(KeyRowsIndex):
             quantized = {"refine_codes": refined.codes.numpy(), "refine_ranges": refined.ranges}
         rows = max(rank, refine_rank)  # of B: the projection computes the refinement's columns too
         a, b = np.ascontiguousarray(a[:, :rank]), np.ascontiguousarray(b[:rows])
-        codes = faiss.IndexScalarQuantizer(rank, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+        codes = faiss.IndexScalarQuantizer(rank, CODE_TYPES[params["code_bits"]], faiss.METRIC_INNER_PRODUCT)
         codes.train(a)
         codes.add(a)
         projection = b
@@ -348,7 +384,12 @@ class LowRankIndex(KeyRowsIndex):
             codes_of_keys = RowCodes.encode(keys)
             quantized.update(key_codes=codes_of_keys.codes.numpy(), key_ranges=codes_of_keys.ranges)
         if margin_rank:
-            quantized["error_basis"] = residual_error_basis(keys, a, b, margin_rank)
+            basis = residual_error_basis(keys, a, b, margin_rank)  # (t, D)
+            if params["error_basis_bits"] == 8:
+                coded = RowCodes.encode(basis)
+                quantized.update(error_basis_codes=coded.codes.numpy(), error_basis_ranges=coded.ranges)
+            else:
+                quantized["error_basis"] = basis
         return cls(keys, codes, projection, params, {}, **quantized)
 
     @staticmethod
@@ -359,7 +400,10 @@ class LowRankIndex(KeyRowsIndex):
         factors (a, b) are of the largest rank considered, whose leading r columns are the rank-r fit."""
         num_keys, dim = keys.shape
         sample = torch.from_numpy(queries[:: max(1, len(queries) // 2048)])  # (≤ 2048·2, D)
-        keys_t, a_t, b_t = torch.from_numpy(keys), torch.from_numpy(a), torch.from_numpy(b)
+        # Ranked as the search will rank: by the codes (each column over its own range, so the
+        # leading r columns' codes are the rank-r codes), whose rounding 4 bits make felt.
+        coded = RowCodes.encode(a, params["code_bits"]).decode()  # (n, r_max)
+        keys_t, a_t, b_t = torch.from_numpy(keys), coded, torch.from_numpy(b)
         true_top = true_top_k(keys_t, sample, k)  # (N, k): the same for every option
 
         def cost(option: tuple[int, int]) -> int:
@@ -370,7 +414,8 @@ class LowRankIndex(KeyRowsIndex):
             else:
                 rerank = rerank_needed(keys_t, a_t[:, :rank], b_t[:rank], sample, k, target_recall, true_top)
             return bytes_per_query(num_keys, dim, rank, rerank, k, params["rerank_bits"], params["kept_bits"],
-                                   params["projection_bits"], refine_rank, params["refine_factor"])
+                                   params["projection_bits"], refine_rank, params["refine_factor"],
+                                   code_bits=params["code_bits"])
 
         return min(options, key=cost)
 
@@ -383,16 +428,7 @@ class LowRankIndex(KeyRowsIndex):
         if self.projector is None:
             _, candidates = self.projected_codes.search(q, rerank)  # (N, rerank) by approximate score
         else:
-            n_queries, num_rows = len(q), self.projector.ntotal
-            padded = np.zeros((n_queries, self.projector.d), dtype=np.float32)  # (N, D'): q, then zeros
-            padded[:, :self.dim] = q
-            row_scores = np.empty((n_queries, num_rows), dtype=np.float32)  # q·B_j for every row j, best first
-            rows = np.empty((n_queries, num_rows), dtype=np.int64)
-            # The C entry point: the wrapper's checks and copies cost as much as this tiny search.
-            self.projector.search_c(n_queries, faiss.swig_ptr(padded), num_rows, faiss.swig_ptr(row_scores),
-                                    faiss.swig_ptr(rows))
-            projected = np.empty_like(row_scores)
-            projected[np.arange(n_queries)[:, None], rows] = row_scores  # (N, r2): q Bᵀ in row order
+            projected = self._project(q)  # (N, r2)
             if self.margin_rank:
                 candidates, valid, within_margin = self._within_margin(projected, q_t, k, effort / 100)
             elif self.refine_codes is None:
@@ -405,9 +441,31 @@ class LowRankIndex(KeyRowsIndex):
         else:
             values, ids = self._best_by_key_codes(candidates, q_t, k, valid)
         per_query = bytes_per_query(self.num_keys, self.dim, self.codes.d, rerank, k, self.rerank_bits, self.kept_bits,
-                                    self.projection_bits, self.refine_rank, self.refine_factor, self.margin_rank)
+                                    self.projection_bits, self.refine_rank, self.refine_factor, self.margin_rank,
+                                    self.code_bits, self.error_basis_bits)
         return SearchResult(values.numpy(), ids.numpy(), keys_scored=len(q) * self.num_keys,
                             bytes_read=len(q) * per_query + within_margin * self.dim * self.rerank_bits // 8)
+
+    def _project(self, q: np.ndarray) -> np.ndarray:
+        """q Bᵀ from the 8-bit projection: q (N, D) -> (N, r2)."""
+        n_queries, num_rows = len(q), self.projector.ntotal
+        padded = np.zeros((n_queries, self.projector.d), dtype=np.float32)  # (N, D'): q, then zeros
+        padded[:, :self.dim] = q
+        row_scores = np.empty((n_queries, num_rows), dtype=np.float32)  # q·B_j for every row j, best first
+        rows = np.empty((n_queries, num_rows), dtype=np.int64)
+        # The C entry point: the wrapper's checks and copies cost as much as this tiny search.
+        self.projector.search_c(n_queries, faiss.swig_ptr(padded), num_rows, faiss.swig_ptr(row_scores),
+                                faiss.swig_ptr(rows))
+        projected = np.empty_like(row_scores)
+        projected[np.arange(n_queries)[:, None], rows] = row_scores  # q Bᵀ in row order
+        return projected
+
+    def _score_error(self, q: torch.Tensor, first: np.ndarray) -> torch.Tensor:
+        """σ_q, each query's expected approximate score error: the factorisation's residual as far
+        as the error basis carries it, and the codes' rounding. q (N, D), first (N, r) = q Bᵀ -> (N,)."""
+        residual = q @ self.error_basis.T if self.error_basis_codes is None else self.error_basis_codes.dot_all(q)  # (N, t)
+        rounding = torch.from_numpy(first).square() @ self.code_table.noise_variance  # (N,)
+        return (residual.square().sum(1) + rounding).sqrt()
 
     def _within_margin(self, projected: np.ndarray, q: torch.Tensor, k: int,
                        margin: float) -> tuple[torch.Tensor, torch.Tensor | None, int]:
@@ -419,8 +477,8 @@ class LowRankIndex(KeyRowsIndex):
         the best `width` per query, sorted, the width starting from the widest count of the
         last search and doubling until every query's margin ends inside it.
         """
-        sigma = (q @ self.error_basis.T).norm(dim=1)  # (N,)
         first = np.ascontiguousarray(projected[:, :self.codes.d])  # (N, r)
+        sigma = self._score_error(q, first)  # (N,)
         if self.first_pass is not None:
             scores = self.first_pass.dot_all(torch.from_numpy(first))  # (N, n)
             counts = (scores >= scores.topk(k, dim=1).values[:, -1:] - margin * sigma[:, None]).sum(1)  # (N,) >= k
@@ -469,6 +527,9 @@ class LowRankIndex(KeyRowsIndex):
                 arrays.update({f"{name}_codes": table.codes.numpy(), f"{name}_ranges": table.ranges})
         if self.error_basis is not None:
             arrays["error_basis"] = self.error_basis.numpy()
+        if self.error_basis_codes is not None:
+            arrays.update(error_basis_codes=self.error_basis_codes.codes.numpy(),
+                          error_basis_ranges=self.error_basis_codes.ranges)
         return arrays
 
     def save(self, folder: Path, stem: str) -> list[str]:
