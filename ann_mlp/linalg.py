@@ -112,7 +112,14 @@ class RowCodes:
 
     def dot_all(self, x: torch.Tensor) -> torch.Tensor:
         """Every query's inner products with every decoded row: x (N, d) -> (N, n)."""
-        return (self._levels(self.codes) @ (x * self.step).T).T + (x @ self.offset)[:, None]
+        scaled = x * self.step  # (N, d)
+        if self.bits == 8:
+            return (self.codes.float() @ scaled.T).T + (x @ self.offset)[:, None]
+        # Each nibble plane against its dimensions: half the time of interleaving them back (1536 x 112: 54 vs 104 µs).
+        even, odd = scaled[:, 0::2], scaled[:, 1::2]  # (N, ⌈d/2⌉), (N, ⌊d/2⌋)
+        odd = torch.nn.functional.pad(odd, (0, even.shape[1] - odd.shape[1]))  # an odd d's last high nibble is 0
+        low, high = (self.codes & 15).float(), (self.codes >> 4).float()  # (n, ⌈d/2⌉) each
+        return torch.addmm(low @ even.T, high, odd.T).T + (x @ self.offset)[:, None]
 
     def dot(self, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Each query's inner products with its own selected decoded rows: ids (N, c), x (N, d) -> (N, c).

@@ -29,8 +29,11 @@ BY_GATE = ["--no-gated-selection"]
 REFINED = ["--backend", "lowrank", "--param", "refine_rank=auto"]
 # lowrank ranking its candidates by 8-bit key codes and keeping their 8-bit scores (³ in the README).
 CODES_8 = ["--param", "rerank_bits=8", "--param", "kept_bits=8"]
-# lowrank re-ranking each query's keys within a margin of its k-th approximate score (session 11).
-MARGIN = ["--param", "margin_rank=16"]
+# lowrank re-ranking each query's keys within a margin of its k-th approximate score (session 11,
+# its error basis in float32 as then).
+MARGIN = ["--param", "margin_rank=16", "--param", "error_basis_bits=32"]
+# The same from 4-bit first-pass codes, σ_q counting their rounding, the basis from 8-bit codes (session 13).
+MARGIN_4 = ["--param", "margin_rank=16", "--param", "code_bits=4"]
 # Tail maps at rank d_ff / 64, the first default (relu-lm, topk-lm: 64; MiniLM, SmolLM2: 24).
 MAP_64, MAP_24 = ["--tail-map-rank", "64"], ["--tail-map-rank", "24"]
 # row name -> (checkpoint, build options, eval options)
@@ -88,6 +91,14 @@ ROWS: dict[str, tuple[str, list[str], list[str]]] = {
                                                             *CODES_8, "--target-recall", "0.96", *MARGIN], ["--reference", "minilm"]),
     "minilm-sparse-lowrank8k-97-margin": ("minilm-sparse", [*NO_MAP, "--backend", "lowrank", "--k", "96",
                                                             *CODES_8, "--target-recall", "0.97", *MARGIN], ["--reference", "minilm"]),
+    "topk-lm-lowrank4-99-margin": ("topk-lm", [*NO_MAP, "--backend", "lowrank", "--target-recall", "0.99", *CODES_8, *MARGIN_4],
+                                   []),
+    "relu-lm-lowrank4-mass98-99-margin": ("relu-lm", ["--backend", "lowrank", "--k", "2048", "--mass-target", "0.98",
+                                                      *CODES_8, "--target-recall", "0.99", *MARGIN_4], []),
+    # Rank 112 (not auto): at the same recall a higher rank's misses sit nearer the cut, which keeps the embedding.
+    "minilm-sparse-lowrank4-112-96-margin": ("minilm-sparse", [*NO_MAP, "--backend", "lowrank", "--k", "96", *CODES_8,
+                                                               "--param", "rank=112", "--target-recall", "0.96", *MARGIN_4],
+                                             ["--reference", "minilm"]),
     "relu-lm-lowrank8k-mass95-98-map": ("relu-lm", [*MAP_64, "--backend", "lowrank", "--k", "2048", "--mass-target", "0.95",
                                                     *CODES_8, "--target-recall", "0.98"], []),
     "relu-lm-lowrank8k-mass95-99": ("relu-lm", ["--backend", "lowrank", "--k", "2048", "--mass-target", "0.95",
