@@ -49,10 +49,11 @@ effort is then `margin`, in hundredths of σ_q.
 
 With `code_bits=4` the first pass reads half a byte per key and rank (faiss' QT_4bit). Its
 rounding error is then comparable to the factorisation's, which is why σ_q counts it: a
-margin tuned on calibration text then keeps its recall on other text. On minilm-sparse
-(k = 96 of 1536, margin, tuned on docstrings, measured on Python's reST docs) 4-bit codes
-at rank 112 read 0.116 of the bytes for recall 0.958 where 8-bit codes at rank 96 read
-0.137 for 0.950 (per-layer hidden states of the exact model).
+margin tuned on calibration text then keeps its recall on other text, with no wider
+margins than the rounding needs. On minilm-sparse (k = 96 of 1536, tuned on docstrings,
+evaluated end to end on Python's reST docs) 4-bit codes at rank 112 tuned to 0.96 read
+0.116 of the bytes at recall 0.958 (embedding cosine 0.992), where 8-bit codes at rank 96
+tuned to 0.95 read 0.138 at 0.950 (0.991).
 
 The best rank depends on the layer (how many directions its queries use): with
 rank "auto" the build picks, among ranks from D/32 to D/2, the one whose
@@ -401,7 +402,8 @@ class LowRankIndex(KeyRowsIndex):
         num_keys, dim = keys.shape
         sample = torch.from_numpy(queries[:: max(1, len(queries) // 2048)])  # (≤ 2048·2, D)
         # Ranked as the search will rank: by the codes (each column over its own range, so the
-        # leading r columns' codes are the rank-r codes), whose rounding 4 bits make felt.
+        # leading r columns' codes are the rank-r codes), whose rounding 4 bits make felt. A
+        # refinement's columns, 8-bit in the index, are taken at the same precision: an estimate.
         coded = RowCodes.encode(a, params["code_bits"]).decode()  # (n, r_max)
         keys_t, a_t, b_t = torch.from_numpy(keys), coded, torch.from_numpy(b)
         true_top = true_top_k(keys_t, sample, k)  # (N, k): the same for every option
