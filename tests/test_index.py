@@ -441,13 +441,15 @@ def test_low_rank_margin_basis_and_bytes(data, tmp_path):
     # A store from before error_basis_bits (no such build parameter) holds and loads the float32 basis.
     float_basis.save(tmp_path, "layer_000")
     assert (tmp_path / "layer_000.error_basis.npy").exists()
+    # Its margins were tuned to σ_q = ‖E q‖, without the codes' rounding, and keep that σ_q.
     old_params = {name: value for name, value in float_basis.build_params.items()
-                  if name not in ("error_basis_bits", "code_bits")}
+                  if name not in ("error_basis_bits", "code_bits", "margin_counts_rounding")}
     loaded = type(float_basis).load(tmp_path, "layer_000", keys, old_params, {})
     assert (loaded.error_basis_bits, loaded.code_bits) == (32, 8)
-    for margin in (0, 300):
-        np.testing.assert_array_equal(loaded.search(queries, K, margin=margin).ids,
-                                      float_basis.search(queries, K, margin=margin).ids)
+    residual_only = (q @ float_basis.error_basis.T).norm(dim=1)
+    torch.testing.assert_close(loaded._score_error(q, first), residual_only)
+    assert (float_basis._score_error(q, first) > residual_only).all()
+    np.testing.assert_array_equal(loaded.search(queries, K, margin=0).ids, float_basis.search(queries, K, margin=0).ids)
     for params, message in (({"margin_rank": 8, "refine_rank": 8}, "no refine_rank"),
                             ({"margin_rank": 8, "projection_bits": 32}, "projection_bits=8"),
                             ({"margin_rank": -1}, "margin_rank must be"),

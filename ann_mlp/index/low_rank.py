@@ -317,7 +317,8 @@ class LowRankIndex(KeyRowsIndex):
     def default_build_params(cls, num_keys: int, dim: int) -> dict[str, Any]:
         # No refinement by default: it saves bytes but made searches up to 2.2x slower on relu-lm and minilm-sparse.
         return {"rank": "auto", "projection_bits": 8, "code_bits": 8, "rerank_bits": 32, "kept_bits": 32,
-                "refine_rank": 0, "refine_factor": DEFAULT_REFINE_FACTOR, "margin_rank": 0, "error_basis_bits": 8}
+                "refine_rank": 0, "refine_factor": DEFAULT_REFINE_FACTOR, "margin_rank": 0, "error_basis_bits": 8,
+                "margin_counts_rounding": True}
 
     @classmethod
     def build(cls, keys: np.ndarray, queries: np.ndarray | None = None, k: int | None = None,
@@ -464,10 +465,16 @@ class LowRankIndex(KeyRowsIndex):
 
     def _score_error(self, q: torch.Tensor, first: np.ndarray) -> torch.Tensor:
         """σ_q, each query's expected approximate score error: the factorisation's residual as far
-        as the error basis carries it, and the codes' rounding. q (N, D), first (N, r) = q Bᵀ -> (N,)."""
+        as the error basis carries it, and the codes' rounding. q (N, D), first (N, r) = q Bᵀ -> (N,).
+
+        Stores built before session 13 tuned their margins to the residual alone, and keep it: even
+        8-bit rounding widens σ_q by 1-10 % on minilm-sparse's layers, which would move their recall.
+        """
         residual = q @ self.error_basis.T if self.error_basis_codes is None else self.error_basis_codes.dot_all(q)  # (N, t)
-        rounding = torch.from_numpy(first).square() @ self.code_table.noise_variance  # (N,)
-        return (residual.square().sum(1) + rounding).sqrt()
+        variance = residual.square().sum(1)  # (N,)
+        if self.build_params.get("margin_counts_rounding", False):
+            variance = variance + torch.from_numpy(first).square() @ self.code_table.noise_variance
+        return variance.sqrt()
 
     def _within_margin(self, projected: np.ndarray, q: torch.Tensor, k: int,
                        margin: float) -> tuple[torch.Tensor, torch.Tensor | None, int]:
