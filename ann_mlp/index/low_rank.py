@@ -39,8 +39,9 @@ adapts to each query: every key whose approximate score is within `margin` of th
 query's k-th best approximate score is a candidate, the margin counted in σ_q, the
 typical error of that query's approximate scores (σ_q² = ||E q||², E (t, D) the
 leading directions of the residual K − A B, scaled: the mean squared score error
-over all keys, as far as t directions carry it), plus the rounding error of the codes
-(Σ_j (q·B_j)² step_j² / 12 over the rank-r columns, step_j one code's width). E is read
+over all keys, as far as t directions carry it), plus, in stores built since session 13
+(`margin_counts_rounding`), the rounding error of the codes (Σ_j (q·B_j)² step_j² / 12
+over the rank-r columns, step_j one code's width). E is read
 from 8-bit codes of its own in new builds (`error_basis_bits=8`). A fixed `rerank`, tuned on
 calibration text, re-ranks too few candidates for queries the factorisation fits
 badly, which is what queries from text of another kind are (they use directions
