@@ -499,11 +499,13 @@ def test_low_rank_4_bit_margin_widens_for_the_rounding_where_the_fit_is_exact():
     assert point.bytes_read_fraction < 0.25, point  # the 4-bit codes alone are 0.05
 
 
-def test_low_rank_margin_first_pass_in_torch_and_in_faiss_agree(data):
+@pytest.mark.parametrize("code_bits", [8, 4])
+def test_low_rank_margin_first_pass_in_torch_and_in_faiss_agree(data, code_bits):
     """Small layers decode every approximate score in torch, larger ones let faiss' scan keep a
-    heap that grows until every query's margin fits: the same candidates either way."""
+    heap that grows until every query's margin fits: the same candidates either way, from 8- or
+    4-bit codes."""
     keys, queries, _, calibration = data
-    index = build_index("lowrank", keys, queries=calibration, k=K, rank=8, margin_rank=8)
+    index = build_index("lowrank", keys, queries=calibration, k=K, rank=8, margin_rank=8, code_bits=code_bits)
     decoding = index.first_pass
     assert decoding is not None  # 512 keys × rank 8
     for margin in (0, 150, 600):
