@@ -68,6 +68,10 @@ def best_candidates(rows: torch.Tensor, candidates: torch.Tensor, x: torch.Tenso
     return values, ids
 
 
+# Bits per dimension -> faiss' scalar quantizer of that width (the layouts RowCodes reads).
+QUANTIZER_TYPES = {8: faiss.ScalarQuantizer.QT_8bit, 4: faiss.ScalarQuantizer.QT_4bit}
+
+
 class RowCodes:
     """8- or 4-bit per-dimension codes of a table's rows, in faiss' QT_8bit / QT_4bit layout:
     row ≈ low + (code + 0.5) * step, with step = range / 255 (8 bits) or range / 15 (4 bits) per
@@ -88,8 +92,7 @@ class RowCodes:
     @classmethod
     def encode(cls, rows: np.ndarray, bits: int = 8) -> RowCodes:
         """rows (n, d) float32 -> their codes, each dimension quantized over its own range."""
-        kind = faiss.ScalarQuantizer.QT_8bit if bits == 8 else faiss.ScalarQuantizer.QT_4bit
-        quantizer = faiss.ScalarQuantizer(rows.shape[1], kind)
+        quantizer = faiss.ScalarQuantizer(rows.shape[1], QUANTIZER_TYPES[bits])
         quantizer.train(np.ascontiguousarray(rows, dtype=np.float32))
         ranges = faiss.vector_to_array(quantizer.trained).reshape(2, rows.shape[1])  # (2, d)
         return cls(quantizer.compute_codes(np.ascontiguousarray(rows, dtype=np.float32)), ranges, bits)

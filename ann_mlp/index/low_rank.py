@@ -73,7 +73,7 @@ import torch
 
 from ann_mlp.errors import BackendError
 from ann_mlp.index.base import BYTES_PER_FLOAT, KeyRowsIndex, SearchResult
-from ann_mlp.linalg import RowCodes, best_candidates, round_up_16, rows_dot
+from ann_mlp.linalg import QUANTIZER_TYPES, RowCodes, best_candidates, round_up_16, rows_dot
 
 MAX_MARGIN = 2000  # hundredths of σ_q: 20 σ_q re-ranks nearly every key
 # Codes (keys × rank) up to which a margin search decodes every key's approximate score in torch
@@ -206,7 +206,6 @@ def candidate_ranks(dim: int) -> list[int]:
 
 
 DEFAULT_REFINE_FACTOR = 2.5  # first-pass candidates per re-ranked one (minilm-sparse: 2.3-2.8 was best)
-CODE_TYPES = {8: faiss.ScalarQuantizer.QT_8bit, 4: faiss.ScalarQuantizer.QT_4bit}  # code_bits -> faiss' codes
 
 
 class LowRankIndex(KeyRowsIndex):
@@ -275,7 +274,7 @@ class LowRankIndex(KeyRowsIndex):
 
     @property
     def code_bits(self) -> int:
-        return 4 if self.codes.sq.qtype == faiss.ScalarQuantizer.QT_4bit else 8
+        return 4 if self.codes.sq.qtype == QUANTIZER_TYPES[4] else 8
 
     @property
     def rerank_bits(self) -> int:
@@ -372,7 +371,7 @@ class LowRankIndex(KeyRowsIndex):
             quantized = {"refine_codes": refined.codes.numpy(), "refine_ranges": refined.ranges}
         rows = max(rank, refine_rank)  # of B: the projection computes the refinement's columns too
         a, b = np.ascontiguousarray(a[:, :rank]), np.ascontiguousarray(b[:rows])
-        codes = faiss.IndexScalarQuantizer(rank, CODE_TYPES[params["code_bits"]], faiss.METRIC_INNER_PRODUCT)
+        codes = faiss.IndexScalarQuantizer(rank, QUANTIZER_TYPES[params["code_bits"]], faiss.METRIC_INNER_PRODUCT)
         codes.train(a)
         codes.add(a)
         projection = b
