@@ -246,13 +246,17 @@ class LowRankIndex(KeyRowsIndex):
         # score from it); for larger layers how many candidates the last search's widest margin held.
         self.error_basis = None if error_basis is None else torch.from_numpy(error_basis)
         self.error_basis_codes = None if error_basis_codes is None else RowCodes(error_basis_codes, error_basis_ranges)
-        self.first_pass, self.code_table, self._margin_width = None, None, 0
+        # rounding_variance: (r,) each code column's rounding variance, when σ_q counts it (stores
+        # built before session 13 tuned their margins to the residual alone, and keep it).
+        self.first_pass, self.rounding_variance, self._margin_width = None, None, 0
         if self.margin_rank:
             view = faiss.rev_swig_ptr(codes.codes.data(), codes.ntotal * codes.code_size)
-            self.code_table = RowCodes(view.reshape(codes.ntotal, codes.code_size),
-                                       faiss.vector_to_array(codes.sq.trained).reshape(2, codes.d), self.code_bits)
+            code_table = RowCodes(view.reshape(codes.ntotal, codes.code_size),
+                                  faiss.vector_to_array(codes.sq.trained).reshape(2, codes.d), self.code_bits)
+            if build_params.get("margin_counts_rounding", False):
+                self.rounding_variance = code_table.noise_variance
             if codes.ntotal * codes.d <= DECODED_FIRST_PASS_MAX:
-                self.first_pass = self.code_table
+                self.first_pass = code_table
 
     @property
     def effort_param(self) -> str:
@@ -465,15 +469,13 @@ class LowRankIndex(KeyRowsIndex):
 
     def _score_error(self, q: torch.Tensor, first: np.ndarray) -> torch.Tensor:
         """σ_q, each query's expected approximate score error: the factorisation's residual as far
-        as the error basis carries it, and the codes' rounding. q (N, D), first (N, r) = q Bᵀ -> (N,).
-
-        Stores built before session 13 tuned their margins to the residual alone, and keep it: even
-        8-bit rounding widens σ_q by 1-10 % on minilm-sparse's layers, which would move their recall.
+        as the error basis carries it, and the codes' rounding where the store counts it (even 8-bit
+        rounding widens σ_q by 0.5-10 % on minilm-sparse's layers). q (N, D), first (N, r) = q Bᵀ -> (N,).
         """
         residual = q @ self.error_basis.T if self.error_basis_codes is None else self.error_basis_codes.dot_all(q)  # (N, t)
         variance = residual.square().sum(1)  # (N,)
-        if self.build_params.get("margin_counts_rounding", False):
-            variance = variance + torch.from_numpy(first).square() @ self.code_table.noise_variance
+        if self.rounding_variance is not None:
+            variance = variance + torch.from_numpy(first).square() @ self.rounding_variance
         return variance.sqrt()
 
     def _within_margin(self, projected: np.ndarray, q: torch.Tensor, k: int,
@@ -531,14 +533,12 @@ class LowRankIndex(KeyRowsIndex):
 
     def arrays(self) -> dict[str, np.ndarray]:
         arrays = {} if self.projection is None else {"projection": self.projection}
-        for name, table in (("key", self.key_codes), ("refine", self.refine_codes)):
+        for name, table in (("key", self.key_codes), ("refine", self.refine_codes),
+                            ("error_basis", self.error_basis_codes)):
             if table is not None:
                 arrays.update({f"{name}_codes": table.codes.numpy(), f"{name}_ranges": table.ranges})
         if self.error_basis is not None:
             arrays["error_basis"] = self.error_basis.numpy()
-        if self.error_basis_codes is not None:
-            arrays.update(error_basis_codes=self.error_basis_codes.codes.numpy(),
-                          error_basis_ranges=self.error_basis_codes.ranges)
         return arrays
 
     def save(self, folder: Path, stem: str) -> list[str]:
