@@ -88,8 +88,8 @@ class ApproxMLP(nn.Module):
                  up_ranges: torch.Tensor | None = None, neuron_order: torch.Tensor | None = None) -> None:
         """neuron_order: (d_ff,) int64 when the model's neurons were put in the order of the index's
         table (approx_model.share_layer_tables): weights' neuron p is the index's key neuron_order[p].
-        Search ids are then mapped to the model's neurons, and tail_mean and up_codes, given in
-        the index's order, are put in the model's."""
+        Search ids (the checkpoint's neuron numbers) are then mapped to the model's neurons, and
+        tail_mean and up_codes, stored in the checkpoint's order, are put in the model's."""
         super().__init__()
         if not 1 <= k <= weights.d_ff:
             raise InputError(f"k must be in [1, d_ff={weights.d_ff}], got {k}")
