@@ -48,6 +48,8 @@ class ApproxModel:
                                                candidates=entry.candidates,
                                                neuron_order=None if order is None else torch.from_numpy(order),
                                                **arrays)
+        # Where approximation pays, per layer (planner.plan_layer records; None: approximate always).
+        self.plans: dict[int, dict[str, Any] | None] = {entry.layer: entry.plan for entry in manifest.layers}
         self.configure(k, search_params)
 
     @classmethod
@@ -107,7 +109,7 @@ class ApproxModel:
         patch, untouched = {}, {}
         for entry in self.manifest.layers:
             mlp = self.mlps[entry.layer]
-            plan = entry.plan if planned else None
+            plan = self.plans[entry.layer] if planned else None
             mlp.approx_up_to = plan["approx_up_to"] if plan else None
             (untouched if mlp.approx_up_to == 0 else patch)[entry.layer] = mlp
         adapter = self.checkpoint.adapter

@@ -14,7 +14,6 @@ import gc
 import multiprocessing
 import os
 import statistics
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from concurrent.futures import ProcessPoolExecutor
@@ -30,6 +29,7 @@ from ann_mlp.errors import InputError
 from ann_mlp.index import build_index
 from ann_mlp.index.base import BYTES_PER_FLOAT
 from ann_mlp.linalg import rows_dot
+from ann_mlp.timing import time_calls, time_in_turns
 
 
 @dataclass(frozen=True)
@@ -97,33 +97,6 @@ def dense_paths(w: MlpWeights) -> dict[str, Callable[[torch.Tensor], object]]:
         return np.maximum(h + np_bias, 0) @ np_values
 
     return {"torch": torch_mlp, "numpy": numpy_mlp}
-
-
-def time_calls(fn: Callable[[], object], repeats: int, warmup: int = 5) -> list[float]:
-    """Per-call seconds after warm-up."""
-    return time_in_turns({"call": fn}, repeats, warmup)["call"]
-
-
-def time_in_turns(calls: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Per-call seconds of each named call, the calls taking turns within each repeat: a drift in
-    the machine's speed (±15 % between passes on a shared 2-core VM) falls on all of them alike
-    instead of on whichever ran last, and per-repeat differences between them cancel it.
-
-    The turn order reverses every other repeat, so that no call always follows the same other
-    one: a call after a search pass meets faiss' OpenMP threads still spinning (relu-lm's
-    planned pass, all of it dense, measured 0.955x the exact one right after the approximate
-    pass and 1.01x before it)."""
-    for _ in range(warmup):
-        for call in calls.values():
-            call()
-    names = list(calls)
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for repeat in range(repeats):
-        for name in names if repeat % 2 == 0 else names[::-1]:
-            start = time.perf_counter()
-            calls[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def _summary(times: list[float]) -> tuple[float, float]:

@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ann_mlp.activations import activation_module
+from ann_mlp.approx_model import ApproxModel
 from ann_mlp.approx_mlp import ApproxMLP, augmented_keys, augmented_queries, dense_activations, values_output
 from ann_mlp.capture import batches, forward_capturing
 from ann_mlp.checkpoint import Checkpoint, MlpWeights, load_checkpoint
@@ -22,7 +23,7 @@ from ann_mlp.errors import InputError
 from ann_mlp.index import MipsIndex, backend_class, build_index
 from ann_mlp.linalg import RowCodes, round_up_16
 from ann_mlp.metrics import total_relative_error
-from ann_mlp.planner import plan_layer
+from ann_mlp.planner import machine, plan_model
 from ann_mlp.store import LAYER_ARRAYS, LayerEntry, Manifest, StoreWriter
 from ann_mlp.text import calibration_passages, describe_calibration, recorded_sources
 from ann_mlp.tuning import measure, tune_effort
@@ -273,10 +274,9 @@ def build_indexes(checkpoint: Checkpoint, config: BuildConfig, calib_sources: Se
         indexes[layer] = index
         files = writer.add_layer(layer, index) if writer else {}
         selection = gated_selection(config, tune, k)
-        mlp, tail, tail_map_error = corrected_mlp(config, index, k, tune, holdout, selection)
+        _, tail, tail_map_error = corrected_mlp(config, index, k, tune, holdout, selection)
         arrays = {part: array for part, array in {**tail, **selection}.items() if part in LAYER_ARRAYS}
         layer_arrays[layer] = {part: array.numpy() for part, array in arrays.items()}
-        plan = plan_layer(mlp, tune.x) if config.plan else None
         array_files = {}  # part -> its file name in the store
         if writer:
             for part, array in layer_arrays[layer].items():
@@ -287,7 +287,7 @@ def build_indexes(checkpoint: Checkpoint, config: BuildConfig, calib_sources: Se
             activation=weights.activation, backend=backend.name, build_params=index.build_params,
             search_params=index.search_params, effort_param=index.effort_param,
             effort_range=list(index.effort_range(k)), k=k if config.mass_target is not None else None,
-            files=files, plan=plan, tail_map_error=tail_map_error, candidates=selection.get("candidates"),
+            files=files, tail_map_error=tail_map_error, candidates=selection.get("candidates"),
             **{f"{part}_file": name for part, name in array_files.items()},
             build_recall=round(held.recall, 6), build_scanned_fraction=round(held.scanned_fraction, 6),
             build_seconds=round(time.perf_counter() - start, 3)))
@@ -304,6 +304,11 @@ def build_indexes(checkpoint: Checkpoint, config: BuildConfig, calib_sources: Se
                      "holdout_queries": int(min(len(holdout_inputs[0]), MAX_TUNING_QUERIES)),
                      "seed": config.seed},
         layers=entries)
+    if config.plan:
+        for entry, plan in zip(entries, plan_model(ApproxModel(manifest, checkpoint, indexes,
+                                                                layer_arrays=layer_arrays)).values()):
+            entry.plan = plan
+        manifest.extra["plan_machine"] = machine()
     return manifest, indexes, layer_arrays
 
 

@@ -91,9 +91,19 @@ def build(
     manifest = Store.open(path).manifest
     typer.echo(f"built {path}: {manifest.family}, {len(manifest.layers)} layers, backend={manifest.backend}, k={manifest.k}")
     for entry in manifest.layers:
-        planned = "" if entry.plan is None else f" approximate up to {entry.plan['approx_up_to']} tokens/call"
         typer.echo(f"  layer {entry.layer:>3}: {entry.search_params} recall@{entry.k or manifest.k}={entry.build_recall:.3f} "
-                   f"scanned={entry.build_scanned_fraction:.3f} ({entry.build_seconds:.1f}s){planned}")
+                   f"scanned={entry.build_scanned_fraction:.3f} ({entry.build_seconds:.1f}s){_plan_words(entry.plan)}")
+
+
+def _plan_words(plan: dict | None) -> str:
+    """What mode auto will do with a layer, and the one-token timing behind it."""
+    if plan is None:
+        return ""
+    decode = f" (one-token call in decoding: {plan['decode_approx_us']:.0f} us approximate vs " \
+             f"{plan['decode_dense_us']:.0f} us dense)" if "decode_dense_us" in plan else ""
+    if plan["approx_up_to"] == 0:
+        return f"; auto serves it dense: search does not pay at any batch size{decode}"
+    return f"; auto approximates calls of up to {plan['approx_up_to']} tokens{decode}"
 
 
 @app.command("eval")
@@ -323,6 +333,45 @@ def bench_e2e(
                    f"{result.auto_dense_fraction:>10.3f} {result.recall_at_k:>6.3f} {result.scanned_fraction:>7.3f}  {e2e}")
         with open(json_out, "a") as f:
             f.write(json.dumps(result.to_json()) + "\n")
+
+
+@bench_app.command("decode")
+def bench_decode(
+    store: Path = typer.Argument(..., help="Index store folder of a causal LM."),
+    prompts_file: Path | None = typer.Option(None, "--prompts", help="Prompts: a text file, one per paragraph "
+                                             "(blank-line separated) [default: held-out standard library docstrings]."),
+    new_tokens: int = typer.Option(64, help="Tokens generated per sequence (no end-of-sequence stop)."),
+    batch: int = typer.Option(1, help="Sequences decoded together."),
+    prompts: int = typer.Option(8, help="Prompts taken from the text."),
+    prompt_tokens: int = typer.Option(32, help="Each prompt cut to at most this many tokens."),
+    turns: int = typer.Option(4, help="Timed turns per mode, after one warm-up turn (the order reverses every other turn)."),
+    json_out: Path = typer.Option(Path("results/bench_decode.jsonl"), "--json", help="Append JSON lines here."),
+) -> None:
+    """Generation with a KV cache, one new token per step: exact vs approx vs auto tokens/s, with fidelity."""
+    from ann_mlp.approx_model import ApproxModel
+    from ann_mlp.decode_bench import bench_decode as run
+
+    model = ApproxModel.open(store)
+    result = run(model, prompts_file, new_tokens, batch, prompts, prompt_tokens, turns)
+    typer.echo(f"{result.model}: batch {result.batch}, {result.prompts} prompts of <= {result.prompt_tokens} tokens, "
+               f"{result.new_tokens} new tokens each, {result.turns} turns ({result.text})")
+    typer.echo(f"{'path':>10} {'tok/s':>8} {'vs exact':>8} {'agreement':>9}  per step: {'total':>7} {'search':>7} "
+               f"{'mlp rest':>8} {'attention':>9} {'other':>7} ms")
+    rows = (("exact", result.exact_tokens_per_s, 1.0, 1.0), ("approx", result.approx_tokens_per_s,
+            result.approx_speedup, result.continuation_agreement),
+            ("auto", result.auto_tokens_per_s, result.auto_speedup, result.auto_continuation_agreement))
+    for name, rate, speedup, agree in rows:
+        s = result.split[name]
+        typer.echo(f"{name:>10} {rate:>8.1f} {speedup:>8.3f} {agree:>9.3f}  {'':>10}{s.total_ms:>7.3f} "
+                   f"{s.index_search_ms:>7.3f} {s.mlp_rest_ms:>8.3f} {s.attention_ms:>9.3f} {s.other_ms:>7.3f}")
+    typer.echo(f"{'generate()':>10} {result.generate_tokens_per_s:>8.1f} "
+               f"{1 / result.lean_loop_speedup:>8.3f}   (transformers' loop, exact)")
+    typer.echo(f"KL along the exact continuation {result.kl_mean:.5f}; perplexity on the prompts "
+               f"{result.perplexity_exact:.2f} exact, {result.perplexity_approx:.2f} approx; "
+               f"auto ran {result.auto_dense_fraction:.1%} of its MLP calls dense")
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    with open(json_out, "a") as f:
+        f.write(json.dumps(result.to_json()) + "\n")
 
 
 @bench_app.command("memory")

@@ -19,3 +19,7 @@ class StoreError(AnnMlpError):
 
 class InputError(AnnMlpError):
     """User input (text, k, recall target, ...) is out of range or empty."""
+
+
+class DeadlineError(AnnMlpError):
+    """Work stopped because its caller's deadline passed."""

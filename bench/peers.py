@@ -38,7 +38,8 @@ import numpy as np
 import torch
 
 from ann_mlp.approx_mlp import ApproxMLP, augmented_keys, augmented_queries
-from ann_mlp.benchmark import dense_paths, time_calls
+from ann_mlp.benchmark import dense_paths
+from ann_mlp.timing import time_calls
 from ann_mlp.build import capture_calibration
 from ann_mlp.capture import batches, forward_capturing
 from ann_mlp.checkpoint import load_checkpoint

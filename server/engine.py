@@ -111,6 +111,9 @@ class Engine:
         self._pending_shadows = 0
         self._pending_lock = threading.Lock()
         self._random = random.Random(0)
+        # The running job's deadline (time.monotonic()), for work that can stop between steps.
+        # One worker thread runs every job, so one attribute serves.
+        self.job_deadline: float | None = None
 
     # -- lifecycle ------------------------------------------------------------------
     def load(self) -> None:
@@ -162,7 +165,11 @@ class Engine:
         def run_if_in_time() -> T:
             if time.monotonic() > deadline:  # waited past its deadline: the caller has gone
                 raise DeadlineExceeded("request deadline passed while queued")
-            return job()
+            self.job_deadline = deadline
+            try:
+                return job()
+            finally:
+                self.job_deadline = None
 
         future = self._executor.submit(run_if_in_time)
         future.add_done_callback(self._job_done)

@@ -7,10 +7,13 @@ from dataclasses import asdict
 
 import torch
 
+from ann_mlp import decode
 from ann_mlp.capture import batch_from_ids
+from ann_mlp.decode import Sampling
+from ann_mlp.errors import DeadlineError
 from ann_mlp.linalg import mean_pool
 from server.engine import Engine, Knobs, Run, ServedModel
-from server.errors import InvalidRequest
+from server.errors import DeadlineExceeded, InvalidRequest
 from server.schemas import RunInfo
 from server.settings import ServerSettings
 
@@ -89,42 +92,31 @@ def top_alternatives(served: ServedModel, logprobs: torch.Tensor, count: int) ->
 
 
 def generate(engine: Engine, served: ServedModel, prompt_ids: list[int], request, knobs: Knobs) -> dict:
-    """Sample or greedy-decode a continuation with the model in the request's mode."""
+    """Sample or greedy-decode a continuation with the model in the request's mode, stopping
+    between steps once the request's deadline has passed."""
     checkpoint = served.approx.checkpoint
-    prompt = batch_from_ids(checkpoint, [prompt_ids])
-    run = engine.run(served, prompt, knobs)  # the prompt pass: timing, scanned fraction, compare report
-    sampling = request.temperature is not None and request.temperature > 0
-    options = {"max_new_tokens": request.max_tokens, "do_sample": sampling,
-               "pad_token_id": served.tokenizer.pad_token_id, "output_scores": True,
-               "return_dict_in_generate": True,
-               # never hold the worker past the request deadline: the caller has had its 504
-               "max_time": engine.settings.request_timeout_s}
-    if sampling:
-        options.update(temperature=request.temperature, top_p=request.top_p or 1.0)
-    if request.seed is not None:
-        torch.manual_seed(request.seed)
-    model = checkpoint.model
-    with torch.inference_mode():
+    run = engine.run(served, batch_from_ids(checkpoint, [prompt_ids]), knobs)  # the prompt pass: timing, report
+    sampling = Sampling(temperature=request.temperature or 0.0, top_p=request.top_p or 1.0, seed=request.seed)
+    tokenizer = served.tokenizer
+    options = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id or 0,
+                   sampling=sampling, keep_logprobs=request.logprobs is not None, deadline=engine.job_deadline)
+    try:
         if knobs.mode == "exact":
-            out = model.generate(**prompt.inputs, **options)
+            (continuation,) = decode.generate(checkpoint.model, [prompt_ids], request.max_tokens, **options)
         else:
             with served.approx.approximate(planned=knobs.mode == "auto"):
-                out = model.generate(**prompt.inputs, **options)
-    new_ids = out.sequences[0, len(prompt_ids):].tolist()
-    step_logprobs = [torch.log_softmax(s[0].float(), dim=-1) for s in out.scores]
-    eos = served.tokenizer.eos_token_id
-    finish = "length"
-    if eos in new_ids:
-        cut = new_ids.index(eos)
-        new_ids, step_logprobs, finish = new_ids[:cut], step_logprobs[:cut], "stop"
-    text = served.tokenizer.decode(new_ids, skip_special_tokens=True)
+                (continuation,) = decode.generate(checkpoint.model, [prompt_ids], request.max_tokens, **options)
+    except DeadlineError as err:
+        raise DeadlineExceeded(str(err)) from err
+    new_ids, step_logprobs, finish = continuation.tokens, continuation.logprobs, continuation.finish_reason
+    text = tokenizer.decode(new_ids, skip_special_tokens=True)
     stops = [request.stop] if isinstance(request.stop, str) else (request.stop or [])
     for stop in stops:
         if stop and stop in text:
             text, finish = text[: text.index(stop)], "stop"
     logprobs = None
     if request.logprobs is not None:
-        tokens = [served.tokenizer.decode([t]) for t in new_ids]
+        tokens = [tokenizer.decode([t]) for t in new_ids]
         offsets, position = [], 0
         for token in tokens:
             offsets.append(position)

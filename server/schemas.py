@@ -38,7 +38,7 @@ class CompletionRequest(BaseModel):
     max_tokens: int = Field(16, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="absent or 0: greedy")
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
     logprobs: int | None = Field(None, ge=0, le=5)
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=1)

@@ -10,7 +10,8 @@ from concurrent.futures import ProcessPoolExecutor
 import pytest
 import torch
 
-from ann_mlp.benchmark import MemoryBenchResult, bench_layer, dense_paths, random_layer, time_in_turns
+from ann_mlp.benchmark import MemoryBenchResult, bench_layer, dense_paths, random_layer
+from ann_mlp.timing import time_in_turns
 from tests.test_cli import TEXT, run
 
 

@@ -10,7 +10,16 @@ from ann_mlp.capture import forward, make_batch
 from ann_mlp.checkpoint import load_checkpoint
 from ann_mlp.index import build_index
 from ann_mlp.patch import patched
-from ann_mlp.planner import PLAN_BATCH_SIZES, PLAN_MARGIN, approx_up_to, plan_layer
+from ann_mlp.planner import (
+    PLAN_BATCH_SIZES,
+    PLAN_MARGIN,
+    approx_up_to,
+    decode_timings,
+    machine,
+    plan_layer,
+    planning_prompts,
+    replan_if_moved,
+)
 
 
 def test_dense_path_reproduces_the_model(tiny_checkpoint):
@@ -59,8 +68,9 @@ def test_only_clear_wins_approximate():
 def test_store_records_plans_and_auto_follows_them(tiny_stores):
     model = ApproxModel.open(tiny_stores["tiny-bert"])
     assert all(entry.plan is not None and "approx_up_to" in entry.plan for entry in model.manifest.layers)
-    for entry in model.manifest.layers:
-        entry.plan = {**entry.plan, "approx_up_to": 4}
+    assert model.plans == {entry.layer: entry.plan for entry in model.manifest.layers}
+    for layer, plan in model.plans.items():
+        model.plans[layer] = {**plan, "approx_up_to": 4}
     checkpoint = model.checkpoint
     small, large = (make_batch(checkpoint, [text], 64) for text in ("a b", "a longer input of many tokens here"))
     assert small.num_tokens <= 4 < large.num_tokens
@@ -80,8 +90,8 @@ def test_store_records_plans_and_auto_follows_them(tiny_stores):
 
 def test_layers_whose_plan_never_pays_keep_the_models_own_mlp(tiny_stores):
     model = ApproxModel.open(tiny_stores["tiny-llama"])
-    for entry in model.manifest.layers:
-        entry.plan = {**(entry.plan or {}), "approx_up_to": 0}
+    for layer, plan in model.plans.items():
+        model.plans[layer] = {**(plan or {}), "approx_up_to": 0}
     checkpoint = model.checkpoint
     batch = make_batch(checkpoint, ["every layer stays dense here"], 64)
     exact = forward(checkpoint, batch).logits
@@ -91,3 +101,36 @@ def test_layers_whose_plan_never_pays_keep_the_models_own_mlp(tiny_stores):
         planned = forward(checkpoint, batch).logits
     torch.testing.assert_close(planned, exact)
     assert all(m.stats.dense_tokens == batch.num_tokens and m.stats.queries == 0 for m in model.mlps.values())
+
+
+def test_causal_lm_plans_decide_batch_one_inside_decoding(tiny_stores):
+    """A causal LM's plan times one-token calls while the model decodes, and batch 1 follows them."""
+    model = ApproxModel.open(tiny_stores["tiny-llama"])
+    assert model.manifest.extra["plan_machine"] == machine()
+    for plan in model.plans.values():
+        assert plan["decode_dense_us"] > 0 and plan["decode_approx_us"] > 0
+        expected = approx_up_to(PLAN_BATCH_SIZES, [plan["decode_dense_us"], *plan["dense_us"][1:]],
+                                [plan["decode_approx_us"], *plan["approx_us"][1:]])
+        assert plan["approx_up_to"] == expected
+
+
+def test_decode_timings_cover_every_layer_and_leave_no_state(tiny_stores):
+    model = ApproxModel.open(tiny_stores["tiny-llama"])
+    timings = decode_timings(model, planning_prompts(model))
+    assert set(timings) == set(model.mlps)
+    assert all(dense > 0 and approx > 0 for dense, approx in timings.values())
+    assert all(m.approx_up_to is None and m.stats.queries == 0 and m.stats.dense_tokens == 0
+               for m in model.mlps.values())
+    assert not any(isinstance(m, ApproxMLP) for m in model.checkpoint.model.modules())  # unpatched
+
+
+def test_a_store_planned_elsewhere_is_planned_again_in_memory(tiny_stores):
+    model = ApproxModel.open(tiny_stores["tiny-llama"])
+    assert not replan_if_moved(model)  # planned on this machine: kept as recorded
+    model.manifest.extra["plan_machine"] = {**machine(), "cpu": "another processor"}
+    recorded = {layer: dict(plan) for layer, plan in model.plans.items()}
+    model.plans = {layer: None for layer in model.plans} | {0: {"approx_up_to": 64}}
+    assert replan_if_moved(model)
+    assert set(model.plans) == set(recorded)
+    assert all("decode_dense_us" in plan and plan["batch_sizes"] == list(PLAN_BATCH_SIZES)
+               for plan in model.plans.values())

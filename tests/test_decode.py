@@ -1,0 +1,124 @@
+"""The decode loop: the same tokens as transformers' generate(), batches equal to single prompts,
+stops, sampling, deadlines; and `bench decode`'s report on a tiny store."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from ann_mlp.approx_model import ApproxModel
+from ann_mlp.checkpoint import load_checkpoint
+from ann_mlp.decode import Sampling, generate, left_padded, next_tokens
+from ann_mlp.decode_bench import agreement, bench_decode
+from ann_mlp.errors import DeadlineError, InputError
+
+CAUSAL = ("gpt2", "opt", "llama", "qwen2")
+PROMPTS = [[5, 9, 14, 20, 33, 41], [7, 8], [100, 3, 60, 61]]
+
+
+@pytest.fixture(scope="module", params=CAUSAL)
+def causal(request, tiny_checkpoints):
+    return load_checkpoint(str(tiny_checkpoints[request.param]))
+
+
+def reference(checkpoint, prompt: list[int], new_tokens: int) -> list[int]:
+    """transformers' own greedy generate() for one prompt, no end-of-sequence stop."""
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        out = checkpoint.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                        max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def test_greedy_tokens_equal_transformers_generate(causal):
+    for prompt in PROMPTS:
+        (continuation,) = generate(causal.model, [prompt], 12, eos_token_id=None, pad_token_id=0)
+        assert continuation.tokens == reference(causal, prompt, 12)
+        assert continuation.finish_reason == "length"
+
+
+def test_a_batch_of_unequal_prompts_decodes_each_as_alone(causal):
+    together = generate(causal.model, PROMPTS, 10, eos_token_id=None, pad_token_id=0, keep_logprobs=True)
+    for prompt, batched in zip(PROMPTS, together):
+        (alone,) = generate(causal.model, [prompt], 10, eos_token_id=None, pad_token_id=0, keep_logprobs=True)
+        assert batched.tokens == alone.tokens
+        torch.testing.assert_close(torch.stack(batched.logprobs), torch.stack(alone.logprobs), atol=1e-4, rtol=1e-4)
+
+
+def test_end_of_sequence_stops_one_sequence_and_is_not_returned(causal):
+    (free,) = generate(causal.model, [PROMPTS[0]], 8, eos_token_id=None, pad_token_id=0)
+    eos = free.tokens[3]  # pretend the fourth greedy token ends the sequence
+    first = free.tokens.index(eos)
+    stopped, other = generate(causal.model, [PROMPTS[0], PROMPTS[1]], 8, eos_token_id=eos, pad_token_id=0)
+    assert stopped.tokens == free.tokens[:first] and stopped.finish_reason == "stop"
+    assert eos not in other.tokens and len(other.tokens) <= 8
+
+
+def test_seeded_sampling_repeats_and_a_tiny_top_p_is_greedy(causal):
+    sampled = Sampling(temperature=1.5, top_p=0.95, seed=7)
+    first = generate(causal.model, PROMPTS, 10, eos_token_id=None, pad_token_id=0, sampling=sampled)
+    again = generate(causal.model, PROMPTS, 10, eos_token_id=None, pad_token_id=0, sampling=sampled)
+    assert [c.tokens for c in first] == [c.tokens for c in again]
+    greedy = generate(causal.model, PROMPTS, 10, eos_token_id=None, pad_token_id=0)
+    nucleus = generate(causal.model, PROMPTS, 10, eos_token_id=None, pad_token_id=0,
+                       sampling=Sampling(temperature=1.0, top_p=1e-6, seed=1))
+    assert [c.tokens for c in nucleus] == [c.tokens for c in greedy]
+
+
+def test_next_tokens_at_a_vanishing_temperature_is_argmax():
+    logits = torch.tensor([[0.0, 3.0, 2.9], [1.0, -1.0, 0.5]])
+    assert next_tokens(logits, Sampling(temperature=5e-324), None).tolist() == [1, 0]
+
+
+def test_left_padding_and_its_mask():
+    ids, mask = left_padded([[4, 5, 6], [7]], pad_token_id=0)
+    assert ids.tolist() == [[4, 5, 6], [0, 0, 7]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert left_padded([[4, 5], [6, 7]], pad_token_id=0)[1] is None  # nothing padded: no mask at all
+
+
+def test_a_passed_deadline_stops_between_steps(causal, monkeypatch):
+    with pytest.raises(DeadlineError, match="0 of 5"):
+        generate(causal.model, [PROMPTS[0]], 5, eos_token_id=None, pad_token_id=0, deadline=time.monotonic() - 1)
+    clock = [0.0]  # a clock that advances one second per forward call
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    with pytest.raises(DeadlineError, match="3 of 50"):
+        generate(causal.model, [PROMPTS[0]], 50, eos_token_id=None, pad_token_id=0, deadline=2.5,
+                 on_step=lambda: clock.__setitem__(0, clock[0] + 1))
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1.0), dict(top_p=0.0), dict(seed=2**64)])
+def test_sampling_rejects_out_of_range_values(bad):
+    with pytest.raises(InputError):
+        Sampling(**bad)
+
+
+def test_agreement_counts_positions_that_match():
+    assert agreement([[1, 2, 3, 4]], [[1, 2, 9, 4]]) == 0.75
+
+
+def test_bench_decode_reports_consistent_fields(tiny_stores):
+    model = ApproxModel.open(tiny_stores["tiny-llama"])
+    result = bench_decode(model, new_tokens=6, batch=2, prompts=3, prompt_tokens=8, turns=2)
+    report = json.loads(json.dumps(result.to_json()))
+    for field in ("model", "batch", "new_tokens", "exact_tokens_per_s", "approx_tokens_per_s", "auto_tokens_per_s",
+                  "approx_speedup", "auto_speedup", "continuation_agreement", "kl_mean"):
+        assert field in report
+    assert report["model"] == "tiny-llama" and report["batch"] == 2 and report["prompts"] == 3
+    assert all(report[f"{mode}_tokens_per_s"] > 0 for mode in ("exact", "approx", "auto", "generate"))
+    assert 0 <= report["continuation_agreement"] <= 1 and 0 <= report["auto_continuation_agreement"] <= 1
+    assert report["kl_mean"] >= -1e-6 and report["perplexity_exact"] > 1 and report["perplexity_approx"] > 1
+    for mode, split in report["split"].items():
+        parts = split["index_search_ms"] + split["mlp_rest_ms"] + split["attention_ms"] + split["other_ms"]
+        assert split["total_ms"] == pytest.approx(parts, abs=2e-3)
+        assert split["attention_ms"] > 0 and split["mlp_rest_ms"] > 0
+    assert report["split"]["approx"]["index_search_ms"] > 0 and report["split"]["exact"]["index_search_ms"] == 0
+
+
+def test_bench_decode_refuses_an_encoder_and_a_context_it_cannot_hold(tiny_stores):
+    with pytest.raises(InputError, match="causal LM"):
+        bench_decode(ApproxModel.open(tiny_stores["tiny-bert"]))
+    with pytest.raises(InputError, match="positions"):
+        bench_decode(ApproxModel.open(tiny_stores["tiny-llama"]), new_tokens=250, prompt_tokens=32)
