@@ -350,8 +350,10 @@ def bench_decode(
     """Generation with a KV cache, one new token per step: exact vs approx vs auto tokens/s, with fidelity."""
     from ann_mlp.approx_model import ApproxModel
     from ann_mlp.decode_bench import bench_decode as run
+    from ann_mlp.planner import replan_if_moved
 
     model = ApproxModel.open(store)
+    replan_if_moved(model)
     result = run(model, prompts_file, new_tokens, batch, prompts, prompt_tokens, turns)
     typer.echo(f"{result.model}: batch {result.batch}, {result.prompts} prompts of <= {result.prompt_tokens} tokens, "
                f"{result.new_tokens} new tokens each, {result.turns} turns ({result.text})")

@@ -24,6 +24,7 @@ from ann_mlp.approx_model import ApproxModel
 from ann_mlp.capture import Batch, batch_from_ids, forward
 from ann_mlp.errors import AnnMlpError
 from ann_mlp.evaluate import Comparison
+from ann_mlp.planner import replan_if_moved
 from server.errors import (
     DeadlineExceeded,
     InvalidRequest,
@@ -121,6 +122,7 @@ class Engine:
         torch.set_num_threads(self.settings.torch_threads)
         for path in self.settings.stores:
             approx = ApproxModel.open(path)
+            replan_if_moved(approx)  # mode auto follows timings taken on this machine
             name = approx.manifest.name
             if name in self.models:
                 raise AnnMlpError(f"two stores are named {name!r}; serve each model once")
