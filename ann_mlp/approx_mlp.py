@@ -26,7 +26,7 @@ from ann_mlp.activations import activation_module
 from ann_mlp.checkpoint.base import MlpWeights
 from ann_mlp.errors import InputError
 from ann_mlp.index.base import BYTES_PER_FLOAT, MipsIndex, SearchResult
-from ann_mlp.linalg import RowCodes, rows_dot
+from ann_mlp.linalg import RowCodes, rows_dot, search_threads
 
 
 def augmented_keys(weights: MlpWeights) -> np.ndarray:
@@ -205,7 +205,8 @@ class ApproxMLP(nn.Module):
         x = hidden_states.reshape(-1, w.d_model).float()  # (N, d_model)
 
         search_start = time.perf_counter()
-        result = self.index.search(self.augmented(x), max(self.k, self.candidates), **self.search_params)
+        with search_threads(len(x)):
+            result = self.index.search(self.augmented(x), max(self.k, self.candidates), **self.search_params)
         search_seconds = time.perf_counter() - search_start
 
         found = result.ids if self.neuron_of_id is None else self.neuron_of_id[result.ids]  # (N, c)

@@ -2,9 +2,31 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import faiss
 import numpy as np
 import torch
+
+# Below this many queries faiss searches on one thread. A parallel region over a few queries
+# gains nothing, and inside a decode step faiss' OpenMP pool, spinning beside torch's own, fought
+# it for the cores: an approximate one-token call took several times as long as on one thread.
+PARALLEL_SEARCH_MIN_QUERIES = 16
+
+
+@contextmanager
+def search_threads(n_queries: int) -> Iterator[None]:
+    """faiss on one thread within the block when there are too few queries to share out."""
+    if n_queries >= PARALLEL_SEARCH_MIN_QUERIES:
+        yield
+        return
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(previous)
 
 
 def rows_dot(rows: torch.Tensor, ids: torch.Tensor, x: torch.Tensor, max_gathered: int = 1 << 22) -> torch.Tensor:

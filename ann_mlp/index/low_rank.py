@@ -248,15 +248,16 @@ class LowRankIndex(KeyRowsIndex):
         self.error_basis_codes = None if error_basis_codes is None else RowCodes(error_basis_codes, error_basis_ranges)
         # rounding_variance: (r,) each code column's rounding variance, when σ_q counts it (stores
         # built before session 13 tuned their margins to the residual alone, and keep it).
+        # first_pass: the codes index's own memory read as RowCodes, so that small layers score every
+        # key from the decoded codes in torch rather than keep a heap of candidates in faiss' scan.
         self.first_pass, self.rounding_variance, self._margin_width = None, None, 0
-        if self.margin_rank:
-            view = faiss.rev_swig_ptr(codes.codes.data(), codes.ntotal * codes.code_size)
-            code_table = RowCodes(view.reshape(codes.ntotal, codes.code_size),
-                                  faiss.vector_to_array(codes.sq.trained).reshape(2, codes.d), self.code_bits)
-            if build_params.get("margin_counts_rounding", False):
-                self.rounding_variance = code_table.noise_variance
-            if codes.ntotal * codes.d <= DECODED_FIRST_PASS_MAX:
-                self.first_pass = code_table
+        view = faiss.rev_swig_ptr(codes.codes.data(), codes.ntotal * codes.code_size)
+        code_table = RowCodes(view.reshape(codes.ntotal, codes.code_size),
+                              faiss.vector_to_array(codes.sq.trained).reshape(2, codes.d), self.code_bits)
+        if self.margin_rank and build_params.get("margin_counts_rounding", False):
+            self.rounding_variance = code_table.noise_variance
+        if codes.ntotal * codes.d <= DECODED_FIRST_PASS_MAX:
+            self.first_pass = code_table
 
     @property
     def effort_param(self) -> str:
@@ -438,6 +439,9 @@ class LowRankIndex(KeyRowsIndex):
             projected = self._project(q)  # (N, r2)
             if self.margin_rank:
                 candidates, valid, within_margin = self._within_margin(projected, q_t, k, effort / 100)
+            elif self.refine_codes is None and self.first_pass is not None:
+                scores = self.first_pass.dot_all(torch.from_numpy(projected))  # (N, n) approximate
+                candidates = scores.topk(min(rerank, self.num_keys), dim=1).indices  # (N, rerank)
             elif self.refine_codes is None:
                 _, candidates = self.codes.search(projected, rerank)  # (N, rerank) by approximate score
             else:
