@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from ann_mlp.activations import activation_module
 from ann_mlp.approx_model import ApproxModel
 from ann_mlp.approx_mlp import ApproxMLP, augmented_keys, augmented_queries, dense_activations, values_output
-from ann_mlp.capture import batches, forward_capturing
+from ann_mlp.capture import TextStats, batches, forward_capturing
 from ann_mlp.checkpoint import Checkpoint, MlpWeights, load_checkpoint
 from ann_mlp.config import BuildConfig
 from ann_mlp.errors import InputError
@@ -34,26 +34,26 @@ MAX_TUNING_QUERIES = 4096
 
 
 def capture_calibration(checkpoint: Checkpoint, config: BuildConfig, sources: Sequence[str | Path],
-                        progress: bool) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
-    """MLP inputs per layer on calibration text, split into (tune, holdout) by batch."""
+                        progress: bool) -> tuple[list[torch.Tensor], list[torch.Tensor], TextStats]:
+    """MLP inputs per layer on calibration text, split into (tune, holdout) by batch, and how much
+    text that was."""
     layers = range(checkpoint.num_layers)
     tune: list[list[torch.Tensor]] = [[] for _ in layers]
     holdout: list[list[torch.Tensor]] = [[] for _ in layers]
     every = max(2, round(1 / config.holdout_fraction))
-    tokens = 0
-    stream = batches(checkpoint, calibration_passages(sources), config.calibration)
+    stats = TextStats()
+    stream = batches(checkpoint, calibration_passages(sources, config.calibration), config.calibration, stats)
     for i, batch in enumerate(tqdm(stream, desc="calibration batches", disable=not progress)):
         _, captured = forward_capturing(checkpoint, batch, layers)
         side = holdout if i % every == every - 1 else tune
         for layer in layers:
             side[layer].append(captured[layer])
-        tokens += batch.num_tokens
     if not holdout[0]:  # a single batch: hold out the last part of its tokens
         for layer in layers:
             x = tune[layer].pop()
             cut = max(1, int(len(x) * (1 - config.holdout_fraction)))
             tune[layer], holdout[layer] = [x[:cut]], [x[cut:]]
-    return [torch.cat(t) for t in tune], [torch.cat(h) for h in holdout], tokens
+    return [torch.cat(t) for t in tune], [torch.cat(h) for h in holdout], stats
 
 
 class LayerCalibration:
@@ -243,7 +243,7 @@ def build_indexes(checkpoint: Checkpoint, config: BuildConfig, calib_sources: Se
     d_ffs = [checkpoint.adapter.mlp_weights(layer).d_ff for layer in range(checkpoint.num_layers)]
     if config.k > min(d_ffs):
         raise InputError(f"k={config.k} exceeds d_ff={min(d_ffs)} of {checkpoint.source.spec}")
-    tune_inputs, holdout_inputs, tokens = capture_calibration(checkpoint, config, calib_sources, progress)
+    tune_inputs, holdout_inputs, text_stats = capture_calibration(checkpoint, config, calib_sources, progress)
     entries, indexes, layer_arrays = [], {}, {}
     for layer in tqdm(range(checkpoint.num_layers), desc="layers", disable=not progress):
         start = time.perf_counter()
@@ -297,9 +297,10 @@ def build_indexes(checkpoint: Checkpoint, config: BuildConfig, calib_sources: Se
         extra={"tail_map_rank": config.tail_map_rank,  # None: default_tail_map_rank per layer
                "gated_selection": config.gated_selection,
                **({"mass_target": config.mass_target} if config.mass_target is not None else {})},
-        calibration={"text": describe_calibration(calib_sources),
+        calibration={"text": describe_calibration(calib_sources, config.calibration),
                      "sources": recorded_sources(calib_sources),
-                     "tokens": tokens,
+                     "tokens": text_stats.tokens, "passages": text_stats.passages,
+                     "split_passages": text_stats.split, "cut_passages": text_stats.truncated,
                      "tune_queries": int(min(len(tune_inputs[0]), MAX_TUNING_QUERIES)),
                      "holdout_queries": int(min(len(holdout_inputs[0]), MAX_TUNING_QUERIES)),
                      "seed": config.seed},

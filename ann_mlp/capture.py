@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from itertools import islice
 
 import torch
 
@@ -48,22 +49,89 @@ def _batch(checkpoint: Checkpoint, input_ids: torch.Tensor, mask: torch.Tensor) 
     return Batch(inputs=inputs, mask=mask.bool(), input_ids=input_ids)
 
 
-def batches(checkpoint: Checkpoint, passages: Iterable[str], text: TextConfig) -> Iterator[Batch]:
-    """Batches of passages until `text.max_tokens` real tokens; an error if there is no text."""
-    total, pending = 0, []
-    for passage in passages:
-        pending.append(passage)
-        if len(pending) == text.batch_size:
-            batch = make_batch(checkpoint, pending, text.max_seq_len)
-            pending = []
-            total += batch.num_tokens
+@dataclass
+class TextStats:
+    """How much text a run measured: filled in by `batches` as it reads."""
+
+    passages: int = 0  # passages read
+    sequences: int = 0  # sequences run: a split passage counts once per window
+    tokens: int = 0  # real tokens run
+    split: int = 0  # passages longer than the limit, run as several windows
+    truncated: int = 0  # passages longer than the limit, cut to their first window
+    limit: int = 0  # the passage limit in tokens
+    whole_text: bool = False  # every passage was read (False: the token budget ended the run)
+
+    def warnings(self) -> list[str]:
+        notes = []
+        if self.tokens < MIN_REPORTED_TOKENS:
+            notes.append(f"only {self.tokens} tokens measured: figures from fewer than {MIN_REPORTED_TOKENS} "
+                         "tokens are noisy")
+        if self.truncated * 4 > self.passages:
+            notes.append(f"{self.truncated} of {self.passages} passages were cut at {self.limit} tokens")
+        return notes
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "warnings": self.warnings()}
+
+
+MIN_REPORTED_TOKENS = 1_000
+
+
+def passage_limit(checkpoint: Checkpoint, text: TextConfig) -> int:
+    """Tokens per sequence: the configured limit, or the model's positions if fewer."""
+    positions = getattr(checkpoint.model.config, "max_position_embeddings", None)
+    return min(text.max_seq_len, positions) if positions else text.max_seq_len
+
+
+def batches(checkpoint: Checkpoint, passages: Iterable[str], text: TextConfig,
+            stats: TextStats | None = None) -> Iterator[Batch]:
+    """Batches of `text.batch_size` sequences until `text.max_tokens` real tokens; an error if there
+    is no text. A passage longer than the limit is split into windows of the limit (every token
+    run) or cut to its first (text.long_passages); `stats` counts what was read."""
+    stats = TextStats() if stats is None else stats
+    stats.limit = limit = passage_limit(checkpoint, text)
+    tokenizer = checkpoint.tokenizer
+    # Sequences waiting for a batch: (token ids, how their passage was handled if this is its first
+    # window: "whole", "split" or "cut"; None for a later window), so stats count what was run.
+    pending: list[tuple[list[int], str | None]] = []
+
+    def run(sequences: list[tuple[list[int], str | None]]) -> Batch:
+        for _, first in sequences:
+            if first is not None:
+                stats.passages += 1
+                stats.split += first == "split"
+                stats.truncated += first == "cut"
+        batch = batch_from_ids(checkpoint, [ids for ids, _ in sequences])
+        stats.sequences += len(sequences)
+        stats.tokens += batch.num_tokens
+        return batch
+
+    stream = iter(passages)
+    while True:
+        chunk = list(islice(stream, text.batch_size))
+        if not chunk:
+            stats.whole_text = True
+            break
+        encoded = tokenizer(chunk, truncation=True, max_length=limit, return_overflowing_tokens=True,
+                            add_special_tokens=True)
+        windows: list[list[list[int]]] = [[] for _ in chunk]  # per passage, its windows in order
+        for ids, passage in zip(encoded["input_ids"], encoded["overflow_to_sample_mapping"]):
+            if ids:
+                windows[passage].append(ids)
+        for passage_windows in windows:
+            if len(passage_windows) > 1 and text.long_passages == "cut":
+                pending.append((passage_windows[0], "cut"))
+            elif passage_windows:
+                handled = "split" if len(passage_windows) > 1 else "whole"
+                pending += [(ids, handled if i == 0 else None) for i, ids in enumerate(passage_windows)]
+        while len(pending) >= text.batch_size:
+            batch, pending = run(pending[: text.batch_size]), pending[text.batch_size:]
             yield batch
-            if total >= text.max_tokens:
+            if stats.tokens >= text.max_tokens:
                 return
     if pending:
-        total += (batch := make_batch(checkpoint, pending, text.max_seq_len)).num_tokens
-        yield batch
-    if total == 0:
+        yield run(pending)
+    if stats.tokens == 0:
         raise InputError("the text is empty: no tokens to run")
 
 

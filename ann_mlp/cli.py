@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import typer
@@ -29,6 +30,22 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 def _progress() -> bool:
     return sys.stderr.isatty()
+
+
+# How text files become passages: the same options wherever a command reads text (TextConfig).
+SPLIT = typer.Option(TextConfig.split, "--split", help="How a text file becomes passages: paragraphs (blank-line "
+                     "separated), lines (one per line), or auto (lines when the file has no blank line).")
+JSONL_FIELD = typer.Option(None, "--jsonl-field", help="JSON Lines: the field holding each record's text "
+                           "(.jsonl and .ndjson files are read as JSON Lines) [text].")
+LONG_PASSAGES = typer.Option(TextConfig.long_passages, "--long-passages", help="A passage over --passage-tokens: "
+                             "split into windows (every token measured) or cut to the first.")
+PASSAGE_TOKENS = typer.Option(TextConfig.max_seq_len, "--passage-tokens",
+                              help="Tokens per sequence run (fewer if the model has fewer positions).")
+
+
+def _text(max_tokens: int, split: str, jsonl_field: str | None, long_passages: str, passage_tokens: int) -> TextConfig:
+    return TextConfig(max_tokens=max_tokens, max_seq_len=passage_tokens, split=split, jsonl_field=jsonl_field,
+                      long_passages=long_passages)
 
 
 def _parse_params(pairs: list[str]) -> dict:
@@ -65,6 +82,10 @@ def build(
     mass_target: float | None = typer.Option(None, help="Per layer, the smallest k (<= --k) whose exact top-k keeps this share of activation mass."),
     calib_text: list[str] = typer.Option([], help="Calibration text: a file, a folder of .txt/.rst/.md files, or 'stdlib' (the standard library's calibration docstrings); repeat to mix kinds of text, passages taken in turn from each [default: stdlib]."),
     calib_tokens: int = typer.Option(TextConfig.max_tokens, help="Calibration tokens to run through the model."),
+    split: str = SPLIT,
+    jsonl_field: str | None = JSONL_FIELD,
+    long_passages: str = LONG_PASSAGES,
+    passage_tokens: int = PASSAGE_TOKENS,
     param: list[str] = typer.Option([], "--param", help="Backend build parameter NAME=VALUE (repeatable)."),
     plan: bool = typer.Option(True, help="Time dense vs approximate per layer and batch size for serving mode auto."),
     tail_correction: bool | None = typer.Option(None, "--tail-correction/--no-tail-correction", help="Stand in for the neurons not retrieved with their mean activation on the calibration tokens that leave them out of the top k [default: for non-gated activations whose dropped neurons are not zero, e.g. GELU]."),
@@ -83,7 +104,8 @@ def build(
     config = PRESET_BUILDS[checkpoint] if preset else BuildConfig(
         backend=backend, k=k, target_recall=target_recall or None, mass_target=mass_target,
         build_params=_parse_params(param), plan=plan, tail_correction=tail_correction,
-        tail_map_rank=tail_map_rank, gated_selection=gated_selection, calibration=TextConfig(max_tokens=calib_tokens))
+        tail_map_rank=tail_map_rank, gated_selection=gated_selection,
+        calibration=_text(calib_tokens, split, jsonl_field, long_passages, passage_tokens))
     out = out or DEFAULT_STORE_ROOT / Path(checkpoint.rstrip("/")).stem
     path = build_store(checkpoint, out, config, calib_text, overwrite=force, progress=_progress())
     from ann_mlp.store import Store
@@ -109,14 +131,19 @@ def _plan_words(plan: dict | None) -> str:
 @app.command("eval")
 def evaluate(
     store: Path = typer.Argument(..., help="Index store folder written by `ann-mlp build`."),
-    text: Path | None = typer.Option(None, help="Text file [default: held-out Python standard library docstrings]."),
+    text: Path | None = typer.Option(None, help="Text file or folder [default: held-out Python standard library docstrings]."),
     k: int | None = typer.Option(None, help="Keys retrieved per token [default: the store's k]."),
     backend: str | None = typer.Option(None, help="Evaluate another backend, built in memory and tuned like the store."),
     effort: int | None = typer.Option(None, help="Search effort for every layer, the store's effort_param (nprobe, efSearch, rerank, margin, ...) [default: tuned]."),
     candidate_factor: float | None = typer.Option(None, help="Retrieve this many times k by key score and keep the k "
                                                              "largest |contributions| (gated: |act(gate)*up|) [default: "
                                                              "as built, 1 but for gated layers]."),
-    max_tokens: int = typer.Option(EvalConfig().text.max_tokens, help="Evaluation tokens."),
+    max_tokens: int = typer.Option(EvalConfig().text.max_tokens, help="Evaluation tokens: the run stops after "
+                                   "the batch that reaches them, or at the end of the text."),
+    split: str = SPLIT,
+    jsonl_field: str | None = JSONL_FIELD,
+    long_passages: str = LONG_PASSAGES,
+    passage_tokens: int = PASSAGE_TOKENS,
     checkpoint: str | None = typer.Option(None, help="Where the store's checkpoint is now, if it moved."),
     reference: str | None = typer.Option(None, help="Also compare both with this checkpoint end to end (e.g. the original of a sparsified model)."),
     json_out: Path | None = typer.Option(None, "--json", help="Write the report as JSON."),
@@ -132,7 +159,7 @@ def evaluate(
         model = _rebuilt(model, backend)
     search = {} if effort is None else {model.manifest.layers[0].effort_param: effort}
     config = EvalConfig(k=k, search_params=search, candidate_factor=candidate_factor,
-                        text=TextConfig(max_tokens=max_tokens))
+                        text=_text(max_tokens, split, jsonl_field, long_passages, passage_tokens))
     from ann_mlp.checkpoint import load_checkpoint
 
     reference_checkpoint = load_checkpoint(reference) if reference is not None else None
@@ -168,8 +195,12 @@ def _rebuilt(model, backend: str):
 @app.command()
 def sparsity(
     checkpoint: str = typer.Argument(..., help="Model folder, .gguf file, or built-in name."),
-    text: Path | None = typer.Option(None, help="Text file [default: held-out Python standard library docstrings]."),
+    text: Path | None = typer.Option(None, help="Text file or folder [default: held-out Python standard library docstrings]."),
     max_tokens: int = typer.Option(EvalConfig().text.max_tokens, help="Tokens to run."),
+    split: str = SPLIT,
+    jsonl_field: str | None = JSONL_FIELD,
+    long_passages: str = LONG_PASSAGES,
+    passage_tokens: int = PASSAGE_TOKENS,
     json_out: Path | None = typer.Option(None, "--json", help="Write the report as JSON."),
     plots: Path | None = typer.Option(None, help="Write PNG plots into this folder."),
 ) -> None:
@@ -177,7 +208,8 @@ def sparsity(
     from ann_mlp.checkpoint import load_checkpoint
     from ann_mlp.sparsity import measure_sparsity, sparsity_plots, sparsity_table
 
-    report = measure_sparsity(load_checkpoint(checkpoint), text, TextConfig(max_tokens=max_tokens), _progress())
+    report = measure_sparsity(load_checkpoint(checkpoint), text,
+                              _text(max_tokens, split, jsonl_field, long_passages, passage_tokens), _progress())
     typer.echo(sparsity_table(report))
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -197,6 +229,8 @@ def sparsify(
     l1: float = typer.Option(SparsifyConfig.l1, help="Weight of an L1 push on the activations."),
     text: list[Path] = typer.Option([], help="Training text file or folder (repeatable) [default: Python standard library docstrings, calibration split]."),
     report_text: Path | None = typer.Option(None, help="Held-out text for the report [default: the standard library's evaluation split]."),
+    split: str = SPLIT,
+    jsonl_field: str | None = JSONL_FIELD,
     minutes: float | None = typer.Option(None, help="Training budget in minutes for the whole run, resumes included [60 unless --steps]."),
     steps: int | None = typer.Option(None, help="Training budget in steps for the whole run."),
     lr: float = typer.Option(SparsifyConfig.lr, help="Peak learning rate."),
@@ -211,8 +245,10 @@ def sparsify(
 
     if minutes is None and steps is None:
         minutes = SparsifyConfig.minutes
+    read = {"split": split, "jsonl_field": jsonl_field}
     config = SparsifyConfig(method=method, k=k, threshold=threshold, l1=l1, minutes=minutes, steps=steps,
-                            lr=lr, dtype=dtype, seed=seed)
+                            lr=lr, dtype=dtype, seed=seed, text=replace(SparsifyConfig.text, **read),
+                            report_text=replace(SparsifyConfig.report_text, **read))
     report = run_sparsify(checkpoint, out, config, text, report_text, resume, force, _progress())
     typer.echo(report_table(report))
     typer.echo(f"wrote {out}")

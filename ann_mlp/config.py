@@ -16,17 +16,35 @@ DEFAULT_BACKEND = "lowrank"
 DEFAULT_TARGET_RECALL = 0.95
 
 
+TEXT_SPLITS = ("auto", "paragraphs", "lines")
+LONG_PASSAGES = ("split", "cut")
+
+
 @dataclass(frozen=True)
 class TextConfig:
     """How much real text to run through the model, and how it is cut."""
 
     max_tokens: int = 16_384  # total tokens captured per run
-    max_seq_len: int = 128  # tokens per passage
+    max_seq_len: int = 128  # the passage limit: tokens per sequence the model runs
     batch_size: int = 16
+    # How a text file becomes passages: "paragraphs" (blank-line separated), "lines" (one per
+    # line), or "auto": lines when the file has no blank line, else paragraphs. JSON Lines files
+    # (.jsonl, .ndjson, or any file when jsonl_field is given) are one passage per record.
+    split: str = "auto"
+    jsonl_field: str | None = None  # the record field holding the text [text]
+    # A passage over the limit (max_seq_len, or the model's positions if fewer) is "split" into
+    # windows of the limit, every token measured, or "cut" to its first window.
+    long_passages: str = "split"
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1 or self.max_seq_len < 2 or self.batch_size < 1:
             raise InputError("text budget, sequence length and batch size must be positive")
+        if self.split not in TEXT_SPLITS:
+            raise InputError(f"split must be one of {', '.join(TEXT_SPLITS)}, got {self.split!r}")
+        if self.long_passages not in LONG_PASSAGES:
+            raise InputError(f"long passages are {' or '.join(LONG_PASSAGES)}, got {self.long_passages!r}")
+        if self.jsonl_field is not None and not self.jsonl_field:
+            raise InputError("the JSON Lines field name must not be empty")
 
 
 @dataclass(frozen=True)

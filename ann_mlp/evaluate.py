@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ann_mlp.approx_mlp import ApproxMLP, dense_activations
 from ann_mlp.approx_model import ApproxModel
-from ann_mlp.capture import Batch, batches, forward, forward_capturing
+from ann_mlp.capture import Batch, TextStats, batches, forward, forward_capturing
 from ann_mlp.checkpoint import Checkpoint
 from ann_mlp.config import EvalConfig
 from ann_mlp.errors import InputError
@@ -51,8 +51,7 @@ class Report:
     model: str
     backend: str
     k: int
-    text: str
-    tokens: int
+    text: dict[str, Any]  # {"source": name and how it was read, **capture.TextStats.to_json()}
     layers: list[LayerReport]
     end_to_end: dict[str, float]
     family: str = ""
@@ -188,7 +187,8 @@ def evaluate(model: ApproxModel, config: EvalConfig, text: Path | None = None,
         against = {"exact_vs_reference": OutputAgreement(checkpoint.kind),
                    "approx_vs_reference": OutputAgreement(checkpoint.kind)}
     comparison = Comparison(model)
-    stream = batches(checkpoint, passages(text, "evaluation"), config.text)
+    stats = TextStats()
+    stream = batches(checkpoint, passages(text, "evaluation", config.text), config.text, stats)
     for batch in tqdm(stream, desc="eval batches", disable=not progress):
         exact, approx = comparison.add(batch)
         if against:
@@ -203,5 +203,6 @@ def evaluate(model: ApproxModel, config: EvalConfig, text: Path | None = None,
         extra["candidates"] = [mlp.candidates for mlp in model.mlps.values()]
     return Report(
         model=manifest.name, backend=manifest.backend, k=config.k or manifest.k,
-        text=describe(text, "evaluation"), tokens=comparison.tokens, layers=comparison.layer_reports(),
+        text={"source": describe(text, "evaluation", config.text), **stats.to_json()},
+        layers=comparison.layer_reports(),
         end_to_end=comparison.end_to_end.report(), family=manifest.family, kind=manifest.kind, extra=extra)

@@ -21,13 +21,23 @@ def table(report: Report) -> str:
     rows.append(f"{'mean':>5} {'':>6} {'':>5} {means}")
     rows.append("")
     rows.append(f"end to end ({report.model}, {report.family}, backend={report.backend}, k={report.k}, "
-                f"{report.tokens} tokens of {report.text}):")
+                f"{text_summary(report.text)}):")
     rows.extend(f"  {name:<24} {value:.4f}" for name, value in report.end_to_end.items())
     for name in ("exact_vs_reference", "approx_vs_reference"):
         if name in report.extra:
             rows.append(f"{name.replace('_', ' ')} ({report.extra['reference']}):")
             rows.extend(f"  {metric:<24} {value:.4f}" for metric, value in report.extra[name].items())
+    rows.extend(f"warning: {warning}" for warning in report.text["warnings"])
     return "\n".join(rows)
+
+
+def text_summary(text: dict) -> str:
+    """How much text a report measured, in words: tokens, passages, how long ones were handled."""
+    handled = f", {text['split']} split into windows" if text["split"] else ""
+    handled += f", {text['truncated']} cut" if text["truncated"] else ""
+    extent = "the whole text" if text["whole_text"] else "until the token budget"
+    return (f"{text['tokens']} tokens in {text['passages']} passages{handled} (limit {text['limit']} tokens per "
+            f"sequence), {extent} of {text['source']}")
 
 
 def write_json(report: Report, path: Path) -> None:
@@ -49,7 +59,8 @@ def write_plots(report: Report, folder: Path) -> list[Path]:
     top.set_ylim(0, 1.05)
     top.set_ylabel("fraction")
     top.legend(loc="best", fontsize=8)
-    top.set_title(f"{report.model}: backend={report.backend}, k={report.k}")
+    top.set_title(f"{report.model}: backend={report.backend}, k={report.k}\n"
+                  f"{report.text['tokens']} tokens, {report.text['passages']} passages", fontsize=10)
     bottom.bar(layers, [l.rel_output_error for l in report.layers], color="tab:red")
     bottom.set_ylabel("relative MLP output error")
     bottom.set_xlabel("layer")

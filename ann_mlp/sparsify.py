@@ -39,7 +39,7 @@ from ann_mlp.checkpoint import (
     load_checkpoint,
     resolve_checkpoint,
 )
-from ann_mlp.config import SparsifyConfig
+from ann_mlp.config import SparsifyConfig, TextConfig
 from ann_mlp.errors import InputError
 from ann_mlp.evaluate import OutputAgreement
 from ann_mlp.linalg import mean_pool
@@ -139,9 +139,9 @@ def _lr(step: int, progress: float, config: SparsifyConfig) -> float:
     return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def _training_passages(text: list[Path]) -> tuple[list[str], list[str]]:
+def _training_passages(text: list[Path], fmt: TextConfig) -> tuple[list[str], list[str]]:
     if text:
-        return corpus_passages(text), [str(p) for p in text]
+        return corpus_passages(text, fmt), [describe(p, "calibration", fmt) for p in text]
     return list(stdlib_passages("calibration")), [describe(None, "calibration")]
 
 
@@ -156,10 +156,10 @@ def sparsify(spec: str, out: Path, config: SparsifyConfig, text: list[Path] | No
     if resume and not (state_dir / "meta.json").is_file():
         raise InputError(f"nothing to resume: {state_dir} holds no training state")
     if report_text is not None:
-        corpus_passages([report_text])  # fail now, not after the training
+        corpus_passages([report_text], config.report_text)  # fail now, not after the training
     source = resolve_checkpoint(spec)
     teacher = load_checkpoint(source)
-    train_passages, train_names = _training_passages(list(text or []))
+    train_passages, train_names = _training_passages(list(text or []), config.text)
     activation, topk, threshold = _student_activation(teacher, config)
     student = load_checkpoint(source)
     student.adapter.set_activation(activation, topk, threshold)
@@ -256,7 +256,7 @@ def _report(teacher: Checkpoint, student: Checkpoint, config: SparsifyConfig, me
             report_text: Path | None, progress: bool) -> SparsifyReport:
     """The sparsified model (exact MLPs) against the original on held-out text."""
     agreement = OutputAgreement(teacher.kind)
-    stream = batches(teacher, passages(report_text, "evaluation"), config.report_text)
+    stream = batches(teacher, passages(report_text, "evaluation", config.report_text), config.report_text)
     with torch.inference_mode():
         for batch in tqdm(stream, desc="report batches", disable=not progress):
             agreement.add(batch, teacher.model(**batch.inputs), student.model(**batch.inputs))
@@ -266,7 +266,7 @@ def _report(teacher: Checkpoint, student: Checkpoint, config: SparsifyConfig, me
     return SparsifyReport(
         original=meta["original"], method=config.method, k=adapter.topk, threshold=adapter.threshold,
         steps=meta["step"], tokens_seen=meta["tokens_seen"], train_seconds=round(meta["train_seconds"], 1),
-        train_text=meta["train_text"], report_text=describe(report_text, "evaluation"),
+        train_text=meta["train_text"], report_text=describe(report_text, "evaluation", config.report_text),
         against_original=agreement.report(),
         nonzero_pct=[round(layer.nonzero_pct, 3) for layer in sparse.layers],
         original_positive_pct=[round(layer.nonzero_pct, 3) for layer in original.layers],

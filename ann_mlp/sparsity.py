@@ -57,7 +57,7 @@ def measure_sparsity(checkpoint: Checkpoint, text: Path | None, config: TextConf
     fired_per_neuron = [torch.zeros(w.d_ff, dtype=torch.long) for w in weights]
     fired_per_token: list[list[torch.Tensor]] = [[] for _ in layers]
     tokens = 0
-    for batch in tqdm(batches(checkpoint, passages(text, "evaluation"), config), desc="sparsity batches",
+    for batch in tqdm(batches(checkpoint, passages(text, "evaluation", config), config), desc="sparsity batches",
                       disable=not progress):
         _, captured = forward_capturing(checkpoint, batch, layers)
         for layer, w in zip(layers, weights):
@@ -85,7 +85,7 @@ def measure_sparsity(checkpoint: Checkpoint, text: Path | None, config: TextConf
             dead_neurons=int((fired_per_neuron[layer] == 0).sum()),
             firing_frequency_sorted=[round(float(v), 6) for v in resampled]))
     return SparsityReport(model=checkpoint.source.spec, family=checkpoint.family,
-                          text=describe(text, "evaluation"), tokens=tokens, layers=reports)
+                          text=describe(text, "evaluation", config), tokens=tokens, layers=reports)
 
 
 def _exact_zeros(w) -> bool:

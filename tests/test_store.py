@@ -12,6 +12,7 @@ from ann_mlp.capture import forward, make_batch
 from ann_mlp.checkpoint import load_checkpoint
 from ann_mlp.config import STORE_FORMAT_VERSION, BuildConfig, TextConfig
 from ann_mlp.errors import CheckpointError, InputError, StoreError
+from ann_mlp.planner import machine
 from ann_mlp.store import Store
 
 CONFIG = BuildConfig(backend="ivf", k=16, target_recall=0.9, calibration=TextConfig(max_tokens=600, batch_size=8))
@@ -123,7 +124,8 @@ def test_mass_target_chooses_k_per_layer(tiny_checkpoints, tmp_path):
                          calibration=TextConfig(max_tokens=600, batch_size=8))
     store = build_store(str(tiny_checkpoints["opt"]), tmp_path / "mass", config, progress=False)
     manifest = Store.open(store).manifest
-    assert manifest.extra == {"mass_target": 0.9, "tail_map_rank": None, "gated_selection": True}
+    assert manifest.extra == {"mass_target": 0.9, "tail_map_rank": None, "gated_selection": True,
+                              "plan_machine": machine()}
     for entry in manifest.layers:
         assert entry.k is not None and entry.k % 16 == 0 and 16 <= entry.k <= 96
     model = ApproxModel.open(store)

@@ -4,8 +4,19 @@ from itertools import islice
 
 import pytest
 
+from ann_mlp.capture import TextStats, batches
+from ann_mlp.checkpoint import load_checkpoint
+from ann_mlp.config import EvalConfig, TextConfig
 from ann_mlp.errors import InputError
-from ann_mlp.text import calibration_passages, describe_calibration, file_passages, stdlib_passages
+from ann_mlp.text import (
+    calibration_passages,
+    corpus_passages,
+    describe,
+    describe_calibration,
+    file_passages,
+    read_file,
+    stdlib_passages,
+)
 
 
 def test_stdlib_splits_are_real_disjoint_text():
@@ -43,6 +54,87 @@ def test_calibration_sources_are_taken_in_turn(tmp_path):
         first_stdlib[0], "Note one.", first_stdlib[1], "Note two."]
     assert list(islice(calibration_passages([]), 2)) == first_stdlib
     assert describe_calibration([]) == "python-stdlib-docstrings:calibration"
-    assert describe_calibration(["stdlib", notes]) == f"python-stdlib-docstrings:calibration + {notes}"
+    assert describe_calibration(["stdlib", notes]) == \
+        f"python-stdlib-docstrings:calibration + {notes} (one passage per paragraph)"
     with pytest.raises(InputError, match="cannot read"):
         calibration_passages([tmp_path / "missing.txt"])
+
+
+def test_a_file_without_blank_lines_is_one_passage_per_line(tmp_path):
+    entries = tmp_path / "entries.txt"
+    entries.write_text("".join(f"Entry number {i} says something.\n" for i in range(3000)))
+    passages, how = read_file(entries)
+    assert len(passages) == 3000 and passages[7] == "Entry number 7 says something."
+    assert how == "one passage per line (no blank lines)"
+    assert describe(entries, "evaluation") == f"{entries} (one passage per line (no blank lines))"
+    assert file_passages(entries, TextConfig(split="paragraphs")) == [" ".join(passages)]
+    wrapped = tmp_path / "wrapped.txt"
+    wrapped.write_text("A paragraph\nwrapped.\n\nAnother.\n")
+    assert read_file(wrapped) == (["A paragraph wrapped.", "Another."], "one passage per paragraph")
+    assert file_passages(wrapped, TextConfig(split="lines")) == ["A paragraph", "wrapped.", "Another."]
+
+
+def test_json_lines_take_the_named_field_and_say_where_one_is_missing(tmp_path):
+    records = tmp_path / "records.jsonl"
+    records.write_text('{"text": "First record."}\n\n{"text": "Second\\nrecord.", "id": 2}\n')
+    assert read_file(records) == (["First record.", "Second record."], "JSON Lines, field 'text'")
+    body = tmp_path / "body.json"  # any suffix, once a field is named
+    body.write_text('{"body": "One."}\n{"body": "Two."}\n')
+    assert file_passages(body, TextConfig(jsonl_field="body")) == ["One.", "Two."]
+    with pytest.raises(InputError, match=r"body.json:1: the record has no text field 'text'"):
+        file_passages(body, TextConfig(jsonl_field="text"))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "fine"}\n{"text": \n')
+    with pytest.raises(InputError, match=r"broken.jsonl:2: not a JSON record"):
+        file_passages(broken)
+
+
+def test_a_folder_mixes_its_text_files(tmp_path):
+    (tmp_path / "a.txt").write_text("Line one.\nLine two.\n")
+    (tmp_path / "b.jsonl").write_text('{"text": "A record."}\n')
+    (tmp_path / "skip.bin").write_bytes(b"\x00\x01")
+    assert corpus_passages([tmp_path]) == ["Line one.", "Line two.", "A record."]
+    assert describe(tmp_path, "evaluation") == f"{tmp_path} (2 files)"
+
+
+@pytest.mark.parametrize("bad", [dict(split="sentences"), dict(long_passages="drop"), dict(jsonl_field="")])
+def test_text_options_are_checked(bad):
+    with pytest.raises(InputError):
+        TextConfig(**bad)
+
+
+def test_long_passages_are_split_into_windows_or_cut_and_counted(tiny_checkpoints):
+    checkpoint = load_checkpoint(str(tiny_checkpoints["opt"]))  # one token per byte
+    texts = ["x" * 100, "short", "y" * 30]
+    split = TextStats()
+    lengths = [int(row.sum()) for batch in batches(checkpoint, texts, TextConfig(max_seq_len=32, batch_size=4), split)
+               for row in batch.mask]
+    assert lengths == [32, 32, 32, 4, 5, 30]  # the long passage in windows, every token run
+    assert split.tokens == 135 and split.passages == 3 and split.sequences == 6
+    assert (split.split, split.truncated, split.limit, split.whole_text) == (1, 0, 32, True)
+    cut = TextStats()
+    list(batches(checkpoint, texts, TextConfig(max_seq_len=32, batch_size=4, long_passages="cut"), cut))
+    assert (cut.tokens, cut.passages, cut.truncated, cut.split) == (32 + 5 + 30, 3, 1, 0)
+    assert cut.warnings() == [f"only 67 tokens measured: figures from fewer than 1000 tokens are noisy",
+                              "1 of 3 passages were cut at 32 tokens"]
+    budget = TextStats()
+    list(batches(checkpoint, ["z" * 20] * 50, TextConfig(max_tokens=100, max_seq_len=32, batch_size=4), budget))
+    assert budget.tokens == 160 and budget.passages == 8 and not budget.whole_text  # two batches of four
+
+
+def test_eval_reports_how_much_of_a_one_line_per_entry_file_it_measured(tiny_stores, tmp_path):
+    from ann_mlp.approx_model import ApproxModel
+    from ann_mlp.evaluate import evaluate
+    from ann_mlp.report import table
+
+    entries = tmp_path / "entries.txt"
+    entries.write_text("".join(f"Entry {i} is a sentence of its own.\n" for i in range(300)))
+    model = ApproxModel.open(tiny_stores["tiny-llama"])
+    report = evaluate(model, EvalConfig(text=TextConfig(max_tokens=100_000)), entries, progress=False)
+    text = report.to_json()["text"]
+    assert text["passages"] == 300 and text["whole_text"] and text["truncated"] == 0 == text["split"]
+    assert text["tokens"] == sum(len(f"Entry {i} is a sentence of its own.") for i in range(300))  # bytes
+    assert text["source"] == f"{entries} (one passage per line (no blank lines))"
+    assert f"{text['tokens']} tokens in 300 passages" in table(report)
+    short = evaluate(model, EvalConfig(text=TextConfig(max_tokens=50)), entries, progress=False)
+    assert "warning: only" in table(short) and not short.text["whole_text"]
