@@ -86,6 +86,11 @@ class ServedModel:
     def tokenizer(self):
         return self.approx.checkpoint.tokenizer
 
+    @property
+    def context(self) -> int | None:
+        """Positions the model can attend over (None: no fixed limit, e.g. relative positions)."""
+        return getattr(self.approx.checkpoint.model.config, "max_position_embeddings", None)
+
     def live_summary(self) -> dict[str, Any] | None:
         with self.lock:
             if self.shadow is None or self.shadow_samples == 0:

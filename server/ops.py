@@ -19,8 +19,9 @@ from server.settings import ServerSettings
 
 
 def tokenize(served: ServedModel, inputs: list[str] | list[list[int]], settings: ServerSettings,
-             param: str) -> list[list[int]]:
-    """Texts or token ids -> token id lists, checked against the request limits."""
+             param: str, new_tokens: int = 0) -> list[list[int]]:
+    """Texts or token ids -> token id lists, checked against the request limits and the model's
+    context (each input plus `new_tokens` must fit its positions). Runs on the engine's worker."""
     if not inputs:
         raise InvalidRequest("no inputs given", param=param)
     if len(inputs) > settings.max_inputs:
@@ -28,7 +29,10 @@ def tokenize(served: ServedModel, inputs: list[str] | list[list[int]], settings:
     if isinstance(inputs[0], str):
         if any(not text for text in inputs):
             raise InvalidRequest("inputs must not be empty strings", param=param)
-        ids = served.tokenizer(list(inputs), add_special_tokens=True)["input_ids"]
+        try:
+            ids = served.tokenizer(list(inputs), add_special_tokens=True)["input_ids"]
+        except (TypeError, ValueError, UnicodeError) as err:  # e.g. an unpaired surrogate
+            raise InvalidRequest(f"a text cannot be tokenized: {err}", param=param) from err
     else:
         ids = [list(x) for x in inputs]
         vocab = len(served.tokenizer)
@@ -40,7 +44,20 @@ def tokenize(served: ServedModel, inputs: list[str] | list[list[int]], settings:
     if longest > settings.max_input_tokens:
         raise InvalidRequest(f"an input has {longest} tokens; the limit is {settings.max_input_tokens}",
                              param=param)
+    context = served.context
+    if context is not None and longest + new_tokens > context:
+        asked = f"{longest} tokens" + (f" + {new_tokens} new tokens" if new_tokens else "")
+        raise InvalidRequest(f"an input of {asked} exceeds {served.name}'s context of {context} positions",
+                             param=param)
     return ids
+
+
+def checked_token_ids(served: ServedModel, inputs: list[str] | list[list[int]], settings: ServerSettings,
+                      param: str, new_tokens: int = 0) -> list[list[int]] | None:
+    """Token id inputs checked at once, on arrival (cheap); None for texts, which the worker tokenizes."""
+    if inputs and isinstance(inputs[0], str):
+        return None
+    return tokenize(served, inputs, settings, param, new_tokens)
 
 
 def as_list(value) -> list:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 Mode = Literal["auto", "approx", "exact", "compare"]
-TextOrTokens = str | list[str] | list[int] | list[list[int]]
+# Strict: true and false are not token ids.
+TextOrTokens = str | list[str] | list[StrictInt] | list[list[StrictInt]]
 
 
 class AnnMlpOptions(BaseModel):
@@ -18,7 +19,7 @@ class AnnMlpOptions(BaseModel):
     k: int | None = Field(None, ge=1, description="keys retrieved per token [the store's k]")
     effort: int | None = Field(None, ge=0, description="search effort, the store's effort_param "
                                "(nprobe, efSearch, rerank, margin, ...) [tuned]")
-    candidate_factor: float | None = Field(None, ge=1.0, description="retrieve this many times k by key score, keep "
+    candidate_factor: float | None = Field(None, ge=1.0, allow_inf_nan=False, description="retrieve this many times k by key score, keep "
                                                                     "the k largest |contributions| (gated: "
                                                                     "|act(gate)*up|) [as built: 1 but for gated layers]")
 
@@ -53,7 +54,7 @@ class InferRequest(AnnMlpOptions):
 
     model: str | None = None
     texts: list[str] | None = None
-    token_ids: list[list[int]] | None = None
+    token_ids: list[list[StrictInt]] | None = None
     top_logprobs: int = Field(5, ge=0, le=20, description="causal LMs: alternatives at the last position")
 
 

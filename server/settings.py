@@ -28,6 +28,13 @@ class ServerSettings(BaseSettings):
     retry_after_s: int = Field(1, ge=0)
     torch_threads: int = Field(2, gt=0)
 
+    @field_validator("api_key")
+    @classmethod
+    def _real_key(cls, key: SecretStr | None) -> SecretStr | None:
+        if key is not None and not key.get_secret_value().strip():
+            raise ValueError("api_key is empty: set a key, or unset ANN_MLP_API_KEY to serve without one")
+        return key
+
     @field_validator("stores")
     @classmethod
     def _non_empty(cls, stores: list[Path]) -> list[Path]:

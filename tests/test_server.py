@@ -159,9 +159,45 @@ def test_shadow_sampling_feeds_metrics_and_models(client):
     ("/v1/infer", {"model": "tiny-llama", "token_ids": [[10**6]]}, 400, "invalid_request"),
     ("/v1/infer", {"model": "tiny-llama", "texts": ["a"], "unknown": 1}, 422, "invalid_value"),
     ("/v1/nowhere", {}, 404, None),
+    # limits come from the model: tiny-llama has 256 positions
+    ("/v1/infer", {"model": "tiny-llama", "token_ids": [[5] * 257], "mode": "exact"}, 400, "invalid_request"),
+    ("/v1/completions", {"model": "tiny-llama", "prompt": [[5, 5]], "max_tokens": 255}, 400, "invalid_request"),
+    ("/v1/completions", {"model": "tiny-llama", "prompt": "x" * 250, "max_tokens": 10}, 400, "invalid_request"),
+    ("/v1/infer", {"model": "tiny-llama", "token_ids": [[False]]}, 422, "invalid_value"),
+    ("/v1/completions", {"model": "tiny-llama", "prompt": [1, True]}, 422, "invalid_value"),
+    ("/v1/completions", {"model": "tiny-llama", "prompt": "x", "seed": 2**64}, 422, "invalid_value"),
+    ("/v1/completions", {"model": "tiny-llama", "prompt": "x", "seed": -1}, 422, "invalid_value"),
 ])
 def test_bad_requests(client, path, body, status, code):
     assert_error(client.post(path, json=body), status, code)
+
+
+def test_context_errors_name_the_model_and_its_positions(client):
+    error = assert_error(client.post("/v1/infer", json={"model": "tiny-llama", "token_ids": [[5] * 257]}), 400)
+    assert error["message"] == "an input of 257 tokens exceeds tiny-llama's context of 256 positions"
+    error = assert_error(client.post("/v1/completions", json={"model": "tiny-llama", "prompt": [[5, 5]],
+                                                              "max_tokens": 255}), 400)
+    assert "2 tokens + 255 new tokens exceeds tiny-llama's context of 256 positions" in error["message"]
+
+
+def test_values_at_the_edges_are_refused_or_served_never_500(client):
+    infinite = b'{"model": "tiny-bert", "input": "x", "ann_mlp": {"candidate_factor": Infinity}}'
+    response = client.post("/v1/embeddings", content=infinite, headers={"content-type": "application/json"})
+    assert_error(response, 422, "invalid_value")
+    surrogate = b'{"model": "tiny-bert", "input": "abc\\ud800def"}'  # an unpaired surrogate, escaped as JSON allows
+    response = client.post("/v1/embeddings", content=surrogate, headers={"content-type": "application/json"})
+    assert "cannot be tokenized" in assert_error(response, 400, "invalid_request")["message"]
+    tiny = client.post("/v1/completions", json={"model": "tiny-llama", "prompt": "Once", "max_tokens": 4,
+                                                "temperature": 5e-324})
+    greedy = client.post("/v1/completions", json={"model": "tiny-llama", "prompt": "Once", "max_tokens": 4})
+    assert tiny.status_code == 200 and tiny.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
+
+
+def test_an_empty_api_key_is_refused_at_start():
+    with pytest.raises(ValueError, match="api_key is empty"):
+        ServerSettings(api_key="")
+    with pytest.raises(ValueError, match="api_key is empty"):
+        ServerSettings(api_key="  ")
 
 
 def test_malformed_json_is_422(client):

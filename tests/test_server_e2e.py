@@ -51,6 +51,18 @@ def running_server(stores: list[Path], *args: str, env: dict | None = None):
         log.close()
 
 
+def wait_in_flight(url: str, count: int, timeout_s: float = 60) -> None:
+    """Until the server's in-flight gauge shows `count` requests besides the one that reads it."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        metrics = httpx.get(f"{url}/metrics", timeout=5).text
+        line = next(l for l in metrics.splitlines() if l.startswith("ann_mlp_requests_in_flight "))
+        if float(line.split()[1]) >= count + 1:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{count} requests never were in flight at once")
+
+
 @pytest.fixture(scope="module")
 def server(minilm_store, tiny_stores):
     with running_server([minilm_store, tiny_stores["tiny-llama"]], "--shadow-rate", "0.5") as (url, _, _log):
@@ -130,7 +142,7 @@ def test_metrics_after_shadow_sampled_traffic(server):
 
 def test_sigterm_drains_in_flight_requests(tiny_stores):
     with running_server([tiny_stores["tiny-llama"]]) as (url, proc, log):
-        slow = {"model": "tiny-llama", "prompt": "drain", "max_tokens": 60}
+        slow = {"model": "tiny-llama", "prompt": "drain", "max_tokens": 200}
 
         def send(_):
             with httpx.Client(timeout=60) as client:
@@ -138,7 +150,7 @@ def test_sigterm_drains_in_flight_requests(tiny_stores):
 
         with ThreadPoolExecutor(6) as pool:
             futures = [pool.submit(send, i) for i in range(6)]
-            time.sleep(0.5)  # the requests are in flight (queued or running)
+            wait_in_flight(url, 6)  # every request has arrived (queued or running)
             proc.send_signal(signal.SIGTERM)
             responses = [f.result() for f in futures]
         assert [r.status_code for r in responses] == [200] * 6, [r.text for r in responses]

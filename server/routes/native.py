@@ -21,10 +21,13 @@ async def infer(request: InferRequest, http: Request, engine: Engine = Depends(g
     if (request.texts is None) == (request.token_ids is None):
         raise InvalidRequest("give exactly one of texts or token_ids", param="texts")
     param = "texts" if request.texts is not None else "token_ids"
-    ids = ops.tokenize(served, request.texts or request.token_ids, engine.settings, param)
+    inputs = request.texts or request.token_ids
     knobs = Knobs(**request.model_dump(include=set(AnnMlpOptions.model_fields)))
 
+    checked = ops.checked_token_ids(served, inputs, engine.settings, param)
+
     def job():
+        ids = checked or ops.tokenize(served, inputs, engine.settings, param)
         run = ops.run_token_ids(engine, served, ids, knobs)
         if served.kind == "encoder":
             outputs = [{"embedding": v.tolist()} for v in ops.pooled_embeddings(run)]
@@ -39,8 +42,8 @@ async def infer(request: InferRequest, http: Request, engine: Engine = Depends(g
         else:  # seq2seq: teacher-forced reconstruction loss of each input
             outputs = [{"decoder_argmax_ids": row[mask].tolist()}
                        for row, mask in zip(run.output.logits.argmax(-1), run.batch.mask)]
-        return outputs, ops.run_info(served, knobs, run)
+        return ids, outputs, ops.run_info(served, knobs, run)
 
-    outputs, info = await engine.submit(job)
+    ids, outputs, info = await engine.submit(job)
     return {"model": served.name, "kind": served.kind, "outputs": outputs,
             "tokens": sum(len(x) for x in ids), **info.model_dump()}

@@ -27,13 +27,15 @@ async def embeddings(request: EmbeddingRequest, http: Request, engine: Engine = 
     if request.dimensions is not None:
         raise InvalidRequest("dimensions is not supported: embeddings have the model's width", param="dimensions")
     knobs = Knobs(**request.ann_mlp.model_dump())
-    ids = ops.tokenize(served, ops.as_list(request.input), engine.settings, "input")
+    inputs = ops.as_list(request.input)
+    checked = ops.checked_token_ids(served, inputs, engine.settings, "input")
 
     def job():
+        ids = checked or ops.tokenize(served, inputs, engine.settings, "input")
         run = ops.run_token_ids(engine, served, ids, knobs)
-        return run, ops.pooled_embeddings(run), ops.run_info(served, knobs, run)
+        return ids, ops.pooled_embeddings(run), ops.run_info(served, knobs, run)
 
-    run, vectors, info = await engine.submit(job)
+    ids, vectors, info = await engine.submit(job)
     tokens = sum(len(x) for x in ids)
     return {
         "object": "list",
@@ -54,13 +56,18 @@ async def completions(request: CompletionRequest, http: Request, engine: Engine 
     if request.max_tokens > engine.settings.max_new_tokens:
         raise InvalidRequest(f"max_tokens {request.max_tokens} exceeds {engine.settings.max_new_tokens}",
                              param="max_tokens")
-    prompts = ops.tokenize(served, ops.as_list(request.prompt), engine.settings, "prompt")
+    inputs = ops.as_list(request.prompt)
     knobs = Knobs(**request.ann_mlp.model_dump())
 
-    def job():
-        return [ops.generate(engine, served, ids, request, knobs) for ids in prompts]
+    checked = ops.checked_token_ids(served, inputs, engine.settings, "prompt", new_tokens=request.max_tokens)
 
-    results = await engine.submit(job)
+    def job():
+        prompts = checked or ops.tokenize(served, inputs, engine.settings, "prompt", new_tokens=request.max_tokens)
+        results = [ops.generate(engine, served, ids, request, knobs) for ids in prompts]
+        # Read from the shared model inside the job, before another job reconfigures it.
+        return prompts, results, [ops.run_info(served, knobs, r["run"]).model_dump() for r in results]
+
+    prompts, results, infos = await engine.submit(job)
     prompt_tokens = sum(len(x) for x in prompts)
     completion_tokens = sum(r["completion_tokens"] for r in results)
     return {
@@ -72,5 +79,5 @@ async def completions(request: CompletionRequest, http: Request, engine: Engine 
                     for i, r in enumerate(results)],
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                   "total_tokens": prompt_tokens + completion_tokens},
-        "ann_mlp": [ops.run_info(served, knobs, r["run"]).model_dump() for r in results],
+        "ann_mlp": infos,
     }
