@@ -133,7 +133,8 @@ def test_build_defaults_to_the_low_rank_backend(tiny_checkpoints, tmp_path):
         "--calib-text", "stdlib", "--calib-text", str(notes))
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["calibration"]["sources"] == ["stdlib", str(notes.resolve())]
-    assert manifest["calibration"]["text"] == f"python-stdlib-docstrings:calibration + {notes}"
+    assert manifest["calibration"]["text"] == \
+        f"python-stdlib-docstrings:calibration + {notes} (one passage per line (no blank lines))"
     assert manifest["backend"] == "lowrank"
     assert all(layer["effort_param"] == "rerank" and layer["build_params"]["rerank_bits"] == 32
                and layer["build_params"]["projection_bits"] == 8 for layer in manifest["layers"])
