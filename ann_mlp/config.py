@@ -97,12 +97,9 @@ PRESET_BUILDS: dict[str, BuildConfig] = {
     "minilm": BuildConfig(),
     # Layer 0 of relu-lm fires ~25% of its neurons, the others ~3-5%: a per-layer k keeping
     # 98% of the activation mass; low-rank pre-scoring with a per-query re-rank margin, which
-    # keeps the tuned recall on text of other kinds, and tail maps. Held out: docstrings 0.230
-    # of the key bytes, recall 0.990, next-token agreement 0.973; Python's reST docs 0.236,
-    # 0.988, 0.957 (session 13, error basis from 8-bit codes; 0.233 and 0.239 before). The re-rank reads the model's own float32 keys: 8-bit key codes would read
-    # half the bytes (0.115) but hold a quarter of the keys' memory again (1.12x the dense
-    # model). Until session 11: mass 0.9, recall 0.95, a fixed re-rank count: 0.157 of the
-    # bytes, agreement 0.928 and 0.881.
+    # keeps the tuned recall on text of other kinds, and tail maps. The re-rank reads the
+    # model's own float32 keys: 8-bit key codes would read half the bytes but hold a quarter
+    # of the keys' memory again.
     "relu-lm": BuildConfig(backend="lowrank", k=2048, mass_target=0.98, target_recall=0.99,
                            build_params={"margin_rank": 16}),
 }

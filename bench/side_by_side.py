@@ -1,6 +1,6 @@
 """Build, evaluate and tabulate several checkpoints side by side, through the real CLI.
 
-    python bench/side_by_side.py                       # the README's table, every row
+    python bench/side_by_side.py                       # the table, every row
     python bench/side_by_side.py --only relu-lm        # rows whose name contains "relu-lm"
     python bench/side_by_side.py --table-only          # re-print the table from results/
 
@@ -25,14 +25,14 @@ REPO = Path(__file__).resolve().parent.parent
 NO_MAP = ["--tail-map-rank", "0"]
 # Gated rows reported before build chose neurons by estimated contribution, built as they were then.
 BY_GATE = ["--no-gated-selection"]
-# lowrank with its first pass refined, rank and refine rank chosen together (session 9).
+# lowrank with its first pass refined, rank and refine rank chosen together.
 REFINED = ["--backend", "lowrank", "--param", "refine_rank=auto"]
-# lowrank ranking its candidates by 8-bit key codes and keeping their 8-bit scores (³ in the README).
+# lowrank ranking its candidates by 8-bit key codes and keeping their 8-bit scores.
 CODES_8 = ["--param", "rerank_bits=8", "--param", "kept_bits=8"]
-# lowrank re-ranking each query's keys within a margin of its k-th approximate score (session 11,
-# its error basis in float32 as then).
+# lowrank re-ranking each query's keys within a margin of its k-th approximate score,
+# its error basis in float32.
 MARGIN = ["--param", "margin_rank=16", "--param", "error_basis_bits=32"]
-# The same from 4-bit first-pass codes, σ_q counting their rounding, the basis from 8-bit codes (session 13).
+# The same from 4-bit first-pass codes, σ_q counting their rounding, the basis from 8-bit codes.
 MARGIN_4 = ["--param", "margin_rank=16", "--param", "code_bits=4"]
 # Tail maps at rank d_ff / 64, the first default (relu-lm, topk-lm: 64; MiniLM, SmolLM2: 24).
 MAP_64, MAP_24 = ["--tail-map-rank", "64"], ["--tail-map-rank", "24"]
@@ -74,14 +74,14 @@ ROWS: dict[str, tuple[str, list[str], list[str]]] = {
     "minilm-sparse-lowrank8k": ("minilm-sparse", [*NO_MAP, "--backend", "lowrank", "--k", "96", *CODES_8], ["--reference", "minilm"]),
     "minilm-sparse-lowrank8k-97": ("minilm-sparse", [*NO_MAP, "--backend", "lowrank", "--k", "96", *CODES_8, "--target-recall", "0.97"],
                                    ["--reference", "minilm"]),
-    # With the linear tail map (session 7), at rank d_ff / 64 as first measured; the build's default
+    # With the linear tail map, at rank d_ff / 64 as first measured; the build's default
     # is now rank 16, and none for Top-k models, whose tail is zero.
     "relu-lm-lowrank-mass-map": ("relu-lm", [*MAP_64, "--backend", "lowrank", "--k", "1024", "--mass-target", "0.9"], []),
     "relu-lm-lowrank8k-mass95-map": ("relu-lm", [*MAP_64, "--backend", "lowrank", "--k", "2048", "--mass-target", "0.95", *CODES_8], []),
     "relu-lm-preset": ("relu-lm", ["--preset"], []),
-    # The served default until session 11 (mass 0.9, recall 0.95, a fixed re-rank count).
+    # An earlier served default (mass 0.9, recall 0.95, a fixed re-rank count).
     "relu-lm-preset-s10": ("relu-lm", ["--backend", "lowrank", "--k", "1024", "--mass-target", "0.9"], []),
-    # Per-query re-rank margins (session 11); the README also evaluates these on reST documentation.
+    # Per-query re-rank margins.
     "topk-lm-lowrank8k-99-margin": ("topk-lm", [*NO_MAP, "--backend", "lowrank", "--target-recall", "0.99", *CODES_8, *MARGIN], []),
     "relu-lm-lowrank8k-mass95-99-margin": ("relu-lm", ["--backend", "lowrank", "--k", "2048", "--mass-target", "0.95",
                                                        *CODES_8, "--target-recall", "0.99", *MARGIN], []),
@@ -113,7 +113,7 @@ ROWS: dict[str, tuple[str, list[str], list[str]]] = {
     "minilm-sparse-lowrank8k-97-map": ("minilm-sparse", [*MAP_24, "--backend", "lowrank",
                                                          "--k", "96", *CODES_8, "--target-recall", "0.97"],
                                        ["--reference", "minilm"]),
-    # The first pass refined (session 9): the build picks rank and refine rank together.
+    # The first pass refined: the build picks rank and refine rank together.
     "minilm-sparse-lowrank8k-96-refined": ("minilm-sparse", [*NO_MAP, *REFINED, "--k", "96", *CODES_8, "--target-recall", "0.96"],
                                            ["--reference", "minilm"]),
     "minilm-sparse-lowrank8k-97-refined": ("minilm-sparse", [*NO_MAP, *REFINED, "--k", "96", *CODES_8, "--target-recall", "0.97"],
@@ -121,7 +121,7 @@ ROWS: dict[str, tuple[str, list[str], list[str]]] = {
     "topk-lm-lowrank8k-99-refined": ("topk-lm", [*NO_MAP, *REFINED, "--target-recall", "0.99", *CODES_8], []),
     "relu-lm-lowrank8k-mass95-99-refined": ("relu-lm", [*REFINED, "--k", "2048", "--mass-target", "0.95",
                                                         *CODES_8, "--target-recall", "0.99"], []),
-    # The served default's settings until session 11 (--preset then), refined.
+    # An earlier served default's settings, refined.
     "relu-lm-preset-refined": ("relu-lm", [*REFINED, "--k", "1024", "--mass-target", "0.9"], []),
     # Selection and tail correction on dense-activation models, with perfect retrieval (exact backend):
     # what is lost to top-k itself, before any index.
@@ -144,7 +144,7 @@ ROWS: dict[str, tuple[str, list[str], list[str]]] = {
                                     ["--max-tokens", "2048", "--candidate-factor", "1.5"]),
     "smollm2-exact-768-product-tail": ("smollm2", [*BY_GATE, *NO_MAP, "--backend", "exact", "--k", "768", "--calib-tokens", "4096",
                                                    "--tail-correction"], ["--max-tokens", "2048", "--candidate-factor", "2"]),
-    # Gated selection as built by default (session 8): candidates per layer tuned at build, the k largest
+    # Gated selection as built by default: candidates per layer tuned at build, the k largest
     # |silu(g)·u| kept, u estimated from 8-bit codes of the up rows; with and without the default tail map.
     "smollm2-exact-768-chosen": ("smollm2", [*NO_MAP, "--backend", "exact", "--k", "768", "--calib-tokens", "4096"],
                                  ["--max-tokens", "2048"]),

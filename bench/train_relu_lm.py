@@ -1,6 +1,6 @@
 """Train a small decoder-only ReLU LM (OPT architecture) on the Linux kernel documentation.
 
-Reproducible (seeded), resumable across sessions, and logging what "Large Models
+Reproducible (seeded), resumable across runs, and logging what "Large Models
 are Parsimonious Learners" (Li et al. 2022) plots in its Fig. 1: the share of
 non-zero MLP activations per layer on held-out text, against training steps.
 

@@ -39,8 +39,8 @@ adapts to each query: every key whose approximate score is within `margin` of th
 query's k-th best approximate score is a candidate, the margin counted in σ_q, the
 typical error of that query's approximate scores (σ_q² = ||E q||², E (t, D) the
 leading directions of the residual K − A B, scaled: the mean squared score error
-over all keys, as far as t directions carry it), plus, in stores built since session 13
-(`margin_counts_rounding`), the rounding error of the codes (Σ_j (q·B_j)² step_j² / 12
+over all keys, as far as t directions carry it), plus, where the store says so
+(`margin_counts_rounding`, true in every new build), the rounding error of the codes (Σ_j (q·B_j)² step_j² / 12
 over the rank-r columns, step_j one code's width). E is read
 from 8-bit codes of its own in new builds (`error_basis_bits=8`). A fixed `rerank`, tuned on
 calibration text, re-ranks too few candidates for queries the factorisation fits
@@ -247,7 +247,7 @@ class LowRankIndex(KeyRowsIndex):
         self.error_basis = None if error_basis is None else torch.from_numpy(error_basis)
         self.error_basis_codes = None if error_basis_codes is None else RowCodes(error_basis_codes, error_basis_ranges)
         # rounding_variance: (r,) each code column's rounding variance, when σ_q counts it (stores
-        # built before session 13 tuned their margins to the residual alone, and keep it).
+        # built without margin_counts_rounding tuned their margins to the residual alone).
         # first_pass: the codes index's own memory read as RowCodes, so that small layers score every
         # key from the decoded codes in torch rather than keep a heap of candidates in faiss' scan.
         self.first_pass, self.rounding_variance, self._margin_width = None, None, 0
