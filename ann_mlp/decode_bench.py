@@ -259,6 +259,8 @@ def bench_decode(model: ApproxModel, text: Path | None = None, new_tokens: int =
         raise InputError("new tokens, batch, prompts and turns must be positive, prompt tokens at least 2")
     groups = prompt_batches(model, text, prompts, prompt_tokens, new_tokens, batch)
     flat = [p for group in groups for p in group]
+    if len(flat) < batch:
+        raise InputError(f"{len(flat)} prompts cannot fill a batch of {batch}: give at least --batch prompts")
     continuations = {mode: _decode_all(model, groups, new_tokens, mode) for mode in MODES}
     model.reset_stats()
     _decode_all(model, groups, new_tokens, "auto")

@@ -122,3 +122,29 @@ def test_bench_decode_refuses_an_encoder_and_a_context_it_cannot_hold(tiny_store
         bench_decode(ApproxModel.open(tiny_stores["tiny-bert"]))
     with pytest.raises(InputError, match="positions"):
         bench_decode(ApproxModel.open(tiny_stores["tiny-llama"]), new_tokens=250, prompt_tokens=32)
+
+
+def test_cli_bench_decode_prints_the_table_and_appends_json(tiny_stores, tmp_path):
+    from typer.testing import CliRunner
+
+    from ann_mlp.cli import app
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The first prompt of several words.\n\nAnother prompt, the second.\n\nA third one.\n")
+    out = tmp_path / "decode.jsonl"
+    args = ["bench", "decode", str(tiny_stores["tiny-llama"]), "--prompts", str(prompts), "--new-tokens", "5",
+            "--turns", "2", "--json", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "3 prompts" in result.output and "generate()" in result.output
+    for path in ("exact", "approx", "auto"):
+        assert any(line.split()[:1] == [path] for line in result.output.splitlines())
+    record = json.loads(out.read_text().splitlines()[-1])
+    assert record["prompts"] == 3 and record["new_tokens"] == 5 and record["text"].startswith(str(prompts))
+    bad = CliRunner().invoke(app, ["bench", "decode", str(tiny_stores["tiny-bert"]), "--json", str(out)])
+    assert bad.exit_code != 0 and "causal LM" in str(bad.exception)
+
+
+def test_bench_decode_needs_prompts_to_fill_its_batch(tiny_stores):
+    with pytest.raises(InputError, match="cannot fill a batch of 4"):
+        bench_decode(ApproxModel.open(tiny_stores["tiny-llama"]), new_tokens=2, batch=4, prompts=3, turns=1)
