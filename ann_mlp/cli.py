@@ -187,7 +187,8 @@ def _rebuilt(model, backend: str):
                          # absent from stores built before tail maps, which have none
                          tail_map_rank=manifest.extra.get("tail_map_rank", 0),
                          gated_selection=manifest.extra.get("gated_selection", False),  # likewise
-                         calibration=TextConfig(max_tokens=manifest.calibration["tokens"]))
+                         calibration=TextConfig(max_tokens=manifest.calibration["tokens"]),
+                         plan=False)  # eval approximates every layer: no plan is read
     new_manifest, indexes, arrays = build_indexes(model.checkpoint, config, sources, _progress(), name=manifest.name)
     return ApproxModel(new_manifest, model.checkpoint, indexes, layer_arrays=arrays)
 

@@ -58,6 +58,15 @@ class Continuation:
     finish_reason: str = "length"  # "length" | "stop"
 
 
+def pad_token_id(tokenizer) -> int:
+    """What fills the padded positions: the tokenizer's pad token, else its end-of-sequence token.
+    Padded positions are masked out, so any id serves."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return candidate
+    return 0
+
+
 def left_padded(prompts: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(input_ids (B, T), attention_mask (B, T) or None when no prompt is padded)."""
     longest = max(len(ids) for ids in prompts)

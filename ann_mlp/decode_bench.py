@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ann_mlp.approx_model import ApproxModel
-from ann_mlp.decode import generate
+from ann_mlp.decode import generate, pad_token_id
 from ann_mlp.errors import InputError
 from ann_mlp.text import describe, passages
 from ann_mlp.timing import time_in_turns
@@ -101,7 +101,7 @@ def _decode_all(model: ApproxModel, groups: list[list[list[int]]], new_tokens: i
         out = []
         for group in groups:
             out += [c.tokens for c in generate(checkpoint.model, group, new_tokens, eos_token_id=None,
-                                               pad_token_id=_pad_id(checkpoint.tokenizer))]
+                                               pad_token_id=pad_token_id(checkpoint.tokenizer))]
         return out
 
     if mode == "exact":
@@ -113,7 +113,7 @@ def _decode_all(model: ApproxModel, groups: list[list[list[int]]], new_tokens: i
 def _generate_reference(model: ApproxModel, groups: list[list[list[int]]], new_tokens: int) -> None:
     """transformers' generate(), exact, greedy, as a server would call it for the same prompts."""
     checkpoint = model.checkpoint
-    pad = _pad_id(checkpoint.tokenizer)
+    pad = pad_token_id(checkpoint.tokenizer)
     with torch.inference_mode():
         for group in groups:
             longest = max(map(len, group))
@@ -122,10 +122,6 @@ def _generate_reference(model: ApproxModel, groups: list[list[list[int]]], new_t
             checkpoint.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
                                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad,
                                       output_scores=True, return_dict_in_generate=True)
-
-
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def agreement(reference: list[list[int]], other: list[list[int]]) -> float:
@@ -235,7 +231,7 @@ def step_split(model: ApproxModel, groups: list[list[list[int]]], new_tokens: in
             model.reset_stats()
             seconds["attention"] = seconds["mlp"] = 0.0
             generate(checkpoint.model, group, new_tokens, eos_token_id=None,
-                     pad_token_id=_pad_id(checkpoint.tokenizer), on_step=on_step)
+                     pad_token_id=pad_token_id(checkpoint.tokenizer), on_step=on_step)
 
     if mode == "exact":
         with _timed_regions(model, seconds):

@@ -31,7 +31,7 @@ import torch
 from ann_mlp.approx_mlp import ApproxMLP
 from ann_mlp.approx_model import ApproxModel
 from ann_mlp.capture import batch_from_ids, forward_capturing
-from ann_mlp.decode import generate
+from ann_mlp.decode import generate, pad_token_id
 from ann_mlp.patch import patched
 from ann_mlp.text import stdlib_passages
 from ann_mlp.timing import time_calls
@@ -131,7 +131,7 @@ def decode_timings(model: ApproxModel, prompts: list[list[int]]) -> dict[int, tu
     """Per layer, median µs of its one-token MLP calls (dense, approximate) while the model decodes
     the prompts, every layer on the same path in a pass, the two paths in alternate passes."""
     checkpoint = model.checkpoint
-    pad = checkpoint.tokenizer.pad_token_id if checkpoint.tokenizer.pad_token_id is not None else 0
+    pad = pad_token_id(checkpoint.tokenizer)
     seconds = {path: {layer: [] for layer in model.mlps} for path in ("dense", "approx")}
     with patched(checkpoint.adapter, model.mlps), torch.inference_mode():
         for number in range(2 * DECODE_PASSES + 2):  # the first two passes warm up

@@ -115,7 +115,7 @@ def generate(engine: Engine, served: ServedModel, prompt_ids: list[int], request
     run = engine.run(served, batch_from_ids(checkpoint, [prompt_ids]), knobs)  # the prompt pass: timing, report
     sampling = Sampling(temperature=request.temperature or 0.0, top_p=request.top_p or 1.0, seed=request.seed)
     tokenizer = served.tokenizer
-    options = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id or 0,
+    options = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=decode.pad_token_id(tokenizer),
                    sampling=sampling, keep_logprobs=request.logprobs is not None, deadline=engine.job_deadline)
     try:
         if knobs.mode == "exact":
