@@ -24,7 +24,7 @@ from ann_mlp.config import (
 )
 from ann_mlp.errors import AnnMlpError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Approximate-nearest-neighbour MLPs for Transformer checkpoints.")
 
 
@@ -375,11 +375,12 @@ def bench_e2e(
 @bench_app.command("decode")
 def bench_decode(
     store: Path = typer.Argument(..., help="Index store folder of a causal LM."),
-    prompts_file: Path | None = typer.Option(None, "--prompts", help="Prompts: a text file, one per paragraph "
-                                             "(blank-line separated) [default: held-out standard library docstrings]."),
+    prompts_file: Path | None = typer.Option(None, "--prompts", help="Prompts: a text file, one per paragraph, or "
+                                             "per line in a file with no blank line [default: held-out standard "
+                                             "library docstrings]."),
     new_tokens: int = typer.Option(64, help="Tokens generated per sequence (no end-of-sequence stop)."),
     batch: int = typer.Option(1, help="Sequences decoded together."),
-    prompts: int = typer.Option(8, help="Prompts taken from the text."),
+    prompts: int = typer.Option(8, "--num-prompts", help="Prompts taken from the text."),
     prompt_tokens: int = typer.Option(32, help="Each prompt cut to at most this many tokens."),
     turns: int = typer.Option(4, help="Timed turns per mode, after one warm-up turn (the order reverses every other turn)."),
     json_out: Path = typer.Option(Path("results/bench_decode.jsonl"), "--json", help="Append JSON lines here."),

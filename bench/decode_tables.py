@@ -25,7 +25,7 @@ STORES = {
     "relu-lm": ("relu-lm", ["--preset"], []),
     "topk-lm": ("topk-lm", ["--target-recall", "0.99"], []),
     # 30 layers at ~20 tokens/s: fewer prompts and tokens keep the run within minutes
-    "smollm2": ("smollm2", [], ["--prompts", "4", "--new-tokens", "32", "--turns", "2"]),
+    "smollm2": ("smollm2", [], ["--num-prompts", "4", "--new-tokens", "32", "--turns", "2"]),
 }
 BATCHES = (1, 4)
 

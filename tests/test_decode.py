@@ -132,15 +132,15 @@ def test_cli_bench_decode_prints_the_table_and_appends_json(tiny_stores, tmp_pat
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("The first prompt of several words.\n\nAnother prompt, the second.\n\nA third one.\n")
     out = tmp_path / "decode.jsonl"
-    args = ["bench", "decode", str(tiny_stores["tiny-llama"]), "--prompts", str(prompts), "--new-tokens", "5",
-            "--turns", "2", "--json", str(out)]
+    args = ["bench", "decode", str(tiny_stores["tiny-llama"]), "--prompts", str(prompts), "--num-prompts", "2",
+            "--new-tokens", "5", "--turns", "2", "--json", str(out)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "3 prompts" in result.output and "generate()" in result.output
+    assert "2 prompts" in result.output and "generate()" in result.output
     for path in ("exact", "approx", "auto"):
         assert any(line.split()[:1] == [path] for line in result.output.splitlines())
     record = json.loads(out.read_text().splitlines()[-1])
-    assert record["prompts"] == 3 and record["new_tokens"] == 5 and record["text"].startswith(str(prompts))
+    assert record["prompts"] == 2 and record["new_tokens"] == 5 and record["text"].startswith(str(prompts))
     bad = CliRunner().invoke(app, ["bench", "decode", str(tiny_stores["tiny-bert"]), "--json", str(out)])
     assert bad.exit_code != 0 and "causal LM" in str(bad.exception)
 
