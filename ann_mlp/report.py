@@ -36,7 +36,8 @@ def text_summary(text: dict) -> str:
     handled = f", {text['split']} split into windows" if text["split"] else ""
     handled += f", {text['truncated']} cut" if text["truncated"] else ""
     extent = "the whole text" if text["whole_text"] else "until the token budget"
-    return (f"{text['tokens']} tokens in {text['passages']} passages{handled} (limit {text['limit']} tokens per "
+    passages = f"{text['passages']} passage" + ("" if text["passages"] == 1 else "s")
+    return (f"{text['tokens']} tokens in {passages}{handled} (limit {text['limit']} tokens per "
             f"sequence), {extent} of {text['source']}")
 
 
