@@ -19,9 +19,9 @@ from server.settings import ServerSettings
 
 
 def tokenize(served: ServedModel, inputs: list[str] | list[list[int]], settings: ServerSettings,
-             param: str, new_tokens: int = 0) -> list[list[int]]:
-    """Texts or token ids -> token id lists, checked against the request limits and the model's
-    context (each input plus `new_tokens` must fit its positions). Runs on the engine's worker."""
+             param: str, new_tokens: int = 0, compare: bool = False) -> list[list[int]]:
+    """Texts or token ids -> token id lists, checked against the request limits, the model's
+    context (each input plus `new_tokens` must fit its positions) and the request's whole work."""
     if not inputs:
         raise InvalidRequest("no inputs given", param=param)
     if len(inputs) > settings.max_inputs:
@@ -44,6 +44,11 @@ def tokenize(served: ServedModel, inputs: list[str] | list[list[int]], settings:
     if longest > settings.max_input_tokens:
         raise InvalidRequest(f"an input has {longest} tokens; the limit is {settings.max_input_tokens}",
                              param=param)
+    work = sum(len(x) + new_tokens for x in ids) * (2 if compare else 1)
+    if work > settings.max_request_tokens:
+        counted = " (compare mode counts twice)" if compare else ""
+        raise InvalidRequest(f"the request's work of {work} tokens{counted} exceeds the limit of "
+                             f"{settings.max_request_tokens}", param=param)
     context = served.context
     if context is not None and longest + new_tokens > context:
         asked = f"{longest} tokens" + (f" + {new_tokens} new tokens" if new_tokens else "")
@@ -53,11 +58,11 @@ def tokenize(served: ServedModel, inputs: list[str] | list[list[int]], settings:
 
 
 def checked_token_ids(served: ServedModel, inputs: list[str] | list[list[int]], settings: ServerSettings,
-                      param: str, new_tokens: int = 0) -> list[list[int]] | None:
+                      param: str, new_tokens: int = 0, compare: bool = False) -> list[list[int]] | None:
     """Token id inputs checked at once, on arrival (cheap); None for texts, which the worker tokenizes."""
     if inputs and isinstance(inputs[0], str):
         return None
-    return tokenize(served, inputs, settings, param, new_tokens)
+    return tokenize(served, inputs, settings, param, new_tokens, compare)
 
 
 def as_list(value) -> list:

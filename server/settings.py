@@ -22,6 +22,9 @@ class ServerSettings(BaseSettings):
     max_inputs: int = Field(64, gt=0)  # texts or token lists per request
     max_input_tokens: int = Field(512, gt=0)  # tokens per input
     max_new_tokens: int = Field(256, gt=0)  # completions
+    # A request's whole work: its input tokens plus the new tokens of each input, counted twice in
+    # compare mode (the exact and the approximate model both run).
+    max_request_tokens: int = Field(32_768, gt=0)
     queue_size: int = Field(64, gt=0)  # jobs waiting for the engine before 429
     request_timeout_s: float = Field(60.0, gt=0)  # deadline per request before 504
     drain_timeout_s: float = Field(30.0, gt=0)  # SIGTERM: how long in-flight requests may finish

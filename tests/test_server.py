@@ -193,6 +193,19 @@ def test_values_at_the_edges_are_refused_or_served_never_500(client):
     assert tiny.status_code == 200 and tiny.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
 
 
+def test_a_requests_whole_work_is_bounded_and_compare_counts_twice(tiny_stores):
+    with make_client(tiny_stores, max_request_tokens=100) as client:
+        ids = {"model": "tiny-llama", "token_ids": [[5] * 30, [6] * 30]}
+        assert client.post("/v1/infer", json={**ids, "mode": "approx"}).status_code == 200
+        error = assert_error(client.post("/v1/infer", json={**ids, "mode": "compare"}), 400, "invalid_request")
+        assert error["message"] == ("the request's work of 120 tokens (compare mode counts twice) exceeds "
+                                    "the limit of 100")
+        completion = {"model": "tiny-llama", "prompt": [[5] * 10], "max_tokens": 91}
+        assert "work of 101 tokens" in assert_error(client.post("/v1/completions", json=completion), 400)["message"]
+        texts = {"model": "tiny-bert", "input": ["word " * 30] * 4}  # texts: counted on the worker, same answer
+        assert "exceeds the limit of 100" in assert_error(client.post("/v1/embeddings", json=texts), 400)["message"]
+
+
 def test_an_empty_api_key_is_refused_at_start():
     with pytest.raises(ValueError, match="api_key is empty"):
         ServerSettings(api_key="")

@@ -24,10 +24,11 @@ async def infer(request: InferRequest, http: Request, engine: Engine = Depends(g
     inputs = request.texts or request.token_ids
     knobs = Knobs(**request.model_dump(include=set(AnnMlpOptions.model_fields)))
 
-    checked = ops.checked_token_ids(served, inputs, engine.settings, param)
+    compare = request.mode == "compare"
+    checked = ops.checked_token_ids(served, inputs, engine.settings, param, compare=compare)
 
     def job():
-        ids = checked or ops.tokenize(served, inputs, engine.settings, param)
+        ids = checked or ops.tokenize(served, inputs, engine.settings, param, compare=compare)
         run = ops.run_token_ids(engine, served, ids, knobs)
         if served.kind == "encoder":
             outputs = [{"embedding": v.tolist()} for v in ops.pooled_embeddings(run)]

@@ -28,10 +28,11 @@ async def embeddings(request: EmbeddingRequest, http: Request, engine: Engine = 
         raise InvalidRequest("dimensions is not supported: embeddings have the model's width", param="dimensions")
     knobs = Knobs(**request.ann_mlp.model_dump())
     inputs = ops.as_list(request.input)
-    checked = ops.checked_token_ids(served, inputs, engine.settings, "input")
+    compare = knobs.mode == "compare"
+    checked = ops.checked_token_ids(served, inputs, engine.settings, "input", compare=compare)
 
     def job():
-        ids = checked or ops.tokenize(served, inputs, engine.settings, "input")
+        ids = checked or ops.tokenize(served, inputs, engine.settings, "input", compare=compare)
         run = ops.run_token_ids(engine, served, ids, knobs)
         return ids, ops.pooled_embeddings(run), ops.run_info(served, knobs, run)
 
@@ -59,10 +60,11 @@ async def completions(request: CompletionRequest, http: Request, engine: Engine 
     inputs = ops.as_list(request.prompt)
     knobs = Knobs(**request.ann_mlp.model_dump())
 
-    checked = ops.checked_token_ids(served, inputs, engine.settings, "prompt", new_tokens=request.max_tokens)
+    limits = dict(new_tokens=request.max_tokens, compare=knobs.mode == "compare")
+    checked = ops.checked_token_ids(served, inputs, engine.settings, "prompt", **limits)
 
     def job():
-        prompts = checked or ops.tokenize(served, inputs, engine.settings, "prompt", new_tokens=request.max_tokens)
+        prompts = checked or ops.tokenize(served, inputs, engine.settings, "prompt", **limits)
         results = [ops.generate(engine, served, ids, request, knobs) for ids in prompts]
         # Read from the shared model inside the job, before another job reconfigures it.
         return prompts, results, [ops.run_info(served, knobs, r["run"]).model_dump() for r in results]
