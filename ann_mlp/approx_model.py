@@ -20,7 +20,7 @@ from ann_mlp.checkpoint import (
     resolve_checkpoint,
 )
 from ann_mlp.checkpoint.base import MlpWeights
-from ann_mlp.errors import InputError
+from ann_mlp.errors import InputError, StoreError
 from ann_mlp.index import MipsIndex
 from ann_mlp.patch import patched
 from ann_mlp.store import Manifest, Store
@@ -59,6 +59,9 @@ class ApproxModel:
         source = resolve_checkpoint(checkpoint or recorded_checkpoint(store))
         store.verify_source(source)
         checkpoint = load_checkpoint(source)
+        if len(store.manifest.layers) > checkpoint.num_layers:
+            raise StoreError(f"store {store.path} has {len(store.manifest.layers)} layers, its checkpoint "
+                             f"{checkpoint.num_layers}")
         indexes, orders = {}, {}
         for entry in store.manifest.layers:
             weights = checkpoint.adapter.mlp_weights(entry.layer)

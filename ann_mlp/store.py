@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import TypeAdapter, ValidationError
 
 from ann_mlp import __version__
 from ann_mlp.checkpoint import CheckpointSource, sha256_file
@@ -83,15 +84,38 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Manifest:
-        version = data.get("format_version")
+        """The manifest, its fields type-checked and its layers consistent; StoreError naming the first fault."""
+        version = data.get("format_version") if isinstance(data, dict) else None
         if version != STORE_FORMAT_VERSION:
             raise StoreError(f"store format version {version!r} is not supported (expected {STORE_FORMAT_VERSION}); "
                              "rebuild it with `ann-mlp build ... --force`")
         try:
-            layers = [LayerEntry(**entry) for entry in data["layers"]]
-            return cls(**{**data, "layers": layers})
-        except (KeyError, TypeError) as err:
-            raise StoreError(f"malformed manifest: {err}") from err
+            manifest = TypeAdapter(cls).validate_python(data)
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise StoreError(f"malformed manifest: {where}: {first['msg']}") from None
+        manifest.check_layers()
+        return manifest
+
+    def check_layers(self) -> None:
+        """Layers in order, each naming only plain files of its own, its effort within its range."""
+        if not self.layers:
+            raise StoreError("malformed manifest: it lists no layers")
+        for position, entry in enumerate(self.layers):
+            if entry.layer != position:
+                raise StoreError(f"malformed manifest: layer entry {position} is numbered {entry.layer}")
+            for name in [*entry.files, *entry.array_files().values()]:
+                if Path(name).is_absolute() or ".." in Path(name).parts:
+                    raise StoreError(f"malformed manifest: layer {entry.layer} names a file outside the store: {name}")
+            for name in entry.array_files().values():
+                if name not in entry.files:
+                    raise StoreError(f"malformed manifest: layer {entry.layer}'s {name} has no checksum")
+            lo, hi = entry.effort_range
+            effort = entry.search_params.get(entry.effort_param)
+            if effort is not None and not (isinstance(effort, int) and lo <= effort <= hi):
+                raise StoreError(f"malformed manifest: layer {entry.layer}'s {entry.effort_param} {effort!r} "
+                                 f"is outside [{lo}, {hi}]")
 
 
 class StoreWriter:
@@ -175,7 +199,9 @@ class Store:
     def load_index(self, layer: int, keys: np.ndarray) -> MipsIndex:
         """keys: the layer's augmented keys (d_ff, d_model + 1) from the verified checkpoint."""
         entry = self.manifest.layers[layer]
-        assert keys.shape == (entry.d_ff, entry.d_model + 1), keys.shape
+        if keys.shape != (entry.d_ff, entry.d_model + 1):
+            raise StoreError(f"store {self.path}: layer {layer} was built for {entry.d_ff}x{entry.d_model} keys, "
+                             f"the checkpoint's are {keys.shape[0]}x{keys.shape[1] - 1}")
         return backend_class(entry.backend).load(self.path, f"layer_{layer:03d}", keys,
                                                  entry.build_params, entry.search_params)
 

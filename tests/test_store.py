@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -86,6 +87,43 @@ def test_corrupted_missing_and_extra_files_are_named(store, tmp_path):
     (copy2 / "manifest.json").write_text("{not json")
     with pytest.raises(StoreError, match="corrupted"):
         Store.open(copy2)
+
+
+def _tampered(store, tmp_path, change) -> Path:
+    """A copy of the store whose manifest `change(manifest)` edited in place."""
+    copy = _copy(store, tmp_path)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    change(manifest)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda m: m.update(layers=[]), "lists no layers"),
+    (lambda m: m["layers"][1].update(layer=99), "layer entry 1 is numbered 99"),
+    (lambda m: m["layers"][0].update(d_ff="many"), r"layers\.0\.d_ff: Input should be a valid integer"),
+    (lambda m: m["layers"][0].update(tail_mean_file="/etc/passwd"), "names a file outside the store: /etc/passwd"),
+    (lambda m: m["layers"][0].update(tail_mean_file="../x.npy"), r"names a file outside the store: \.\./x\.npy"),
+    (lambda m: m["layers"][0]["search_params"].update(nprobe=-7), "nprobe -7 is outside"),
+    (lambda m: m.pop("layers"), r"malformed manifest: layers: Field required"),
+])
+def test_a_malformed_manifest_is_refused_in_one_line(store, tmp_path, change, match):
+    with pytest.raises(StoreError, match=match):
+        Store.open(_tampered(store, tmp_path, change))
+
+
+def test_a_manifest_that_does_not_fit_its_checkpoint_is_refused(store, tmp_path):
+    def wider(manifest):
+        manifest["layers"][0]["d_ff"] += 1
+
+    with pytest.raises(StoreError, match="layer 0 was built for 97x32 keys, the checkpoint's are 96x32"):
+        ApproxModel.open(_tampered(store, tmp_path / "a", wider))
+
+    def extra_layer(manifest):
+        manifest["layers"].append({**manifest["layers"][-1], "layer": 2})
+
+    with pytest.raises(StoreError, match="has 3 layers, its checkpoint 2"):
+        ApproxModel.open(_tampered(store, tmp_path / "b", extra_layer))
 
 
 def test_store_from_another_checkpoint_is_refused(store, tiny_checkpoints):
