@@ -172,6 +172,13 @@ def test_bad_requests(client, path, body, status, code):
     assert_error(client.post(path, json=body), status, code)
 
 
+def test_the_wrong_route_names_the_right_one(client):
+    error = assert_error(client.post("/v1/embeddings", json={"model": "tiny-llama", "input": "x"}), 400)
+    assert error["message"] == "model 'tiny-llama' (causal_lm) is not an encoder: use /v1/completions or /v1/infer"
+    error = assert_error(client.post("/v1/completions", json={"model": "tiny-bert", "prompt": "x"}), 400)
+    assert error["message"] == "model 'tiny-bert' (encoder) is not a causal LM: use /v1/embeddings or /v1/infer"
+
+
 def test_context_errors_name_the_model_and_its_positions(client):
     error = assert_error(client.post("/v1/infer", json={"model": "tiny-llama", "token_ids": [[5] * 257]}), 400)
     assert error["message"] == "an input of 257 tokens exceeds tiny-llama's context of 256 positions"

@@ -15,6 +15,9 @@ from server.errors import InvalidRequest
 from server.schemas import CompletionRequest, EmbeddingRequest
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+# Where a model of each kind is served, for the answer to a request on the wrong route.
+ROUTE_FOR = {"encoder": "use /v1/embeddings or /v1/infer", "causal_lm": "use /v1/completions or /v1/infer",
+             "seq2seq": "use /v1/infer (text-to-text models are served teacher-forced there)"}
 
 
 @router.post("/embeddings")
@@ -22,7 +25,7 @@ async def embeddings(request: EmbeddingRequest, http: Request, engine: Engine = 
     http.state.mode = request.ann_mlp.mode
     served = engine.model(request.model)
     if served.kind != "encoder":
-        raise InvalidRequest(f"model {served.name!r} is a {served.kind}, not an encoder: use /v1/completions",
+        raise InvalidRequest(f"model {served.name!r} ({served.kind}) is not an encoder: {ROUTE_FOR[served.kind]}",
                              param="model")
     if request.dimensions is not None:
         raise InvalidRequest("dimensions is not supported: embeddings have the model's width", param="dimensions")
@@ -53,7 +56,8 @@ async def completions(request: CompletionRequest, http: Request, engine: Engine 
     http.state.mode = request.ann_mlp.mode
     served = engine.model(request.model)
     if served.kind != "causal_lm":
-        raise InvalidRequest(f"model {served.name!r} is a {served.kind}, not a causal LM", param="model")
+        raise InvalidRequest(f"model {served.name!r} ({served.kind}) is not a causal LM: {ROUTE_FOR[served.kind]}",
+                             param="model")
     if request.max_tokens > engine.settings.max_new_tokens:
         raise InvalidRequest(f"max_tokens {request.max_tokens} exceeds {engine.settings.max_new_tokens}",
                              param="max_tokens")
