@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from ann_mlp.index import MipsIndex
 from ann_mlp.metrics import recall_at_k
+
+if TYPE_CHECKING:  # the index package's own fits bisect with smallest_reaching
+    from ann_mlp.index import MipsIndex
 
 
 @dataclass(frozen=True)
@@ -39,14 +43,24 @@ def tune_effort(index: MipsIndex, queries: np.ndarray, exact_scores: torch.Tenso
     beam, more re-ranked candidates), which is what makes bisection valid.
     """
     lo, hi = index.effort_range(k)
-    best = measure(index, queries, exact_scores, k, hi)
-    if best.recall < target_recall:
-        return best
+    points = {hi: measure(index, queries, exact_scores, k, hi)}
+    if points[hi].recall < target_recall:
+        return points[hi]
+
+    def reaches(effort: int) -> bool:
+        points[effort] = measure(index, queries, exact_scores, k, effort)
+        return points[effort].recall >= target_recall
+
+    return points[smallest_reaching(lo, hi, reaches)]
+
+
+def smallest_reaching(lo: int, hi: int, reaches: Callable[[int], bool]) -> int:
+    """The smallest value in [lo, hi] where the monotone predicate `reaches` holds (hi when only
+    hi might): bisection, so `reaches` is asked only of values below hi and of its result."""
     while lo < hi:
         mid = (lo + hi) // 2
-        point = measure(index, queries, exact_scores, k, mid)
-        if point.recall >= target_recall:
-            hi, best = mid, point
+        if reaches(mid):
+            hi = mid
         else:
             lo = mid + 1
-    return best
+    return lo

@@ -251,7 +251,7 @@ def _low_dimensional_queries(rng, sizes, dim, used_dims):
 def test_low_rank_fit_preserves_scores_where_the_queries_are():
     """Fit to the queries' second moment, rank 8 ranks neurons as the exact scores do for queries
     spanning 8 directions, which the keys' own best rank-8 approximation cannot."""
-    from ann_mlp.index.low_rank import score_preserving_factors
+    from ann_mlp.index.low_rank_fit import score_preserving_factors
 
     rng = np.random.default_rng(2)
     keys = rng.standard_normal((1024, DIM)).astype(np.float32)
@@ -270,7 +270,7 @@ def test_low_rank_fit_preserves_scores_where_the_queries_are():
 
 
 def test_low_rank_picks_the_cheapest_rank_at_the_target_recall():
-    from ann_mlp.index.low_rank import candidate_ranks, rerank_needed, score_preserving_factors
+    from ann_mlp.index.low_rank_fit import candidate_ranks, rerank_needed, score_preserving_factors
 
     rng = np.random.default_rng(3)
     dim = 129
@@ -292,13 +292,12 @@ def test_low_rank_picks_the_cheapest_rank_at_the_target_recall():
 
 def test_low_rank_8_bit_projection_ranks_as_the_float_one(data, tmp_path):
     """projection_bits=8 (the default) computes q Bᵀ from 8-bit codes of B's rows: nearly the same
-    candidates as the float32 projection, fewer bytes per query, and a lossless round trip;
-    a store written before the setting existed (no projection_bits) loads its float32 projection."""
+    candidates as the float32 projection, fewer bytes per query, and a lossless round trip."""
     keys, queries, truth, calibration = data
     rank, rerank = 16, 4 * K
     coded = build_index("lowrank", keys, queries=calibration, k=K, rank=rank)
     full = build_index("lowrank", keys, queries=calibration, k=K, rank=rank, projection_bits=32)
-    assert (coded.projection_bits, full.projection_bits) == (8, 32)
+    assert (coded.params.projection_bits, full.params.projection_bits) == (8, 32)
     got, reference = coded.search(queries, K, rerank=rerank), full.search(queries, K, rerank=rerank)
     same = [len(np.intersect1d(a, b)) / K for a, b in zip(got.ids, reference.ids)]
     assert np.mean(same) > 0.97
@@ -310,10 +309,9 @@ def test_low_rank_8_bit_projection_ranks_as_the_float_one(data, tmp_path):
     assert "coded.projection.faiss" in files and not any(name.endswith(".npy") for name in files)
     loaded = type(coded).load(tmp_path, "coded", keys, coded.build_params, coded.search_params)
     np.testing.assert_array_equal(loaded.search(queries, K, rerank=rerank).ids, got.ids)
-    full.save(tmp_path, "old")
-    before = {key: value for key, value in full.build_params.items() if key != "projection_bits"}
-    old = type(full).load(tmp_path, "old", keys, before, full.search_params)
-    np.testing.assert_array_equal(old.search(queries, K, rerank=rerank).ids, reference.ids)
+    full.save(tmp_path, "full")
+    loaded_full = type(full).load(tmp_path, "full", keys, full.build_params, full.search_params)
+    np.testing.assert_array_equal(loaded_full.search(queries, K, rerank=rerank).ids, reference.ids)
     with pytest.raises(BackendError, match="projection_bits"):
         build_index("lowrank", keys, queries=calibration, k=K, projection_bits=16)
 
@@ -414,8 +412,10 @@ def test_low_rank_margin_re_ranks_more_where_the_fit_is_worse(code_bits):
 def test_low_rank_margin_basis_and_bytes(data, tmp_path):
     """At full rank the error basis gives each query's exact mean squared score error; at margin 0
     exactly the k best by approximate score are re-ranked, and the bytes count them and the basis:
-    t·D bytes from its 8-bit codes (new builds), t·D floats as stores before error_basis_bits held it."""
-    from ann_mlp.index.low_rank import MAX_MARGIN, bytes_per_query, residual_error_basis, score_preserving_factors
+    t·D bytes from its 8-bit codes (the default), t·D floats with error_basis_bits=32."""
+    from ann_mlp.index.low_rank import MAX_MARGIN
+    from ann_mlp.index.low_rank_cost import LowRankParams, bytes_per_query
+    from ann_mlp.index.low_rank_fit import residual_error_basis, score_preserving_factors
 
     keys, queries, truth, calibration = data
     a, b = score_preserving_factors(keys, calibration, 4)
@@ -425,36 +425,37 @@ def test_low_rank_margin_basis_and_bytes(data, tmp_path):
                                rtol=1e-3, atol=1e-3)
     index = build_index("lowrank", keys, queries=calibration, k=K, rank=4, margin_rank=8)
     assert (index.effort_param, index.effort_range(K)) == ("margin", (0, MAX_MARGIN))
-    assert index.error_basis_bits == 8 and index.error_basis is None
+    assert index.params.error_basis_bits == 8 and index.error_basis is None
     result = index.search(queries, K, margin=0)
-    per_query = bytes_per_query(NUM_KEYS, DIM, 4, K, K, projection_bits=8, margin_rank=8, error_basis_bits=8)
+    per_query = bytes_per_query(LowRankParams(rank=4, margin_rank=8), NUM_KEYS, DIM, K, K)
     assert result.bytes_read == len(queries) * per_query
-    assert per_query - bytes_per_query(NUM_KEYS, DIM, 4, K, K, projection_bits=8) == 8 * DIM
+    assert per_query - bytes_per_query(LowRankParams(rank=4), NUM_KEYS, DIM, K, K) == 8 * DIM
     # The 8-bit basis gives σ_q as the float32 one does, within its rounding.
     float_basis = build_index("lowrank", keys, queries=calibration, k=K, rank=4, margin_rank=8, error_basis_bits=32)
-    assert float_basis.error_basis_codes is None and float_basis.error_basis_bits == 32
+    assert float_basis.error_basis_codes is None and float_basis.params.error_basis_bits == 32
     q = torch.from_numpy(queries)
     first = index._project(queries)[:, :4]
     torch.testing.assert_close(index._score_error(q, first), float_basis._score_error(q, first), rtol=0.02, atol=0)
     float_result = float_basis.search(queries, K, margin=0)
     assert float_result.bytes_read - result.bytes_read == len(queries) * 8 * DIM * 3
-    # A store from before error_basis_bits (no such build parameter) holds and loads the float32 basis.
+    # The float32 basis is saved as an array and loads to the same searches.
     float_basis.save(tmp_path, "layer_000")
     assert (tmp_path / "layer_000.error_basis.npy").exists()
-    # Its margins were tuned to σ_q = ‖E q‖, without the codes' rounding, and keep that σ_q.
-    old_params = {name: value for name, value in float_basis.build_params.items()
-                  if name not in ("error_basis_bits", "code_bits", "margin_counts_rounding")}
-    loaded = type(float_basis).load(tmp_path, "layer_000", keys, old_params, {})
-    assert (loaded.error_basis_bits, loaded.code_bits) == (32, 8)
-    residual_only = (q @ float_basis.error_basis.T).norm(dim=1)
-    torch.testing.assert_close(loaded._score_error(q, first), residual_only)
-    assert (float_basis._score_error(q, first) > residual_only).all()
+    loaded = type(float_basis).load(tmp_path, "layer_000", keys, float_basis.build_params, {})
     np.testing.assert_array_equal(loaded.search(queries, K, margin=0).ids, float_basis.search(queries, K, margin=0).ids)
+    # With margin_counts_rounding=false σ_q is the residual alone, ‖E q‖; by default it counts the rounding too.
+    residual_only = (q @ float_basis.error_basis.T).norm(dim=1)
+    unrounded = build_index("lowrank", keys, queries=calibration, k=K, rank=4, margin_rank=8, error_basis_bits=32,
+                            margin_counts_rounding=False)
+    torch.testing.assert_close(unrounded._score_error(q, first), residual_only)
+    assert (float_basis._score_error(q, first) > residual_only).all()
     for params, message in (({"margin_rank": 8, "refine_rank": 8}, "no refine_rank"),
                             ({"margin_rank": 8, "projection_bits": 32}, "projection_bits=8"),
                             ({"margin_rank": -1}, "margin_rank must be"),
                             ({"code_bits": 2}, "code_bits must be 4 or 8"),
-                            ({"error_basis_bits": 16}, "error_basis_bits must be 8 or 32")):
+                            ({"error_basis_bits": 16}, "error_basis_bits must be 8 or 32"),
+                            ({"margin_counts_rounding": 1}, "margin_counts_rounding must be true or false"),
+                            ({"refine": 2}, "unknown lowrank build parameters: refine")):
         with pytest.raises(BackendError, match=message):
             build_index("lowrank", keys, queries=calibration, k=K, rank=4, **params)
     with pytest.raises(BackendError, match="no search parameter rerank"):
@@ -465,12 +466,13 @@ def test_low_rank_4_bit_codes_read_half_the_bytes_and_sigma_counts_their_roundin
     """code_bits=4 holds the first pass in faiss' QT_4bit: half a byte per key and rank. At full rank
     the factorisation leaves no residual, so σ_q is the codes' rounding alone, and it predicts the
     mean squared error of the approximate scores over the keys."""
-    from ann_mlp.index.low_rank import bytes_per_query
+    from ann_mlp.index.low_rank_cost import LowRankParams, bytes_per_query
 
     keys, queries, _, calibration = data
     index = build_index("lowrank", keys, queries=calibration, k=K, rank=DIM, margin_rank=8, code_bits=4)
-    assert index.code_bits == 4 and index.codes.code_size == (DIM + 1) // 2
-    assert (bytes_per_query(NUM_KEYS, DIM, DIM, 0, K, code_bits=8) - bytes_per_query(NUM_KEYS, DIM, DIM, 0, K, code_bits=4)
+    assert index.params.code_bits == 4 and index.codes.code_size == (DIM + 1) // 2
+    eight_bit, four_bit = LowRankParams(rank=DIM, code_bits=8), LowRankParams(rank=DIM, code_bits=4)
+    assert (bytes_per_query(eight_bit, NUM_KEYS, DIM, 0, K) - bytes_per_query(four_bit, NUM_KEYS, DIM, 0, K)
             == NUM_KEYS * (DIM - (DIM + 1) // 2))
     projected = index._project(queries)  # (N, r)
     approximate = torch.from_numpy(projected) @ index.first_pass.decode().T  # (N, n)
@@ -557,8 +559,8 @@ def test_scann_soar_spills_every_key_into_a_second_leaf(data):
 
 def test_scann_int8_reorder_scores_the_k_found_from_the_models_keys(data, tmp_path):
     """New ScaNN builds re-order from ScaNN's int8 copy (a quarter of the keys' memory) and score
-    the k found exactly from the checkpoint's keys, which they lend to the model uncopied; a store
-    built before `reorder_bits` (float32 re-order, its own copy) loads as it was built."""
+    the k found exactly from the checkpoint's keys, which they lend to the model uncopied; with
+    reorder_bits=32 ScaNN re-orders from a float32 copy of its own, and loads as it was built."""
     _require_backend("scann")
     keys, queries, truth, _ = data
     index = build_index("scann", keys)
@@ -577,8 +579,7 @@ def test_scann_int8_reorder_scores_the_k_found_from_the_models_keys(data, tmp_pa
 
     before = build_index("scann", keys, reorder_bits=32)
     before.save(tmp_path, "float32")
-    params = {name: value for name, value in before.build_params.items() if name != "reorder_bits"}
-    old = backend_class("scann").load(tmp_path, "float32", keys, params, {})
+    old = backend_class("scann").load(tmp_path, "float32", keys, before.build_params, {})
     assert old.key_table() is None  # ScaNN's own float32 copy scores the candidates
     np.testing.assert_array_equal(old.search(queries, K, leaves_to_search=2).ids,
                                   before.search(queries, K, leaves_to_search=2).ids)
@@ -591,8 +592,8 @@ def test_low_rank_refinement_reorders_the_first_pass_with_more_columns(tmp_path)
     the fit's next 8 columns (8-bit codes), so at the same rerank it finds what rank 8 alone misses,
     for 8 more bytes per refined candidate and 8 more projection rows; it survives a round trip,
     and the build rejects settings it cannot serve."""
-    from ann_mlp.index.low_rank import (bytes_per_query, refined_rerank_needed, rerank_needed,
-                                        score_preserving_factors, simd_padded)
+    from ann_mlp.index.low_rank_cost import LowRankParams, bytes_per_query, simd_padded
+    from ann_mlp.index.low_rank_fit import refined_rerank_needed, rerank_needed, score_preserving_factors
 
     rng = np.random.default_rng(3)
     dim, num_keys = 129, 2048
@@ -614,7 +615,8 @@ def test_low_rank_refinement_reorders_the_first_pass_with_more_columns(tmp_path)
     assert recall_after > recall_before + 0.15 and abs(recall_after - recall_wide) < 0.02, (
         recall_before, recall_after, recall_wide)
     assert after.bytes_read - before.bytes_read == len(test) * (refined_count * 8 + 8 * simd_padded(dim))
-    assert after.bytes_read == len(test) * bytes_per_query(num_keys, dim, 8, rerank, K, 8, 32, 8, 16, 2.5)
+    params = LowRankParams(rank=8, refine_rank=16, rerank_bits=8)
+    assert after.bytes_read == len(test) * bytes_per_query(params, num_keys, dim, rerank, K)
     # The build's estimate: refining ranks the first pass's candidates as rank 16 does, exactly here.
     a, b = (torch.from_numpy(m) for m in score_preserving_factors(keys, calibration, 16))
     test_t, keys_t = torch.from_numpy(test), torch.from_numpy(keys)

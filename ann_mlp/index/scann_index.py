@@ -6,10 +6,9 @@ orthogonal to the first one's, so a query whose best key sits badly in its prima
 leaf still finds it; larger lambda, more orthogonal.
 
 Build parameter `reorder_bits`: ScaNN re-orders its candidates from its own copy of
-the keys, which the model cannot share. At 8 (the default of new builds) that copy
-is ScaNN's int8 one, a quarter of the keys' memory, and the k it returns are scored
-exactly from the model's own keys; at 32 (stores built before it) the copy is
-float32, and the model holds the keys twice.
+the keys, which the model cannot share. At 8 (the default) that copy is ScaNN's
+int8 one, a quarter of the keys' memory, and the k it returns are scored exactly
+from the model's own keys; at 32 the copy is float32, and the model holds the keys twice.
 """
 
 from __future__ import annotations
@@ -45,7 +44,7 @@ class ScannIndex(MipsIndex):
         when ScaNN re-orders from its int8 copy."""
         super().__init__(keys.shape[0], keys.shape[1], build_params, search_params)
         self.searcher = searcher
-        int8_reorder = build_params.get("reorder_bits", 32) == 8  # absent from stores built before it: 32
+        int8_reorder = build_params["reorder_bits"] == 8
         self.keys = np.ascontiguousarray(keys, dtype=np.float32) if int8_reorder else None  # (n, D)
 
     @classmethod
