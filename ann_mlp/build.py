@@ -14,8 +14,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ann_mlp.activations import activation_module
-from ann_mlp.approx_model import ApproxModel
 from ann_mlp.approx_mlp import ApproxMLP, augmented_keys, augmented_queries, dense_activations, values_output
+from ann_mlp.approx_model import ApproxModel
 from ann_mlp.capture import TextStats, batches, forward_capturing
 from ann_mlp.checkpoint import Checkpoint, MlpWeights, load_checkpoint
 from ann_mlp.config import BuildConfig
@@ -294,9 +294,7 @@ def build_indexes(checkpoint: Checkpoint, config: BuildConfig, calib_sources: Se
     manifest = Manifest(
         name=name, family=checkpoint.family, kind=checkpoint.kind, backend=backend.name,
         k=config.k, target_recall=config.target_recall, source=checkpoint.source.to_json(),
-        extra={"tail_map_rank": config.tail_map_rank,  # None: default_tail_map_rank per layer
-               "gated_selection": config.gated_selection,
-               **({"mass_target": config.mass_target} if config.mass_target is not None else {})},
+        build=config.to_json(),
         calibration={"text": describe_calibration(calib_sources, config.calibration),
                      "sources": recorded_sources(calib_sources),
                      "tokens": text_stats.tokens, "passages": text_stats.passages,

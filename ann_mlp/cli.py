@@ -14,7 +14,6 @@ from ann_mlp.config import (
     DEFAULT_BACKEND,
     DEFAULT_K,
     DEFAULT_STORE_ROOT,
-    DEFAULT_SERVED,
     DEFAULT_TARGET_RECALL,
     PRESET_BUILDS,
     BuildConfig,
@@ -28,7 +27,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Approximate-nearest-neighbour MLPs for Transformer checkpoints.")
 
 
-def _progress() -> bool:
+def progress_bars() -> bool:
     return sys.stderr.isatty()
 
 
@@ -66,7 +65,7 @@ def _parse_params(pairs: list[str]) -> dict:
 def main_options(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details.")) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    if not _progress():
+    if not progress_bars():
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
@@ -107,7 +106,7 @@ def build(
         tail_map_rank=tail_map_rank, gated_selection=gated_selection,
         calibration=_text(calib_tokens, split, jsonl_field, long_passages, passage_tokens))
     out = out or DEFAULT_STORE_ROOT / Path(checkpoint.rstrip("/")).stem
-    path = build_store(checkpoint, out, config, calib_text, overwrite=force, progress=_progress())
+    path = build_store(checkpoint, out, config, calib_text, overwrite=force, progress=progress_bars())
     from ann_mlp.store import Store
 
     manifest = Store.open(path).manifest
@@ -163,7 +162,7 @@ def evaluate(
     from ann_mlp.checkpoint import load_checkpoint
 
     reference_checkpoint = load_checkpoint(reference) if reference is not None else None
-    report = run_eval(model, config, text, progress=_progress(), reference=reference_checkpoint)
+    report = run_eval(model, config, text, progress=progress_bars(), reference=reference_checkpoint)
     typer.echo(table(report))
     if json_out:
         write_json(report, json_out)
@@ -178,18 +177,13 @@ def _rebuilt(model, backend: str):
     from ann_mlp.build import build_indexes
 
     manifest = model.manifest
-    # stores built before calibration could mix sources record only the one's description
-    calib = manifest.calibration["text"]
-    sources = manifest.calibration.get("sources", [] if calib.startswith("python-stdlib-docstrings") else [calib])
-    config = BuildConfig(backend=backend, k=manifest.k, target_recall=manifest.target_recall,
-                         mass_target=manifest.extra.get("mass_target"),
-                         tail_correction=any(entry.tail_mean_file for entry in manifest.layers),
-                         # absent from stores built before tail maps, which have none
-                         tail_map_rank=manifest.extra.get("tail_map_rank", 0),
-                         gated_selection=manifest.extra.get("gated_selection", False),  # likewise
-                         calibration=TextConfig(max_tokens=manifest.calibration["tokens"]),
-                         plan=False)  # eval approximates every layer: no plan is read
-    new_manifest, indexes, arrays = build_indexes(model.checkpoint, config, sources, _progress(), name=manifest.name)
+    # The store's own settings (another backend gets its default build parameters); eval
+    # approximates every layer, so no plan is measured.
+    recorded = BuildConfig.from_json(manifest.build)
+    config = replace(recorded, backend=backend, plan=False,
+                     build_params=recorded.build_params if backend == manifest.backend else {})
+    sources = manifest.calibration["sources"]
+    new_manifest, indexes, arrays = build_indexes(model.checkpoint, config, sources, progress_bars(), name=manifest.name)
     return ApproxModel(new_manifest, model.checkpoint, indexes, layer_arrays=arrays)
 
 
@@ -210,7 +204,7 @@ def sparsity(
     from ann_mlp.sparsity import measure_sparsity, sparsity_plots, sparsity_table
 
     report = measure_sparsity(load_checkpoint(checkpoint), text,
-                              _text(max_tokens, split, jsonl_field, long_passages, passage_tokens), _progress())
+                              _text(max_tokens, split, jsonl_field, long_passages, passage_tokens), progress_bars())
     typer.echo(sparsity_table(report))
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -250,56 +244,9 @@ def sparsify(
     config = SparsifyConfig(method=method, k=k, threshold=threshold, l1=l1, minutes=minutes, steps=steps,
                             lr=lr, dtype=dtype, seed=seed, text=replace(SparsifyConfig.text, **read),
                             report_text=replace(SparsifyConfig.report_text, **read))
-    report = run_sparsify(checkpoint, out, config, text, report_text, resume, force, _progress())
+    report = run_sparsify(checkpoint, out, config, text, report_text, resume, force, progress_bars())
     typer.echo(report_table(report))
     typer.echo(f"wrote {out}")
-
-
-@app.command()
-def serve(
-    stores: list[Path] = typer.Argument(None, help=f"Index stores to serve [default: indexes/{DEFAULT_SERVED}, built on first run]."),
-    host: str | None = typer.Option(None, help="Bind address [127.0.0.1]."),
-    port: int | None = typer.Option(None, help="Port [8000]."),
-    shadow_rate: float | None = typer.Option(None, help="Share of requests re-run exactly, off the request path, for live recall."),
-) -> None:
-    """Serve approximate-MLP inference over HTTP (OpenAI-compatible and native routes)."""
-    try:
-        import uvicorn
-
-        from server.app import create_app
-        from server.settings import ServerSettings
-    except ImportError as err:
-        raise AnnMlpError(f"serving needs the server extra ({err.name} is missing): pip install 'ann-mlp[server]'") from err
-
-    overrides = {name: value for name, value in
-                 {"stores": stores or None, "host": host, "port": port, "shadow_rate": shadow_rate}.items()
-                 if value is not None}
-    try:
-        settings = ServerSettings(**overrides)
-    except ValueError as err:
-        raise AnnMlpError(str(err).replace("\n", " ")) from err
-    from ann_mlp.store import Store
-
-    for path in settings.stores:  # fail fast, with one line, before the server starts
-        if not (path / "manifest.json").exists() and path.parent == DEFAULT_STORE_ROOT \
-                and path.name in PRESET_BUILDS:
-            from ann_mlp.build import build_store
-
-            typer.echo(f"building the store {path} (first run)", err=True)
-            build_store(path.name, path, PRESET_BUILDS[path.name], progress=_progress())
-        Store.open(path)
-    app = create_app(settings)
-    engine = app.state.engine
-
-    class DrainingServer(uvicorn.Server):
-        def handle_exit(self, sig, frame) -> None:
-            engine.begin_drain()  # readiness goes 503 and new requests are refused at once
-            super().handle_exit(sig, frame)
-
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
-                            timeout_graceful_shutdown=int(settings.drain_timeout_s))
-    if not DrainingServer(config).run():
-        raise AnnMlpError("the server did not start (see the log above)")
 
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: speed of approximate vs dense MLPs.")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from ann_mlp.errors import InputError
 
-STORE_FORMAT_VERSION = 2  # 2: backends that re-score from the keys no longer save them
+# 3: the manifest records every build setting (BuildConfig, complete build parameters per layer)
+# and a checksum of itself.
+STORE_FORMAT_VERSION = 3
 DEFAULT_STORE_ROOT = Path("indexes")
 DEFAULT_K = 128
 # Fewest bytes read at recall 0.95 on every checkpoint measured (held-out text: topk-lm 0.10 vs IVF's
@@ -89,6 +92,16 @@ class BuildConfig:
             raise InputError("holdout fraction must be in (0, 1)")
         if self.tail_map_rank is not None and self.tail_map_rank < 0:
             raise InputError(f"tail map rank must be >= 0, got {self.tail_map_rank}")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> BuildConfig:
+        """The config a store's manifest recorded (the inverse of to_json)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{name: value for name, value in data.items() if name in known and name != "calibration"},
+                   calibration=TextConfig(**data["calibration"]))
 
 
 # Recommended builds of built-in checkpoints (`ann-mlp build NAME --preset`); `ann-mlp serve`

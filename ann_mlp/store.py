@@ -2,12 +2,16 @@
 
 A store is written into a hidden temporary folder beside its destination and
 renamed into place only once complete, so an interrupted build never leaves a
-folder that looks like a valid store. Loading checks every file against the
-manifest first: a missing, extra or altered file is an error naming it.
+folder that looks like a valid store. Loading checks the manifest against its own
+checksum and every file against the manifest first: a missing, extra or altered
+file is an error naming it. Stores of another format version are refused with a
+request to rebuild rather than migrated: a build is minutes, and a migration would
+have to reproduce the defaults older builds used, the very branches a version retires.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -22,7 +26,7 @@ from pydantic import TypeAdapter, ValidationError
 from ann_mlp import __version__
 from ann_mlp.checkpoint import CheckpointSource, sha256_file
 from ann_mlp.config import STORE_FORMAT_VERSION
-from ann_mlp.errors import CheckpointError, StoreError
+from ann_mlp.errors import BackendError, CheckpointError, StoreError
 from ann_mlp.index import MipsIndex, backend_class
 
 MANIFEST = "manifest.json"
@@ -73,14 +77,18 @@ class Manifest:
     k: int
     target_recall: float | None
     source: dict[str, Any]  # CheckpointSource.to_json()
-    calibration: dict[str, Any]
+    calibration: dict[str, Any]  # the text the build captured: its description, sources and counts
+    build: dict[str, Any]  # BuildConfig.to_json(): every setting the build was given
     layers: list[LayerEntry]
     format_version: int = STORE_FORMAT_VERSION
     ann_mlp_version: str = __version__
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # plan_machine: where the plans were measured
+    checksum: str = ""  # manifest_checksum of the rest, written by StoreWriter.commit
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """The manifest as stored: JSON types only (tuples as lists), with its checksum."""
+        data = json.loads(json.dumps(asdict(self)))
+        return {**data, "checksum": manifest_checksum(data)}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Manifest:
@@ -89,6 +97,9 @@ class Manifest:
         if version != STORE_FORMAT_VERSION:
             raise StoreError(f"store format version {version!r} is not supported (expected {STORE_FORMAT_VERSION}); "
                              "rebuild it with `ann-mlp build ... --force`")
+        if data.get("checksum") != manifest_checksum(data):
+            raise StoreError(f"{MANIFEST} does not match its checksum: it was edited or corrupted "
+                             "(rebuild the store with `ann-mlp build ... --force`)")
         try:
             manifest = TypeAdapter(cls).validate_python(data)
         except ValidationError as err:
@@ -111,11 +122,24 @@ class Manifest:
             for name in entry.array_files().values():
                 if name not in entry.files:
                     raise StoreError(f"malformed manifest: layer {entry.layer}'s {name} has no checksum")
+            try:
+                defaults = backend_class(entry.backend).default_build_params(entry.d_ff, entry.d_model + 1)
+            except BackendError:
+                raise StoreError(f"malformed manifest: layer {entry.layer}'s backend {entry.backend!r} is unknown") from None
+            missing = sorted(set(defaults) - set(entry.build_params))
+            if missing:
+                raise StoreError(f"malformed manifest: layer {entry.layer}'s build parameters lack {', '.join(missing)}")
             lo, hi = entry.effort_range
             effort = entry.search_params.get(entry.effort_param)
             if effort is not None and not (isinstance(effort, int) and lo <= effort <= hi):
                 raise StoreError(f"malformed manifest: layer {entry.layer}'s {entry.effort_param} {effort!r} "
                                  f"is outside [{lo}, {hi}]")
+
+
+def manifest_checksum(data: dict[str, Any]) -> str:
+    """sha256 of the manifest's JSON without its checksum field, keys sorted, no spaces."""
+    body = {name: value for name, value in data.items() if name != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 class StoreWriter:

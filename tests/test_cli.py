@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
+
+from ann_mlp.checkpoint.builtin import resolve_builtin
 
 TEXT = """The quick brown fox jumps over the lazy dog near the river bank.
 
@@ -34,7 +38,7 @@ def run_in_process(capsys, *args: str) -> subprocess.CompletedProcess:
     """`ann-mlp ARGS` through the console script's main() in this process, as a finished process."""
     from unittest import mock
 
-    from ann_mlp.cli import main
+    from server.cli import main
 
     capsys.readouterr()
     with mock.patch.object(sys, "argv", ["ann-mlp", *args]):
@@ -110,8 +114,21 @@ def test_bad_input_gives_one_line_errors(minilm_store, tiny_checkpoints, tmp_pat
     no_weights = tmp_path / "no_weights"
     no_weights.mkdir()
     (no_weights / "config.json").write_text('{"model_type": "bert"}')
+    no_tokenizer = tmp_path / "no_tokenizer"  # what model.save_pretrained() alone writes
+    no_tokenizer.mkdir()
+    for part in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_checkpoints["opt"] / part, no_tokenizer / part)
+    truncated = tmp_path / "truncated.gguf"
+    with open(resolve_builtin("smollm2"), "rb") as whole:
+        truncated.write_bytes(whole.read(1 << 20))
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
     out = tmp_path / "out"
     cases = [
+        (("build", str(no_tokenizer), "--out", str(out)), "has no tokenizer"),
+        (("build", str(truncated), "--out", str(out)), "truncated.gguf is not a readable GGUF file"),
+        (("serve", str(minilm_store), "--port", str(taken.getsockname()[1])), "Address already in use (another server may hold it"),
         (("build", str(no_weights), "--out", str(out)), "no .safetensors"),
         (("build", str(pickled), "--out", str(out)), "refusing pickled weights"),
         (("build", str(tiny_checkpoints["opt"]), "--out", str(out), "--k", "97"), "exceeds d_ff=96"),
@@ -137,6 +154,7 @@ def test_bad_input_gives_one_line_errors(minilm_store, tiny_checkpoints, tmp_pat
     assert_one_line_error(run(*cases[0][0], check=False), cases[0][1])  # once as its own process
     for args, match in cases[1:]:  # the rest in this process: the same main(), without ~5 s of imports each
         assert_one_line_error(run_in_process(capsys, *args), match)
+    taken.close()
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 

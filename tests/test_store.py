@@ -14,7 +14,7 @@ from ann_mlp.checkpoint import load_checkpoint
 from ann_mlp.config import STORE_FORMAT_VERSION, BuildConfig, TextConfig
 from ann_mlp.errors import CheckpointError, InputError, StoreError
 from ann_mlp.planner import machine
-from ann_mlp.store import Store
+from ann_mlp.store import Store, manifest_checksum
 
 CONFIG = BuildConfig(backend="ivf", k=16, target_recall=0.9, calibration=TextConfig(max_tokens=600, batch_size=8))
 
@@ -84,17 +84,24 @@ def test_corrupted_missing_and_extra_files_are_named(store, tmp_path):
     (copy2 / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
     with pytest.raises(StoreError, match="format version 99"):
         Store.open(copy2)
+    # An edit that keeps the JSON valid but not the checksum: a search effort changed by hand.
+    manifest["layers"][0]["search_params"] = {name: value + 1 for name, value in
+                                              manifest["layers"][0]["search_params"].items()}
+    (copy2 / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match="manifest.json does not match its checksum"):
+        Store.open(copy2)
     (copy2 / "manifest.json").write_text("{not json")
     with pytest.raises(StoreError, match="corrupted"):
         Store.open(copy2)
 
 
 def _tampered(store, tmp_path, change) -> Path:
-    """A copy of the store whose manifest `change(manifest)` edited in place."""
+    """A copy of the store whose manifest `change(manifest)` edited in place, checksummed again
+    (as a hand edit that knew the format would be), so that the check after the checksum is tested."""
     copy = _copy(store, tmp_path)
     manifest = json.loads((copy / "manifest.json").read_text())
     change(manifest)
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "checksum": manifest_checksum(manifest)}))
     return copy
 
 
@@ -106,6 +113,8 @@ def _tampered(store, tmp_path, change) -> Path:
     (lambda m: m["layers"][0].update(tail_mean_file="../x.npy"), r"names a file outside the store: \.\./x\.npy"),
     (lambda m: m["layers"][0]["search_params"].update(nprobe=-7), "nprobe -7 is outside"),
     (lambda m: m.pop("layers"), r"malformed manifest: layers: Field required"),
+    (lambda m: m["layers"][0]["build_params"].clear(), "layer 0's build parameters lack"),
+    (lambda m: m["layers"][0].update(backend="annoy"), "layer 0's backend 'annoy' is unknown"),
 ])
 def test_a_malformed_manifest_is_refused_in_one_line(store, tmp_path, change, match):
     with pytest.raises(StoreError, match=match):
@@ -162,8 +171,7 @@ def test_mass_target_chooses_k_per_layer(tiny_checkpoints, tmp_path):
                          calibration=TextConfig(max_tokens=600, batch_size=8))
     store = build_store(str(tiny_checkpoints["opt"]), tmp_path / "mass", config, progress=False)
     manifest = Store.open(store).manifest
-    assert manifest.extra == {"mass_target": 0.9, "tail_map_rank": None, "gated_selection": True,
-                              "plan_machine": machine()}
+    assert BuildConfig.from_json(manifest.build) == config and manifest.extra == {"plan_machine": machine()}
     for entry in manifest.layers:
         assert entry.k is not None and entry.k % 16 == 0 and 16 <= entry.k <= 96
     model = ApproxModel.open(store)
@@ -328,7 +336,7 @@ def test_gated_build_chooses_by_estimated_contribution(tiny_checkpoints, tmp_pat
     stores = {on: build_store(str(tiny_checkpoints["llama"]), tmp_path / f"selection-{on}",
                               replace(config, gated_selection=on), progress=False) for on in (True, False)}
     chosen, by_gate = (Store.open(stores[on]).manifest for on in (True, False))
-    assert chosen.extra["gated_selection"] and not by_gate.extra["gated_selection"]
+    assert chosen.build["gated_selection"] and not by_gate.build["gated_selection"]
     assert all(e.candidates is None and e.up_codes_file is None and e.up_ranges_file is None for e in by_gate.layers)
     for entry in chosen.layers:
         assert 8 < entry.candidates <= D_FF, entry
@@ -374,7 +382,7 @@ def test_tail_map_is_kept_where_it_lowers_held_out_error_and_applies_only_to_its
         stores[rank] = build_store(str(tiny_checkpoints["bert"]), tmp_path / f"map-{rank}", config, progress=False)
     plain, mapped = (Store.open(stores[rank]).manifest for rank in (0, 8))
     assert all(e.tail_map_file is None and e.tail_map_error is None for e in plain.layers)
-    assert mapped.extra["tail_map_rank"] == 8
+    assert mapped.build["tail_map_rank"] == 8
     for entry in mapped.layers:
         without, with_map = entry.tail_map_error
         assert (entry.tail_map_file is not None) == (with_map < without)

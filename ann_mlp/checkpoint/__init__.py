@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,9 @@ ADAPTERS: dict[str, type[FamilyAdapter]] = {
     for model_type in adapter.model_types
 }
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# A model folder holds at least one of these when its tokenizer was saved with it.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "vocab.txt",
+                   "spiece.model")
 
 
 def sha256_file(path: Path) -> str:
@@ -91,6 +95,7 @@ def resolve_checkpoint(spec: str) -> CheckpointSource:
             f"{', '.join(BUILTIN_CHECKPOINTS)})")
     if path.is_file():
         if path.suffix == ".gguf":
+            check_gguf(path)
             return CheckpointSource(spec, path.parent.resolve(), path.name,
                                     {path.name: sha256_file(path)})
         if path.suffix in PICKLE_SUFFIXES:
@@ -105,8 +110,22 @@ def resolve_checkpoint(spec: str) -> CheckpointSource:
             raise CheckpointError(
                 f"refusing pickled weights in {path} ({', '.join(pickles)}): only safetensors or GGUF are loaded")
         raise CheckpointError(f"{path} has no .safetensors weights")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save it beside the "
+                              "weights with tokenizer.save_pretrained(folder)")
     return CheckpointSource(spec, path.resolve(), None,
                             {p.name: sha256_file(p) for p in weights})
+
+
+def check_gguf(path: Path) -> None:
+    """Refuse a GGUF file whose header or tensor table cannot be read (truncated, corrupted), in one line."""
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(path)  # memory-maps the file and reads every tensor's extent
+    except (ValueError, IndexError, KeyError, OSError, struct.error) as err:
+        raise CheckpointError(f"{path.name} is not a readable GGUF file (truncated or corrupted?): "
+                              f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
 
 
 def _model_type(source: CheckpointSource) -> str:

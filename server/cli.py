@@ -1,0 +1,87 @@
+"""`ann-mlp serve`: the server's command, added to ann_mlp's command line.
+
+The console script starts here so that the library (`ann_mlp`) never imports the server: every
+other command works without the server extra installed.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import typer
+
+from ann_mlp.cli import app, progress_bars
+from ann_mlp.cli import main as run_cli
+from ann_mlp.config import DEFAULT_SERVED, DEFAULT_STORE_ROOT, PRESET_BUILDS
+from ann_mlp.errors import AnnMlpError
+
+
+def bound_socket(host: str, port: int) -> socket.socket:
+    """The listening address, taken before any store loads: a port in use is one line at once,
+    not an exit after minutes of loading (and no other process can take it meanwhile)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as err:
+        raise AnnMlpError(f"cannot bind to {host}: {err.strerror}") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise AnnMlpError(f"cannot listen on {host}:{port}: {err.strerror} "
+                          "(another server may hold it; choose one with --port)") from None
+    return sock
+
+
+@app.command()
+def serve(
+    stores: list[Path] = typer.Argument(None, help=f"Index stores to serve [default: indexes/{DEFAULT_SERVED}, built on first run]."),
+    host: str | None = typer.Option(None, help="Bind address [127.0.0.1]."),
+    port: int | None = typer.Option(None, help="Port [8000]."),
+    shadow_rate: float | None = typer.Option(None, help="Share of requests re-run exactly, off the request path, for live recall."),
+) -> None:
+    """Serve approximate-MLP inference over HTTP (OpenAI-compatible and native routes)."""
+    try:
+        import uvicorn
+
+        from server.app import create_app
+        from server.settings import ServerSettings
+    except ImportError as err:
+        raise AnnMlpError(f"serving needs the server extra ({err.name} is missing): pip install 'ann-mlp[server]'") from err
+
+    overrides = {name: value for name, value in
+                 {"stores": stores or None, "host": host, "port": port, "shadow_rate": shadow_rate}.items()
+                 if value is not None}
+    try:
+        settings = ServerSettings(**overrides)
+    except ValueError as err:
+        raise AnnMlpError(str(err).replace("\n", " ")) from err
+    from ann_mlp.store import Store
+
+    sock = bound_socket(settings.host, settings.port)
+    for path in settings.stores:  # fail fast, with one line, before the server starts
+        if not (path / "manifest.json").exists() and path.parent == DEFAULT_STORE_ROOT \
+                and path.name in PRESET_BUILDS:
+            from ann_mlp.build import build_store
+
+            typer.echo(f"building the store {path} (first run)", err=True)
+            build_store(path.name, path, PRESET_BUILDS[path.name], progress=progress_bars())
+        Store.open(path)
+    app_ = create_app(settings)
+    engine = app_.state.engine
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            engine.begin_drain()  # readiness goes 503 and new requests are refused at once
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app_, host=settings.host, port=settings.port, log_level="info",
+                            timeout_graceful_shutdown=int(settings.drain_timeout_s))
+    if not DrainingServer(config).run(sockets=[sock]):
+        raise AnnMlpError("the server did not start (see the log above)")
+
+
+def main() -> None:
+    run_cli()
