@@ -5,7 +5,7 @@ MODEL ?= relu-lm
 STORE ?= indexes/$(MODEL)
 RESULTS ?= results
 
-.PHONY: setup run eval test clean
+.PHONY: setup run eval test lint clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -29,6 +29,10 @@ eval: setup
 
 test: setup
 	$(PYTHON) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf $(VENV) $(RESULTS)

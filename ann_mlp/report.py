@@ -17,7 +17,7 @@ def table(report: Report) -> str:
         values = " ".join(f"{getattr(layer, c):>19.4f}" for c in LAYER_COLUMNS)
         rows.append(f"{layer.layer:>5} {layer.d_ff:>6} {layer.k:>5} {values}  {layer.search_params}")
     count = max(len(report.layers), 1)
-    means = " ".join(f"{sum(getattr(l, c) for l in report.layers) / count:>19.4f}" for c in LAYER_COLUMNS)
+    means = " ".join(f"{sum(getattr(entry, c) for entry in report.layers) / count:>19.4f}" for c in LAYER_COLUMNS)
     rows.append(f"{'mean':>5} {'':>6} {'':>5} {means}")
     rows.append("")
     rows.append(f"end to end ({report.model}, {report.family}, backend={report.backend}, k={report.k}, "
@@ -53,16 +53,16 @@ def write_plots(report: Report, folder: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     folder.mkdir(parents=True, exist_ok=True)
-    layers = [l.layer for l in report.layers]
+    layers = [entry.layer for entry in report.layers]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6, 0.35 * len(layers) + 3), 7), sharex=True)
     for column, marker in zip(("recall_at_k", "mass_recall", "scanned_fraction", "bytes_read_fraction"), "osv^"):
-        top.plot(layers, [getattr(l, column) for l in report.layers], marker=marker, label=column)
+        top.plot(layers, [getattr(entry, column) for entry in report.layers], marker=marker, label=column)
     top.set_ylim(0, 1.05)
     top.set_ylabel("fraction")
     top.legend(loc="best", fontsize=8)
     top.set_title(f"{report.model}: backend={report.backend}, k={report.k}\n"
                   f"{report.text['tokens']} tokens, {report.text['passages']} passages", fontsize=10)
-    bottom.bar(layers, [l.rel_output_error for l in report.layers], color="tab:red")
+    bottom.bar(layers, [entry.rel_output_error for entry in report.layers], color="tab:red")
     bottom.set_ylabel("relative MLP output error")
     bottom.set_xlabel("layer")
     fig.tight_layout()

@@ -100,10 +100,10 @@ def sparsity_table(report: SparsityReport) -> str:
             f"{'activations' if measure == 'nonzero_activations' else 'not ReLU: positive pre-activations counted'}",
             f"{'layer':>5} {'d_ff':>6} {label:>20} " + " ".join(f"{'p' + str(p):>7}" for p in PERCENTILES)
             + f" {'dead':>6}"]
-    for l in report.layers:
-        pct = " ".join(f"{l.per_token_pct_percentiles[f'p{p}']:>7.2f}" for p in PERCENTILES)
-        rows.append(f"{l.layer:>5} {l.d_ff:>6} {l.nonzero_pct:>20.2f} {pct} {l.dead_neurons:>6}")
-    mean = sum(l.nonzero_pct for l in report.layers) / len(report.layers)
+    for entry in report.layers:
+        pct = " ".join(f"{entry.per_token_pct_percentiles[f'p{p}']:>7.2f}" for p in PERCENTILES)
+        rows.append(f"{entry.layer:>5} {entry.d_ff:>6} {entry.nonzero_pct:>20.2f} {pct} {entry.dead_neurons:>6}")
+    mean = sum(entry.nonzero_pct for entry in report.layers) / len(report.layers)
     rows.append(f"{'mean':>5} {'':>6} {mean:>20.2f}")
     return "\n".join(rows)
 
@@ -118,14 +118,14 @@ def sparsity_plots(report: SparsityReport, folder: Path) -> list[Path]:
     name = Path(report.model).name or report.model
     ylabel = ("non-zero" if report.layers[0].measure == "nonzero_activations" else "positive pre-activation")
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    layers = [l.layer for l in report.layers]
-    left.bar(layers, [l.nonzero_pct for l in report.layers], color="tab:blue")
+    layers = [entry.layer for entry in report.layers]
+    left.bar(layers, [entry.nonzero_pct for entry in report.layers], color="tab:blue")
     left.set_xlabel("layer")
     left.set_ylabel(f"% {ylabel} per token")
     left.set_title(f"{name}: {ylabel} per layer")
-    for l in report.layers:
-        x = np.linspace(0, 1, len(l.firing_frequency_sorted))
-        right.plot(x, l.firing_frequency_sorted, label=f"layer {l.layer}")
+    for entry in report.layers:
+        x = np.linspace(0, 1, len(entry.firing_frequency_sorted))
+        right.plot(x, entry.firing_frequency_sorted, label=f"layer {entry.layer}")
     right.set_xlabel("neurons, sorted by firing frequency (fraction of d_ff)")
     right.set_ylabel("share of tokens the neuron fires on")
     right.set_title("per-neuron firing frequency (Li et al. 2022, Fig. 3)")

@@ -39,7 +39,6 @@ import torch
 
 from ann_mlp.approx_mlp import ApproxMLP, augmented_keys, augmented_queries
 from ann_mlp.benchmark import dense_paths
-from ann_mlp.timing import time_calls
 from ann_mlp.build import capture_calibration
 from ann_mlp.capture import batches, forward_capturing
 from ann_mlp.checkpoint import load_checkpoint
@@ -47,6 +46,7 @@ from ann_mlp.config import BuildConfig, TextConfig
 from ann_mlp.evaluate import LayerTotals
 from ann_mlp.index import BACKENDS, build_index
 from ann_mlp.text import passages
+from ann_mlp.timing import time_calls
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = {"topk-lm": 128, "relu-lm": 128, "minilm-sparse": 96, "minilm": 128}  # name -> k

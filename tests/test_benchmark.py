@@ -124,7 +124,7 @@ def test_peers_sweep_reports_every_backend_with_consistent_fields(tiny_checkpoin
                               calibration_tokens=600, eval_tokens=300)
     assert {r["backend"] for r in records} == {"ivf", "lowrank", "teal"}
     assert (tmp_path / "peers_llama.jsonl").read_text().count("\n") == len(records)
-    for (backend, layer), points in peers.by_key(records, "backend", "layer").items():
+    for points in peers.by_key(records, "backend", "layer").values():
         points.sort(key=lambda p: p["effort"])
         assert all(0 <= p["recall_at_k"] <= 1 and p["bytes_read_fraction"] > 0 for p in points)
         assert points[-1]["recall_at_k"] >= 0.99  # the largest effort is exhaustive for these three

@@ -50,6 +50,6 @@ def test_relu_sparsity_matches_the_models_own_activations(tiny_checkpoints, tmp_
 def test_non_relu_models_are_labelled_as_positive_preactivations(tiny_checkpoints):
     report = measure_sparsity(load_checkpoint(str(tiny_checkpoints["llama"])), None,
                               TextConfig(max_tokens=300), progress=False)
-    assert {l.measure for l in report.layers} == {"positive_preactivations"}
+    assert {entry.measure for entry in report.layers} == {"positive_preactivations"}
     assert "positive pre-activations counted" in sparsity_table(report)
-    assert all(0 < l.nonzero_pct < 100 for l in report.layers)
+    assert all(0 < entry.nonzero_pct < 100 for entry in report.layers)

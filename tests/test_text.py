@@ -115,7 +115,7 @@ def test_long_passages_are_split_into_windows_or_cut_and_counted(tiny_checkpoint
     cut = TextStats()
     list(batches(checkpoint, texts, TextConfig(max_seq_len=32, batch_size=4, long_passages="cut"), cut))
     assert (cut.tokens, cut.passages, cut.truncated, cut.split) == (32 + 5 + 30, 3, 1, 0)
-    assert cut.warnings() == [f"only 67 tokens measured: figures from fewer than 1000 tokens are noisy",
+    assert cut.warnings() == ["only 67 tokens measured: figures from fewer than 1000 tokens are noisy",
                               "1 of 3 passages were cut at 32 tokens"]
     budget = TextStats()
     list(batches(checkpoint, ["z" * 20] * 50, TextConfig(max_tokens=100, max_seq_len=32, batch_size=4), budget))
