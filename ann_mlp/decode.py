@@ -92,12 +92,19 @@ def next_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Gener
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
 
 
+def until(deadline: float) -> Callable[[], str | None]:
+    """A `stop` for generate(): "deadline passed" once time.monotonic() is past `deadline`."""
+    return lambda: "deadline passed" if time.monotonic() > deadline else None
+
+
 def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, *, eos_token_id: int | None,
              pad_token_id: int, sampling: Sampling = GREEDY, keep_logprobs: bool = False,
-             deadline: float | None = None, on_step: Callable[[], None] | None = None) -> list[Continuation]:
+             stop: Callable[[], str | None] | None = None,
+             on_step: Callable[[], None] | None = None) -> list[Continuation]:
     """Decode up to max_new_tokens per prompt, all prompts together, each until its end-of-sequence token.
 
-    deadline: a time.monotonic() after which DeadlineError is raised between steps.
+    stop: asked before every step; a reason it returns (e.g. `until(deadline)`'s) ends decoding with
+        DeadlineError, so a caller's work ends within one step of its deadline or of its leaving.
     on_step: called after every forward call (prompt pass included), e.g. to time steps.
     """
     if not prompts or any(not ids for ids in prompts):
@@ -116,8 +123,9 @@ def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, *,
     running = torch.ones(batch, dtype=torch.bool)  # (B,)
     with torch.inference_mode():
         for step in range(max_new_tokens):
-            if deadline is not None and time.monotonic() > deadline:
-                raise DeadlineError(f"deadline passed after {step} of {max_new_tokens} new tokens")
+            reason = None if stop is None else stop()
+            if reason is not None:
+                raise DeadlineError(f"{reason} after {step} of {max_new_tokens} new tokens")
             output = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
                            use_cache=True, logits_to_keep=1)
             if on_step is not None:

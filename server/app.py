@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ann_mlp.errors import AnnMlpError
 from server.engine import Engine
-from server.errors import BodyTooLarge, InvalidRequest, Overloaded, ServiceError
+from server.errors import BodyTooLarge, InvalidRequest, ServiceError
 from server.metrics import Metrics
 from server.routes import native, openai, system
 from server.settings import ServerSettings
@@ -72,6 +72,68 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
+class Observe:
+    """Requests in flight, latency by route and mode, and answers by status code.
+
+    Plain ASGI rather than Starlette's BaseHTTPMiddleware, which hides a client's disconnect
+    from the route (Request.is_disconnected), and with it the chance to stop abandoned work.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500  # unless an answer starts
+
+        async def observed(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        start = time.perf_counter()
+        try:
+            await self.app(scope, receive, observed)
+        finally:
+            self.metrics.in_flight.dec()
+            mode = scope.get("state", {}).get("mode", "-")  # set by the route (request.state.mode)
+            self.metrics.latency.labels(scope["path"], mode).observe(time.perf_counter() - start)
+            self.metrics.requests.labels(scope["path"], str(status)).inc()
+
+
+class UnexpectedErrors:
+    """A JSON 500 for an exception no handler took, on a connection that stays open.
+
+    Starlette's last-resort handler answers and then re-raises, and the server closes the
+    keep-alive connection, so a pooled client's next request could meet a reset.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception:
+            log.exception("unhandled error")
+            if started:  # part of an answer is out: nothing valid can follow on this connection
+                raise
+            await error_response(500, "internal error", "server_error", "internal_error")(scope, receive, send)
+
+
 def create_app(settings: ServerSettings) -> FastAPI:
     metrics = Metrics()
     engine = Engine(settings, metrics)
@@ -89,25 +151,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
     for router in (openai.router, native.router, system.router):
         app.include_router(router)
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
-        route = request.url.path
-        metrics.in_flight.inc()
-        start = time.perf_counter()
-        status = 500
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            metrics.in_flight.dec()
-            mode = getattr(request.state, "mode", "-")
-            metrics.latency.labels(route, mode).observe(time.perf_counter() - start)
-            metrics.requests.labels(route, str(status)).inc()
-
     @app.exception_handler(ServiceError)
     async def service_error(_request: Request, err: ServiceError) -> JSONResponse:
-        headers = {"Retry-After": str(err.retry_after_s)} if isinstance(err, Overloaded) else None
+        headers = None if err.retry_after_s is None else {"Retry-After": str(err.retry_after_s)}
         return error_response(err.status, err.message, err.kind, err.code, err.param, headers)
 
     @app.exception_handler(AnnMlpError)
@@ -127,12 +173,11 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, err: StarletteHTTPException) -> JSONResponse:
-        return error_response(err.status_code, str(err.detail), "invalid_request_error", "http_error")
+        # err.headers carries e.g. the Allow header of a 405
+        return error_response(err.status_code, str(err.detail), "invalid_request_error", "http_error",
+                              headers=err.headers)
 
-    @app.exception_handler(Exception)
-    async def unexpected(_request: Request, err: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return error_response(500, "internal error", "server_error", "internal_error")
-
+    app.add_middleware(Observe, metrics=metrics)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(UnexpectedErrors)
     return app

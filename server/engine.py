@@ -3,6 +3,9 @@
 One worker thread executes every job, so a job's k, search effort and mode
 (set on the shared model at the start of the job) can never leak into another.
 Jobs wait in a bounded queue: when it is full the caller gets 429 at once.
+A job's work ends with its request: work that runs in steps (decoding) asks
+`check_job` between them, which stops it once the deadline has passed, the caller
+has disconnected, or a drain is about to end.
 Shadow comparisons (exact vs approximate on a sampled request) run on the same
 worker, only when no request is waiting, and never hold a request up.
 """
@@ -14,9 +17,10 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
 
@@ -26,10 +30,13 @@ from ann_mlp.errors import AnnMlpError
 from ann_mlp.evaluate import Comparison
 from ann_mlp.planner import replan_if_moved
 from server.errors import (
+    ClientGone,
     DeadlineExceeded,
     InvalidRequest,
     NotReady,
     Overloaded,
+    ServiceError,
+    ShuttingDown,
     UnknownModel,
 )
 from server.metrics import Metrics
@@ -39,6 +46,18 @@ log = logging.getLogger(__name__)
 Mode = Literal["auto", "approx", "exact", "compare"]
 T = TypeVar("T")
 MAX_PENDING_SHADOWS = 2
+POLL_S = 0.1  # how often a waiting request looks for its caller having left
+# A drain answers what cannot finish this long before the server's own drain timeout, so that
+# every answer is out before the server stops waiting for connections.
+DRAIN_MARGIN_S = 1.0
+
+
+@dataclass
+class JobState:
+    """One queued or running job, as its request sees it."""
+
+    deadline: float  # time.monotonic() by which the caller wants its answer
+    abandoned: bool = False  # its caller left or gave up: the work stops at its next check
 
 
 @dataclass(frozen=True)
@@ -98,9 +117,9 @@ class ServedModel:
             layers = self.shadow.layer_reports()
             return {
                 "samples": self.shadow_samples,
-                "recall_at_k": sum(l.recall_at_k for l in layers) / len(layers),
-                "rel_output_error": sum(l.rel_output_error for l in layers) / len(layers),
-                "scanned_fraction": sum(l.scanned_fraction for l in layers) / len(layers),
+                "recall_at_k": sum(entry.recall_at_k for entry in layers) / len(layers),
+                "rel_output_error": sum(entry.rel_output_error for entry in layers) / len(layers),
+                "scanned_fraction": sum(entry.scanned_fraction for entry in layers) / len(layers),
                 "end_to_end": self.shadow.end_to_end.report(),
             }
 
@@ -117,9 +136,9 @@ class Engine:
         self._pending_shadows = 0
         self._pending_lock = threading.Lock()
         self._random = random.Random(0)
-        # The running job's deadline (time.monotonic()), for work that can stop between steps.
-        # One worker thread runs every job, so one attribute serves.
-        self.job_deadline: float | None = None
+        self.drain_deadline = float("inf")  # time.monotonic() by which a drain answers everything
+        # The running job, for work that stops between steps; one worker runs every job.
+        self._job: JobState | None = None
 
     # -- lifecycle ------------------------------------------------------------------
     def load(self) -> None:
@@ -140,7 +159,32 @@ class Engine:
         log.info("serving %s", ", ".join(self.models))
 
     def begin_drain(self) -> None:
+        """Refuse new requests; answer those that cannot finish in the drain with 503."""
+        if not self.draining:
+            margin = min(DRAIN_MARGIN_S, self.settings.drain_timeout_s / 4)
+            self.drain_deadline = time.monotonic() + self.settings.drain_timeout_s - margin
         self.draining = True
+
+    def _answer_by(self, job: JobState) -> float:
+        return min(job.deadline, self.drain_deadline)
+
+    def stopped_error(self, message: str) -> ServiceError:
+        """The error of a job that ran out of time: 503 with Retry-After when a drain cut it short."""
+        if self.draining and self.drain_deadline <= time.monotonic():
+            return ShuttingDown(f"the server is shutting down: {message}", self.settings.retry_after_s)
+        return DeadlineExceeded(message)
+
+    def check_job(self) -> str | None:
+        """Between steps of the running job: why it should stop now, or None (a decode `stop`)."""
+        job = self._job
+        if job is None:
+            return None
+        if job.abandoned:
+            return "the request was abandoned"
+        if time.monotonic() > self._answer_by(job):
+            return "the server is shutting down" if self.draining else "deadline passed"
+        return None
+
 
     def shutdown(self) -> None:
         self.ready = False
@@ -159,31 +203,44 @@ class Engine:
         except KeyError:
             raise UnknownModel(f"model {name!r} is not served; see GET /v1/models", param="model") from None
 
-    async def submit(self, job: Callable[[], T]) -> T:
-        """Queue a job for the worker; wait for it within the request deadline."""
+    async def submit(self, job: Callable[[], T], disconnected: Callable[[], Awaitable[bool]] | None = None) -> T:
+        """Queue a job for the worker; wait for it until the request's deadline (or the drain's end),
+        giving it up, and stopping its work, if the caller disconnects (`disconnected`) meanwhile."""
         if self.draining or not self.ready:
-            raise NotReady("the server is shutting down" if self.draining else "the server is not ready yet")
+            if self.draining:
+                raise NotReady("the server is shutting down", self.settings.retry_after_s)
+            raise NotReady("the server is not ready yet")
         with self._pending_lock:
             if self._pending >= self.settings.queue_size:
                 raise Overloaded(f"{self._pending} requests are waiting; retry later", self.settings.retry_after_s)
             self._pending += 1
-        deadline = time.monotonic() + self.settings.request_timeout_s
+        state = JobState(deadline=time.monotonic() + self.settings.request_timeout_s)
 
-        def run_if_in_time() -> T:
-            if time.monotonic() > deadline:  # waited past its deadline: the caller has gone
-                raise DeadlineExceeded("request deadline passed while queued")
-            self.job_deadline = deadline
+        def run_if_wanted() -> T:
+            if state.abandoned or time.monotonic() > self._answer_by(state):
+                raise self.stopped_error("the request's time passed while it was queued")
+            self._job = state
             try:
                 return job()
             finally:
-                self.job_deadline = None
+                self._job = None
 
-        future = self._executor.submit(run_if_in_time)
+        future = self._executor.submit(run_if_wanted)
         future.add_done_callback(self._job_done)
-        try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), timeout=self.settings.request_timeout_s)
-        except asyncio.TimeoutError:
-            raise DeadlineExceeded(f"no answer within {self.settings.request_timeout_s:g} s") from None
+        answer = asyncio.wrap_future(future)
+        while True:
+            left = self._answer_by(state) - time.monotonic()
+            done, _ = await asyncio.wait({answer}, timeout=max(0.0, min(POLL_S, left)))
+            if done:
+                return answer.result()
+            if disconnected is not None and await disconnected():
+                state.abandoned = True
+                self.metrics.abandoned.labels("disconnected").inc()
+                raise ClientGone("the client disconnected")
+            if time.monotonic() >= self._answer_by(state):
+                state.abandoned = True
+                self.metrics.abandoned.labels("draining" if self.draining else "deadline").inc()
+                raise self.stopped_error(f"no answer within {self.settings.request_timeout_s:g} s")
 
     def _job_done(self, _future: Future) -> None:
         with self._pending_lock:
@@ -218,7 +275,7 @@ class Engine:
         else:
             comparison = Comparison(approx)
             _, output = comparison.add(batch)
-            report = {"layers": [vars(l) for l in comparison.layer_reports()],
+            report = {"layers": [vars(entry) for entry in comparison.layer_reports()],
                       "end_to_end": comparison.end_to_end.report()}
         total = time.perf_counter() - start
         mlps = approx.mlps.values()

@@ -7,6 +7,7 @@ class ServiceError(Exception):
     status: int = 500
     code: str = "internal_error"
     kind: str = "server_error"  # OpenAI's error "type"
+    retry_after_s: int | None = None  # answered as a Retry-After header when set
 
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
@@ -41,6 +42,22 @@ class Overloaded(ServiceError):
 class NotReady(ServiceError):
     status, code, kind = 503, "not_ready", "server_error"
 
+    def __init__(self, message: str, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class ShuttingDown(NotReady):
+    """The server is draining and this request could not finish before the drain ends."""
+
+    code = "shutting_down"
+
 
 class DeadlineExceeded(ServiceError):
     status, code, kind = 504, "deadline_exceeded", "server_error"
+
+
+class ClientGone(ServiceError):
+    """The caller disconnected before its answer: its work was stopped (nginx's 499; nobody reads it)."""
+
+    status, code, kind = 499, "client_closed_request", "invalid_request_error"

@@ -27,5 +27,8 @@ class Metrics:
                                        ["model"], registry=r)
         self.shadow_samples = Counter("ann_mlp_shadow_samples", "Requests re-run exactly for live recall",
                                       ["model"], registry=r)
+        self.abandoned = Counter("ann_mlp_requests_abandoned",
+                                 "Requests whose work was stopped: the caller left, the deadline or a drain ended",
+                                 ["reason"], registry=r)
         self.shadow_dropped = Counter("ann_mlp_shadow_dropped", "Shadow samples skipped because requests waited",
                                       ["model"], registry=r)

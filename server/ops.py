@@ -13,7 +13,7 @@ from ann_mlp.decode import Sampling
 from ann_mlp.errors import DeadlineError
 from ann_mlp.linalg import mean_pool
 from server.engine import Engine, Knobs, Run, ServedModel
-from server.errors import DeadlineExceeded, InvalidRequest
+from server.errors import InvalidRequest
 from server.schemas import RunInfo
 from server.settings import ServerSettings
 
@@ -115,13 +115,15 @@ def top_alternatives(served: ServedModel, logprobs: torch.Tensor, count: int) ->
 
 def generate(engine: Engine, served: ServedModel, prompt_ids: list[int], request, knobs: Knobs) -> dict:
     """Sample or greedy-decode a continuation with the model in the request's mode, stopping
-    between steps once the request's deadline has passed."""
+    between steps once the request's deadline has passed or its caller has left."""
+    if reason := engine.check_job():  # before this prompt's pass: an earlier prompt may have used the time
+        raise engine.stopped_error(reason)
     checkpoint = served.approx.checkpoint
     run = engine.run(served, batch_from_ids(checkpoint, [prompt_ids]), knobs)  # the prompt pass: timing, report
     sampling = Sampling(temperature=request.temperature or 0.0, top_p=request.top_p or 1.0, seed=request.seed)
     tokenizer = served.tokenizer
     options = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=decode.pad_token_id(tokenizer),
-                   sampling=sampling, keep_logprobs=request.logprobs is not None, deadline=engine.job_deadline)
+                   sampling=sampling, keep_logprobs=request.logprobs is not None, stop=engine.check_job)
     try:
         if knobs.mode == "exact":
             (continuation,) = decode.generate(checkpoint.model, [prompt_ids], request.max_tokens, **options)
@@ -129,7 +131,7 @@ def generate(engine: Engine, served: ServedModel, prompt_ids: list[int], request
             with served.approx.approximate(planned=knobs.mode == "auto"):
                 (continuation,) = decode.generate(checkpoint.model, [prompt_ids], request.max_tokens, **options)
     except DeadlineError as err:
-        raise DeadlineExceeded(str(err)) from err
+        raise engine.stopped_error(str(err)) from err
     new_ids, step_logprobs, finish = continuation.tokens, continuation.logprobs, continuation.finish_reason
     text = tokenizer.decode(new_ids, skip_special_tokens=True)
     stops = [request.stop] if isinstance(request.stop, str) else (request.stop or [])

@@ -75,6 +75,16 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for routes that can answer these errors, every one in ErrorResponse's shape."""
+    meaning = {400: "Invalid request (input beyond a limit, a knob out of range, the wrong route for the model)",
+               401: "Missing or wrong API key", 404: "Unknown model", 413: "Body too large",
+               422: "Body does not match the schema", 429: "Queue full (see Retry-After)",
+               499: "The client disconnected; its work was stopped",
+               503: "Not ready, or shutting down (see Retry-After)", 504: "No answer within the request deadline"}
+    return {status: {"model": ErrorResponse, "description": meaning[status]} for status in statuses}
+
+
 class RunInfo(BaseModel):
     """What every answer tells about how it was computed."""
 
@@ -87,3 +97,58 @@ class RunInfo(BaseModel):
     dense_fraction: float | None  # share of (layer, token) pairs the planner ran dense (mode auto)
     timing: dict[str, float]  # total_ms, index_search_ms, rest_ms
     report: dict[str, Any] | None = None  # compare mode: per-layer and end-to-end metrics
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # base64 of little-endian float32 with encoding_format "base64"
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    model: str
+    data: list[EmbeddingData]
+    usage: Usage
+    ann_mlp: RunInfo
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: dict[str, Any] | None
+    finish_reason: Literal["stop", "length"]
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    ann_mlp: list[RunInfo]  # one per prompt
+
+
+class InferResponse(RunInfo):
+    model: str
+    kind: Literal["encoder", "causal_lm", "seq2seq"]
+    outputs: list[dict[str, Any]]  # per input: embedding, next-token prediction or decoder argmax ids
+    tokens: int
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    owned_by: str
+    ann_mlp: dict[str, Any]  # the manifest's summary and live recall
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["alive", "ready", "draining", "loading"]
+    models: list[str] | None = None

@@ -11,7 +11,7 @@ import torch
 
 from ann_mlp.approx_model import ApproxModel
 from ann_mlp.checkpoint import load_checkpoint
-from ann_mlp.decode import Sampling, generate, left_padded, next_tokens
+from ann_mlp.decode import Sampling, generate, left_padded, next_tokens, until
 from ann_mlp.decode_bench import agreement, bench_decode
 from ann_mlp.errors import DeadlineError, InputError
 
@@ -81,11 +81,11 @@ def test_left_padding_and_its_mask():
 
 def test_a_passed_deadline_stops_between_steps(causal, monkeypatch):
     with pytest.raises(DeadlineError, match="0 of 5"):
-        generate(causal.model, [PROMPTS[0]], 5, eos_token_id=None, pad_token_id=0, deadline=time.monotonic() - 1)
+        generate(causal.model, [PROMPTS[0]], 5, eos_token_id=None, pad_token_id=0, stop=until(time.monotonic() - 1))
     clock = [0.0]  # a clock that advances one second per forward call
     monkeypatch.setattr(time, "monotonic", lambda: clock[0])
     with pytest.raises(DeadlineError, match="3 of 50"):
-        generate(causal.model, [PROMPTS[0]], 50, eos_token_id=None, pad_token_id=0, deadline=2.5,
+        generate(causal.model, [PROMPTS[0]], 50, eos_token_id=None, pad_token_id=0, stop=until(2.5),
                  on_step=lambda: clock.__setitem__(0, clock[0] + 1))
 
 
@@ -110,7 +110,7 @@ def test_bench_decode_reports_consistent_fields(tiny_stores):
     assert all(report[f"{mode}_tokens_per_s"] > 0 for mode in ("exact", "approx", "auto", "generate"))
     assert 0 <= report["continuation_agreement"] <= 1 and 0 <= report["auto_continuation_agreement"] <= 1
     assert report["kl_mean"] >= -1e-6 and report["perplexity_exact"] > 1 and report["perplexity_approx"] > 1
-    for mode, split in report["split"].items():
+    for split in report["split"].values():
         parts = split["index_search_ms"] + split["mlp_rest_ms"] + split["attention_ms"] + split["other_ms"]
         assert split["total_ms"] == pytest.approx(parts, abs=2e-3)
         assert split["attention_ms"] > 0 and split["mlp_rest_ms"] > 0

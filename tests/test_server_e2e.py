@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -28,7 +31,7 @@ def free_port() -> int:
 def running_server(stores: list[Path], *args: str, env: dict | None = None):
     port = free_port()
     log = open(Path(stores[0]).parent / f"server-{port}.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "ann_mlp", "serve", *map(str, stores), "--port", str(port), *args],
+    proc = subprocess.Popen([sys.executable, "-m", "server", "serve", *map(str, stores), "--port", str(port), *args],
                             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
     try:
@@ -56,7 +59,7 @@ def wait_in_flight(url: str, count: int, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         metrics = httpx.get(f"{url}/metrics", timeout=5).text
-        line = next(l for l in metrics.splitlines() if l.startswith("ann_mlp_requests_in_flight "))
+        line = next(row for row in metrics.splitlines() if row.startswith("ann_mlp_requests_in_flight "))
         if float(line.split()[1]) >= count + 1:
             return
         time.sleep(0.05)
@@ -178,3 +181,93 @@ def test_default_relu_lm_serves_completions_to_the_openai_client(tmp_path):
         exact = client.completions.create(model="relu-lm", prompt=prompt, max_tokens=8,
                                           extra_body={"ann_mlp": {"mode": "exact"}})
         assert exact.choices[0].text
+
+
+def metric_value(url: str, sample: str) -> float:
+    """The value of one Prometheus sample line (name with labels), 0 when absent."""
+    for row in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
+        if row.startswith(sample + " "):
+            return float(row.split()[1])
+    return 0.0
+
+
+# Far more decoding than any machine finishes in a few seconds: 64 prompts x 240 new tokens.
+LONG_COMPLETION = {"model": "tiny-llama", "prompt": [f"prompt {i}" for i in range(64)], "max_tokens": 240}
+
+
+def test_a_client_that_disconnects_frees_its_work(tiny_stores):
+    with running_server([tiny_stores["tiny-llama"]]) as (url, _, _log):
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/completions", json=LONG_COMPLETION, timeout=httpx.Timeout(60, read=1.0))
+        sample = 'ann_mlp_requests_abandoned_total{reason="disconnected"}'
+        deadline = time.monotonic() + 60
+        while metric_value(url, sample) < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert metric_value(url, sample) == 1
+        # The worker is free again: the next request is answered although the abandoned one had
+        # minutes of decoding left.
+        quick = httpx.post(f"{url}/v1/completions", json={"model": "tiny-llama", "prompt": "hi", "max_tokens": 2},
+                           timeout=60)
+        assert quick.status_code == 200, quick.text
+
+
+def test_a_drain_answers_what_cannot_finish_with_a_json_503(tiny_stores):
+    with running_server([tiny_stores["tiny-llama"]], env={"ANN_MLP_DRAIN_TIMEOUT_S": "3"}) as (url, proc, _log):
+        def send(_):
+            with httpx.Client(timeout=120) as client:
+                return client.post(f"{url}/v1/completions", json=LONG_COMPLETION)
+
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(send, i) for i in range(4)]
+            wait_in_flight(url, 4)
+            proc.send_signal(signal.SIGTERM)
+            responses = [f.result() for f in futures]
+        assert proc.wait(timeout=60) == -signal.SIGTERM
+    cut = [r for r in responses if r.status_code == 503]
+    assert cut, [r.status_code for r in responses]  # minutes of work cannot fit in a 3 s drain
+    assert all(r.status_code in (200, 503) for r in responses), [r.text for r in responses]
+    for response in cut:
+        # shutting_down: cut short by the drain; not_ready: arrived after the drain began
+        assert response.json()["error"]["code"] in ("shutting_down", "not_ready"), response.text
+        assert response.headers["Retry-After"] == "1"
+
+
+def test_an_unexpected_error_is_a_json_500_on_a_connection_that_stays_open(tiny_stores):
+    """No route fails on purpose, so one is added that does; the keep-alive connection that met it
+    carries the next request."""
+    import uvicorn
+
+    from server.app import create_app
+    from server.cli import bound_socket
+    from server.settings import ServerSettings
+
+    app = create_app(ServerSettings(stores=[tiny_stores["tiny-llama"]]))
+
+    @app.get("/fails")
+    async def fails():
+        raise RuntimeError("a bug")
+
+    sock = bound_socket("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        deadline = time.monotonic() + 120
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        connection = http.client.HTTPConnection("127.0.0.1", sock.getsockname()[1], timeout=30)
+        connection.request("GET", "/fails")
+        failed = connection.getresponse()
+        body = json.loads(failed.read())
+        assert failed.status == 500 and body["error"]["code"] == "internal_error"
+        assert failed.getheader("connection") != "close"
+        first_socket = connection.sock
+        connection.request("GET", "/health/live")
+        live = connection.getresponse()
+        assert live.status == 200 and json.loads(live.read()) == {"status": "alive"}
+        assert connection.sock is first_socket  # the same connection, not a reconnect
+        assert httpx.get(f"{url}/health/ready", timeout=5).status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

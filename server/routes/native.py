@@ -9,12 +9,13 @@ from server.deps import engine as get_engine
 from server.deps import require_api_key
 from server.engine import Engine, Knobs
 from server.errors import InvalidRequest
-from server.schemas import AnnMlpOptions, InferRequest
+from server.schemas import AnnMlpOptions, InferRequest, InferResponse, error_responses
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)],
+                   responses=error_responses(400, 401, 404, 413, 422, 429, 499, 503, 504))
 
 
-@router.post("/infer")
+@router.post("/infer", response_model=InferResponse)
 async def infer(request: InferRequest, http: Request, engine: Engine = Depends(get_engine)) -> dict:
     http.state.mode = request.mode
     served = engine.model(request.model)
@@ -45,6 +46,6 @@ async def infer(request: InferRequest, http: Request, engine: Engine = Depends(g
                        for row, mask in zip(run.output.logits.argmax(-1), run.batch.mask)]
         return ids, outputs, ops.run_info(served, knobs, run)
 
-    ids, outputs, info = await engine.submit(job)
+    ids, outputs, info = await engine.submit(job, http.is_disconnected)
     return {"model": served.name, "kind": served.kind, "outputs": outputs,
             "tokens": sum(len(x) for x in ids), **info.model_dump()}

@@ -12,15 +12,22 @@ from server.deps import engine as get_engine
 from server.deps import require_api_key
 from server.engine import Engine, Knobs
 from server.errors import InvalidRequest
-from server.schemas import CompletionRequest, EmbeddingRequest
+from server.schemas import (
+    CompletionRequest,
+    CompletionResponse,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    error_responses,
+)
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)],
+                   responses=error_responses(400, 401, 404, 413, 422, 429, 499, 503, 504))
 # Where a model of each kind is served, for the answer to a request on the wrong route.
 ROUTE_FOR = {"encoder": "use /v1/embeddings or /v1/infer", "causal_lm": "use /v1/completions or /v1/infer",
              "seq2seq": "use /v1/infer (text-to-text models are served teacher-forced there)"}
 
 
-@router.post("/embeddings")
+@router.post("/embeddings", response_model=EmbeddingResponse)
 async def embeddings(request: EmbeddingRequest, http: Request, engine: Engine = Depends(get_engine)) -> dict:
     http.state.mode = request.ann_mlp.mode
     served = engine.model(request.model)
@@ -39,7 +46,7 @@ async def embeddings(request: EmbeddingRequest, http: Request, engine: Engine = 
         run = ops.run_token_ids(engine, served, ids, knobs)
         return ids, ops.pooled_embeddings(run), ops.run_info(served, knobs, run)
 
-    ids, vectors, info = await engine.submit(job)
+    ids, vectors, info = await engine.submit(job, http.is_disconnected)
     tokens = sum(len(x) for x in ids)
     return {
         "object": "list",
@@ -51,7 +58,7 @@ async def embeddings(request: EmbeddingRequest, http: Request, engine: Engine = 
     }
 
 
-@router.post("/completions")
+@router.post("/completions", response_model=CompletionResponse)
 async def completions(request: CompletionRequest, http: Request, engine: Engine = Depends(get_engine)) -> dict:
     http.state.mode = request.ann_mlp.mode
     served = engine.model(request.model)
@@ -73,7 +80,7 @@ async def completions(request: CompletionRequest, http: Request, engine: Engine 
         # Read from the shared model inside the job, before another job reconfigures it.
         return prompts, results, [ops.run_info(served, knobs, r["run"]).model_dump() for r in results]
 
-    prompts, results, infos = await engine.submit(job)
+    prompts, results, infos = await engine.submit(job, http.is_disconnected)
     prompt_tokens = sum(len(x) for x in prompts)
     completion_tokens = sum(r["completion_tokens"] for r in results)
     return {
