@@ -82,10 +82,19 @@ class SearchStats:
 class ApproxMLP(nn.Module):
     """Drop-in replacement for one MLP: same input and output shape (..., d_model)."""
 
-    def __init__(self, weights: MlpWeights, index: MipsIndex, k: int, search_params: dict | None = None,
-                 tail_mean: torch.Tensor | None = None, tail_map: torch.Tensor | None = None,
-                 candidates: int | None = None, up_codes: torch.Tensor | None = None,
-                 up_ranges: torch.Tensor | None = None, neuron_order: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        weights: MlpWeights,
+        index: MipsIndex,
+        k: int,
+        search_params: dict | None = None,
+        tail_mean: torch.Tensor | None = None,
+        tail_map: torch.Tensor | None = None,
+        candidates: int | None = None,
+        up_codes: torch.Tensor | None = None,
+        up_ranges: torch.Tensor | None = None,
+        neuron_order: torch.Tensor | None = None,
+    ) -> None:
         """neuron_order: (d_ff,) int64 when the model's neurons were put in the order of the index's
         table (approx_model.share_layer_tables): weights' neuron p is the index's key neuron_order[p].
         Search ids (the checkpoint's neuron numbers) are then mapped to the model's neurons, and
@@ -94,8 +103,9 @@ class ApproxMLP(nn.Module):
         if not 1 <= k <= weights.d_ff:
             raise InputError(f"k must be in [1, d_ff={weights.d_ff}], got {k}")
         # The model's neuron for each index id, and -1 at the end, where id -1 (nothing found) reads.
-        self.neuron_of_id = None if neuron_order is None else \
-            np.append(torch.argsort(neuron_order).numpy(), -1)  # (d_ff + 1,)
+        self.neuron_of_id = (
+            None if neuron_order is None else np.append(torch.argsort(neuron_order).numpy(), -1)
+        )  # (d_ff + 1,)
         if neuron_order is not None:
             tail_mean = None if tail_mean is None else tail_mean[neuron_order]
             up_codes = None if up_codes is None else up_codes[neuron_order]
@@ -128,9 +138,9 @@ class ApproxMLP(nn.Module):
         self.fitted_selection = (self.k, self.candidates)
         if tail_map is not None:
             rank_rows = tail_map.float()  # (r, D + d_model): row j = [p_j; q_j]
-            self.map_in = rank_rows[:, :weights.d_model].contiguous()  # (r, d_model)
+            self.map_in = rank_rows[:, : weights.d_model].contiguous()  # (r, d_model)
             self.map_in_bias = rank_rows[:, weights.d_model].contiguous()  # (r,)
-            self.map_out = rank_rows[:, weights.d_model + 1:].contiguous()  # (r, d_model)
+            self.map_out = rank_rows[:, weights.d_model + 1 :].contiguous()  # (r, d_model)
             self.map_bytes = rank_rows.numel() * BYTES_PER_FLOAT
         else:
             self.map_in = self.map_in_bias = self.map_out = None
@@ -169,8 +179,9 @@ class ApproxMLP(nn.Module):
         so one growing buffer saves allocating and concatenating on every call.
         """
         if self._query_buffer.shape[0] < x.shape[0]:
-            self._query_buffer = np.ones((max(x.shape[0], 2 * self._query_buffer.shape[0]), self.weights.d_model + 1),
-                                         dtype=np.float32)
+            self._query_buffer = np.ones(
+                (max(x.shape[0], 2 * self._query_buffer.shape[0]), self.weights.d_model + 1), dtype=np.float32
+            )
         queries = self._query_buffer[: x.shape[0]]  # (N, d_model + 1), last column stays 1
         np.copyto(queries[:, :-1], x.detach().numpy())
         return queries
@@ -186,8 +197,17 @@ class ApproxMLP(nn.Module):
             self._bag_width = k
             self._bag_offsets = torch.arange(0, max(n, 64) * k, k)  # (bags,): where each bag starts
         sum_mode = 0
-        return torch.embedding_bag(self.value_rows, ids.reshape(-1), self._bag_offsets[:n], False, sum_mode, False,
-                                   weights.reshape(-1), False, None)[0]
+        return torch.embedding_bag(
+            self.value_rows,
+            ids.reshape(-1),
+            self._bag_offsets[:n],
+            False,
+            sum_mode,
+            False,
+            weights.reshape(-1),
+            False,
+            None,
+        )[0]
 
     def up_scores(self, ids: torch.Tensor, x: torch.Tensor, codes: RowCodes | None = None) -> torch.Tensor:
         """Gated: u_i . x + c_i for each token's own neurons, exactly or from 8-bit codes:
@@ -238,8 +258,11 @@ class ApproxMLP(nn.Module):
             activations, ids, retrieved = activations.gather(1, kept), ids.gather(1, kept), retrieved.gather(1, kept)
             missing = None if missing is None else missing.gather(1, kept)
             if w.gated:  # read only to choose: every candidate's up code, or the exact up rows of those not kept
-                per_token = self.candidates * w.d_model if by_codes else \
-                    (self.candidates - self.k) * w.d_model * BYTES_PER_FLOAT
+                per_token = (
+                    self.candidates * w.d_model
+                    if by_codes
+                    else (self.candidates - self.k) * w.d_model * BYTES_PER_FLOAT
+                )
                 result = replace(result, bytes_read=result.bytes_read + len(x) * per_token)
         if by_codes:
             activations = activations * self.up_scores(ids, x)  # (N, k): the exact up of the k kept only

@@ -29,10 +29,16 @@ from ann_mlp.store import Manifest, Store
 class ApproxModel:
     """Loads the store's checkpoint (checksums verified) and one ApproxMLP per layer."""
 
-    def __init__(self, manifest: Manifest, checkpoint: Checkpoint, indexes: dict[int, MipsIndex],
-                 k: int | None = None, search_params: dict[str, Any] | None = None,
-                 layer_arrays: dict[int, dict[str, np.ndarray]] | None = None,
-                 neuron_orders: dict[int, np.ndarray] | None = None) -> None:
+    def __init__(
+        self,
+        manifest: Manifest,
+        checkpoint: Checkpoint,
+        indexes: dict[int, MipsIndex],
+        k: int | None = None,
+        search_params: dict[str, Any] | None = None,
+        layer_arrays: dict[int, dict[str, np.ndarray]] | None = None,
+        neuron_orders: dict[int, np.ndarray] | None = None,
+    ) -> None:
         """layer_arrays: per layer, the arrays beside its index (tail correction, up codes; from
         build.build_indexes or Store.load_layer_arrays). neuron_orders: per layer whose neurons
         open() reordered to share its index's table, that order (share_layer_tables)."""
@@ -42,12 +48,18 @@ class ApproxModel:
         for entry in manifest.layers:
             weights = checkpoint.adapter.mlp_weights(entry.layer)
             assert (weights.d_ff, weights.d_model) == (entry.d_ff, entry.d_model)
-            arrays = {part: torch.from_numpy(array) for part, array in (layer_arrays or {}).get(entry.layer, {}).items()}
+            arrays = {
+                part: torch.from_numpy(array) for part, array in (layer_arrays or {}).get(entry.layer, {}).items()
+            }
             order = (neuron_orders or {}).get(entry.layer)
-            self.mlps[entry.layer] = ApproxMLP(weights, indexes[entry.layer], entry.k or manifest.k,
-                                               candidates=entry.candidates,
-                                               neuron_order=None if order is None else torch.from_numpy(order),
-                                               **arrays)
+            self.mlps[entry.layer] = ApproxMLP(
+                weights,
+                indexes[entry.layer],
+                entry.k or manifest.k,
+                candidates=entry.candidates,
+                neuron_order=None if order is None else torch.from_numpy(order),
+                **arrays,
+            )
         # Where approximation pays, per layer (planner.plan_layer records; None: approximate always).
         self.plans: dict[int, dict[str, Any] | None] = {entry.layer: entry.plan for entry in manifest.layers}
         self.configure(k, search_params)
@@ -60,8 +72,9 @@ class ApproxModel:
         store.verify_source(source)
         checkpoint = load_checkpoint(source)
         if len(store.manifest.layers) > checkpoint.num_layers:
-            raise StoreError(f"store {store.path} has {len(store.manifest.layers)} layers, its checkpoint "
-                             f"{checkpoint.num_layers}")
+            raise StoreError(
+                f"store {store.path} has {len(store.manifest.layers)} layers, its checkpoint {checkpoint.num_layers}"
+            )
         indexes, orders = {}, {}
         for entry in store.manifest.layers:
             weights = checkpoint.adapter.mlp_weights(entry.layer)
@@ -74,8 +87,9 @@ class ApproxModel:
         arrays = {entry.layer: store.load_layer_arrays(entry.layer) for entry in store.manifest.layers}
         return cls(store.manifest, checkpoint, indexes, layer_arrays=arrays, neuron_orders=orders, **options)
 
-    def configure(self, k: int | None = None, search_params: dict[str, Any] | None = None,
-                  candidate_factor: float | None = None) -> None:
+    def configure(
+        self, k: int | None = None, search_params: dict[str, Any] | None = None, candidate_factor: float | None = None
+    ) -> None:
         """Set k, query-time search parameters and the candidates retrieved per kept neuron for
         every layer (None: the store's values per layer; the store's candidates scale with k)."""
         for layer, mlp in self.mlps.items():
@@ -86,8 +100,9 @@ class ApproxModel:
             params = dict(entry.search_params)
             for name, value in (search_params or {}).items():
                 if name != entry.effort_param:
-                    raise InputError(f"backend {entry.backend} has no search parameter {name!r} "
-                                     f"(it has {entry.effort_param!r})")
+                    raise InputError(
+                        f"backend {entry.backend} has no search parameter {name!r} (it has {entry.effort_param!r})"
+                    )
                 lo, hi = mlp.index.effort_range(layer_k)
                 if not lo <= int(value) <= hi:
                     raise InputError(f"{name} must be in [{lo}, {hi}], got {value}")
@@ -116,8 +131,12 @@ class ApproxModel:
             mlp.approx_up_to = plan["approx_up_to"] if plan else None
             (untouched if mlp.approx_up_to == 0 else patch)[entry.layer] = mlp
         adapter = self.checkpoint.adapter
-        counters = [self.checkpoint.model.get_submodule(adapter.mlp_input_path(layer)).register_forward_pre_hook(
-            lambda _module, args, mlp=mlp: _count_dense(mlp, args[0])) for layer, mlp in untouched.items()]
+        counters = [
+            self.checkpoint.model.get_submodule(adapter.mlp_input_path(layer)).register_forward_pre_hook(
+                lambda _module, args, mlp=mlp: _count_dense(mlp, args[0])
+            )
+            for layer, mlp in untouched.items()
+        ]
         try:
             with patched(adapter, patch), torch.inference_mode():
                 yield
@@ -132,8 +151,9 @@ class ApproxModel:
             mlp.stats.reset()
 
 
-def share_layer_tables(model: nn.Module, weights: MlpWeights, key_table: np.ndarray,
-                       order: np.ndarray | None = None) -> None:
+def share_layer_tables(
+    model: nn.Module, weights: MlpWeights, key_table: np.ndarray, order: np.ndarray | None = None
+) -> None:
     """Hold one layer's MLP weights once, in the layouts the approximate path reads.
 
     key_table: (d_ff, >= d_model + 1) float32, the augmented keys [k_i; b_i] (the index's

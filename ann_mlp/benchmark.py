@@ -69,9 +69,14 @@ def random_layer(d_model: int, d_ff: int, gated: bool, seed: int = 0) -> MlpWeig
     def rows() -> torch.Tensor:
         return torch.randn(d_ff, d_model, generator=generator) * scale  # (d_ff, d_model)
 
-    return MlpWeights(keys=rows(), key_bias=None if gated else torch.randn(d_ff, generator=generator) * 0.1,
-                      values=rows(), out_bias=None if gated else torch.zeros(d_model),
-                      activation="silu" if gated else "relu", up=rows() if gated else None)
+    return MlpWeights(
+        keys=rows(),
+        key_bias=None if gated else torch.randn(d_ff, generator=generator) * 0.1,
+        values=rows(),
+        out_bias=None if gated else torch.zeros(d_model),
+        activation="silu" if gated else "relu",
+        up=rows() if gated else None,
+    )
 
 
 def dense_paths(w: MlpWeights) -> dict[str, Callable[[torch.Tensor], object]]:
@@ -106,9 +111,18 @@ def _summary(times: list[float]) -> tuple[float, float]:
     return statistics.median(ordered) * 1e6, (p90 - p10) * 1e6
 
 
-def bench_layer(d_model: int, d_ff: int, batches: list[int], gated: bool = False, backend: str = "ivf",
-                probe_fraction: float = 1 / 16, k: int = 128, repeats: int = 30, seed: int = 0,
-                threads: int = 2) -> list[LayerBenchResult]:
+def bench_layer(
+    d_model: int,
+    d_ff: int,
+    batches: list[int],
+    gated: bool = False,
+    backend: str = "ivf",
+    probe_fraction: float = 1 / 16,
+    k: int = 128,
+    repeats: int = 30,
+    seed: int = 0,
+    threads: int = 2,
+) -> list[LayerBenchResult]:
     """One result per batch size; the layer and its index are built once."""
     torch.set_num_threads(threads)
     weights = random_layer(d_model, d_ff, gated, seed)
@@ -125,8 +139,7 @@ def bench_layer(d_model: int, d_ff: int, batches: list[int], gated: bool = False
     results = []
     for batch in batches:
         x = torch.randn(batch, d_model, generator=torch.Generator().manual_seed(seed + 1))
-        dense = {name: _summary(time_calls(lambda fn=fn: fn(x), repeats))
-                 for name, fn in dense_paths(weights).items()}
+        dense = {name: _summary(time_calls(lambda fn=fn: fn(x), repeats)) for name, fn in dense_paths(weights).items()}
         dense_path = min(dense, key=lambda name: dense[name][0])
         with torch.inference_mode():
             mlp.stats.reset()
@@ -134,15 +147,28 @@ def bench_layer(d_model: int, d_ff: int, batches: list[int], gated: bool = False
             parts = _approx_parts(mlp, x, params, repeats)
         approx_bytes = mlp.stats.bytes_read / max(mlp.stats.queries, 1) + rows_per_token * d_model * BYTES_PER_FLOAT
         dense_us, dense_spread = dense[dense_path]
-        results.append(LayerBenchResult(
-            d_model=d_model, d_ff=d_ff, gated=gated, batch=batch, backend=backend, k=k,
-            probe_fraction=probe_fraction, dense_path=dense_path, dense_us=round(dense_us, 1),
-            dense_spread_us=round(dense_spread, 1), approx_us=round(approx_us, 1),
-            approx_spread_us=round(approx_spread, 1), speedup=round(dense_us / approx_us, 4),
-            **{name: round(us, 1) for name, us in parts.items()},
-            bytes_read_fraction=round(approx_bytes / dense_bytes, 4), repeats=repeats,
-            dense_gb_s=round(dense_bytes / dense_us / 1e3, 2),
-            traffic_limit_speedup=round(dense_bytes / approx_bytes, 2)))
+        results.append(
+            LayerBenchResult(
+                d_model=d_model,
+                d_ff=d_ff,
+                gated=gated,
+                batch=batch,
+                backend=backend,
+                k=k,
+                probe_fraction=probe_fraction,
+                dense_path=dense_path,
+                dense_us=round(dense_us, 1),
+                dense_spread_us=round(dense_spread, 1),
+                approx_us=round(approx_us, 1),
+                approx_spread_us=round(approx_spread, 1),
+                speedup=round(dense_us / approx_us, 4),
+                **{name: round(us, 1) for name, us in parts.items()},
+                bytes_read_fraction=round(approx_bytes / dense_bytes, 4),
+                repeats=repeats,
+                dense_gb_s=round(dense_bytes / dense_us / 1e3, 2),
+                traffic_limit_speedup=round(dense_bytes / approx_bytes, 2),
+            )
+        )
     return results
 
 
@@ -177,8 +203,12 @@ def _approx_parts(mlp: ApproxMLP, x: torch.Tensor, params: dict, repeats: int) -
     # The glue is what the call costs beyond its two memory-bound parts, repeat by repeat: the
     # difference of medians of separate loops carried their noise (±10 µs on a 55 µs part).
     glue = [whole - value - up for whole, value, up in zip(times["recorded"], times["value_sum"], up_rows)]
-    return {"search_us": search_us, "value_sum_us": _summary(times["value_sum"])[0],
-            "up_rows_us": _summary(up_rows)[0], "overhead_us": statistics.median(glue) * 1e6}
+    return {
+        "search_us": search_us,
+        "value_sum_us": _summary(times["value_sum"])[0],
+        "up_rows_us": _summary(up_rows)[0],
+        "overhead_us": statistics.median(glue) * 1e6,
+    }
 
 
 def streaming_bandwidth_gb_s(megabytes: int = 256, repeats: int = 5) -> float:
@@ -225,8 +255,9 @@ def bench_e2e(model, batch: int, text=None, max_tokens: int = 4096, repeats: int
     from ann_mlp.text import describe, passages
 
     checkpoint = model.checkpoint
-    stream = list(batches(checkpoint, passages(text, "evaluation"),
-                          TextConfig(max_tokens=max_tokens, batch_size=batch)))
+    stream = list(
+        batches(checkpoint, passages(text, "evaluation"), TextConfig(max_tokens=max_tokens, batch_size=batch))
+    )
     tokens = sum(b.num_tokens for b in stream)
     comparison = Comparison(model)
     for b in stream:
@@ -243,15 +274,21 @@ def bench_e2e(model, batch: int, text=None, max_tokens: int = 4096, repeats: int
 
     times = time_in_turns({mode: lambda mode=mode: run(mode) for mode in ("exact", "approx", "auto")}, repeats)
     seconds = {mode: statistics.median(mode_times) for mode, mode_times in times.items()}
-    speedup = {mode: statistics.median(exact / other for exact, other in zip(times["exact"], times[mode]))
-               for mode in ("approx", "auto")}
+    speedup = {
+        mode: statistics.median(exact / other for exact, other in zip(times["exact"], times[mode]))
+        for mode in ("approx", "auto")
+    }
     model.reset_stats()
     run("auto")
     mlps = model.mlps.values()
     dense_tokens = sum(m.stats.dense_tokens for m in mlps)
     return EndToEndBenchResult(
-        model=model.manifest.name, backend=model.manifest.backend, k=model.manifest.k, batch=batch,
-        tokens=tokens, text=describe(text, "evaluation"),
+        model=model.manifest.name,
+        backend=model.manifest.backend,
+        k=model.manifest.k,
+        batch=batch,
+        tokens=tokens,
+        text=describe(text, "evaluation"),
         exact_tokens_per_s=round(tokens / seconds["exact"], 1),
         approx_tokens_per_s=round(tokens / seconds["approx"], 1),
         auto_tokens_per_s=round(tokens / seconds["auto"], 1),
@@ -261,7 +298,9 @@ def bench_e2e(model, batch: int, text=None, max_tokens: int = 4096, repeats: int
         recall_at_k=round(statistics.mean(layer.recall_at_k for layer in layers), 4),
         scanned_fraction=round(statistics.mean(layer.scanned_fraction for layer in layers), 4),
         bytes_read_fraction=round(statistics.mean(layer.bytes_read_fraction for layer in layers), 4),
-        end_to_end=comparison.end_to_end.report(), repeats=repeats)
+        end_to_end=comparison.end_to_end.report(),
+        repeats=repeats,
+    )
 
 
 @dataclass(frozen=True)
@@ -339,5 +378,10 @@ def bench_memory(store: Path, repeats: int = 3) -> MemoryBenchResult:
     dense_mb, approx_mb = grown[False] / 2**20, grown[True] / 2**20
     if dense_mb < 1:
         raise InputError(f"{manifest.name}'s model grew the process by {dense_mb:.2f} MB: too small to measure")
-    return MemoryBenchResult(model=manifest.name, backend=manifest.backend, dense_mb=round(dense_mb, 1),
-                             approx_mb=round(approx_mb, 1), ratio=round(approx_mb / dense_mb, 3))
+    return MemoryBenchResult(
+        model=manifest.name,
+        backend=manifest.backend,
+        dense_mb=round(dense_mb, 1),
+        approx_mb=round(approx_mb, 1),
+        ratio=round(approx_mb / dense_mb, 3),
+    )

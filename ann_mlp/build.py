@@ -33,8 +33,9 @@ ZERO_TAIL_ACTIVATIONS = frozenset({"relu", "relu2", "relu6"})  # negative scores
 MAX_TUNING_QUERIES = 4096
 
 
-def capture_calibration(checkpoint: Checkpoint, config: BuildConfig, sources: Sequence[str | Path],
-                        progress: bool) -> tuple[list[torch.Tensor], list[torch.Tensor], TextStats]:
+def capture_calibration(
+    checkpoint: Checkpoint, config: BuildConfig, sources: Sequence[str | Path], progress: bool
+) -> tuple[list[torch.Tensor], list[torch.Tensor], TextStats]:
     """MLP inputs per layer on calibration text, split into (tune, holdout) by batch, and how much
     text that was."""
     layers = range(checkpoint.num_layers)
@@ -208,9 +209,14 @@ def gated_selection(config: BuildConfig, tune: LayerCalibration, k: int) -> dict
     return {"candidates": candidates, "up_codes": codes.codes, "up_ranges": torch.from_numpy(codes.ranges)}
 
 
-def corrected_mlp(config: BuildConfig, index: MipsIndex, k: int, tune: LayerCalibration,
-                  holdout: LayerCalibration, selection: dict[str, Any]
-                  ) -> tuple[ApproxMLP, dict[str, torch.Tensor], list[float] | None]:
+def corrected_mlp(
+    config: BuildConfig,
+    index: MipsIndex,
+    k: int,
+    tune: LayerCalibration,
+    holdout: LayerCalibration,
+    selection: dict[str, Any],
+) -> tuple[ApproxMLP, dict[str, torch.Tensor], list[float] | None]:
     """The layer's approximate MLP, choosing neurons as `selection` says (gated_selection), with the
     tail correction the config asks for, fit on `tune`: (the MLP, {"tail_mean": (d_ff,),
     "tail_map": (r, D + d_model)} as kept, the held-out metrics.total_relative_error without and
@@ -225,16 +231,22 @@ def corrected_mlp(config: BuildConfig, index: MipsIndex, k: int, tune: LayerCali
     tail_map = fit_tail_map(mlp, tune, rank)  # (r, D + d_model)
     mapped = ApproxMLP(weights, index, k, index.search_params, **selection, **tail, tail_map=tail_map)
     with torch.inference_mode():
-        errors = [round(total_relative_error(m.forward_with_selection(holdout.x)[0], holdout.exact), 6)
-                  for m in (mlp, mapped)]
+        errors = [
+            round(total_relative_error(m.forward_with_selection(holdout.x)[0], holdout.exact), 6) for m in (mlp, mapped)
+        ]
     if errors[1] >= errors[0]:  # kept only where it helps on tokens it was not fit on
         return mlp, tail, errors
     return mapped, {**tail, "tail_map": tail_map}, errors
 
 
-def build_indexes(checkpoint: Checkpoint, config: BuildConfig, calib_sources: Sequence[str | Path] = (),
-                  progress: bool = True, writer: StoreWriter | None = None, name: str = "in-memory",
-                  ) -> tuple[Manifest, dict[int, MipsIndex], dict[int, dict[str, np.ndarray]]]:
+def build_indexes(
+    checkpoint: Checkpoint,
+    config: BuildConfig,
+    calib_sources: Sequence[str | Path] = (),
+    progress: bool = True,
+    writer: StoreWriter | None = None,
+    name: str = "in-memory",
+) -> tuple[Manifest, dict[int, MipsIndex], dict[int, dict[str, np.ndarray]]]:
     """One index per layer, tuned on calibration text, and the arrays beside each layer's index: its
     tail correction ({"tail_mean": (d_ff,), "tail_map": (r, D + d_model)}, either or both, or none)
     and, for gated layers, the up codes of its selection ({"up_codes", "up_ranges"}).
@@ -259,18 +271,17 @@ def build_indexes(checkpoint: Checkpoint, config: BuildConfig, calib_sources: Se
         tune = LayerCalibration(weights, _sample(inputs, MAX_TUNING_QUERIES, config.seed))  # (n, d_model)
         tune_q = augmented_queries(tune.x)
         k = config.k if config.mass_target is None else k_for_mass(tune, config.mass_target, config.k)
-        index = build_index(backend.name, keys, queries=learn_q, k=k, target_recall=config.target_recall,
-                            **config.build_params)
+        index = build_index(
+            backend.name, keys, queries=learn_q, k=k, target_recall=config.target_recall, **config.build_params
+        )
         holdout = LayerCalibration(weights, _sample(holdout_inputs[layer], MAX_TUNING_QUERIES, config.seed))
         holdout_q = augmented_queries(holdout.x)
         key_t = torch.from_numpy(keys)
         if config.target_recall is not None:
-            point = tune_effort(index, tune_q, torch.from_numpy(tune_q) @ key_t.T, k,
-                                config.target_recall)
+            point = tune_effort(index, tune_q, torch.from_numpy(tune_q) @ key_t.T, k, config.target_recall)
             index.search_params = {index.effort_param: point.effort}
         held = measure(index, holdout_q, torch.from_numpy(holdout_q) @ key_t.T, k)
-        log.info("layer %d: %s recall@%d=%.3f scanned=%.3f", layer, index, k,
-                 held.recall, held.scanned_fraction)
+        log.info("layer %d: %s recall@%d=%.3f scanned=%.3f", layer, index, k, held.recall, held.scanned_fraction)
         indexes[layer] = index
         files = writer.add_layer(layer, index) if writer else {}
         selection = gated_selection(config, tune, k)
@@ -282,40 +293,69 @@ def build_indexes(checkpoint: Checkpoint, config: BuildConfig, calib_sources: Se
             for part, array in layer_arrays[layer].items():
                 saved = writer.add_array(layer, part, array)  # {name: sha256}
                 files, array_files[part] = {**files, **saved}, next(iter(saved))
-        entries.append(LayerEntry(
-            layer=layer, d_model=weights.d_model, d_ff=weights.d_ff, gated=weights.gated,
-            activation=weights.activation, backend=backend.name, build_params=index.build_params,
-            search_params=index.search_params, effort_param=index.effort_param,
-            effort_range=list(index.effort_range(k)), k=k if config.mass_target is not None else None,
-            files=files, tail_map_error=tail_map_error, candidates=selection.get("candidates"),
-            **{f"{part}_file": name for part, name in array_files.items()},
-            build_recall=round(held.recall, 6), build_scanned_fraction=round(held.scanned_fraction, 6),
-            build_seconds=round(time.perf_counter() - start, 3)))
+        entries.append(
+            LayerEntry(
+                layer=layer,
+                d_model=weights.d_model,
+                d_ff=weights.d_ff,
+                gated=weights.gated,
+                activation=weights.activation,
+                backend=backend.name,
+                build_params=index.build_params,
+                search_params=index.search_params,
+                effort_param=index.effort_param,
+                effort_range=list(index.effort_range(k)),
+                k=k if config.mass_target is not None else None,
+                files=files,
+                tail_map_error=tail_map_error,
+                candidates=selection.get("candidates"),
+                **{f"{part}_file": name for part, name in array_files.items()},
+                build_recall=round(held.recall, 6),
+                build_scanned_fraction=round(held.scanned_fraction, 6),
+                build_seconds=round(time.perf_counter() - start, 3),
+            )
+        )
     manifest = Manifest(
-        name=name, family=checkpoint.family, kind=checkpoint.kind, backend=backend.name,
-        k=config.k, target_recall=config.target_recall, source=checkpoint.source.to_json(),
+        name=name,
+        family=checkpoint.family,
+        kind=checkpoint.kind,
+        backend=backend.name,
+        k=config.k,
+        target_recall=config.target_recall,
+        source=checkpoint.source.to_json(),
         build=config.to_json(),
-        calibration={"text": describe_calibration(calib_sources, config.calibration),
-                     "sources": recorded_sources(calib_sources),
-                     "tokens": text_stats.tokens, "passages": text_stats.passages,
-                     "split_passages": text_stats.split, "cut_passages": text_stats.truncated,
-                     "tune_queries": int(min(len(tune_inputs[0]), MAX_TUNING_QUERIES)),
-                     "holdout_queries": int(min(len(holdout_inputs[0]), MAX_TUNING_QUERIES)),
-                     "seed": config.seed},
-        layers=entries)
+        calibration={
+            "text": describe_calibration(calib_sources, config.calibration),
+            "sources": recorded_sources(calib_sources),
+            "tokens": text_stats.tokens,
+            "passages": text_stats.passages,
+            "split_passages": text_stats.split,
+            "cut_passages": text_stats.truncated,
+            "tune_queries": int(min(len(tune_inputs[0]), MAX_TUNING_QUERIES)),
+            "holdout_queries": int(min(len(holdout_inputs[0]), MAX_TUNING_QUERIES)),
+            "seed": config.seed,
+        },
+        layers=entries,
+    )
     if config.plan:
-        for entry, plan in zip(entries, plan_model(ApproxModel(manifest, checkpoint, indexes,
-                                                                layer_arrays=layer_arrays)).values()):
+        for entry, plan in zip(
+            entries, plan_model(ApproxModel(manifest, checkpoint, indexes, layer_arrays=layer_arrays)).values()
+        ):
             entry.plan = plan
         manifest.extra["plan_machine"] = machine()
     return manifest, indexes, layer_arrays
 
 
-def build_store(spec: str, out: Path, config: BuildConfig, calib_sources: Sequence[str | Path] = (),
-                overwrite: bool = False, progress: bool = True) -> Path:
+def build_store(
+    spec: str,
+    out: Path,
+    config: BuildConfig,
+    calib_sources: Sequence[str | Path] = (),
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
     backend_class(config.backend)  # an unknown backend fails before the model loads
     with StoreWriter(out, overwrite=overwrite) as writer:
         checkpoint = load_checkpoint(spec)
-        manifest, _, _ = build_indexes(checkpoint, config, calib_sources, progress, writer=writer,
-                                       name=Path(out).name)
+        manifest, _, _ = build_indexes(checkpoint, config, calib_sources, progress, writer=writer, name=Path(out).name)
         return writer.commit(manifest)

@@ -25,8 +25,7 @@ class Batch:
 
 
 def make_batch(checkpoint: Checkpoint, texts: list[str], max_seq_len: int) -> Batch:
-    encoded = checkpoint.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
-                                   max_length=max_seq_len)
+    encoded = checkpoint.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_seq_len)
     return _batch(checkpoint, encoded["input_ids"], encoded["attention_mask"])
 
 
@@ -64,8 +63,9 @@ class TextStats:
     def warnings(self) -> list[str]:
         notes = []
         if self.tokens < MIN_REPORTED_TOKENS:
-            notes.append(f"only {self.tokens} tokens measured: figures from fewer than {MIN_REPORTED_TOKENS} "
-                         "tokens are noisy")
+            notes.append(
+                f"only {self.tokens} tokens measured: figures from fewer than {MIN_REPORTED_TOKENS} tokens are noisy"
+            )
         if self.truncated * 4 > self.passages:
             notes.append(f"{self.truncated} of {self.passages} passages were cut at {self.limit} tokens")
         return notes
@@ -83,8 +83,9 @@ def passage_limit(checkpoint: Checkpoint, text: TextConfig) -> int:
     return min(text.max_seq_len, positions) if positions else text.max_seq_len
 
 
-def batches(checkpoint: Checkpoint, passages: Iterable[str], text: TextConfig,
-            stats: TextStats | None = None) -> Iterator[Batch]:
+def batches(
+    checkpoint: Checkpoint, passages: Iterable[str], text: TextConfig, stats: TextStats | None = None
+) -> Iterator[Batch]:
     """Batches of `text.batch_size` sequences until `text.max_tokens` real tokens; an error if there
     is no text. A passage longer than the limit is split into windows of the limit (every token
     run) or cut to its first (text.long_passages); `stats` counts what was read."""
@@ -112,8 +113,9 @@ def batches(checkpoint: Checkpoint, passages: Iterable[str], text: TextConfig,
         if not chunk:
             stats.whole_text = True
             break
-        encoded = tokenizer(chunk, truncation=True, max_length=limit, return_overflowing_tokens=True,
-                            add_special_tokens=True)
+        encoded = tokenizer(
+            chunk, truncation=True, max_length=limit, return_overflowing_tokens=True, add_special_tokens=True
+        )
         windows: list[list[list[int]]] = [[] for _ in chunk]  # per passage, its windows in order
         for ids, passage in zip(encoded["input_ids"], encoded["overflow_to_sample_mapping"]):
             if ids:
@@ -125,7 +127,7 @@ def batches(checkpoint: Checkpoint, passages: Iterable[str], text: TextConfig,
                 handled = "split" if len(passage_windows) > 1 else "whole"
                 pending += [(ids, handled if i == 0 else None) for i, ids in enumerate(passage_windows)]
         while len(pending) >= text.batch_size:
-            batch, pending = run(pending[: text.batch_size]), pending[text.batch_size:]
+            batch, pending = run(pending[: text.batch_size]), pending[text.batch_size :]
             yield batch
             if stats.tokens >= text.max_tokens:
                 return

@@ -23,8 +23,13 @@ from ann_mlp.config import (
 )
 from ann_mlp.errors import AnnMlpError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
-                  help="Approximate-nearest-neighbour MLPs for Transformer checkpoints.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    help="Approximate-nearest-neighbour MLPs for Transformer checkpoints.",
+)
 
 
 def progress_bars() -> bool:
@@ -32,19 +37,35 @@ def progress_bars() -> bool:
 
 
 # How text files become passages: the same options wherever a command reads text (TextConfig).
-SPLIT = typer.Option(TextConfig.split, "--split", help="How a text file becomes passages: paragraphs (blank-line "
-                     "separated), lines (one per line), or auto (lines when the file has no blank line).")
-JSONL_FIELD = typer.Option(None, "--jsonl-field", help="JSON Lines: the field holding each record's text "
-                           "(.jsonl and .ndjson files are read as JSON Lines) [text].")
-LONG_PASSAGES = typer.Option(TextConfig.long_passages, "--long-passages", help="A passage over --passage-tokens: "
-                             "split into windows (every token measured) or cut to the first.")
-PASSAGE_TOKENS = typer.Option(TextConfig.max_seq_len, "--passage-tokens",
-                              help="Tokens per sequence run (fewer if the model has fewer positions).")
+SPLIT = typer.Option(
+    TextConfig.split,
+    "--split",
+    help="How a text file becomes passages: paragraphs (blank-line "
+    "separated), lines (one per line), or auto (lines when the file has no blank line).",
+)
+JSONL_FIELD = typer.Option(
+    None,
+    "--jsonl-field",
+    help="JSON Lines: the field holding each record's text (.jsonl and .ndjson files are read as JSON Lines) [text].",
+)
+LONG_PASSAGES = typer.Option(
+    TextConfig.long_passages,
+    "--long-passages",
+    help="A passage over --passage-tokens: split into windows (every token measured) or cut to the first.",
+)
+PASSAGE_TOKENS = typer.Option(
+    TextConfig.max_seq_len, "--passage-tokens", help="Tokens per sequence run (fewer if the model has fewer positions)."
+)
 
 
 def _text(max_tokens: int, split: str, jsonl_field: str | None, long_passages: str, passage_tokens: int) -> TextConfig:
-    return TextConfig(max_tokens=max_tokens, max_seq_len=passage_tokens, split=split, jsonl_field=jsonl_field,
-                      long_passages=long_passages)
+    return TextConfig(
+        max_tokens=max_tokens,
+        max_seq_len=passage_tokens,
+        split=split,
+        jsonl_field=jsonl_field,
+        long_passages=long_passages,
+    )
 
 
 def _parse_params(pairs: list[str]) -> dict:
@@ -63,8 +84,9 @@ def _parse_params(pairs: list[str]) -> dict:
 
 @app.callback()
 def main_options(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details.")) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     if not progress_bars():
         from transformers.utils import logging as hf_logging
 
@@ -73,13 +95,25 @@ def main_options(verbose: bool = typer.Option(False, "--verbose", "-v", help="Lo
 
 @app.command()
 def build(
-    checkpoint: str = typer.Argument(..., help="Model folder (safetensors), .gguf file, or built-in name (minilm, smollm2, relu-lm, topk-lm, minilm-sparse)."),
+    checkpoint: str = typer.Argument(
+        ...,
+        help="Model folder (safetensors), .gguf file, or built-in name (minilm, smollm2, relu-lm, topk-lm, minilm-sparse).",
+    ),
     out: Path | None = typer.Option(None, help="Store folder [default: indexes/<checkpoint name>]."),
-    backend: str = typer.Option(DEFAULT_BACKEND, help="exact | ivf | hnsw | pq | scann | cells | lowrank | dejavu | teal"),
+    backend: str = typer.Option(
+        DEFAULT_BACKEND, help="exact | ivf | hnsw | pq | scann | cells | lowrank | dejavu | teal"
+    ),
     k: int = typer.Option(DEFAULT_K, help="Keys retrieved per token."),
-    target_recall: float = typer.Option(DEFAULT_TARGET_RECALL, help="Tune each layer's search effort to this recall@k; 0 to skip tuning."),
-    mass_target: float | None = typer.Option(None, help="Per layer, the smallest k (<= --k) whose exact top-k keeps this share of activation mass."),
-    calib_text: list[str] = typer.Option([], help="Calibration text: a file, a folder of .txt/.rst/.md files, or 'stdlib' (the standard library's calibration docstrings); repeat to mix kinds of text, passages taken in turn from each [default: stdlib]."),
+    target_recall: float = typer.Option(
+        DEFAULT_TARGET_RECALL, help="Tune each layer's search effort to this recall@k; 0 to skip tuning."
+    ),
+    mass_target: float | None = typer.Option(
+        None, help="Per layer, the smallest k (<= --k) whose exact top-k keeps this share of activation mass."
+    ),
+    calib_text: list[str] = typer.Option(
+        [],
+        help="Calibration text: a file, a folder of .txt/.rst/.md files, or 'stdlib' (the standard library's calibration docstrings); repeat to mix kinds of text, passages taken in turn from each [default: stdlib].",
+    ),
     calib_tokens: int = typer.Option(TextConfig.max_tokens, help="Calibration tokens to run through the model."),
     split: str = SPLIT,
     jsonl_field: str | None = JSONL_FIELD,
@@ -87,10 +121,23 @@ def build(
     passage_tokens: int = PASSAGE_TOKENS,
     param: list[str] = typer.Option([], "--param", help="Backend build parameter NAME=VALUE (repeatable)."),
     plan: bool = typer.Option(True, help="Time dense vs approximate per layer and batch size for serving mode auto."),
-    tail_correction: bool | None = typer.Option(None, "--tail-correction/--no-tail-correction", help="Stand in for the neurons not retrieved with their mean activation on the calibration tokens that leave them out of the top k [default: for non-gated activations whose dropped neurons are not zero, e.g. GELU]."),
-    tail_map_rank: int | None = typer.Option(None, help="Rank of a linear map of the input fit by least squares to what the approximate MLP leaves out, kept per layer where it lowers the held-out error; 0 for none [default: 16, none for Top-k and thresholded activations]."),
-    gated_selection: bool = typer.Option(True, help="Gated layers: retrieve more candidates than k by gate score (how many is tuned per layer) and keep the k largest |act(gate)*up|, estimated from 8-bit codes of the up rows."),
-    preset: bool = typer.Option(False, help=f"Use the recommended settings of a built-in checkpoint ({', '.join(PRESET_BUILDS)}) instead of the options above."),
+    tail_correction: bool | None = typer.Option(
+        None,
+        "--tail-correction/--no-tail-correction",
+        help="Stand in for the neurons not retrieved with their mean activation on the calibration tokens that leave them out of the top k [default: for non-gated activations whose dropped neurons are not zero, e.g. GELU].",
+    ),
+    tail_map_rank: int | None = typer.Option(
+        None,
+        help="Rank of a linear map of the input fit by least squares to what the approximate MLP leaves out, kept per layer where it lowers the held-out error; 0 for none [default: 16, none for Top-k and thresholded activations].",
+    ),
+    gated_selection: bool = typer.Option(
+        True,
+        help="Gated layers: retrieve more candidates than k by gate score (how many is tuned per layer) and keep the k largest |act(gate)*up|, estimated from 8-bit codes of the up rows.",
+    ),
+    preset: bool = typer.Option(
+        False,
+        help=f"Use the recommended settings of a built-in checkpoint ({', '.join(PRESET_BUILDS)}) instead of the options above.",
+    ),
     force: bool = typer.Option(False, help="Replace an existing store."),
 ) -> None:
     """Build one MIPS index per MLP layer of CHECKPOINT into a checksummed store."""
@@ -100,28 +147,47 @@ def build(
         raise AnnMlpError(f"target recall must be in (0, 1], got {target_recall}")
     if preset and checkpoint not in PRESET_BUILDS:
         raise AnnMlpError(f"no preset for {checkpoint!r}; presets exist for {', '.join(PRESET_BUILDS)}")
-    config = PRESET_BUILDS[checkpoint] if preset else BuildConfig(
-        backend=backend, k=k, target_recall=target_recall or None, mass_target=mass_target,
-        build_params=_parse_params(param), plan=plan, tail_correction=tail_correction,
-        tail_map_rank=tail_map_rank, gated_selection=gated_selection,
-        calibration=_text(calib_tokens, split, jsonl_field, long_passages, passage_tokens))
+    config = (
+        PRESET_BUILDS[checkpoint]
+        if preset
+        else BuildConfig(
+            backend=backend,
+            k=k,
+            target_recall=target_recall or None,
+            mass_target=mass_target,
+            build_params=_parse_params(param),
+            plan=plan,
+            tail_correction=tail_correction,
+            tail_map_rank=tail_map_rank,
+            gated_selection=gated_selection,
+            calibration=_text(calib_tokens, split, jsonl_field, long_passages, passage_tokens),
+        )
+    )
     out = out or DEFAULT_STORE_ROOT / Path(checkpoint.rstrip("/")).stem
     path = build_store(checkpoint, out, config, calib_text, overwrite=force, progress=progress_bars())
     from ann_mlp.store import Store
 
     manifest = Store.open(path).manifest
-    typer.echo(f"built {path}: {manifest.family}, {len(manifest.layers)} layers, backend={manifest.backend}, k={manifest.k}")
+    typer.echo(
+        f"built {path}: {manifest.family}, {len(manifest.layers)} layers, backend={manifest.backend}, k={manifest.k}"
+    )
     for entry in manifest.layers:
-        typer.echo(f"  layer {entry.layer:>3}: {entry.search_params} recall@{entry.k or manifest.k}={entry.build_recall:.3f} "
-                   f"scanned={entry.build_scanned_fraction:.3f} ({entry.build_seconds:.1f}s){_plan_words(entry.plan)}")
+        typer.echo(
+            f"  layer {entry.layer:>3}: {entry.search_params} recall@{entry.k or manifest.k}={entry.build_recall:.3f} "
+            f"scanned={entry.build_scanned_fraction:.3f} ({entry.build_seconds:.1f}s){_plan_words(entry.plan)}"
+        )
 
 
 def _plan_words(plan: dict | None) -> str:
     """What mode auto will do with a layer, and the one-token timing behind it."""
     if plan is None:
         return ""
-    decode = f" (one-token call in decoding: {plan['decode_approx_us']:.0f} us approximate vs " \
-             f"{plan['decode_dense_us']:.0f} us dense)" if "decode_dense_us" in plan else ""
+    decode = (
+        f" (one-token call in decoding: {plan['decode_approx_us']:.0f} us approximate vs "
+        f"{plan['decode_dense_us']:.0f} us dense)"
+        if "decode_dense_us" in plan
+        else ""
+    )
     if plan["approx_up_to"] == 0:
         return f"; auto serves it dense: search does not pay at any batch size{decode}"
     return f"; auto approximates calls of up to {plan['approx_up_to']} tokens{decode}"
@@ -130,21 +196,35 @@ def _plan_words(plan: dict | None) -> str:
 @app.command("eval")
 def evaluate(
     store: Path = typer.Argument(..., help="Index store folder written by `ann-mlp build`."),
-    text: Path | None = typer.Option(None, help="Text file or folder [default: held-out Python standard library docstrings]."),
+    text: Path | None = typer.Option(
+        None, help="Text file or folder [default: held-out Python standard library docstrings]."
+    ),
     k: int | None = typer.Option(None, help="Keys retrieved per token [default: the store's k]."),
-    backend: str | None = typer.Option(None, help="Evaluate another backend, built in memory and tuned like the store."),
-    effort: int | None = typer.Option(None, help="Search effort for every layer, the store's effort_param (nprobe, efSearch, rerank, margin, ...) [default: tuned]."),
-    candidate_factor: float | None = typer.Option(None, help="Retrieve this many times k by key score and keep the k "
-                                                             "largest |contributions| (gated: |act(gate)*up|) [default: "
-                                                             "as built, 1 but for gated layers]."),
-    max_tokens: int = typer.Option(EvalConfig().text.max_tokens, help="Evaluation tokens: the run stops after "
-                                   "the batch that reaches them, or at the end of the text."),
+    backend: str | None = typer.Option(
+        None, help="Evaluate another backend, built in memory and tuned like the store."
+    ),
+    effort: int | None = typer.Option(
+        None,
+        help="Search effort for every layer, the store's effort_param (nprobe, efSearch, rerank, margin, ...) [default: tuned].",
+    ),
+    candidate_factor: float | None = typer.Option(
+        None,
+        help="Retrieve this many times k by key score and keep the k "
+        "largest |contributions| (gated: |act(gate)*up|) [default: "
+        "as built, 1 but for gated layers].",
+    ),
+    max_tokens: int = typer.Option(
+        EvalConfig().text.max_tokens,
+        help="Evaluation tokens: the run stops after the batch that reaches them, or at the end of the text.",
+    ),
     split: str = SPLIT,
     jsonl_field: str | None = JSONL_FIELD,
     long_passages: str = LONG_PASSAGES,
     passage_tokens: int = PASSAGE_TOKENS,
     checkpoint: str | None = typer.Option(None, help="Where the store's checkpoint is now, if it moved."),
-    reference: str | None = typer.Option(None, help="Also compare both with this checkpoint end to end (e.g. the original of a sparsified model)."),
+    reference: str | None = typer.Option(
+        None, help="Also compare both with this checkpoint end to end (e.g. the original of a sparsified model)."
+    ),
     json_out: Path | None = typer.Option(None, "--json", help="Write the report as JSON."),
     plots: Path | None = typer.Option(None, help="Write PNG plots into this folder."),
 ) -> None:
@@ -157,8 +237,12 @@ def evaluate(
     if backend is not None:
         model = _rebuilt(model, backend)
     search = {} if effort is None else {model.manifest.layers[0].effort_param: effort}
-    config = EvalConfig(k=k, search_params=search, candidate_factor=candidate_factor,
-                        text=_text(max_tokens, split, jsonl_field, long_passages, passage_tokens))
+    config = EvalConfig(
+        k=k,
+        search_params=search,
+        candidate_factor=candidate_factor,
+        text=_text(max_tokens, split, jsonl_field, long_passages, passage_tokens),
+    )
     from ann_mlp.checkpoint import load_checkpoint
 
     reference_checkpoint = load_checkpoint(reference) if reference is not None else None
@@ -180,17 +264,22 @@ def _rebuilt(model, backend: str):
     # The store's own settings (another backend gets its default build parameters); eval
     # approximates every layer, so no plan is measured.
     recorded = BuildConfig.from_json(manifest.build)
-    config = replace(recorded, backend=backend, plan=False,
-                     build_params=recorded.build_params if backend == manifest.backend else {})
+    config = replace(
+        recorded, backend=backend, plan=False, build_params=recorded.build_params if backend == manifest.backend else {}
+    )
     sources = manifest.calibration["sources"]
-    new_manifest, indexes, arrays = build_indexes(model.checkpoint, config, sources, progress_bars(), name=manifest.name)
+    new_manifest, indexes, arrays = build_indexes(
+        model.checkpoint, config, sources, progress_bars(), name=manifest.name
+    )
     return ApproxModel(new_manifest, model.checkpoint, indexes, layer_arrays=arrays)
 
 
 @app.command()
 def sparsity(
     checkpoint: str = typer.Argument(..., help="Model folder, .gguf file, or built-in name."),
-    text: Path | None = typer.Option(None, help="Text file or folder [default: held-out Python standard library docstrings]."),
+    text: Path | None = typer.Option(
+        None, help="Text file or folder [default: held-out Python standard library docstrings]."
+    ),
     max_tokens: int = typer.Option(EvalConfig().text.max_tokens, help="Tokens to run."),
     split: str = SPLIT,
     jsonl_field: str | None = JSONL_FIELD,
@@ -203,8 +292,12 @@ def sparsity(
     from ann_mlp.checkpoint import load_checkpoint
     from ann_mlp.sparsity import measure_sparsity, sparsity_plots, sparsity_table
 
-    report = measure_sparsity(load_checkpoint(checkpoint), text,
-                              _text(max_tokens, split, jsonl_field, long_passages, passage_tokens), progress_bars())
+    report = measure_sparsity(
+        load_checkpoint(checkpoint),
+        text,
+        _text(max_tokens, split, jsonl_field, long_passages, passage_tokens),
+        progress_bars(),
+    )
     typer.echo(sparsity_table(report))
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -220,13 +313,22 @@ def sparsify(
     out: Path = typer.Option(..., help="Folder for the sparsified Hugging Face checkpoint."),
     method: str = typer.Option(SparsifyConfig.method, help="topk | relu | fatrelu"),
     k: int | None = typer.Option(None, help="topk: neurons kept per token [d_ff / 16]."),
-    threshold: float = typer.Option(SparsifyConfig.threshold, help="fatrelu: pre-activations at or below it do not fire."),
+    threshold: float = typer.Option(
+        SparsifyConfig.threshold, help="fatrelu: pre-activations at or below it do not fire."
+    ),
     l1: float = typer.Option(SparsifyConfig.l1, help="Weight of an L1 push on the activations."),
-    text: list[Path] = typer.Option([], help="Training text file or folder (repeatable) [default: Python standard library docstrings, calibration split]."),
-    report_text: Path | None = typer.Option(None, help="Held-out text for the report [default: the standard library's evaluation split]."),
+    text: list[Path] = typer.Option(
+        [],
+        help="Training text file or folder (repeatable) [default: Python standard library docstrings, calibration split].",
+    ),
+    report_text: Path | None = typer.Option(
+        None, help="Held-out text for the report [default: the standard library's evaluation split]."
+    ),
     split: str = SPLIT,
     jsonl_field: str | None = JSONL_FIELD,
-    minutes: float | None = typer.Option(None, help="Training budget in minutes for the whole run, resumes included [60 unless --steps]."),
+    minutes: float | None = typer.Option(
+        None, help="Training budget in minutes for the whole run, resumes included [60 unless --steps]."
+    ),
     steps: int | None = typer.Option(None, help="Training budget in steps for the whole run."),
     lr: float = typer.Option(SparsifyConfig.lr, help="Peak learning rate."),
     dtype: str = typer.Option(SparsifyConfig.dtype, help="float32 | float16 | bfloat16 for the written weights."),
@@ -241,9 +343,19 @@ def sparsify(
     if minutes is None and steps is None:
         minutes = SparsifyConfig.minutes
     read = {"split": split, "jsonl_field": jsonl_field}
-    config = SparsifyConfig(method=method, k=k, threshold=threshold, l1=l1, minutes=minutes, steps=steps,
-                            lr=lr, dtype=dtype, seed=seed, text=replace(SparsifyConfig.text, **read),
-                            report_text=replace(SparsifyConfig.report_text, **read))
+    config = SparsifyConfig(
+        method=method,
+        k=k,
+        threshold=threshold,
+        l1=l1,
+        minutes=minutes,
+        steps=steps,
+        lr=lr,
+        dtype=dtype,
+        seed=seed,
+        text=replace(SparsifyConfig.text, **read),
+        report_text=replace(SparsifyConfig.report_text, **read),
+    )
     report = run_sparsify(checkpoint, out, config, text, report_text, resume, force, progress_bars())
     typer.echo(report_table(report))
     typer.echo(f"wrote {out}")
@@ -259,7 +371,9 @@ def bench_layer(
     d_ff: int = typer.Option(..., help="MLP width."),
     gated: bool = typer.Option(False, help="Gated (SwiGLU) MLP."),
     batch: list[int] = typer.Option([1], help="Batch sizes (repeatable)."),
-    backend: str = typer.Option("ivf", help="MIPS backend (the targets are for IVF probing --probe-fraction of its lists)."),
+    backend: str = typer.Option(
+        "ivf", help="MIPS backend (the targets are for IVF probing --probe-fraction of its lists)."
+    ),
     probe_fraction: float = typer.Option(1 / 16, help="Search effort as a share of its range (IVF: lists probed)."),
     k: int = typer.Option(DEFAULT_K, help="Keys retrieved per token."),
     repeats: int = typer.Option(30, min=30, help="Timed calls per path, after warm-up."),
@@ -278,16 +392,20 @@ def bench_layer(
     typer.echo("random weights: timing only (recall on random weights means nothing)")
     bandwidth = streaming_bandwidth_gb_s()
     typer.echo(f"streaming memory bandwidth (array copy): {bandwidth:.1f} GB/s")
-    typer.echo(f"{'shape':>14} {'gated':>5} {'batch':>5} {'backend':>7} {'dense':>6} {'dense us':>10} "
-               f"{'approx us':>10} {'speedup':>8} {'bytes read':>10} {'limit':>6} {'dense GB/s':>10} "
-               f"{'search us':>9} {'sum us':>7} {'up us':>6} {'overhead us':>11}")
+    typer.echo(
+        f"{'shape':>14} {'gated':>5} {'batch':>5} {'backend':>7} {'dense':>6} {'dense us':>10} "
+        f"{'approx us':>10} {'speedup':>8} {'bytes read':>10} {'limit':>6} {'dense GB/s':>10} "
+        f"{'search us':>9} {'sum us':>7} {'up us':>6} {'overhead us':>11}"
+    )
     json_out.parent.mkdir(parents=True, exist_ok=True)
     for result in run(d_model, d_ff, batch, gated, backend, probe_fraction, k, repeats):
-        typer.echo(f"{f'{d_model}x{d_ff}':>14} {gated!s:>5} {result.batch:>5} {backend:>7} {result.dense_path:>6} "
-                   f"{result.dense_us:>10.1f} {result.approx_us:>10.1f} {result.speedup:>8.2f} "
-                   f"{result.bytes_read_fraction:>10.4f} {result.traffic_limit_speedup:>6.1f} {result.dense_gb_s:>10.1f} "
-                   f"{result.search_us:>9.1f} {result.value_sum_us:>7.1f} {result.up_rows_us:>6.1f} "
-                   f"{result.overhead_us:>11.1f}")
+        typer.echo(
+            f"{f'{d_model}x{d_ff}':>14} {gated!s:>5} {result.batch:>5} {backend:>7} {result.dense_path:>6} "
+            f"{result.dense_us:>10.1f} {result.approx_us:>10.1f} {result.speedup:>8.2f} "
+            f"{result.bytes_read_fraction:>10.4f} {result.traffic_limit_speedup:>6.1f} {result.dense_gb_s:>10.1f} "
+            f"{result.search_us:>9.1f} {result.value_sum_us:>7.1f} {result.up_rows_us:>6.1f} "
+            f"{result.overhead_us:>11.1f}"
+        )
         with open(json_out, "a") as f:
             f.write(json.dumps(result.to_json() | {"bandwidth_gb_s": bandwidth}) + "\n")
 
@@ -298,7 +416,11 @@ def bench_e2e(
     text: Path | None = typer.Option(None, help="Text file [default: held-out Python standard library docstrings]."),
     batch: list[int] = typer.Option([1, 16], help="Sequences per forward call (repeatable)."),
     max_tokens: int = typer.Option(4096, help="Real tokens per pass."),
-    repeats: int = typer.Option(4, min=1, help="Timed passes per path, after one warm-up pass (an even number: the turn order reverses every other pass)."),
+    repeats: int = typer.Option(
+        4,
+        min=1,
+        help="Timed passes per path, after one warm-up pass (an even number: the turn order reverses every other pass).",
+    ),
     json_out: Path = typer.Option(Path("results/bench_e2e.jsonl"), "--json", help="Append JSON lines here."),
 ) -> None:
     """A real checkpoint end to end: exact vs approximate vs planned (auto) tokens/s, with fidelity."""
@@ -306,15 +428,19 @@ def bench_e2e(
     from ann_mlp.benchmark import bench_e2e as run
 
     model = ApproxModel.open(store)
-    typer.echo(f"{'model':>12} {'batch':>5} {'tokens':>6} {'exact tok/s':>11} {'approx tok/s':>12} "
-               f"{'auto tok/s':>10} {'auto/exact':>10} {'auto dense':>10} {'recall':>6} {'scanned':>7}  end to end")
+    typer.echo(
+        f"{'model':>12} {'batch':>5} {'tokens':>6} {'exact tok/s':>11} {'approx tok/s':>12} "
+        f"{'auto tok/s':>10} {'auto/exact':>10} {'auto dense':>10} {'recall':>6} {'scanned':>7}  end to end"
+    )
     json_out.parent.mkdir(parents=True, exist_ok=True)
     for size in batch:
         result = run(model, size, text, max_tokens, repeats)
         e2e = ", ".join(f"{name} {value:.4g}" for name, value in result.end_to_end.items())
-        typer.echo(f"{result.model:>12} {size:>5} {result.tokens:>6} {result.exact_tokens_per_s:>11.1f} "
-                   f"{result.approx_tokens_per_s:>12.1f} {result.auto_tokens_per_s:>10.1f} {result.auto_speedup:>10.3f} "
-                   f"{result.auto_dense_fraction:>10.3f} {result.recall_at_k:>6.3f} {result.scanned_fraction:>7.3f}  {e2e}")
+        typer.echo(
+            f"{result.model:>12} {size:>5} {result.tokens:>6} {result.exact_tokens_per_s:>11.1f} "
+            f"{result.approx_tokens_per_s:>12.1f} {result.auto_tokens_per_s:>10.1f} {result.auto_speedup:>10.3f} "
+            f"{result.auto_dense_fraction:>10.3f} {result.recall_at_k:>6.3f} {result.scanned_fraction:>7.3f}  {e2e}"
+        )
         with open(json_out, "a") as f:
             f.write(json.dumps(result.to_json()) + "\n")
 
@@ -322,14 +448,20 @@ def bench_e2e(
 @bench_app.command("decode")
 def bench_decode(
     store: Path = typer.Argument(..., help="Index store folder of a causal LM."),
-    prompts_file: Path | None = typer.Option(None, "--prompts", help="Prompts: a text file, one per paragraph, or "
-                                             "per line in a file with no blank line [default: held-out standard "
-                                             "library docstrings]."),
+    prompts_file: Path | None = typer.Option(
+        None,
+        "--prompts",
+        help="Prompts: a text file, one per paragraph, or "
+        "per line in a file with no blank line [default: held-out standard "
+        "library docstrings].",
+    ),
     new_tokens: int = typer.Option(64, help="Tokens generated per sequence (no end-of-sequence stop)."),
     batch: int = typer.Option(1, help="Sequences decoded together."),
     prompts: int = typer.Option(8, "--num-prompts", help="Prompts taken from the text."),
     prompt_tokens: int = typer.Option(32, help="Each prompt cut to at most this many tokens."),
-    turns: int = typer.Option(4, help="Timed turns per mode, after one warm-up turn (the order reverses every other turn)."),
+    turns: int = typer.Option(
+        4, help="Timed turns per mode, after one warm-up turn (the order reverses every other turn)."
+    ),
     json_out: Path = typer.Option(Path("results/bench_decode.jsonl"), "--json", help="Append JSON lines here."),
 ) -> None:
     """Generation with a KV cache, one new token per step: exact vs approx vs auto tokens/s, with fidelity."""
@@ -340,22 +472,34 @@ def bench_decode(
     model = ApproxModel.open(store)
     replan_if_moved(model)
     result = run(model, prompts_file, new_tokens, batch, prompts, prompt_tokens, turns)
-    typer.echo(f"{result.model}: batch {result.batch}, {result.prompts} prompts of <= {result.prompt_tokens} tokens, "
-               f"{result.new_tokens} new tokens each, {result.turns} turns ({result.text})")
-    typer.echo(f"{'path':>10} {'tok/s':>8} {'vs exact':>8} {'agreement':>9}  per step: {'total':>7} {'search':>7} "
-               f"{'mlp rest':>8} {'attention':>9} {'other':>7} ms")
-    rows = (("exact", result.exact_tokens_per_s, 1.0, 1.0), ("approx", result.approx_tokens_per_s,
-            result.approx_speedup, result.continuation_agreement),
-            ("auto", result.auto_tokens_per_s, result.auto_speedup, result.auto_continuation_agreement))
+    typer.echo(
+        f"{result.model}: batch {result.batch}, {result.prompts} prompts of <= {result.prompt_tokens} tokens, "
+        f"{result.new_tokens} new tokens each, {result.turns} turns ({result.text})"
+    )
+    typer.echo(
+        f"{'path':>10} {'tok/s':>8} {'vs exact':>8} {'agreement':>9}  per step: {'total':>7} {'search':>7} "
+        f"{'mlp rest':>8} {'attention':>9} {'other':>7} ms"
+    )
+    rows = (
+        ("exact", result.exact_tokens_per_s, 1.0, 1.0),
+        ("approx", result.approx_tokens_per_s, result.approx_speedup, result.continuation_agreement),
+        ("auto", result.auto_tokens_per_s, result.auto_speedup, result.auto_continuation_agreement),
+    )
     for name, rate, speedup, agree in rows:
         s = result.split[name]
-        typer.echo(f"{name:>10} {rate:>8.1f} {speedup:>8.3f} {agree:>9.3f}  {'':>10}{s.total_ms:>7.3f} "
-                   f"{s.index_search_ms:>7.3f} {s.mlp_rest_ms:>8.3f} {s.attention_ms:>9.3f} {s.other_ms:>7.3f}")
-    typer.echo(f"{'generate()':>10} {result.generate_tokens_per_s:>8.1f} "
-               f"{1 / result.lean_loop_speedup:>8.3f}   (transformers' loop, exact)")
-    typer.echo(f"KL along the exact continuation {result.kl_mean:.5f}; perplexity on the prompts "
-               f"{result.perplexity_exact:.2f} exact, {result.perplexity_approx:.2f} approx; "
-               f"auto ran {result.auto_dense_fraction:.1%} of its MLP calls dense")
+        typer.echo(
+            f"{name:>10} {rate:>8.1f} {speedup:>8.3f} {agree:>9.3f}  {'':>10}{s.total_ms:>7.3f} "
+            f"{s.index_search_ms:>7.3f} {s.mlp_rest_ms:>8.3f} {s.attention_ms:>9.3f} {s.other_ms:>7.3f}"
+        )
+    typer.echo(
+        f"{'generate()':>10} {result.generate_tokens_per_s:>8.1f} "
+        f"{1 / result.lean_loop_speedup:>8.3f}   (transformers' loop, exact)"
+    )
+    typer.echo(
+        f"KL along the exact continuation {result.kl_mean:.5f}; perplexity on the prompts "
+        f"{result.perplexity_exact:.2f} exact, {result.perplexity_approx:.2f} approx; "
+        f"auto ran {result.auto_dense_fraction:.1%} of its MLP calls dense"
+    )
     json_out.parent.mkdir(parents=True, exist_ok=True)
     with open(json_out, "a") as f:
         f.write(json.dumps(result.to_json()) + "\n")
@@ -372,8 +516,9 @@ def bench_memory(
 
     result = run(store, repeats)
     typer.echo(f"{'model':>12} {'backend':>8} {'dense MB':>9} {'approx MB':>9} {'ratio':>6}")
-    typer.echo(f"{result.model:>12} {result.backend:>8} {result.dense_mb:>9.1f} {result.approx_mb:>9.1f} "
-               f"{result.ratio:>6.3f}")
+    typer.echo(
+        f"{result.model:>12} {result.backend:>8} {result.dense_mb:>9.1f} {result.approx_mb:>9.1f} {result.ratio:>6.3f}"
+    )
     json_out.parent.mkdir(parents=True, exist_ok=True)
     with open(json_out, "a") as f:
         f.write(json.dumps(result.to_json()) + "\n")

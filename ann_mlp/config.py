@@ -100,8 +100,10 @@ class BuildConfig:
     def from_json(cls, data: dict[str, Any]) -> BuildConfig:
         """The config a store's manifest recorded (the inverse of to_json)."""
         known = {f.name for f in fields(cls)}
-        return cls(**{name: value for name, value in data.items() if name in known and name != "calibration"},
-                   calibration=TextConfig(**data["calibration"]))
+        return cls(
+            **{name: value for name, value in data.items() if name in known and name != "calibration"},
+            calibration=TextConfig(**data["calibration"]),
+        )
 
 
 # Recommended builds of built-in checkpoints (`ann-mlp build NAME --preset`); `ann-mlp serve`
@@ -113,8 +115,9 @@ PRESET_BUILDS: dict[str, BuildConfig] = {
     # keeps the tuned recall on text of other kinds, and tail maps. The re-rank reads the
     # model's own float32 keys: 8-bit key codes would read half the bytes but hold a quarter
     # of the keys' memory again.
-    "relu-lm": BuildConfig(backend="lowrank", k=2048, mass_target=0.98, target_recall=0.99,
-                           build_params={"margin_rank": 16}),
+    "relu-lm": BuildConfig(
+        backend="lowrank", k=2048, mass_target=0.98, target_recall=0.99, build_params={"margin_rank": 16}
+    ),
 }
 # What the README's main job serves: the checkpoint where the method holds up end to end.
 DEFAULT_SERVED = "relu-lm"

@@ -73,8 +73,8 @@ def left_padded(prompts: list[list[int]], pad_token_id: int) -> tuple[torch.Tens
     input_ids = torch.full((len(prompts), longest), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), longest), dtype=torch.long)
     for row, ids in enumerate(prompts):
-        input_ids[row, longest - len(ids):] = torch.tensor(ids, dtype=torch.long)
-        mask[row, longest - len(ids):] = 1
+        input_ids[row, longest - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        mask[row, longest - len(ids) :] = 1
     return input_ids, None if bool(mask.all()) else mask
 
 
@@ -97,10 +97,18 @@ def until(deadline: float) -> Callable[[], str | None]:
     return lambda: "deadline passed" if time.monotonic() > deadline else None
 
 
-def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, *, eos_token_id: int | None,
-             pad_token_id: int, sampling: Sampling = GREEDY, keep_logprobs: bool = False,
-             stop: Callable[[], str | None] | None = None,
-             on_step: Callable[[], None] | None = None) -> list[Continuation]:
+def generate(
+    model: nn.Module,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    *,
+    eos_token_id: int | None,
+    pad_token_id: int,
+    sampling: Sampling = GREEDY,
+    keep_logprobs: bool = False,
+    stop: Callable[[], str | None] | None = None,
+    on_step: Callable[[], None] | None = None,
+) -> list[Continuation]:
     """Decode up to max_new_tokens per prompt, all prompts together, each until its end-of-sequence token.
 
     stop: asked before every step; a reason it returns (e.g. `until(deadline)`'s) ends decoding with
@@ -126,8 +134,14 @@ def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, *,
             reason = None if stop is None else stop()
             if reason is not None:
                 raise DeadlineError(f"{reason} after {step} of {max_new_tokens} new tokens")
-            output = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
-                           use_cache=True, logits_to_keep=1)
+            output = model(
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=positions,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
             if on_step is not None:
                 on_step()
             logits = output.logits[:, -1].float()  # (B, V)

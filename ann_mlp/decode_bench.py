@@ -72,15 +72,15 @@ class DecodeBenchResult:
         return asdict(self)
 
 
-def prompt_batches(model: ApproxModel, text: Path | None, count: int, prompt_tokens: int, new_tokens: int,
-                   batch: int) -> list[list[list[int]]]:
+def prompt_batches(
+    model: ApproxModel, text: Path | None, count: int, prompt_tokens: int, new_tokens: int, batch: int
+) -> list[list[list[int]]]:
     """`count` prompts of at most `prompt_tokens` tokens, grouped `batch` at a time: paragraphs of the
     text file, or held-out passages of the built-in text."""
     tokenizer = model.checkpoint.tokenizer
     limit = getattr(model.checkpoint.model.config, "max_position_embeddings", None)
     if limit is not None and prompt_tokens + new_tokens > limit:
-        raise InputError(f"{prompt_tokens} prompt + {new_tokens} new tokens exceed the model's "
-                         f"{limit} positions")
+        raise InputError(f"{prompt_tokens} prompt + {new_tokens} new tokens exceed the model's {limit} positions")
     prompts = []
     for passage in passages(text, "evaluation"):
         ids = tokenizer(passage, add_special_tokens=True)["input_ids"][:prompt_tokens]
@@ -90,7 +90,7 @@ def prompt_batches(model: ApproxModel, text: Path | None, count: int, prompt_tok
             break
     if not prompts:
         raise InputError("the prompt text has no passage of two tokens or more")
-    return [prompts[i:i + batch] for i in range(0, len(prompts), batch)]
+    return [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
 
 
 def _decode_all(model: ApproxModel, groups: list[list[list[int]]], new_tokens: int, mode: str) -> list[list[int]]:
@@ -100,8 +100,16 @@ def _decode_all(model: ApproxModel, groups: list[list[list[int]]], new_tokens: i
     def run() -> list[list[int]]:
         out = []
         for group in groups:
-            out += [c.tokens for c in generate(checkpoint.model, group, new_tokens, eos_token_id=None,
-                                               pad_token_id=pad_token_id(checkpoint.tokenizer))]
+            out += [
+                c.tokens
+                for c in generate(
+                    checkpoint.model,
+                    group,
+                    new_tokens,
+                    eos_token_id=None,
+                    pad_token_id=pad_token_id(checkpoint.tokenizer),
+                )
+            ]
         return out
 
     if mode == "exact":
@@ -119,9 +127,16 @@ def _generate_reference(model: ApproxModel, groups: list[list[list[int]]], new_t
             longest = max(map(len, group))
             ids = torch.tensor([[pad] * (longest - len(p)) + p for p in group])  # (B, T) left-padded
             mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in group])
-            checkpoint.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
-                                      min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad,
-                                      output_scores=True, return_dict_in_generate=True)
+            checkpoint.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
 
 
 def agreement(reference: list[list[int]], other: list[list[int]]) -> float:
@@ -152,8 +167,11 @@ def teacher_forced(model: ApproxModel, prompts: list[list[int]], continuations: 
         for name, logprobs in (("exact", exact), ("approx", approx)):
             nll[name] -= float(logprobs[: len(prompt) - 1].gather(1, targets[:, None]).sum())
         tokens += len(prompt) - 1
-    return {"kl_mean": statistics.mean(kls), "perplexity_exact": math.exp(nll["exact"] / tokens),
-            "perplexity_approx": math.exp(nll["approx"] / tokens)}
+    return {
+        "kl_mean": statistics.mean(kls),
+        "perplexity_exact": math.exp(nll["exact"] / tokens),
+        "perplexity_approx": math.exp(nll["approx"] / tokens),
+    }
 
 
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -230,8 +248,14 @@ def step_split(model: ApproxModel, groups: list[list[list[int]]], new_tokens: in
 
             model.reset_stats()
             seconds["attention"] = seconds["mlp"] = 0.0
-            generate(checkpoint.model, group, new_tokens, eos_token_id=None,
-                     pad_token_id=pad_token_id(checkpoint.tokenizer), on_step=on_step)
+            generate(
+                checkpoint.model,
+                group,
+                new_tokens,
+                eos_token_id=None,
+                pad_token_id=pad_token_id(checkpoint.tokenizer),
+                on_step=on_step,
+            )
 
     if mode == "exact":
         with _timed_regions(model, seconds):
@@ -240,14 +264,24 @@ def step_split(model: ApproxModel, groups: list[list[list[int]]], new_tokens: in
         with model.approximate(planned=mode == "auto"), _timed_regions(model, seconds):
             run()
     per_step = {name: value / steps * 1e3 for name, value in kept.items()}
-    return StepSplit(total_ms=round(per_step["total"], 3), index_search_ms=round(per_step["search"], 3),
-                     mlp_rest_ms=round(per_step["mlp"] - per_step["search"], 3),
-                     attention_ms=round(per_step["attention"], 3),
-                     other_ms=round(per_step["total"] - per_step["mlp"] - per_step["attention"], 3))
+    return StepSplit(
+        total_ms=round(per_step["total"], 3),
+        index_search_ms=round(per_step["search"], 3),
+        mlp_rest_ms=round(per_step["mlp"] - per_step["search"], 3),
+        attention_ms=round(per_step["attention"], 3),
+        other_ms=round(per_step["total"] - per_step["mlp"] - per_step["attention"], 3),
+    )
 
 
-def bench_decode(model: ApproxModel, text: Path | None = None, new_tokens: int = 64, batch: int = 1,
-                 prompts: int = 8, prompt_tokens: int = 32, turns: int = 4) -> DecodeBenchResult:
+def bench_decode(
+    model: ApproxModel,
+    text: Path | None = None,
+    new_tokens: int = 64,
+    batch: int = 1,
+    prompts: int = 8,
+    prompt_tokens: int = 32,
+    turns: int = 4,
+) -> DecodeBenchResult:
     """Exact, approx and auto decoding of the same prompts, timed in turns after one warm-up turn."""
     if model.checkpoint.kind != "causal_lm":
         raise InputError(f"{model.manifest.name} is a {model.checkpoint.kind}: bench decode needs a causal LM")
@@ -273,14 +307,26 @@ def bench_decode(model: ApproxModel, text: Path | None = None, new_tokens: int =
 
     fidelity = teacher_forced(model, flat, continuations["exact"])
     return DecodeBenchResult(
-        model=model.manifest.name, backend=model.manifest.backend, batch=batch, prompts=len(flat),
-        prompt_tokens=max(map(len, flat)), new_tokens=new_tokens, text=describe(text, "evaluation"),
-        **{f"{mode}_tokens_per_s": round(generated / statistics.median(times[mode]), 1)
-           for mode in (*MODES, "generate")},
-        approx_speedup=paired("exact", "approx"), auto_speedup=paired("exact", "auto"),
+        model=model.manifest.name,
+        backend=model.manifest.backend,
+        batch=batch,
+        prompts=len(flat),
+        prompt_tokens=max(map(len, flat)),
+        new_tokens=new_tokens,
+        text=describe(text, "evaluation"),
+        **{
+            f"{mode}_tokens_per_s": round(generated / statistics.median(times[mode]), 1)
+            for mode in (*MODES, "generate")
+        },
+        approx_speedup=paired("exact", "approx"),
+        auto_speedup=paired("exact", "auto"),
         lean_loop_speedup=paired("generate", "exact"),
         continuation_agreement=round(agreement(continuations["exact"], continuations["approx"]), 4),
         auto_continuation_agreement=round(agreement(continuations["exact"], continuations["auto"]), 4),
-        kl_mean=round(fidelity["kl_mean"], 5), perplexity_exact=round(fidelity["perplexity_exact"], 3),
-        perplexity_approx=round(fidelity["perplexity_approx"], 3), auto_dense_fraction=round(dense_fraction, 4),
-        split={mode: step_split(model, groups, new_tokens, mode) for mode in MODES}, turns=turns)
+        kl_mean=round(fidelity["kl_mean"], 5),
+        perplexity_exact=round(fidelity["perplexity_exact"], 3),
+        perplexity_approx=round(fidelity["perplexity_approx"], 3),
+        auto_dense_fraction=round(dense_fraction, 4),
+        split={mode: step_split(model, groups, new_tokens, mode) for mode in MODES},
+        turns=turns,
+    )

@@ -92,11 +92,16 @@ class LayerTotals:
     def report(self, layer: int, mlp: ApproxMLP) -> LayerReport:
         n = max(self.tokens, 1)
         return LayerReport(
-            layer=layer, d_ff=mlp.weights.d_ff, k=mlp.k, recall_at_k=self.recall / n, mass_recall=self.mass / n,
+            layer=layer,
+            d_ff=mlp.weights.d_ff,
+            k=mlp.k,
+            recall_at_k=self.recall / n,
+            mass_recall=self.mass / n,
             scanned_fraction=self.keys_scored / (n * mlp.index.num_keys),
             bytes_read_fraction=self.bytes_read / (n * mlp.index.full_scan_bytes),
             rel_output_error=self.rel_error / n,
-            search_params=dict(mlp.search_params))
+            search_params=dict(mlp.search_params),
+        )
 
 
 class OutputAgreement:
@@ -136,14 +141,20 @@ class OutputAgreement:
             exact = torch.cat(self.exact_embeddings)
             approx = torch.cat(self.approx_embeddings)
             cos = cosine(exact, approx)
-            return {"embedding_cosine_mean": float(cos.mean()), "embedding_cosine_min": float(cos.min()),
-                    "neighbour_agreement": nearest_neighbour_agreement(exact, approx),
-                    "sentences": float(len(exact))}
+            return {
+                "embedding_cosine_mean": float(cos.mean()),
+                "embedding_cosine_min": float(cos.min()),
+                "neighbour_agreement": nearest_neighbour_agreement(exact, approx),
+                "sentences": float(len(exact)),
+            }
         n = max(self.positions, 1)
-        return {"next_token_agreement": self.agree / n, "kl_mean": self.kl / n,
-                "perplexity_exact": float(torch.exp(torch.tensor(self.nll_exact / n))),
-                "perplexity_approx": float(torch.exp(torch.tensor(self.nll_approx / n))),
-                "positions": float(self.positions)}
+        return {
+            "next_token_agreement": self.agree / n,
+            "kl_mean": self.kl / n,
+            "perplexity_exact": float(torch.exp(torch.tensor(self.nll_exact / n))),
+            "perplexity_approx": float(torch.exp(torch.tensor(self.nll_approx / n))),
+            "positions": float(self.positions),
+        }
 
 
 class Comparison:
@@ -172,8 +183,13 @@ class Comparison:
         return [self.totals[layer].report(layer, self.model.mlps[layer]) for layer in self.layers]
 
 
-def evaluate(model: ApproxModel, config: EvalConfig, text: Path | None = None,
-             progress: bool = True, reference: Checkpoint | None = None) -> Report:
+def evaluate(
+    model: ApproxModel,
+    config: EvalConfig,
+    text: Path | None = None,
+    progress: bool = True,
+    reference: Checkpoint | None = None,
+) -> Report:
     """reference: another checkpoint (e.g. the original a sparsified model came from) that the exact
     and the approximate model are also compared with, end to end: the whole chain in one report."""
     model.configure(config.k, config.search_params, config.candidate_factor)
@@ -184,8 +200,10 @@ def evaluate(model: ApproxModel, config: EvalConfig, text: Path | None = None,
             raise InputError(f"the reference is a {reference.kind}, the store's model a {checkpoint.kind}")
         if reference.tokenizer.get_vocab() != checkpoint.tokenizer.get_vocab():
             raise InputError("the reference checkpoint tokenizes differently: outputs cannot be compared")
-        against = {"exact_vs_reference": OutputAgreement(checkpoint.kind),
-                   "approx_vs_reference": OutputAgreement(checkpoint.kind)}
+        against = {
+            "exact_vs_reference": OutputAgreement(checkpoint.kind),
+            "approx_vs_reference": OutputAgreement(checkpoint.kind),
+        }
     comparison = Comparison(model)
     stats = TextStats()
     stream = batches(checkpoint, passages(text, "evaluation", config.text), config.text, stats)
@@ -202,7 +220,13 @@ def evaluate(model: ApproxModel, config: EvalConfig, text: Path | None = None,
     if any(mlp.candidates > mlp.k for mlp in model.mlps.values()):
         extra["candidates"] = [mlp.candidates for mlp in model.mlps.values()]
     return Report(
-        model=manifest.name, backend=manifest.backend, k=config.k or manifest.k,
+        model=manifest.name,
+        backend=manifest.backend,
+        k=config.k or manifest.k,
         text={"source": describe(text, "evaluation", config.text), **stats.to_json()},
         layers=comparison.layer_reports(),
-        end_to_end=comparison.end_to_end.report(), family=manifest.family, kind=manifest.kind, extra=extra)
+        end_to_end=comparison.end_to_end.report(),
+        family=manifest.family,
+        kind=manifest.kind,
+        extra=extra,
+    )

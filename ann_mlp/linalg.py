@@ -53,8 +53,15 @@ def rows_dot(rows: torch.Tensor, ids: torch.Tensor, x: torch.Tensor, max_gathere
     queries = np.ascontiguousarray(x.detach().numpy(), dtype=np.float32)  # (N, d)
     selected = np.ascontiguousarray(ids.numpy(), dtype=np.int64)  # (N, k)
     out = np.empty((n_queries, k), dtype=np.float32)
-    faiss.fvec_inner_products_by_idx(faiss.swig_ptr(out), faiss.swig_ptr(queries), faiss.swig_ptr(table),
-                                     faiss.swig_ptr(selected), table.shape[1], n_queries, k)
+    faiss.fvec_inner_products_by_idx(
+        faiss.swig_ptr(out),
+        faiss.swig_ptr(queries),
+        faiss.swig_ptr(table),
+        faiss.swig_ptr(selected),
+        table.shape[1],
+        n_queries,
+        k,
+    )
     return torch.from_numpy(out)
 
 
@@ -70,8 +77,9 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1)
 
 
-def best_candidates(rows: torch.Tensor, candidates: torch.Tensor, x: torch.Tensor, k: int,
-                    valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def best_candidates(
+    rows: torch.Tensor, candidates: torch.Tensor, x: torch.Tensor, k: int, valid: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact re-rank: each query's k best rows among its own candidates.
 
     rows (n, d), candidates (N, c) int64, x (N, d) -> (scores (N, k) float32, ids (N, k) int64),
@@ -108,7 +116,7 @@ class RowCodes:
         self.ranges = ranges  # (2, d) float32: per-dimension minimum and range
         self.bits = bits
         low, width = torch.from_numpy(ranges)  # (d,), (d,)
-        self.step = width / (2 ** bits - 1)  # (d,)
+        self.step = width / (2**bits - 1)  # (d,)
         self.offset = low + 0.5 * self.step  # (d,): the decoded value of code 0
 
     @classmethod
@@ -129,7 +137,7 @@ class RowCodes:
         if self.bits == 8:
             return codes.float()
         pairs = torch.stack([codes & 15, codes >> 4], dim=-1).flatten(-2)  # (..., 2·code bytes)
-        return pairs[..., :len(self.step)].float()
+        return pairs[..., : len(self.step)].float()
 
     def decode(self) -> torch.Tensor:
         """The decoded rows: (n, d) float32."""

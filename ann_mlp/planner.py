@@ -48,18 +48,25 @@ DECODE_NEW_TOKENS = 16
 DECODE_PASSES = 3
 
 
-def plan_layer(mlp: ApproxMLP, queries: torch.Tensor, batch_sizes: tuple[int, ...] = PLAN_BATCH_SIZES,
-               repeats: int = PLAN_REPEATS) -> dict:
+def plan_layer(
+    mlp: ApproxMLP, queries: torch.Tensor, batch_sizes: tuple[int, ...] = PLAN_BATCH_SIZES, repeats: int = PLAN_REPEATS
+) -> dict:
     """queries (n, d_model): real MLP inputs. Returns the manifest's `plan` record for the layer, timed alone."""
     dense_us, approx_us = [], []
     with torch.inference_mode():
         for size in batch_sizes:
             x = queries[torch.arange(size) % len(queries)]  # (size, d_model)
             for times, call in ((dense_us, mlp.dense_forward), (approx_us, mlp.forward_with_selection)):
-                times.append(round(statistics.median(time_calls(lambda call=call, x=x: call(x), repeats, warmup=1)) * 1e6, 1))
+                times.append(
+                    round(statistics.median(time_calls(lambda call=call, x=x: call(x), repeats, warmup=1)) * 1e6, 1)
+                )
     mlp.stats.reset()
-    return {"batch_sizes": list(batch_sizes), "dense_us": dense_us, "approx_us": approx_us,
-            "approx_up_to": approx_up_to(batch_sizes, dense_us, approx_us)}
+    return {
+        "batch_sizes": list(batch_sizes),
+        "dense_us": dense_us,
+        "approx_us": approx_us,
+        "approx_up_to": approx_up_to(batch_sizes, dense_us, approx_us),
+    }
 
 
 def approx_up_to(batch_sizes: tuple[int, ...], dense_us: list[float], approx_us: list[float]) -> int:
@@ -80,15 +87,16 @@ def machine() -> dict:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__}
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
 def planning_prompts(model: ApproxModel) -> list[list[int]]:
     """Token ids of a few calibration passages: what the model runs while it is planned."""
     tokenizer = model.checkpoint.tokenizer
-    prompts = [tokenizer(passage, add_special_tokens=True)["input_ids"][:DECODE_PROMPT_TOKENS]
-               for passage in islice(stdlib_passages("calibration"), DECODE_PROMPTS)]
+    prompts = [
+        tokenizer(passage, add_special_tokens=True)["input_ids"][:DECODE_PROMPT_TOKENS]
+        for passage in islice(stdlib_passages("calibration"), DECODE_PROMPTS)
+    ]
     return [ids for ids in prompts if len(ids) >= 2]
 
 
@@ -101,8 +109,13 @@ def plan_model(model: ApproxModel) -> dict[int, dict]:
     if model.checkpoint.kind == "causal_lm":
         for layer, (dense_us, approx_us) in decode_timings(model, prompts).items():
             plan = plans[layer]
-            plan.update(decode_dense_us=dense_us, decode_approx_us=approx_us, approx_up_to=approx_up_to(
-                PLAN_BATCH_SIZES, [dense_us, *plan["dense_us"][1:]], [approx_us, *plan["approx_us"][1:]]))
+            plan.update(
+                decode_dense_us=dense_us,
+                decode_approx_us=approx_us,
+                approx_up_to=approx_up_to(
+                    PLAN_BATCH_SIZES, [dense_us, *plan["dense_us"][1:]], [approx_us, *plan["approx_us"][1:]]
+                ),
+            )
     return plans
 
 
@@ -112,6 +125,7 @@ def _call_timers(mlps: dict[int, ApproxMLP], seconds: dict[int, list[float]]) ->
     started: dict[int, float] = {}
     handles = []
     for layer, mlp in mlps.items():
+
         def begin(_module, args, layer=layer):
             started[layer] = time.perf_counter() if args[0].numel() == args[0].shape[-1] else None
 
@@ -145,8 +159,13 @@ def decode_timings(model: ApproxModel, prompts: list[list[int]]) -> dict[int, tu
     for mlp in model.mlps.values():
         mlp.approx_up_to = None
     model.reset_stats()
-    return {layer: (round(statistics.median(seconds["dense"][layer]) * 1e6, 1),
-                    round(statistics.median(seconds["approx"][layer]) * 1e6, 1)) for layer in model.mlps}
+    return {
+        layer: (
+            round(statistics.median(seconds["dense"][layer]) * 1e6, 1),
+            round(statistics.median(seconds["approx"][layer]) * 1e6, 1),
+        )
+        for layer in model.mlps
+    }
 
 
 def replan_if_moved(model: ApproxModel) -> bool:

@@ -20,8 +20,10 @@ def table(report: Report) -> str:
     means = " ".join(f"{sum(getattr(entry, c) for entry in report.layers) / count:>19.4f}" for c in LAYER_COLUMNS)
     rows.append(f"{'mean':>5} {'':>6} {'':>5} {means}")
     rows.append("")
-    rows.append(f"end to end ({report.model}, {report.family}, backend={report.backend}, k={report.k}, "
-                f"{text_summary(report.text)}):")
+    rows.append(
+        f"end to end ({report.model}, {report.family}, backend={report.backend}, k={report.k}, "
+        f"{text_summary(report.text)}):"
+    )
     rows.extend(f"  {name:<24} {value:.4f}" for name, value in report.end_to_end.items())
     for name in ("exact_vs_reference", "approx_vs_reference"):
         if name in report.extra:
@@ -37,8 +39,10 @@ def text_summary(text: dict) -> str:
     handled += f", {text['truncated']} cut" if text["truncated"] else ""
     extent = "the whole text" if text["whole_text"] else "until the token budget"
     passages = f"{text['passages']} passage" + ("" if text["passages"] == 1 else "s")
-    return (f"{text['tokens']} tokens in {passages}{handled} (limit {text['limit']} tokens per "
-            f"sequence), {extent} of {text['source']}")
+    return (
+        f"{text['tokens']} tokens in {passages}{handled} (limit {text['limit']} tokens per "
+        f"sequence), {extent} of {text['source']}"
+    )
 
 
 def write_json(report: Report, path: Path) -> None:
@@ -60,8 +64,11 @@ def write_plots(report: Report, folder: Path) -> list[Path]:
     top.set_ylim(0, 1.05)
     top.set_ylabel("fraction")
     top.legend(loc="best", fontsize=8)
-    top.set_title(f"{report.model}: backend={report.backend}, k={report.k}\n"
-                  f"{report.text['tokens']} tokens, {report.text['passages']} passages", fontsize=10)
+    top.set_title(
+        f"{report.model}: backend={report.backend}, k={report.k}\n"
+        f"{report.text['tokens']} tokens, {report.text['passages']} passages",
+        fontsize=10,
+    )
     bottom.bar(layers, [entry.rel_output_error for entry in report.layers], color="tab:red")
     bottom.set_ylabel("relative MLP output error")
     bottom.set_xlabel("layer")

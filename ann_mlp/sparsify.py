@@ -127,8 +127,7 @@ def distillation_loss(kind: str, batch: Batch, teacher_out, student_out) -> torc
     valid = mask[:, :-1] & mask[:, 1:] if kind == "causal_lm" else mask
     logits_t = (teacher_out.logits[:, :-1] if kind == "causal_lm" else teacher_out.logits)[valid]  # (n, vocab)
     logits_s = (student_out.logits[:, :-1] if kind == "causal_lm" else student_out.logits)[valid]
-    kl = F.kl_div(F.log_softmax(logits_s, -1), F.log_softmax(logits_t, -1), log_target=True,
-                  reduction="batchmean")
+    kl = F.kl_div(F.log_softmax(logits_s, -1), F.log_softmax(logits_t, -1), log_target=True, reduction="batchmean")
     return hidden + kl
 
 
@@ -145,9 +144,16 @@ def _training_passages(text: list[Path], fmt: TextConfig) -> tuple[list[str], li
     return list(stdlib_passages("calibration")), [describe(None, "calibration")]
 
 
-def sparsify(spec: str, out: Path, config: SparsifyConfig, text: list[Path] | None = None,
-             report_text: Path | None = None, resume: bool = False, force: bool = False,
-             progress: bool = True) -> SparsifyReport:
+def sparsify(
+    spec: str,
+    out: Path,
+    config: SparsifyConfig,
+    text: list[Path] | None = None,
+    report_text: Path | None = None,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool = True,
+) -> SparsifyReport:
     """Train (or resume) the sparse student, write it to `out` with its report, return the report."""
     out = Path(out)
     state_dir = state_dir_for(out)
@@ -169,8 +175,15 @@ def sparsify(spec: str, out: Path, config: SparsifyConfig, text: list[Path] | No
 
     torch.manual_seed(config.seed)
     optimizer = torch.optim.AdamW(student.model.parameters(), lr=config.lr, weight_decay=0.0)
-    meta: dict[str, Any] = {"step": 0, "tokens_seen": 0, "train_seconds": 0.0, "original": spec,
-                            "config": asdict(config), "train_text": train_names, "log": []}
+    meta: dict[str, Any] = {
+        "step": 0,
+        "tokens_seen": 0,
+        "train_seconds": 0.0,
+        "original": spec,
+        "config": asdict(config),
+        "train_text": train_names,
+        "log": [],
+    }
     if resume:
         saved = load_state(state_dir, student.model, optimizer)
         if saved["config"]["method"] != config.method:
@@ -200,13 +213,22 @@ def _real_tokens(activation: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def _nonzero_pct(activations: dict[int, torch.Tensor], mask: torch.Tensor) -> list[float]:
     """Per layer, % of non-zero activations over real tokens."""
-    return [round(float((_real_tokens(a.detach(), mask) != 0).float().mean()) * 100, 2)
-            for _, a in sorted(activations.items())]
+    return [
+        round(float((_real_tokens(a.detach(), mask) != 0).float().mean()) * 100, 2)
+        for _, a in sorted(activations.items())
+    ]
 
 
-def _train(teacher: Checkpoint, student: Checkpoint, optimizer: torch.optim.Optimizer,
-           train_passages: list[str], config: SparsifyConfig, meta: dict, state_dir: Path,
-           progress: bool) -> None:
+def _train(
+    teacher: Checkpoint,
+    student: Checkpoint,
+    optimizer: torch.optim.Optimizer,
+    train_passages: list[str],
+    config: SparsifyConfig,
+    meta: dict,
+    state_dir: Path,
+    progress: bool,
+) -> None:
     model = student.model
     # Dropout stays off: the student learns to match the teacher's deterministic outputs, and
     # dropout noise would swamp the small differences distillation has to remove.
@@ -242,9 +264,15 @@ def _train(teacher: Checkpoint, student: Checkpoint, optimizer: torch.optim.Opti
             bar.set_postfix(loss=f"{loss.item():.4f}", nonzero="/".join(f"{v:.1f}" for v in nonzero))
             if meta["step"] % config.save_every == 0 or _budget_used(meta, config) >= 1.0:
                 # The log is part of the state, so it never runs ahead of what a resume restores.
-                meta["log"].append({"step": meta["step"], "tokens_seen": meta["tokens_seen"],
-                                    "train_hours": round(meta["train_seconds"] / 3600, 4),
-                                    "loss": round(loss.item(), 5), "nonzero_pct": nonzero})
+                meta["log"].append(
+                    {
+                        "step": meta["step"],
+                        "tokens_seen": meta["tokens_seen"],
+                        "train_hours": round(meta["train_seconds"] / 3600, 4),
+                        "loss": round(loss.item(), 5),
+                        "nonzero_pct": nonzero,
+                    }
+                )
                 save_state(state_dir, model, optimizer, meta)
     finally:
         for handle in handles:
@@ -252,8 +280,14 @@ def _train(teacher: Checkpoint, student: Checkpoint, optimizer: torch.optim.Opti
         bar.close()
 
 
-def _report(teacher: Checkpoint, student: Checkpoint, config: SparsifyConfig, meta: dict,
-            report_text: Path | None, progress: bool) -> SparsifyReport:
+def _report(
+    teacher: Checkpoint,
+    student: Checkpoint,
+    config: SparsifyConfig,
+    meta: dict,
+    report_text: Path | None,
+    progress: bool,
+) -> SparsifyReport:
     """The sparsified model (exact MLPs) against the original on held-out text."""
     agreement = OutputAgreement(teacher.kind)
     stream = batches(teacher, passages(report_text, "evaluation", config.report_text), config.report_text)
@@ -264,17 +298,23 @@ def _report(teacher: Checkpoint, student: Checkpoint, config: SparsifyConfig, me
     original = measure_sparsity(teacher, report_text, config.report_text, progress=False)
     adapter = student.adapter
     return SparsifyReport(
-        original=meta["original"], method=config.method, k=adapter.topk, threshold=adapter.threshold,
-        steps=meta["step"], tokens_seen=meta["tokens_seen"], train_seconds=round(meta["train_seconds"], 1),
-        train_text=meta["train_text"], report_text=describe(report_text, "evaluation", config.report_text),
+        original=meta["original"],
+        method=config.method,
+        k=adapter.topk,
+        threshold=adapter.threshold,
+        steps=meta["step"],
+        tokens_seen=meta["tokens_seen"],
+        train_seconds=round(meta["train_seconds"], 1),
+        train_text=meta["train_text"],
+        report_text=describe(report_text, "evaluation", config.report_text),
         against_original=agreement.report(),
         nonzero_pct=[round(layer.nonzero_pct, 3) for layer in sparse.layers],
         original_positive_pct=[round(layer.nonzero_pct, 3) for layer in original.layers],
-        config=asdict(config))
+        config=asdict(config),
+    )
 
 
-def _write(student: Checkpoint, out: Path, config: SparsifyConfig, report: SparsifyReport,
-           log: list[dict]) -> None:
+def _write(student: Checkpoint, out: Path, config: SparsifyConfig, report: SparsifyReport, log: list[dict]) -> None:
     """The Hugging Face folder, written aside and renamed into place: never half-written."""
     if student.source.gguf_file:
         # GGUF weights were de-quantized to float when loaded; what is saved is a plain float model.
@@ -289,12 +329,17 @@ def _write(student: Checkpoint, out: Path, config: SparsifyConfig, report: Spars
 
 
 def report_table(report: SparsifyReport) -> str:
-    rows = [f"{report.original} -> {report.method}"
-            + (f" k={report.k}" if report.k else "") + (f" threshold={report.threshold}" if report.threshold else "")
-            + f": {report.steps} steps, {report.tokens_seen} tokens, {report.train_seconds / 3600:.2f} h",
-            f"against the original on {report.report_text}:"]
+    rows = [
+        f"{report.original} -> {report.method}"
+        + (f" k={report.k}" if report.k else "")
+        + (f" threshold={report.threshold}" if report.threshold else "")
+        + f": {report.steps} steps, {report.tokens_seen} tokens, {report.train_seconds / 3600:.2f} h",
+        f"against the original on {report.report_text}:",
+    ]
     rows += [f"  {name:<24} {value:.4f}" for name, value in report.against_original.items()]
     rows.append(f"{'layer':>5} {'% non-zero':>11} {'original % positive':>20}")
-    rows += [f"{layer:>5} {nz:>11.2f} {orig:>20.2f}"
-             for layer, (nz, orig) in enumerate(zip(report.nonzero_pct, report.original_positive_pct))]
+    rows += [
+        f"{layer:>5} {nz:>11.2f} {orig:>20.2f}"
+        for layer, (nz, orig) in enumerate(zip(report.nonzero_pct, report.original_positive_pct))
+    ]
     return "\n".join(rows)

@@ -50,15 +50,17 @@ class SparsityReport:
         return asdict(self)
 
 
-def measure_sparsity(checkpoint: Checkpoint, text: Path | None, config: TextConfig,
-                     progress: bool = True) -> SparsityReport:
+def measure_sparsity(
+    checkpoint: Checkpoint, text: Path | None, config: TextConfig, progress: bool = True
+) -> SparsityReport:
     layers = range(checkpoint.num_layers)
     weights = [checkpoint.adapter.mlp_weights(layer) for layer in layers]
     fired_per_neuron = [torch.zeros(w.d_ff, dtype=torch.long) for w in weights]
     fired_per_token: list[list[torch.Tensor]] = [[] for _ in layers]
     tokens = 0
-    for batch in tqdm(batches(checkpoint, passages(text, "evaluation", config), config), desc="sparsity batches",
-                      disable=not progress):
+    for batch in tqdm(
+        batches(checkpoint, passages(text, "evaluation", config), config), desc="sparsity batches", disable=not progress
+    ):
         _, captured = forward_capturing(checkpoint, batch, layers)
         for layer, w in zip(layers, weights):
             scores = captured[layer] @ w.keys.float().T  # (n_tokens, d_ff)
@@ -75,17 +77,26 @@ def measure_sparsity(checkpoint: Checkpoint, text: Path | None, config: TextConf
     for layer, w in zip(layers, weights):
         per_token = torch.cat(fired_per_token[layer]).numpy() / w.d_ff * 100  # (tokens,)
         frequency = np.sort(fired_per_neuron[layer].numpy() / tokens)[::-1]  # (d_ff,), descending
-        resampled = np.interp(np.linspace(0, w.d_ff - 1, min(FREQUENCY_POINTS, w.d_ff)),
-                              np.arange(w.d_ff), frequency)
-        reports.append(LayerSparsity(
-            layer=layer, d_ff=w.d_ff, activation=w.activation,
-            measure="nonzero_activations" if _exact_zeros(w) else "positive_preactivations",
-            nonzero_pct=float(per_token.mean()),
-            per_token_pct_percentiles={f"p{p}": float(np.percentile(per_token, p)) for p in PERCENTILES},
-            dead_neurons=int((fired_per_neuron[layer] == 0).sum()),
-            firing_frequency_sorted=[round(float(v), 6) for v in resampled]))
-    return SparsityReport(model=checkpoint.source.spec, family=checkpoint.family,
-                          text=describe(text, "evaluation", config), tokens=tokens, layers=reports)
+        resampled = np.interp(np.linspace(0, w.d_ff - 1, min(FREQUENCY_POINTS, w.d_ff)), np.arange(w.d_ff), frequency)
+        reports.append(
+            LayerSparsity(
+                layer=layer,
+                d_ff=w.d_ff,
+                activation=w.activation,
+                measure="nonzero_activations" if _exact_zeros(w) else "positive_preactivations",
+                nonzero_pct=float(per_token.mean()),
+                per_token_pct_percentiles={f"p{p}": float(np.percentile(per_token, p)) for p in PERCENTILES},
+                dead_neurons=int((fired_per_neuron[layer] == 0).sum()),
+                firing_frequency_sorted=[round(float(v), 6) for v in resampled],
+            )
+        )
+    return SparsityReport(
+        model=checkpoint.source.spec,
+        family=checkpoint.family,
+        text=describe(text, "evaluation", config),
+        tokens=tokens,
+        layers=reports,
+    )
 
 
 def _exact_zeros(w) -> bool:
@@ -96,10 +107,13 @@ def _exact_zeros(w) -> bool:
 def sparsity_table(report: SparsityReport) -> str:
     measure = report.layers[0].measure
     label = "% non-zero" if measure == "nonzero_activations" else "% positive pre-act."
-    rows = [f"{report.model} ({report.family}), {report.tokens} tokens of {report.text}; "
-            f"{'activations' if measure == 'nonzero_activations' else 'not ReLU: positive pre-activations counted'}",
-            f"{'layer':>5} {'d_ff':>6} {label:>20} " + " ".join(f"{'p' + str(p):>7}" for p in PERCENTILES)
-            + f" {'dead':>6}"]
+    rows = [
+        f"{report.model} ({report.family}), {report.tokens} tokens of {report.text}; "
+        f"{'activations' if measure == 'nonzero_activations' else 'not ReLU: positive pre-activations counted'}",
+        f"{'layer':>5} {'d_ff':>6} {label:>20} "
+        + " ".join(f"{'p' + str(p):>7}" for p in PERCENTILES)
+        + f" {'dead':>6}",
+    ]
     for entry in report.layers:
         pct = " ".join(f"{entry.per_token_pct_percentiles[f'p{p}']:>7.2f}" for p in PERCENTILES)
         rows.append(f"{entry.layer:>5} {entry.d_ff:>6} {entry.nonzero_pct:>20.2f} {pct} {entry.dead_neurons:>6}")
@@ -116,7 +130,7 @@ def sparsity_plots(report: SparsityReport, folder: Path) -> list[Path]:
 
     folder.mkdir(parents=True, exist_ok=True)
     name = Path(report.model).name or report.model
-    ylabel = ("non-zero" if report.layers[0].measure == "nonzero_activations" else "positive pre-activation")
+    ylabel = "non-zero" if report.layers[0].measure == "nonzero_activations" else "positive pre-activation"
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     layers = [entry.layer for entry in report.layers]
     left.bar(layers, [entry.nonzero_pct for entry in report.layers], color="tab:blue")

@@ -95,11 +95,15 @@ class Manifest:
         """The manifest, its fields type-checked and its layers consistent; StoreError naming the first fault."""
         version = data.get("format_version") if isinstance(data, dict) else None
         if version != STORE_FORMAT_VERSION:
-            raise StoreError(f"store format version {version!r} is not supported (expected {STORE_FORMAT_VERSION}); "
-                             "rebuild it with `ann-mlp build ... --force`")
+            raise StoreError(
+                f"store format version {version!r} is not supported (expected {STORE_FORMAT_VERSION}); "
+                "rebuild it with `ann-mlp build ... --force`"
+            )
         if data.get("checksum") != manifest_checksum(data):
-            raise StoreError(f"{MANIFEST} does not match its checksum: it was edited or corrupted "
-                             "(rebuild the store with `ann-mlp build ... --force`)")
+            raise StoreError(
+                f"{MANIFEST} does not match its checksum: it was edited or corrupted "
+                "(rebuild the store with `ann-mlp build ... --force`)"
+            )
         try:
             manifest = TypeAdapter(cls).validate_python(data)
         except ValidationError as err:
@@ -125,15 +129,20 @@ class Manifest:
             try:
                 defaults = backend_class(entry.backend).default_build_params(entry.d_ff, entry.d_model + 1)
             except BackendError:
-                raise StoreError(f"malformed manifest: layer {entry.layer}'s backend {entry.backend!r} is unknown") from None
+                raise StoreError(
+                    f"malformed manifest: layer {entry.layer}'s backend {entry.backend!r} is unknown"
+                ) from None
             missing = sorted(set(defaults) - set(entry.build_params))
             if missing:
-                raise StoreError(f"malformed manifest: layer {entry.layer}'s build parameters lack {', '.join(missing)}")
+                raise StoreError(
+                    f"malformed manifest: layer {entry.layer}'s build parameters lack {', '.join(missing)}"
+                )
             lo, hi = entry.effort_range
             effort = entry.search_params.get(entry.effort_param)
             if effort is not None and not (isinstance(effort, int) and lo <= effort <= hi):
-                raise StoreError(f"malformed manifest: layer {entry.layer}'s {entry.effort_param} {effort!r} "
-                                 f"is outside [{lo}, {hi}]")
+                raise StoreError(
+                    f"malformed manifest: layer {entry.layer}'s {entry.effort_param} {effort!r} is outside [{lo}, {hi}]"
+                )
 
 
 def manifest_checksum(data: dict[str, Any]) -> str:
@@ -224,10 +233,13 @@ class Store:
         """keys: the layer's augmented keys (d_ff, d_model + 1) from the verified checkpoint."""
         entry = self.manifest.layers[layer]
         if keys.shape != (entry.d_ff, entry.d_model + 1):
-            raise StoreError(f"store {self.path}: layer {layer} was built for {entry.d_ff}x{entry.d_model} keys, "
-                             f"the checkpoint's are {keys.shape[0]}x{keys.shape[1] - 1}")
-        return backend_class(entry.backend).load(self.path, f"layer_{layer:03d}", keys,
-                                                 entry.build_params, entry.search_params)
+            raise StoreError(
+                f"store {self.path}: layer {layer} was built for {entry.d_ff}x{entry.d_model} keys, "
+                f"the checkpoint's are {keys.shape[0]}x{keys.shape[1] - 1}"
+            )
+        return backend_class(entry.backend).load(
+            self.path, f"layer_{layer:03d}", keys, entry.build_params, entry.search_params
+        )
 
     def load_layer_arrays(self, layer: int) -> dict[str, np.ndarray]:
         """The arrays beside the layer's index, those it has: its tail correction {"tail_mean": (d_ff,),
@@ -240,5 +252,5 @@ class Store:
         built_from = self.manifest.source["weight_files"]
         if built_from != source.weight_files:
             raise CheckpointError(
-                f"store {self.path} was built from other weights ({self.manifest.source['spec']}), "
-                f"not {source.spec}")
+                f"store {self.path} was built from other weights ({self.manifest.source['spec']}), not {source.spec}"
+            )

@@ -85,8 +85,11 @@ def read_file(path: Path, fmt: TextConfig = TextConfig()) -> tuple[list[str], st
     else:
         lines = fmt.split == "lines" or (fmt.split == "auto" and not re.search(r"\n\s*\n", text.strip()))
         pieces = text.splitlines() if lines else re.split(r"\n\s*\n", text)
-        how = ("one passage per line" + (" (no blank lines)" if fmt.split == "auto" else "")) if lines \
+        how = (
+            ("one passage per line" + (" (no blank lines)" if fmt.split == "auto" else ""))
+            if lines
             else "one passage per paragraph"
+        )
         found = [_clean(p) for p in pieces]
     found = [p for p in found if p]
     if not found:
@@ -105,8 +108,9 @@ def _jsonl_passages(path: Path, text: str, field: str) -> list[str]:
             raise InputError(f"{path}:{number}: not a JSON record ({err.msg})") from err
         value = record.get(field) if isinstance(record, dict) else None
         if not isinstance(value, str):
-            raise InputError(f"{path}:{number}: the record has no text field {field!r} "
-                             "(name the field with --jsonl-field)")
+            raise InputError(
+                f"{path}:{number}: the record has no text field {field!r} (name the field with --jsonl-field)"
+            )
         found.append(_clean(value))
     return found
 
@@ -152,8 +156,10 @@ def calibration_passages(sources: Sequence[str | Path], fmt: TextConfig = TextCo
     kinds (README, "Fidelity frontier")."""
     if not sources:
         return stdlib_passages("calibration")
-    streams = [stdlib_passages("calibration") if _is_stdlib(source) else iter(corpus_passages([Path(source)], fmt))
-               for source in sources]
+    streams = [
+        stdlib_passages("calibration") if _is_stdlib(source) else iter(corpus_passages([Path(source)], fmt))
+        for source in sources
+    ]
     return _in_turn(streams)
 
 
@@ -172,8 +178,10 @@ def _in_turn(streams: list[Iterator[str]]) -> Iterator[str]:
 
 
 def describe_calibration(sources: Sequence[str | Path], fmt: TextConfig = TextConfig()) -> str:
-    return " + ".join(describe(None if _is_stdlib(source) else Path(source), "calibration", fmt)
-                      for source in sources or [STDLIB_SOURCE])
+    return " + ".join(
+        describe(None if _is_stdlib(source) else Path(source), "calibration", fmt)
+        for source in sources or [STDLIB_SOURCE]
+    )
 
 
 def recorded_sources(sources: Sequence[str | Path]) -> list[str]:

@@ -23,20 +23,23 @@ class OperatingPoint:
     bytes_read_fraction: float  # index bytes read / (queries * full-scan bytes)
 
 
-def measure(index: MipsIndex, queries: np.ndarray, exact_scores: torch.Tensor, k: int,
-            effort: int | None = None) -> OperatingPoint:
+def measure(
+    index: MipsIndex, queries: np.ndarray, exact_scores: torch.Tensor, k: int, effort: int | None = None
+) -> OperatingPoint:
     """queries (N, D) augmented; exact_scores (N, num_keys) ground truth."""
     params = {} if effort is None else {index.effort_param: effort}
     result = index.search(queries, k, **params)
     recall = recall_at_k(exact_scores, torch.from_numpy(result.ids), k).mean().item()
     n = queries.shape[0]
     used = index.resolve_effort(k, params)
-    return OperatingPoint(used, recall, result.keys_scored / (n * index.num_keys),
-                          result.bytes_read / (n * index.full_scan_bytes))
+    return OperatingPoint(
+        used, recall, result.keys_scored / (n * index.num_keys), result.bytes_read / (n * index.full_scan_bytes)
+    )
 
 
-def tune_effort(index: MipsIndex, queries: np.ndarray, exact_scores: torch.Tensor, k: int,
-                target_recall: float) -> OperatingPoint:
+def tune_effort(
+    index: MipsIndex, queries: np.ndarray, exact_scores: torch.Tensor, k: int, target_recall: float
+) -> OperatingPoint:
     """Smallest effort in the backend's range with mean recall >= target (the largest if none reaches it).
 
     Recall is monotone in effort for every backend here (more lists, wider

@@ -44,8 +44,16 @@ def measure(results: Path, stores: list[str]) -> None:
         if not (store / "manifest.json").exists():
             ann_mlp("build", checkpoint, "--out", str(store), *build_args)
         for batch in BATCHES:
-            ann_mlp("bench", "decode", str(store), "--batch", str(batch), *bench_args,
-                    "--json", str(results / "bench_decode.jsonl"))
+            ann_mlp(
+                "bench",
+                "decode",
+                str(store),
+                "--batch",
+                str(batch),
+                *bench_args,
+                "--json",
+                str(results / "bench_decode.jsonl"),
+            )
 
 
 def machine_line() -> str:
@@ -57,8 +65,9 @@ def machine_line() -> str:
 
 def page(results: Path, command: str) -> str:
     records = [json.loads(line) for line in (results / "bench_decode.jsonl").read_text().splitlines()]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=REPO).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
+    ).stdout.strip()
     rows = [
         "# Decode: one new token per step",
         "",
@@ -85,15 +94,22 @@ def page(results: Path, command: str) -> str:
             f"| {r['approx_speedup']:.2f}× | {r['auto_speedup']:.2f}× | {r['generate_tokens_per_s']:.1f} "
             f"| {r['lean_loop_speedup']:.2f}× | {r['continuation_agreement']:.3f} / "
             f"{r['auto_continuation_agreement']:.3f} | {r['kl_mean']:.4f} | {r['perplexity_exact']:.1f} → "
-            f"{r['perplexity_approx']:.1f} | {r['auto_dense_fraction']:.0%} |")
-    rows += ["", "## Where a decode step's time goes (ms per step, measured with hooks in a pass of its own)", "",
-             "| store | batch | path | total | index search | MLP rest | attention | other |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+            f"{r['perplexity_approx']:.1f} | {r['auto_dense_fraction']:.0%} |"
+        )
+    rows += [
+        "",
+        "## Where a decode step's time goes (ms per step, measured with hooks in a pass of its own)",
+        "",
+        "| store | batch | path | total | index search | MLP rest | attention | other |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in records:
         for path, split in r["split"].items():
-            rows.append(f"| {r['model']} | {r['batch']} | {path} | {split['total_ms']:.2f} | "
-                        f"{split['index_search_ms']:.2f} | {split['mlp_rest_ms']:.2f} | {split['attention_ms']:.2f} | "
-                        f"{split['other_ms']:.2f} |")
+            rows.append(
+                f"| {r['model']} | {r['batch']} | {path} | {split['total_ms']:.2f} | "
+                f"{split['index_search_ms']:.2f} | {split['mlp_rest_ms']:.2f} | {split['attention_ms']:.2f} | "
+                f"{split['other_ms']:.2f} |"
+            )
     return "\n".join(rows) + "\n"
 
 
@@ -103,8 +119,9 @@ def main() -> int:
     parser.add_argument("--stores", nargs="+", default=list(STORES), choices=list(STORES))
     parser.add_argument("--results", type=Path, default=REPO / "results" / "decode")
     args = parser.parse_args()
-    command = "python bench/decode_tables.py" + ("" if args.stores == list(STORES) else
-                                                 " --stores " + " ".join(args.stores))
+    command = "python bench/decode_tables.py" + (
+        "" if args.stores == list(STORES) else " --stores " + " ".join(args.stores)
+    )
     if not args.table_only:
         measure(args.results, args.stores)
     PAGE.parent.mkdir(parents=True, exist_ok=True)

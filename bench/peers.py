@@ -78,8 +78,9 @@ def effort_sweep(lo: int, hi: int) -> list[int]:
     return sorted({int(round(v)) for v in np.geomspace(lo, hi, SWEEP_POINTS)})
 
 
-def run_model(name: str, k: int, backends: list[str], out: Path, calibration_tokens: int = 16384,
-              eval_tokens: int = EVAL_TOKENS) -> list[dict]:
+def run_model(
+    name: str, k: int, backends: list[str], out: Path, calibration_tokens: int = 16384, eval_tokens: int = EVAL_TOKENS
+) -> list[dict]:
     """Sweep every backend on every layer of checkpoint `name`; records also go to out/peers_<name>.jsonl."""
     checkpoint = load_checkpoint(name)
     config = BuildConfig(calibration=TextConfig(max_tokens=calibration_tokens))
@@ -103,14 +104,27 @@ def run_model(name: str, k: int, backends: list[str], out: Path, calibration_tok
                     totals.add(mlp, x)
                 point = totals.report(layer, mlp)
                 approx_us = batch1_us(mlp, x)
-                records.append({
-                    "model": Path(name).name, "layer": layer, "backend": backend, "k": k, "effort_param": index.effort_param,
-                    "effort": effort, "build_params": index.build_params, "recall_at_k": point.recall_at_k,
-                    "scanned_fraction": point.scanned_fraction, "bytes_read_fraction": point.bytes_read_fraction,
-                    "rel_output_error": point.rel_output_error, "mass_recall": point.mass_recall,
-                    "build_seconds": round(build_seconds, 2), "held_out_tokens": len(x),
-                    "dense_us": round(dense_us, 3), "approx_us": round(approx_us, 3),
-                    "speedup": dense_us / approx_us})
+                records.append(
+                    {
+                        "model": Path(name).name,
+                        "layer": layer,
+                        "backend": backend,
+                        "k": k,
+                        "effort_param": index.effort_param,
+                        "effort": effort,
+                        "build_params": index.build_params,
+                        "recall_at_k": point.recall_at_k,
+                        "scanned_fraction": point.scanned_fraction,
+                        "bytes_read_fraction": point.bytes_read_fraction,
+                        "rel_output_error": point.rel_output_error,
+                        "mass_recall": point.mass_recall,
+                        "build_seconds": round(build_seconds, 2),
+                        "held_out_tokens": len(x),
+                        "dense_us": round(dense_us, 3),
+                        "approx_us": round(approx_us, 3),
+                        "speedup": dense_us / approx_us,
+                    }
+                )
             print(f"{Path(name).name} layer {layer} {backend}: built in {build_seconds:.1f}s", flush=True)
     merge_records(out / f"peers_{Path(name).name}.jsonl", records, backends)
     return records
@@ -119,8 +133,11 @@ def run_model(name: str, k: int, backends: list[str], out: Path, calibration_tok
 def merge_records(path: Path, records: list[dict], backends: list[str]) -> None:
     """Replace the swept backends' records in path, keep the other backends' (a run of one backend
     adds it to the comparison); the file is swapped in whole, never left half-written."""
-    kept = [] if not path.exists() else [line for line in path.read_text().splitlines()
-                                         if json.loads(line)["backend"] not in backends]
+    kept = (
+        []
+        if not path.exists()
+        else [line for line in path.read_text().splitlines() if json.loads(line)["backend"] not in backends]
+    )
     partial = path.with_name(path.name + ".partial")
     partial.write_text("".join(line + "\n" for line in kept) + "".join(json.dumps(r) + "\n" for r in records))
     partial.replace(path)
@@ -142,17 +159,23 @@ def by_key(records: list[dict], *fields: str) -> dict[tuple, list[dict]]:
 
 
 def table(records: list[dict]) -> str:
-    rows = [f"| model | backend | recall@k | bytes read | keys scanned | output error | batch-1 speedup "
-            f"| reaches {TARGET_RECALL} |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = [
+        f"| model | backend | recall@k | bytes read | keys scanned | output error | batch-1 speedup "
+        f"| reaches {TARGET_RECALL} |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for (model, backend), points in by_key(records, "model", "backend").items():
         chosen = [operating_point(layer_points) for layer_points in by_key(points, "layer").values()]
-        mean = {f: statistics.mean(p[f] for p in chosen)
-                for f in ("recall_at_k", "bytes_read_fraction", "scanned_fraction", "rel_output_error", "speedup")}
+        mean = {
+            f: statistics.mean(p[f] for p in chosen)
+            for f in ("recall_at_k", "bytes_read_fraction", "scanned_fraction", "rel_output_error", "speedup")
+        }
         reached = sum(p["recall_at_k"] >= TARGET_RECALL for p in chosen)
-        rows.append(f"| {model} | {backend} | {mean['recall_at_k']:.3f} | {mean['bytes_read_fraction']:.3f} | "
-                    f"{mean['scanned_fraction']:.3f} | {mean['rel_output_error']:.3f} | {mean['speedup']:.2f}× | "
-                    f"{reached}/{len(chosen)} layers |")
+        rows.append(
+            f"| {model} | {backend} | {mean['recall_at_k']:.3f} | {mean['bytes_read_fraction']:.3f} | "
+            f"{mean['scanned_fraction']:.3f} | {mean['rel_output_error']:.3f} | {mean['speedup']:.2f}× | "
+            f"{reached}/{len(chosen)} layers |"
+        )
     return "\n".join(rows)
 
 
@@ -163,8 +186,12 @@ def plots(records: list[dict], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    panels = [("bytes_read_fraction", "recall_at_k"), ("scanned_fraction", "recall_at_k"),
-              ("bytes_read_fraction", "rel_output_error"), ("speedup", "recall_at_k")]
+    panels = [
+        ("bytes_read_fraction", "recall_at_k"),
+        ("scanned_fraction", "recall_at_k"),
+        ("bytes_read_fraction", "rel_output_error"),
+        ("speedup", "recall_at_k"),
+    ]
     for (model,), model_records in by_key(records, "model").items():
         fig, axes = plt.subplots(1, len(panels), figsize=(21, 4.8))
         for (backend,), points in by_key(model_records, "backend").items():
@@ -228,8 +255,12 @@ def main() -> None:
     if not args.table_only:
         for model in args.models:
             run_model(model, MODELS[model], args.backends, args.out)
-    records = [json.loads(line) for model in args.models if (args.out / f"peers_{model}.jsonl").exists()
-               for line in (args.out / f"peers_{model}.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line)
+        for model in args.models
+        if (args.out / f"peers_{model}.jsonl").exists()
+        for line in (args.out / f"peers_{model}.jsonl").read_text().splitlines()
+    ]
     print(table(records))
     for path in plots(records, args.out):
         print(f"wrote {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")

@@ -37,7 +37,7 @@ def attention_step_us(context: int, repeats: int) -> float:
     from ann_mlp.timing import time_calls
 
     generator = torch.Generator().manual_seed(0)
-    weights = [torch.randn(D_MODEL, D_MODEL, generator=generator) * D_MODEL ** -0.5 for _ in range(4)]
+    weights = [torch.randn(D_MODEL, D_MODEL, generator=generator) * D_MODEL**-0.5 for _ in range(4)]
     head = D_MODEL // HEADS
     keys = torch.randn(1, HEADS, context, head, generator=generator)  # (1, H, L, d_head)
     values = torch.randn(1, HEADS, context, head, generator=generator)
@@ -55,7 +55,7 @@ def attention_step_us(context: int, repeats: int) -> float:
 def output_projection_us(repeats: int) -> float:
     from ann_mlp.timing import time_calls
 
-    weight = torch.randn(VOCAB, D_MODEL) * D_MODEL ** -0.5
+    weight = torch.randn(VOCAB, D_MODEL) * D_MODEL**-0.5
     x = torch.randn(1, D_MODEL)
     with torch.inference_mode():
         return statistics.median(time_calls(lambda: F.linear(x, weight), repeats)) * 1e6
@@ -67,23 +67,47 @@ def measure(results: Path, probe_fraction: float, context: int, repeats: int) ->
     layer_file.unlink(missing_ok=True)
     for d_ff, gated, _ in SHAPES:
         k = round(d_ff * (1 - SPARSITY))
-        command = [sys.executable, "-m", "ann_mlp", "bench", "layer", "--d-model", str(D_MODEL), "--d-ff", str(d_ff),
-                   *(["--gated"] if gated else []), "--batch", "1", "--k", str(k), "--probe-fraction",
-                   str(probe_fraction), "--repeats", str(repeats), "--json", str(layer_file)]
+        command = [
+            sys.executable,
+            "-m",
+            "ann_mlp",
+            "bench",
+            "layer",
+            "--d-model",
+            str(D_MODEL),
+            "--d-ff",
+            str(d_ff),
+            *(["--gated"] if gated else []),
+            "--batch",
+            "1",
+            "--k",
+            str(k),
+            "--probe-fraction",
+            str(probe_fraction),
+            "--repeats",
+            str(repeats),
+            "--json",
+            str(layer_file),
+        ]
         print("+", " ".join(command[2:]), flush=True)
         subprocess.run(command, check=True, cwd=REPO)
     torch.set_num_threads(2)
-    return {"layers": [json.loads(line) for line in layer_file.read_text().splitlines()],
-            "attention_us": attention_step_us(context, repeats), "output_us": output_projection_us(repeats),
-            "context": context, "probe_fraction": probe_fraction}
+    return {
+        "layers": [json.loads(line) for line in layer_file.read_text().splitlines()],
+        "attention_us": attention_step_us(context, repeats),
+        "output_us": output_projection_us(repeats),
+        "context": context,
+        "probe_fraction": probe_fraction,
+    }
 
 
 def page(measured: dict, command: str) -> str:
     from ann_mlp.planner import machine
 
     here = machine()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=REPO).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
+    ).stdout.strip()
     attention, output = measured["attention_us"], measured["output_us"]
     rows = [
         "# Projection: decode speed of a 7B ReLU model at 90 % activation sparsity",
@@ -107,9 +131,11 @@ def page(measured: dict, command: str) -> str:
     for layer, (_, _, what) in zip(measured["layers"], SHAPES):
         dense_step = LAYERS * (attention + layer["dense_us"]) + output  # µs per token
         approx_step = LAYERS * (attention + layer["approx_us"]) + output
-        rows.append(f"| {layer['d_model']}x{layer['d_ff']} ({what}) | {layer['dense_us'] / 1e3:.2f} | "
-                    f"{layer['approx_us'] / 1e3:.2f} | {layer['speedup']:.2f}x | {layer['bytes_read_fraction']:.3f} | "
-                    f"{1e6 / dense_step:.2f} | {1e6 / approx_step:.2f} | {dense_step / approx_step:.2f}x |")
+        rows.append(
+            f"| {layer['d_model']}x{layer['d_ff']} ({what}) | {layer['dense_us'] / 1e3:.2f} | "
+            f"{layer['approx_us'] / 1e3:.2f} | {layer['speedup']:.2f}x | {layer['bytes_read_fraction']:.3f} | "
+            f"{1e6 / dense_step:.2f} | {1e6 / approx_step:.2f} | {dense_step / approx_step:.2f}x |"
+        )
     rows += [
         "",
         "For scale: PowerInfer reports 2.1-2.3x over llama.cpp on CPUs for ReLU-sparse 7B-class models "
@@ -129,8 +155,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--results", type=Path, default=REPO / "results" / "projection")
     args = parser.parse_args()
-    command = "python bench/projection_7b.py" + (f" --probe-fraction {args.probe_fraction}"
-                                                 if args.probe_fraction != 0.25 else "")
+    command = "python bench/projection_7b.py" + (
+        f" --probe-fraction {args.probe_fraction}" if args.probe_fraction != 0.25 else ""
+    )
     measured = measure(args.results, args.probe_fraction, args.context, args.repeats)
     PAGE.parent.mkdir(parents=True, exist_ok=True)
     PAGE.write_text(page(measured, command))

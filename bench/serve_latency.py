@@ -34,8 +34,12 @@ def free_port() -> int:
 
 
 def start_server(store: Path, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "ann_mlp", "serve", str(store), "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ann_mlp", "serve", str(store), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=os.environ.copy(),
+    )
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -69,10 +73,16 @@ def measure(url: str, model: str, kind: str, texts: list[str], mode: str, concur
         with ThreadPoolExecutor(concurrency) as pool:
             latencies = np.array(list(pool.map(one, texts))) * 1e3
         wall = time.perf_counter() - start
-    return {"model": model, "mode": mode, "concurrency": concurrency, "requests": len(texts),
-            "p50_ms": round(float(np.percentile(latencies, 50)), 2),
-            "p99_ms": round(float(np.percentile(latencies, 99)), 2),
-            "mean_ms": round(float(latencies.mean()), 2), "throughput_rps": round(len(texts) / wall, 2)}
+    return {
+        "model": model,
+        "mode": mode,
+        "concurrency": concurrency,
+        "requests": len(texts),
+        "p50_ms": round(float(np.percentile(latencies, 50)), 2),
+        "p99_ms": round(float(np.percentile(latencies, 99)), 2),
+        "mean_ms": round(float(latencies.mean()), 2),
+        "throughput_rps": round(len(texts) / wall, 2),
+    }
 
 
 def main(argv=None) -> int:
@@ -97,8 +107,10 @@ def main(argv=None) -> int:
         proc.wait(timeout=60)
     print(f"{'model':<10} {'mode':<7} {'clients':>7} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>7}")
     for r in records:
-        print(f"{r['model']:<10} {r['mode']:<7} {r['concurrency']:>7} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} "
-              f"{r['throughput_rps']:>7.1f}")
+        print(
+            f"{r['model']:<10} {r['mode']:<7} {r['concurrency']:>7} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} "
+            f"{r['throughput_rps']:>7.1f}"
+        )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     with open(args.json, "a") as f:
         for r in records:

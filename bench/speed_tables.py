@@ -21,14 +21,23 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 # (d_model, d_ff, gated, what it is)
-SHAPES = [(384, 1536, False, "MiniLM"), (576, 1536, True, "SmolLM2"), (1024, 4096, False, ""),
-          (2048, 8192, False, "OPT-1.3B"), (4096, 16384, False, "OPT-6.7B"), (4096, 11008, True, "LLaMA-7B")]
+SHAPES = [
+    (384, 1536, False, "MiniLM"),
+    (576, 1536, True, "SmolLM2"),
+    (1024, 4096, False, ""),
+    (2048, 8192, False, "OPT-1.3B"),
+    (4096, 16384, False, "OPT-6.7B"),
+    (4096, 11008, True, "LLaMA-7B"),
+]
 BATCHES = (1, 4, 16, 64)
 # (d_model, d_ff, batch) -> the speedup the performance issue asks for
 TARGETS = {(4096, 16384, 1): 12.0, (2048, 8192, 1): 8.0, (1024, 4096, 1): 5.0, (4096, 16384, 16): 4.0}
 # store -> (checkpoint, build options, timed end to end as well as measured for memory)
-STORES = {"relu-lm": ("relu-lm", ["--preset"], True), "relu-lm-ivf": ("relu-lm", ["--backend", "ivf"], False),
-          "relu-lm-hnsw": ("relu-lm", ["--backend", "hnsw"], False)}
+STORES = {
+    "relu-lm": ("relu-lm", ["--preset"], True),
+    "relu-lm-ivf": ("relu-lm", ["--backend", "ivf"], False),
+    "relu-lm-hnsw": ("relu-lm", ["--backend", "hnsw"], False),
+}
 
 
 def ann_mlp(*args: str) -> None:
@@ -41,50 +50,77 @@ def measure(results: Path) -> None:
     for name in ("bench_layer.jsonl", "bench_e2e.jsonl", "bench_memory.jsonl"):
         (results / name).unlink(missing_ok=True)
     for d_model, d_ff, gated, _ in SHAPES:
-        ann_mlp("bench", "layer", "--d-model", str(d_model), "--d-ff", str(d_ff), *(["--gated"] if gated else []),
-                *[arg for b in BATCHES for arg in ("--batch", str(b))], "--json", str(results / "bench_layer.jsonl"))
+        ann_mlp(
+            "bench",
+            "layer",
+            "--d-model",
+            str(d_model),
+            "--d-ff",
+            str(d_ff),
+            *(["--gated"] if gated else []),
+            *[arg for b in BATCHES for arg in ("--batch", str(b))],
+            "--json",
+            str(results / "bench_layer.jsonl"),
+        )
     for name, (checkpoint, build_args, timed) in STORES.items():
         store = REPO / "indexes" / name
         if not (store / "manifest.json").exists():
             ann_mlp("build", checkpoint, "--out", str(store), *build_args)
         if timed:
-            ann_mlp("bench", "e2e", str(store), "--batch", "1", "--batch", "16",
-                    "--json", str(results / "bench_e2e.jsonl"))
+            ann_mlp(
+                "bench", "e2e", str(store), "--batch", "1", "--batch", "16", "--json", str(results / "bench_e2e.jsonl")
+            )
         ann_mlp("bench", "memory", str(store), "--json", str(results / "bench_memory.jsonl"))
 
 
 def tables(results: Path) -> str:
     layer = [json.loads(line) for line in (results / "bench_layer.jsonl").read_text().splitlines()]
     names = {(d, f): what for d, f, _, what in SHAPES}
-    rows = [f"Streaming memory bandwidth (array copy): {layer[0]['bandwidth_gb_s']:.1f} GB/s.", "",
-            "| shape | batch | dense path | dense µs | approx µs | speedup | target | bytes read | traffic limit "
-            "| search µs | overhead µs |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = [
+        f"Streaming memory bandwidth (array copy): {layer[0]['bandwidth_gb_s']:.1f} GB/s.",
+        "",
+        "| shape | batch | dense path | dense µs | approx µs | speedup | target | bytes read | traffic limit "
+        "| search µs | overhead µs |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in layer:
         shape = f"{r['d_model']}×{r['d_ff']}{' gated' if r['gated'] else ''}"
         what = names.get((r["d_model"], r["d_ff"]), "")
         target = TARGETS.get((r["d_model"], r["d_ff"], r["batch"]))
-        rows.append(f"| {shape}{f' ({what})' if what else ''} | {r['batch']} | {r['dense_path']} | {r['dense_us']:.0f} | "
-                    f"{r['approx_us']:.0f} | {r['speedup']:.1f}× | {f'≥ {target:g}×' if target else ''} | "
-                    f"{r['bytes_read_fraction']:.3f} | {r['traffic_limit_speedup']:.1f}× | {r['search_us']:.0f} | "
-                    f"{r['overhead_us']:.0f} |")
+        rows.append(
+            f"| {shape}{f' ({what})' if what else ''} | {r['batch']} | {r['dense_path']} | {r['dense_us']:.0f} | "
+            f"{r['approx_us']:.0f} | {r['speedup']:.1f}× | {f'≥ {target:g}×' if target else ''} | "
+            f"{r['bytes_read_fraction']:.3f} | {r['traffic_limit_speedup']:.1f}× | {r['search_us']:.0f} | "
+            f"{r['overhead_us']:.0f} |"
+        )
     e2e_path = results / "bench_e2e.jsonl"
     if e2e_path.exists():
-        rows += ["", "| store | batch | tokens | exact tok/s | approx tok/s | auto tok/s | auto/exact (paired) | "
-                 "auto dense share | recall@k | keys scanned | end to end (approx vs exact) |",
-                 "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        rows += [
+            "",
+            "| store | batch | tokens | exact tok/s | approx tok/s | auto tok/s | auto/exact (paired) | "
+            "auto dense share | recall@k | keys scanned | end to end (approx vs exact) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for r in (json.loads(line) for line in e2e_path.read_text().splitlines()):
             e2e = ", ".join(f"{name} {value:.3g}" for name, value in r["end_to_end"].items() if name != "positions")
-            rows.append(f"| {r['model']} | {r['batch']} | {r['tokens']} | {r['exact_tokens_per_s']:.0f} | "
-                        f"{r['approx_tokens_per_s']:.0f} | {r['auto_tokens_per_s']:.0f} | {r['auto_speedup']:.2f}× | "
-                        f"{r['auto_dense_fraction']:.2f} | "
-                        f"{r['recall_at_k']:.3f} | {r['scanned_fraction']:.3f} | {e2e} |")
+            rows.append(
+                f"| {r['model']} | {r['batch']} | {r['tokens']} | {r['exact_tokens_per_s']:.0f} | "
+                f"{r['approx_tokens_per_s']:.0f} | {r['auto_tokens_per_s']:.0f} | {r['auto_speedup']:.2f}× | "
+                f"{r['auto_dense_fraction']:.2f} | "
+                f"{r['recall_at_k']:.3f} | {r['scanned_fraction']:.3f} | {e2e} |"
+            )
     memory_path = results / "bench_memory.jsonl"
     if memory_path.exists():
-        rows += ["", "| store | backend | model alone MB | with indexes MB | ratio | target |", "| --- | --- | --- | --- | --- | --- |"]
+        rows += [
+            "",
+            "| store | backend | model alone MB | with indexes MB | ratio | target |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
         for r in (json.loads(line) for line in memory_path.read_text().splitlines()):
-            rows.append(f"| {r['model']} | {r['backend']} | {r['dense_mb']:.1f} | {r['approx_mb']:.1f} | "
-                        f"{r['ratio']:.2f}× | ≤ 1.1× |")
+            rows.append(
+                f"| {r['model']} | {r['backend']} | {r['dense_mb']:.1f} | {r['approx_mb']:.1f} | "
+                f"{r['ratio']:.2f}× | ≤ 1.1× |"
+            )
     return "\n".join(rows)
 
 

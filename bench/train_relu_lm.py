@@ -41,8 +41,7 @@ SOURCES = "usr/share/doc/linux-doc-6.1/html/_sources"
 SPECIALS = ["<pad>", "</s>", "<unk>"]
 # What a run is: on resume these come from the saved state, whatever the command line says
 # (--steps may grow: it extends the schedule).
-RUN_ARGS = ("layers", "d_model", "d_ff", "heads", "vocab", "seq_len", "batch", "lr", "warmup",
-            "topk", "seed")
+RUN_ARGS = ("layers", "d_model", "d_ff", "heads", "vocab", "seq_len", "batch", "lr", "warmup", "topk", "seed")
 
 
 # -- corpus -------------------------------------------------------------------
@@ -63,8 +62,7 @@ def fetch_corpus(cache: Path) -> Path:
 
 def split_files(sources: Path) -> tuple[list[Path], list[Path]]:
     """(train, held-out): one file in 20 held out, chosen by a hash of its path."""
-    files = sorted(p for p in sources.rglob("*.txt")
-                   if "translations" not in p.relative_to(sources).parts)
+    files = sorted(p for p in sources.rglob("*.txt") if "translations" not in p.relative_to(sources).parts)
     held = [p for p in files if hashlib.sha1(str(p.relative_to(sources)).encode()).digest()[0] % 20 == 0]
     if not held or len(held) == len(files):
         raise SystemExit(f"error: {sources} has too few files ({len(files)}) to hold some out by file")
@@ -81,11 +79,16 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> transformers.PreTraine
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer)
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
-                                                bos_token="</s>", unk_token="<unk>")
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", bos_token="</s>", unk_token="<unk>"
+    )
 
 
 def encode(tokenizer, texts: list[str]) -> np.ndarray:
@@ -101,10 +104,21 @@ def encode(tokenizer, texts: list[str]) -> np.ndarray:
 # -- model ----------------------------------------------------------------------
 def make_model(args, vocab_size: int) -> transformers.OPTForCausalLM:
     config = transformers.OPTConfig(
-        vocab_size=vocab_size, hidden_size=args.d_model, ffn_dim=args.d_ff, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, max_position_embeddings=args.seq_len, word_embed_proj_dim=args.d_model,
-        do_layer_norm_before=True, activation_function="relu", dropout=0.0, attention_dropout=0.0,
-        pad_token_id=0, bos_token_id=1, eos_token_id=1)
+        vocab_size=vocab_size,
+        hidden_size=args.d_model,
+        ffn_dim=args.d_ff,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        max_position_embeddings=args.seq_len,
+        word_embed_proj_dim=args.d_model,
+        do_layer_norm_before=True,
+        activation_function="relu",
+        dropout=0.0,
+        attention_dropout=0.0,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=1,
+    )
     torch.manual_seed(args.seed)
     return transformers.OPTForCausalLM(config)
 
@@ -123,12 +137,14 @@ def evaluate(model, held_ids: np.ndarray, args) -> dict:
     model.eval()
     n = args.eval_windows
     starts = np.linspace(0, len(held_ids) - args.seq_len - 1, n).astype(np.int64)
-    batch = torch.from_numpy(np.stack([held_ids[s: s + args.seq_len] for s in starts]).astype(np.int64))
+    batch = torch.from_numpy(np.stack([held_ids[s : s + args.seq_len] for s in starts]).astype(np.int64))
     nonzero = {}
     hooks = []
     for i, layer in enumerate(model.model.decoder.layers):
+
         def hook(_m, _inp, out, i=i):
             nonzero[i] = float((out > 0).float().mean()) * 100
+
         hooks.append(layer.activation_fn.register_forward_hook(hook))
     out = model(input_ids=batch, labels=batch)
     for h in hooks:
@@ -136,8 +152,11 @@ def evaluate(model, held_ids: np.ndarray, args) -> dict:
     pred = out.logits[:, :-1].argmax(-1)
     accuracy = float((pred == batch[:, 1:]).float().mean())
     model.train()
-    return {"loss": float(out.loss), "accuracy": accuracy,
-            "nonzero_pct": [round(nonzero[i], 3) for i in range(len(nonzero))]}
+    return {
+        "loss": float(out.loss),
+        "accuracy": accuracy,
+        "nonzero_pct": [round(nonzero[i], 3) for i in range(len(nonzero))],
+    }
 
 
 def lr_at(step: int, args) -> float:
@@ -177,8 +196,12 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=None, help="finished model folder [bench/models/NAME]")
     p.add_argument("--state-dir", type=Path, default=None, help="[~/.cache/ann-mlp/train/NAME]")
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "ann-mlp")
-    p.add_argument("--sources", type=Path, default=None,
-                   help="folder of .txt files to train on instead of Debian's linux-doc reST sources")
+    p.add_argument(
+        "--sources",
+        type=Path,
+        default=None,
+        help="folder of .txt files to train on instead of Debian's linux-doc reST sources",
+    )
     p.add_argument("--minutes", type=float, default=60.0, help="train for this long in this run, then save")
     p.add_argument("--finish", action="store_true", help="write the Hugging Face folder from the current state")
     p.add_argument("--force", action="store_true", help="overwrite a finished model folder")
@@ -233,11 +256,19 @@ def main(argv=None) -> int:
     model = make_model(args, len(tokenizer))
     set_activation(model, args.topk)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    meta = {"step": 0, "tokens_seen": 0, "train_seconds": 0.0,
-            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()} | {"out": str(out)},
-            "corpus": {"package": CORPUS_PACKAGE, "train_files": len(train_files),
-                       "held_files": len(held_files), "train_tokens": int(len(train_ids)),
-                       "held_tokens": int(len(held_ids))}}
+    meta = {
+        "step": 0,
+        "tokens_seen": 0,
+        "train_seconds": 0.0,
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()} | {"out": str(out)},
+        "corpus": {
+            "package": CORPUS_PACKAGE,
+            "train_files": len(train_files),
+            "held_files": len(held_files),
+            "train_tokens": int(len(train_ids)),
+            "held_tokens": int(len(held_ids)),
+        },
+    }
     state_dir.parent.mkdir(parents=True, exist_ok=True)
     log_path = state_dir.with_name(args.name + ".log.jsonl")
     if (state_dir / "meta.json").exists():
@@ -253,7 +284,9 @@ def main(argv=None) -> int:
             start, start_cpu = time.perf_counter(), time.process_time()
             step = meta["step"]
             offsets = torch.randint(0, len(train_ids) - args.seq_len - 1, (args.batch,), generator=generator)
-            batch = torch.from_numpy(np.stack([train_ids[o: o + args.seq_len] for o in offsets.tolist()]).astype(np.int64))
+            batch = torch.from_numpy(
+                np.stack([train_ids[o : o + args.seq_len] for o in offsets.tolist()]).astype(np.int64)
+            )
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, args)
             loss = model(input_ids=batch, labels=batch).loss
@@ -267,9 +300,13 @@ def main(argv=None) -> int:
             # CPU meanwhile, so the smaller of wall and CPU time leaves the pause out on one thread.
             meta["train_seconds"] += min(time.perf_counter() - start, time.process_time() - start_cpu)
             if meta["step"] % args.eval_every == 0 or meta["step"] == args.steps:
-                record = {"step": meta["step"], "tokens_seen": meta["tokens_seen"],
-                          "train_hours": round(meta["train_seconds"] / 3600, 4),
-                          "train_loss": round(loss.item(), 4), **evaluate(model, held_ids, args)}
+                record = {
+                    "step": meta["step"],
+                    "tokens_seen": meta["tokens_seen"],
+                    "train_hours": round(meta["train_seconds"] / 3600, 4),
+                    "train_loss": round(loss.item(), 4),
+                    **evaluate(model, held_ids, args),
+                }
                 log.append(record)
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")

@@ -23,8 +23,9 @@ from server.settings import ServerSettings
 log = logging.getLogger(__name__)
 
 
-def error_response(status: int, message: str, kind: str, code: str, param: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int, message: str, kind: str, code: str, param: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
     """OpenAI's error shape, on every route."""
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
@@ -42,8 +43,9 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            response = error_response(413, f"body of {int(declared)} bytes exceeds {self.max_bytes}",
-                                      BodyTooLarge.kind, BodyTooLarge.code)
+            response = error_response(
+                413, f"body of {int(declared)} bytes exceeds {self.max_bytes}", BodyTooLarge.kind, BodyTooLarge.code
+            )
             return await response(scope, receive, send)
         # Read the body first (it is small by definition), stopping at the limit,
         # then replay it: an over-long body is answered here, before any parsing.
@@ -56,8 +58,9 @@ class BodyLimit:
             received += len(chunks[-1])
             more = message.get("more_body", False)
             if received > self.max_bytes:
-                response = error_response(413, f"body exceeds {self.max_bytes} bytes",
-                                          BodyTooLarge.kind, BodyTooLarge.code)
+                response = error_response(
+                    413, f"body exceeds {self.max_bytes} bytes", BodyTooLarge.kind, BodyTooLarge.code
+                )
                 return await response(scope, receive, send)
         body = b"".join(chunks)
         replayed = False
@@ -165,8 +168,12 @@ def create_app(settings: ServerSettings) -> FastAPI:
         first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
         if first.get("type") == "json_invalid":  # its loc is (body, character offset), not a field
             at = first["loc"][-1]
-            return error_response(422, f"the body is not valid JSON (character {at}): {first['msg']}",
-                                  "invalid_request_error", "invalid_json")
+            return error_response(
+                422,
+                f"the body is not valid JSON (character {at}): {first['msg']}",
+                "invalid_request_error",
+                "invalid_json",
+            )
         where = ".".join(str(part) for part in first["loc"] if part != "body")
         message = f"{where}: {first['msg']}" if where else first["msg"]
         return error_response(422, message, "invalid_request_error", "invalid_value", where or None)
@@ -174,8 +181,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, err: StarletteHTTPException) -> JSONResponse:
         # err.headers carries e.g. the Allow header of a 405
-        return error_response(err.status_code, str(err.detail), "invalid_request_error", "http_error",
-                              headers=err.headers)
+        return error_response(
+            err.status_code, str(err.detail), "invalid_request_error", "http_error", headers=err.headers
+        )
 
     app.add_middleware(Observe, metrics=metrics)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)

@@ -30,17 +30,22 @@ def bound_socket(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as err:
         sock.close()
-        raise AnnMlpError(f"cannot listen on {host}:{port}: {err.strerror} "
-                          "(another server may hold it; choose one with --port)") from None
+        raise AnnMlpError(
+            f"cannot listen on {host}:{port}: {err.strerror} (another server may hold it; choose one with --port)"
+        ) from None
     return sock
 
 
 @app.command()
 def serve(
-    stores: list[Path] = typer.Argument(None, help=f"Index stores to serve [default: indexes/{DEFAULT_SERVED}, built on first run]."),
+    stores: list[Path] = typer.Argument(
+        None, help=f"Index stores to serve [default: indexes/{DEFAULT_SERVED}, built on first run]."
+    ),
     host: str | None = typer.Option(None, help="Bind address [127.0.0.1]."),
     port: int | None = typer.Option(None, help="Port [8000]."),
-    shadow_rate: float | None = typer.Option(None, help="Share of requests re-run exactly, off the request path, for live recall."),
+    shadow_rate: float | None = typer.Option(
+        None, help="Share of requests re-run exactly, off the request path, for live recall."
+    ),
 ) -> None:
     """Serve approximate-MLP inference over HTTP (OpenAI-compatible and native routes)."""
     try:
@@ -49,11 +54,15 @@ def serve(
         from server.app import create_app
         from server.settings import ServerSettings
     except ImportError as err:
-        raise AnnMlpError(f"serving needs the server extra ({err.name} is missing): pip install 'ann-mlp[server]'") from err
+        raise AnnMlpError(
+            f"serving needs the server extra ({err.name} is missing): pip install 'ann-mlp[server]'"
+        ) from err
 
-    overrides = {name: value for name, value in
-                 {"stores": stores or None, "host": host, "port": port, "shadow_rate": shadow_rate}.items()
-                 if value is not None}
+    overrides = {
+        name: value
+        for name, value in {"stores": stores or None, "host": host, "port": port, "shadow_rate": shadow_rate}.items()
+        if value is not None
+    }
     try:
         settings = ServerSettings(**overrides)
     except ValueError as err:
@@ -62,8 +71,7 @@ def serve(
 
     sock = bound_socket(settings.host, settings.port)
     for path in settings.stores:  # fail fast, with one line, before the server starts
-        if not (path / "manifest.json").exists() and path.parent == DEFAULT_STORE_ROOT \
-                and path.name in PRESET_BUILDS:
+        if not (path / "manifest.json").exists() and path.parent == DEFAULT_STORE_ROOT and path.name in PRESET_BUILDS:
             from ann_mlp.build import build_store
 
             typer.echo(f"building the store {path} (first run)", err=True)
@@ -77,8 +85,13 @@ def serve(
             engine.begin_drain()  # readiness goes 503 and new requests are refused at once
             super().handle_exit(sig, frame)
 
-    config = uvicorn.Config(app_, host=settings.host, port=settings.port, log_level="info",
-                            timeout_graceful_shutdown=int(settings.drain_timeout_s))
+    config = uvicorn.Config(
+        app_,
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        timeout_graceful_shutdown=int(settings.drain_timeout_s),
+    )
     if not DrainingServer(config).run(sockets=[sock]):
         raise AnnMlpError("the server did not start (see the log above)")
 

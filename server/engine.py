@@ -185,7 +185,6 @@ class Engine:
             return "the server is shutting down" if self.draining else "deadline passed"
         return None
 
-
     def shutdown(self) -> None:
         self.ready = False
         self._executor.shutdown(wait=True, cancel_futures=True)
@@ -275,8 +274,10 @@ class Engine:
         else:
             comparison = Comparison(approx)
             _, output = comparison.add(batch)
-            report = {"layers": [vars(entry) for entry in comparison.layer_reports()],
-                      "end_to_end": comparison.end_to_end.report()}
+            report = {
+                "layers": [vars(entry) for entry in comparison.layer_reports()],
+                "end_to_end": comparison.end_to_end.report(),
+            }
         total = time.perf_counter() - start
         mlps = approx.mlps.values()
         search = sum(m.stats.search_seconds for m in mlps)

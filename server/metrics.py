@@ -12,23 +12,38 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.latency = Histogram("ann_mlp_request_seconds", "Request latency", ["route", "mode"],
-                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.latency = Histogram(
+            "ann_mlp_request_seconds", "Request latency", ["route", "mode"], buckets=LATENCY_BUCKETS, registry=r
+        )
         self.in_flight = Gauge("ann_mlp_requests_in_flight", "Requests being served", registry=r)
-        self.requests = Counter("ann_mlp_requests", "Requests by route and status code", ["route", "status"],
-                                registry=r)
-        self.scanned_fraction = Histogram("ann_mlp_keys_scanned_fraction",
-                                          "Keys scored per token / d_ff, per approximate request", ["model"],
-                                          buckets=FRACTION_BUCKETS, registry=r)
-        self.live_recall = Gauge("ann_mlp_live_recall_at_k", "Mean recall@k over shadow-sampled requests",
-                                 ["model"], registry=r)
-        self.live_output_error = Gauge("ann_mlp_live_rel_output_error",
-                                       "Mean relative MLP output error over shadow-sampled requests",
-                                       ["model"], registry=r)
-        self.shadow_samples = Counter("ann_mlp_shadow_samples", "Requests re-run exactly for live recall",
-                                      ["model"], registry=r)
-        self.abandoned = Counter("ann_mlp_requests_abandoned",
-                                 "Requests whose work was stopped: the caller left, the deadline or a drain ended",
-                                 ["reason"], registry=r)
-        self.shadow_dropped = Counter("ann_mlp_shadow_dropped", "Shadow samples skipped because requests waited",
-                                      ["model"], registry=r)
+        self.requests = Counter(
+            "ann_mlp_requests", "Requests by route and status code", ["route", "status"], registry=r
+        )
+        self.scanned_fraction = Histogram(
+            "ann_mlp_keys_scanned_fraction",
+            "Keys scored per token / d_ff, per approximate request",
+            ["model"],
+            buckets=FRACTION_BUCKETS,
+            registry=r,
+        )
+        self.live_recall = Gauge(
+            "ann_mlp_live_recall_at_k", "Mean recall@k over shadow-sampled requests", ["model"], registry=r
+        )
+        self.live_output_error = Gauge(
+            "ann_mlp_live_rel_output_error",
+            "Mean relative MLP output error over shadow-sampled requests",
+            ["model"],
+            registry=r,
+        )
+        self.shadow_samples = Counter(
+            "ann_mlp_shadow_samples", "Requests re-run exactly for live recall", ["model"], registry=r
+        )
+        self.abandoned = Counter(
+            "ann_mlp_requests_abandoned",
+            "Requests whose work was stopped: the caller left, the deadline or a drain ended",
+            ["reason"],
+            registry=r,
+        )
+        self.shadow_dropped = Counter(
+            "ann_mlp_shadow_dropped", "Shadow samples skipped because requests waited", ["model"], registry=r
+        )

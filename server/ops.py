@@ -18,8 +18,14 @@ from server.schemas import RunInfo
 from server.settings import ServerSettings
 
 
-def tokenize(served: ServedModel, inputs: list[str] | list[list[int]], settings: ServerSettings,
-             param: str, new_tokens: int = 0, compare: bool = False) -> list[list[int]]:
+def tokenize(
+    served: ServedModel,
+    inputs: list[str] | list[list[int]],
+    settings: ServerSettings,
+    param: str,
+    new_tokens: int = 0,
+    compare: bool = False,
+) -> list[list[int]]:
     """Texts or token ids -> token id lists, checked against the request limits, the model's
     context (each input plus `new_tokens` must fit its positions) and the request's whole work."""
     if not inputs:
@@ -42,23 +48,29 @@ def tokenize(served: ServedModel, inputs: list[str] | list[list[int]], settings:
             raise InvalidRequest(f"token ids must be in [0, {vocab})", param=param)
     longest = max(len(x) for x in ids)
     if longest > settings.max_input_tokens:
-        raise InvalidRequest(f"an input has {longest} tokens; the limit is {settings.max_input_tokens}",
-                             param=param)
+        raise InvalidRequest(f"an input has {longest} tokens; the limit is {settings.max_input_tokens}", param=param)
     work = sum(len(x) + new_tokens for x in ids) * (2 if compare else 1)
     if work > settings.max_request_tokens:
         counted = " (compare mode counts twice)" if compare else ""
-        raise InvalidRequest(f"the request's work of {work} tokens{counted} exceeds the limit of "
-                             f"{settings.max_request_tokens}", param=param)
+        raise InvalidRequest(
+            f"the request's work of {work} tokens{counted} exceeds the limit of {settings.max_request_tokens}",
+            param=param,
+        )
     context = served.context
     if context is not None and longest + new_tokens > context:
         asked = f"{longest} tokens" + (f" + {new_tokens} new tokens" if new_tokens else "")
-        raise InvalidRequest(f"an input of {asked} exceeds {served.name}'s context of {context} positions",
-                             param=param)
+        raise InvalidRequest(f"an input of {asked} exceeds {served.name}'s context of {context} positions", param=param)
     return ids
 
 
-def checked_token_ids(served: ServedModel, inputs: list[str] | list[list[int]], settings: ServerSettings,
-                      param: str, new_tokens: int = 0, compare: bool = False) -> list[list[int]] | None:
+def checked_token_ids(
+    served: ServedModel,
+    inputs: list[str] | list[list[int]],
+    settings: ServerSettings,
+    param: str,
+    new_tokens: int = 0,
+    compare: bool = False,
+) -> list[list[int]] | None:
     """Token id inputs checked at once, on arrival (cheap); None for texts, which the worker tokenizes."""
     if inputs and isinstance(inputs[0], str):
         return None
@@ -81,11 +93,17 @@ def one_or_each(values: list[int]) -> int | list[int]:
 
 def run_info(served: ServedModel, knobs: Knobs, run: Run) -> RunInfo:
     mlps = list(served.approx.mlps.values())
-    return RunInfo(mode=knobs.mode, k=one_or_each([mlp.k for mlp in mlps]),
-                   candidates=one_or_each([mlp.candidates for mlp in mlps]),
-                   search_params=dict(mlps[0].search_params), candidate_factor=knobs.candidate_factor,
-                   scanned_fraction=None if knobs.mode == "exact" else run.scanned_fraction,
-                   dense_fraction=run.dense_fraction if knobs.mode == "auto" else None, timing=asdict(run.timing), report=run.report)
+    return RunInfo(
+        mode=knobs.mode,
+        k=one_or_each([mlp.k for mlp in mlps]),
+        candidates=one_or_each([mlp.candidates for mlp in mlps]),
+        search_params=dict(mlps[0].search_params),
+        candidate_factor=knobs.candidate_factor,
+        scanned_fraction=None if knobs.mode == "exact" else run.scanned_fraction,
+        dense_fraction=run.dense_fraction if knobs.mode == "auto" else None,
+        timing=asdict(run.timing),
+        report=run.report,
+    )
 
 
 def pooled_embeddings(run: Run) -> torch.Tensor:
@@ -109,8 +127,10 @@ def last_position_logprobs(run: Run) -> torch.Tensor:
 
 def top_alternatives(served: ServedModel, logprobs: torch.Tensor, count: int) -> list[dict]:
     values, ids = logprobs.topk(count)
-    return [{"token_id": int(i), "token": served.tokenizer.decode([int(i)]), "logprob": float(v)}
-            for v, i in zip(values, ids)]
+    return [
+        {"token_id": int(i), "token": served.tokenizer.decode([int(i)]), "logprob": float(v)}
+        for v, i in zip(values, ids)
+    ]
 
 
 def generate(engine: Engine, served: ServedModel, prompt_ids: list[int], request, knobs: Knobs) -> dict:
@@ -122,8 +142,13 @@ def generate(engine: Engine, served: ServedModel, prompt_ids: list[int], request
     run = engine.run(served, batch_from_ids(checkpoint, [prompt_ids]), knobs)  # the prompt pass: timing, report
     sampling = Sampling(temperature=request.temperature or 0.0, top_p=request.top_p or 1.0, seed=request.seed)
     tokenizer = served.tokenizer
-    options = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=decode.pad_token_id(tokenizer),
-                   sampling=sampling, keep_logprobs=request.logprobs is not None, stop=engine.check_job)
+    options = dict(
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=decode.pad_token_id(tokenizer),
+        sampling=sampling,
+        keep_logprobs=request.logprobs is not None,
+        stop=engine.check_job,
+    )
     try:
         if knobs.mode == "exact":
             (continuation,) = decode.generate(checkpoint.model, [prompt_ids], request.max_tokens, **options)
@@ -148,12 +173,15 @@ def generate(engine: Engine, served: ServedModel, prompt_ids: list[int], request
         logprobs = {
             "tokens": tokens,
             "token_logprobs": [float(lp[t]) for lp, t in zip(step_logprobs, new_ids)],
-            "top_logprobs": [{a["token"]: a["logprob"] for a in top_alternatives(served, lp, request.logprobs)}
-                             for lp in step_logprobs] if request.logprobs > 0 else None,
+            "top_logprobs": [
+                {a["token"]: a["logprob"] for a in top_alternatives(served, lp, request.logprobs)}
+                for lp in step_logprobs
+            ]
+            if request.logprobs > 0
+            else None,
             "text_offset": offsets,
         }
-    return {"text": text, "finish_reason": finish, "logprobs": logprobs, "completion_tokens": len(new_ids),
-            "run": run}
+    return {"text": text, "finish_reason": finish, "logprobs": logprobs, "completion_tokens": len(new_ids), "run": run}
 
 
 def run_token_ids(engine: Engine, served: ServedModel, ids: list[list[int]], knobs: Knobs) -> Run:

@@ -17,11 +17,19 @@ class AnnMlpOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     mode: Mode = "auto"
     k: int | None = Field(None, ge=1, description="keys retrieved per token [the store's k]")
-    effort: int | None = Field(None, ge=0, description="search effort, the store's effort_param "
-                               "(nprobe, efSearch, rerank, margin, ...) [tuned]")
-    candidate_factor: float | None = Field(None, ge=1.0, allow_inf_nan=False, description="retrieve this many times k by key score, keep "
-                                                                    "the k largest |contributions| (gated: "
-                                                                    "|act(gate)*up|) [as built: 1 but for gated layers]")
+    effort: int | None = Field(
+        None,
+        ge=0,
+        description="search effort, the store's effort_param (nprobe, efSearch, rerank, margin, ...) [tuned]",
+    )
+    candidate_factor: float | None = Field(
+        None,
+        ge=1.0,
+        allow_inf_nan=False,
+        description="retrieve this many times k by key score, keep "
+        "the k largest |contributions| (gated: "
+        "|act(gate)*up|) [as built: 1 but for gated layers]",
+    )
 
 
 class EmbeddingRequest(BaseModel):
@@ -77,11 +85,17 @@ class ErrorResponse(BaseModel):
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` for routes that can answer these errors, every one in ErrorResponse's shape."""
-    meaning = {400: "Invalid request (input beyond a limit, a knob out of range, the wrong route for the model)",
-               401: "Missing or wrong API key", 404: "Unknown model", 413: "Body too large",
-               422: "Body does not match the schema", 429: "Queue full (see Retry-After)",
-               499: "The client disconnected; its work was stopped",
-               503: "Not ready, or shutting down (see Retry-After)", 504: "No answer within the request deadline"}
+    meaning = {
+        400: "Invalid request (input beyond a limit, a knob out of range, the wrong route for the model)",
+        401: "Missing or wrong API key",
+        404: "Unknown model",
+        413: "Body too large",
+        422: "Body does not match the schema",
+        429: "Queue full (see Retry-After)",
+        499: "The client disconnected; its work was stopped",
+        503: "Not ready, or shutting down (see Retry-After)",
+        504: "No answer within the request deadline",
+    }
     return {status: {"model": ErrorResponse, "description": meaning[status]} for status in statuses}
 
 

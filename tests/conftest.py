@@ -26,8 +26,10 @@ def tiny_stores(tiny_checkpoints, tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("stores")
     config = BuildConfig(backend="ivf", k=16, target_recall=0.9, calibration=TextConfig(max_tokens=800))
-    return {name: build_store(str(tiny_checkpoints[family]), root / name, config, progress=False)
-            for name, family in (("tiny-bert", "bert"), ("tiny-llama", "llama"))}
+    return {
+        name: build_store(str(tiny_checkpoints[family]), root / name, config, progress=False)
+        for name, family in (("tiny-bert", "bert"), ("tiny-llama", "llama"))
+    }
 
 
 @pytest.fixture(scope="session")
@@ -38,8 +40,26 @@ def minilm_store(tmp_path_factory) -> Path:
     import sys
 
     out = tmp_path_factory.mktemp("minilm") / "minilm"
-    proc = subprocess.run([sys.executable, "-m", "ann_mlp", "build", "minilm", "--out", str(out), "--k", "64",
-                           "--backend", "ivf", "--calib-tokens", "1500"], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ann_mlp",
+            "build",
+            "minilm",
+            "--out",
+            str(out),
+            "--k",
+            "64",
+            "--backend",
+            "ivf",
+            "--calib-tokens",
+            "1500",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "built" in proc.stdout and "layer   5" in proc.stdout
     return out

@@ -193,8 +193,9 @@ def test_up_codes_choose_as_the_exact_up_does_for_a_quarter_of_the_bytes(tiny_ch
     codes = RowCodes.encode(weights.up.float().numpy())
     index = build_index("exact", augmented_keys(weights))
     by_exact_up = ApproxMLP(weights, index, k=k, candidates=d_ff)
-    by_codes = ApproxMLP(weights, index, k=k, candidates=d_ff, up_codes=codes.codes,
-                         up_ranges=torch.from_numpy(codes.ranges))
+    by_codes = ApproxMLP(
+        weights, index, k=k, candidates=d_ff, up_codes=codes.codes, up_ranges=torch.from_numpy(codes.ranges)
+    )
     with torch.inference_mode():
         _, kept_exactly, exact_result = by_exact_up.forward_with_selection(x)
         out, kept, result = by_codes.forward_with_selection(x)
@@ -224,7 +225,10 @@ def test_tail_of_dropped_means_is_unbiased_on_its_tokens(tiny_checkpoints):
         with torch.inference_mode():
             return float((mlp(x) - exact).mean(0).norm() / exact.norm(dim=1).mean())
 
-    conditional, plain = mean_residual(dropped_mean(LayerCalibration(weights, x), k)), mean_residual(activations.mean(0))
+    conditional, plain = (
+        mean_residual(dropped_mean(LayerCalibration(weights, x), k)),
+        mean_residual(activations.mean(0)),
+    )
     assert conditional < 1e-5 and plain > 100 * conditional, (conditional, plain)
 
 
@@ -235,8 +239,13 @@ def test_tail_map_by_default_only_where_the_dropped_neurons_are_not_zero():
     from ann_mlp.checkpoint.base import MlpWeights
 
     def layer(d_model: int, d_ff: int, **kind) -> MlpWeights:
-        return MlpWeights(keys=torch.zeros(d_ff, d_model), key_bias=None, values=torch.zeros(d_ff, d_model),
-                          out_bias=None, **{"activation": "relu", **kind})
+        return MlpWeights(
+            keys=torch.zeros(d_ff, d_model),
+            key_bias=None,
+            values=torch.zeros(d_ff, d_model),
+            out_bias=None,
+            **{"activation": "relu", **kind},
+        )
 
     assert default_tail_map_rank(layer(256, 4096)) == 16
     assert default_tail_map_rank(layer(384, 1536, activation="gelu")) == 16

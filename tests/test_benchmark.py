@@ -49,14 +49,37 @@ def test_timed_calls_take_turns_within_each_repeat():
 
 def test_cli_bench_layer_appends_json(tmp_path):
     out = tmp_path / "bench.jsonl"
-    proc = run("bench", "layer", "--d-model", "64", "--d-ff", "256", "--gated", "--batch", "1", "--batch", "4",
-               "--k", "16", "--json", str(out))
+    proc = run(
+        "bench",
+        "layer",
+        "--d-model",
+        "64",
+        "--d-ff",
+        "256",
+        "--gated",
+        "--batch",
+        "1",
+        "--batch",
+        "4",
+        "--k",
+        "16",
+        "--json",
+        str(out),
+    )
     assert "random weights: timing only" in proc.stdout
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["batch"] for r in records] == [1, 4]
     for r in records:
-        assert {"d_model", "d_ff", "batch", "backend", "dense_us", "approx_us", "speedup",
-                "bytes_read_fraction"} <= r.keys()
+        assert {
+            "d_model",
+            "d_ff",
+            "batch",
+            "backend",
+            "dense_us",
+            "approx_us",
+            "speedup",
+            "bytes_read_fraction",
+        } <= r.keys()
         assert r["d_model"] == 64 and r["d_ff"] == 256 and r["gated"] is True
         assert r["bandwidth_gb_s"] > 0 and r["traffic_limit_speedup"] > 1
 
@@ -65,8 +88,21 @@ def test_cli_bench_e2e_reports_throughput_with_fidelity(tiny_stores, tmp_path):
     text = tmp_path / "text.txt"
     text.write_text(TEXT)
     out = tmp_path / "e2e.jsonl"
-    proc = run("bench", "e2e", str(tiny_stores["tiny-llama"]), "--text", str(text), "--batch", "1", "--batch", "3",
-               "--repeats", "1", "--json", str(out))
+    proc = run(
+        "bench",
+        "e2e",
+        str(tiny_stores["tiny-llama"]),
+        "--text",
+        str(text),
+        "--batch",
+        "1",
+        "--batch",
+        "3",
+        "--repeats",
+        "1",
+        "--json",
+        str(out),
+    )
     assert "exact tok/s" in proc.stdout and "auto/exact" in proc.stdout
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["batch"] for r in records] == [1, 3]
@@ -101,10 +137,33 @@ def test_speed_tables_render_what_the_benchmarks_wrote(tiny_stores, tmp_path):
 
     text = tmp_path / "text.txt"
     text.write_text(TEXT)
-    run("bench", "layer", "--d-model", "1024", "--d-ff", "4096", "--batch", "1", "--k", "128",
-        "--json", str(tmp_path / "bench_layer.jsonl"))
-    run("bench", "e2e", str(tiny_stores["tiny-bert"]), "--text", str(text), "--batch", "2", "--repeats", "1",
-        "--json", str(tmp_path / "bench_e2e.jsonl"))
+    run(
+        "bench",
+        "layer",
+        "--d-model",
+        "1024",
+        "--d-ff",
+        "4096",
+        "--batch",
+        "1",
+        "--k",
+        "128",
+        "--json",
+        str(tmp_path / "bench_layer.jsonl"),
+    )
+    run(
+        "bench",
+        "e2e",
+        str(tiny_stores["tiny-bert"]),
+        "--text",
+        str(text),
+        "--batch",
+        "2",
+        "--repeats",
+        "1",
+        "--json",
+        str(tmp_path / "bench_e2e.jsonl"),
+    )
     # rendering only: a memory record of the benchmark's own type (the measurement is tested above)
     record = MemoryBenchResult(model="relu-lm", backend="lowrank", dense_mb=40.2, approx_mb=40.8, ratio=1.015)
     (tmp_path / "bench_memory.jsonl").write_text(json.dumps(record.to_json()) + "\n")
@@ -120,8 +179,9 @@ def test_speed_tables_render_what_the_benchmarks_wrote(tiny_stores, tmp_path):
 def test_peers_sweep_reports_every_backend_with_consistent_fields(tiny_checkpoints, tmp_path):
     from bench import peers
 
-    records = peers.run_model(str(tiny_checkpoints["llama"]), 8, ["ivf", "lowrank", "teal"], tmp_path,
-                              calibration_tokens=600, eval_tokens=300)
+    records = peers.run_model(
+        str(tiny_checkpoints["llama"]), 8, ["ivf", "lowrank", "teal"], tmp_path, calibration_tokens=600, eval_tokens=300
+    )
     assert {r["backend"] for r in records} == {"ivf", "lowrank", "teal"}
     assert (tmp_path / "peers_llama.jsonl").read_text().count("\n") == len(records)
     for points in peers.by_key(records, "backend", "layer").values():
@@ -136,11 +196,13 @@ def test_peers_sweep_reports_every_backend_with_consistent_fields(tiny_checkpoin
     assert all(line.endswith("/2 layers |") for line in lines[2:])
     assert [p.name for p in peers.plots(records, tmp_path)] == ["peers_llama.png", "peers_llama_speed.png"]
     # a later run of one backend replaces that backend's records and keeps the others'
-    again = peers.run_model(str(tiny_checkpoints["llama"]), 8, ["teal"], tmp_path, calibration_tokens=600,
-                            eval_tokens=300)
+    again = peers.run_model(
+        str(tiny_checkpoints["llama"]), 8, ["teal"], tmp_path, calibration_tokens=600, eval_tokens=300
+    )
     merged = [json.loads(line) for line in (tmp_path / "peers_llama.jsonl").read_text().splitlines()]
     assert len(merged) == len(records) and sorted(map(json.dumps, merged)) == sorted(
-        map(json.dumps, [r for r in records if r["backend"] != "teal"] + again))
+        map(json.dumps, [r for r in records if r["backend"] != "teal"] + again)
+    )
 
 
 def test_cli_bench_memory_sees_no_second_copy_of_the_keys(minilm_store, tmp_path):

@@ -27,8 +27,9 @@ She played the cello every evening, and the neighbours never once complained.
 
 def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "ann_mlp", *args], capture_output=True, text=True,
-                          env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ann_mlp", *args], capture_output=True, text=True, env=env, timeout=600
+    )
     if check:
         assert proc.returncode == 0, proc.stderr[-2000:]
     return proc
@@ -62,8 +63,7 @@ def test_build_and_eval_minilm_report_contract(minilm_store, tmp_path):
     text = tmp_path / "held_out.txt"
     text.write_text(TEXT)
     report_path, plots = tmp_path / "report.json", tmp_path / "plots"
-    proc = run("eval", str(minilm_store), "--text", str(text), "--json", str(report_path),
-               "--plots", str(plots))
+    proc = run("eval", str(minilm_store), "--text", str(text), "--json", str(report_path), "--plots", str(plots))
     assert "recall_at_k" in proc.stdout and "embedding_cosine_mean" in proc.stdout
     report = json.loads(report_path.read_text())
     assert report["model"] == "minilm" and report["backend"] == "ivf" and report["k"] == 64
@@ -128,7 +128,10 @@ def test_bad_input_gives_one_line_errors(minilm_store, tiny_checkpoints, tmp_pat
     cases = [
         (("build", str(no_tokenizer), "--out", str(out)), "has no tokenizer"),
         (("build", str(truncated), "--out", str(out)), "truncated.gguf is not a readable GGUF file"),
-        (("serve", str(minilm_store), "--port", str(taken.getsockname()[1])), "Address already in use (another server may hold it"),
+        (
+            ("serve", str(minilm_store), "--port", str(taken.getsockname()[1])),
+            "Address already in use (another server may hold it",
+        ),
         (("build", str(no_weights), "--out", str(out)), "no .safetensors"),
         (("build", str(pickled), "--out", str(out)), "refusing pickled weights"),
         (("build", str(tiny_checkpoints["opt"]), "--out", str(out), "--k", "97"), "exceeds d_ff=96"),
@@ -136,8 +139,19 @@ def test_bad_input_gives_one_line_errors(minilm_store, tiny_checkpoints, tmp_pat
         (("build", str(tiny_checkpoints["opt"]), "--out", str(out), "--backend", "annoy"), "unknown backend"),
         (("build", str(tiny_checkpoints["opt"]), "--out", str(out), "--tail-map-rank", "-1"), "tail map rank"),
         (("build", str(tiny_checkpoints["opt"]), "--out", str(out), "--k", "8", "--calib-text", str(empty)), "empty"),
-        (("build", str(tiny_checkpoints["opt"]), "--out", str(out), "--k", "8", "--calib-text", str(tmp_path / "none.txt")),
-         "cannot read"),
+        (
+            (
+                "build",
+                str(tiny_checkpoints["opt"]),
+                "--out",
+                str(out),
+                "--k",
+                "8",
+                "--calib-text",
+                str(tmp_path / "none.txt"),
+            ),
+            "cannot read",
+        ),
         (("eval", str(minilm_store), "--text", str(empty)), "empty"),
         (("eval", str(minilm_store), "--k", "5000"), "k must be in"),
         (("eval", str(minilm_store), "--candidate-factor", "0.5"), "candidate factor"),
@@ -165,15 +179,33 @@ def test_build_defaults_to_the_low_rank_backend(tiny_checkpoints, tmp_path):
     out = tmp_path / "store"
     notes = tmp_path / "notes.txt"
     notes.write_text("A calibration text of another kind, mixed in turn with the docstrings.\n")
-    run("build", str(tiny_checkpoints["gpt2"]), "--out", str(out), "--k", "8", "--calib-tokens", "400",
-        "--calib-text", "stdlib", "--calib-text", str(notes))
+    run(
+        "build",
+        str(tiny_checkpoints["gpt2"]),
+        "--out",
+        str(out),
+        "--k",
+        "8",
+        "--calib-tokens",
+        "400",
+        "--calib-text",
+        "stdlib",
+        "--calib-text",
+        str(notes),
+    )
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["calibration"]["sources"] == ["stdlib", str(notes.resolve())]
-    assert manifest["calibration"]["text"] == \
-        f"python-stdlib-docstrings:calibration + {notes} (one passage per line (no blank lines))"
+    assert (
+        manifest["calibration"]["text"]
+        == f"python-stdlib-docstrings:calibration + {notes} (one passage per line (no blank lines))"
+    )
     assert manifest["backend"] == "lowrank"
-    assert all(layer["effort_param"] == "rerank" and layer["build_params"]["rerank_bits"] == 32
-               and layer["build_params"]["projection_bits"] == 8 for layer in manifest["layers"])
+    assert all(
+        layer["effort_param"] == "rerank"
+        and layer["build_params"]["rerank_bits"] == 32
+        and layer["build_params"]["projection_bits"] == 8
+        for layer in manifest["layers"]
+    )
     stored = sorted(p.name for p in out.rglob("*") if p.is_file())
     assert any(name.endswith(".projection.faiss") for name in stored)
     assert not any("keys" in name for name in stored)
@@ -184,8 +216,18 @@ def test_low_rank_margin_build_and_eval_by_margin(tiny_checkpoints, tmp_path):
     `margin` (tuned, in hundredths of σ_q), each layer stores its error basis (8-bit codes), and eval's
     --effort sets the margin: at 0 only the k best by approximate score are re-ranked."""
     out = tmp_path / "store"
-    run("build", str(tiny_checkpoints["gpt2"]), "--out", str(out), "--k", "8", "--calib-tokens", "400",
-        "--param", "margin_rank=8")
+    run(
+        "build",
+        str(tiny_checkpoints["gpt2"]),
+        "--out",
+        str(out),
+        "--k",
+        "8",
+        "--calib-tokens",
+        "400",
+        "--param",
+        "margin_rank=8",
+    )
     manifest = json.loads((out / "manifest.json").read_text())
     for layer in manifest["layers"]:
         assert layer["effort_param"] == "margin" and layer["effort_range"] == [0, 2000]

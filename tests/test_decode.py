@@ -28,9 +28,15 @@ def reference(checkpoint, prompt: list[int], new_tokens: int) -> list[int]:
     """transformers' own greedy generate() for one prompt, no end-of-sequence stop."""
     ids = torch.tensor([prompt])
     with torch.inference_mode():
-        out = checkpoint.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                        max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+        out = checkpoint.model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            pad_token_id=0,
+        )
+    return out[0, len(prompt) :].tolist()
 
 
 def test_greedy_tokens_equal_transformers_generate(causal):
@@ -63,8 +69,14 @@ def test_seeded_sampling_repeats_and_a_tiny_top_p_is_greedy(causal):
     again = generate(causal.model, PROMPTS, 10, eos_token_id=None, pad_token_id=0, sampling=sampled)
     assert [c.tokens for c in first] == [c.tokens for c in again]
     greedy = generate(causal.model, PROMPTS, 10, eos_token_id=None, pad_token_id=0)
-    nucleus = generate(causal.model, PROMPTS, 10, eos_token_id=None, pad_token_id=0,
-                       sampling=Sampling(temperature=1.0, top_p=1e-6, seed=1))
+    nucleus = generate(
+        causal.model,
+        PROMPTS,
+        10,
+        eos_token_id=None,
+        pad_token_id=0,
+        sampling=Sampling(temperature=1.0, top_p=1e-6, seed=1),
+    )
     assert [c.tokens for c in nucleus] == [c.tokens for c in greedy]
 
 
@@ -85,8 +97,15 @@ def test_a_passed_deadline_stops_between_steps(causal, monkeypatch):
     clock = [0.0]  # a clock that advances one second per forward call
     monkeypatch.setattr(time, "monotonic", lambda: clock[0])
     with pytest.raises(DeadlineError, match="3 of 50"):
-        generate(causal.model, [PROMPTS[0]], 50, eos_token_id=None, pad_token_id=0, stop=until(2.5),
-                 on_step=lambda: clock.__setitem__(0, clock[0] + 1))
+        generate(
+            causal.model,
+            [PROMPTS[0]],
+            50,
+            eos_token_id=None,
+            pad_token_id=0,
+            stop=until(2.5),
+            on_step=lambda: clock.__setitem__(0, clock[0] + 1),
+        )
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1.0), dict(top_p=0.0), dict(seed=2**64)])
@@ -103,8 +122,18 @@ def test_bench_decode_reports_consistent_fields(tiny_stores):
     model = ApproxModel.open(tiny_stores["tiny-llama"])
     result = bench_decode(model, new_tokens=6, batch=2, prompts=3, prompt_tokens=8, turns=2)
     report = json.loads(json.dumps(result.to_json()))
-    for field in ("model", "batch", "new_tokens", "exact_tokens_per_s", "approx_tokens_per_s", "auto_tokens_per_s",
-                  "approx_speedup", "auto_speedup", "continuation_agreement", "kl_mean"):
+    for field in (
+        "model",
+        "batch",
+        "new_tokens",
+        "exact_tokens_per_s",
+        "approx_tokens_per_s",
+        "auto_tokens_per_s",
+        "approx_speedup",
+        "auto_speedup",
+        "continuation_agreement",
+        "kl_mean",
+    ):
         assert field in report
     assert report["model"] == "tiny-llama" and report["batch"] == 2 and report["prompts"] == 3
     assert all(report[f"{mode}_tokens_per_s"] > 0 for mode in ("exact", "approx", "auto", "generate"))
@@ -132,8 +161,21 @@ def test_cli_bench_decode_prints_the_table_and_appends_json(tiny_stores, tmp_pat
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("The first prompt of several words.\n\nAnother prompt, the second.\n\nA third one.\n")
     out = tmp_path / "decode.jsonl"
-    args = ["bench", "decode", str(tiny_stores["tiny-llama"]), "--prompts", str(prompts), "--num-prompts", "2",
-            "--new-tokens", "5", "--turns", "2", "--json", str(out)]
+    args = [
+        "bench",
+        "decode",
+        str(tiny_stores["tiny-llama"]),
+        "--prompts",
+        str(prompts),
+        "--num-prompts",
+        "2",
+        "--new-tokens",
+        "5",
+        "--turns",
+        "2",
+        "--json",
+        str(out),
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "2 prompts" in result.output and "generate()" in result.output

@@ -49,5 +49,9 @@ def test_reference_checkpoint_adds_the_whole_chain(tiny_stores, tiny_checkpoints
     assert exact_vs["embedding_cosine_min"] == pytest.approx(1.0, abs=1e-5)
     assert approx_vs["embedding_cosine_mean"] == pytest.approx(report.end_to_end["embedding_cosine_mean"], abs=1e-6)
     with pytest.raises(InputError, match="is a causal_lm"):
-        evaluate(model, EvalConfig(text=TextConfig(max_tokens=300)), progress=False,
-                 reference=load_checkpoint(str(tiny_checkpoints["llama"])))
+        evaluate(
+            model,
+            EvalConfig(text=TextConfig(max_tokens=300)),
+            progress=False,
+            reference=load_checkpoint(str(tiny_checkpoints["llama"])),
+        )

@@ -16,8 +16,10 @@ from ann_mlp.tuning import measure, tune_effort
 
 NUM_KEYS, DIM, K = 512, 33, 16
 # Build parameters that change how a backend searches, held to the same contract as the backends.
-VARIANTS = {"lowrank-margin": ("lowrank", {"margin_rank": 8}),
-            "lowrank-4bit-margin": ("lowrank", {"margin_rank": 8, "code_bits": 4})}
+VARIANTS = {
+    "lowrank-margin": ("lowrank", {"margin_rank": 8}),
+    "lowrank-4bit-margin": ("lowrank", {"margin_rank": 8, "code_bits": 4}),
+}
 APPROXIMATE = [name for name in BACKENDS if name != "exact"] + list(VARIANTS)
 
 
@@ -31,7 +33,9 @@ def _require_backend(name: str) -> None:
 def data():
     rng = np.random.default_rng(0)
     # Keys with a spread of norms and a bias column, as MLP keys [k; b] are.
-    keys = rng.standard_normal((NUM_KEYS, DIM)).astype(np.float32) * rng.uniform(0.5, 2, (NUM_KEYS, 1)).astype(np.float32)
+    keys = rng.standard_normal((NUM_KEYS, DIM)).astype(np.float32) * rng.uniform(0.5, 2, (NUM_KEYS, 1)).astype(
+        np.float32
+    )
     queries = rng.standard_normal((1200, DIM)).astype(np.float32)
     queries[:, -1] = 1.0
     # the first 1000 queries calibrate query-aware backends; tests search the other 200
@@ -154,8 +158,9 @@ def test_faiss_flat_storage_is_lent_as_the_key_table(data, name, tmp_path):
     other = keys.copy()
     other[3, 5] += 1
     with pytest.raises(BackendError, match="not the checkpoint's"):
-        backend_class(name).load(tmp_path, "layer_000", other, {**BACKENDS[name].default_build_params(*keys.shape),
-                                                                 "dim": DIM}, {})
+        backend_class(name).load(
+            tmp_path, "layer_000", other, {**BACKENDS[name].default_build_params(*keys.shape), "dim": DIM}, {}
+        )
 
 
 def test_ivf_lists_are_views_of_one_table_in_list_order(data, tmp_path):
@@ -208,10 +213,12 @@ def test_query_cells_learns_where_queries_go():
     rng = np.random.default_rng(1)
     keys = rng.standard_normal((1024, DIM)).astype(np.float32)
     modes = rng.standard_normal((8, DIM)).astype(np.float32) * 3  # queries come from 8 contexts
+
     def draw(n):
         q = modes[rng.integers(0, 8, n)] + 0.3 * rng.standard_normal((n, DIM)).astype(np.float32)
         q[:, -1] = 1.0
         return q
+
     calibration, test = draw(2000), draw(300)
     truth = torch.from_numpy(test) @ torch.from_numpy(keys).T
     cells = build_index("cells", keys, queries=calibration, k=K)
@@ -301,8 +308,13 @@ def test_low_rank_8_bit_projection_ranks_as_the_float_one(data, tmp_path):
     got, reference = coded.search(queries, K, rerank=rerank), full.search(queries, K, rerank=rerank)
     same = [len(np.intersect1d(a, b)) / K for a, b in zip(got.ids, reference.ids)]
     assert np.mean(same) > 0.97
-    assert abs(recall_at_k(truth, torch.from_numpy(got.ids), K).mean()
-               - recall_at_k(truth, torch.from_numpy(reference.ids), K).mean()) < 0.01
+    assert (
+        abs(
+            recall_at_k(truth, torch.from_numpy(got.ids), K).mean()
+            - recall_at_k(truth, torch.from_numpy(reference.ids), K).mean()
+        )
+        < 0.01
+    )
     # float32 B is r·D floats; 8-bit B is r bytes per dimension padded to a multiple of 16
     assert reference.bytes_read - got.bytes_read == len(queries) * rank * (4 * DIM - (DIM + 15) // 16 * 16)
     files = coded.save(tmp_path, "coded")
@@ -333,8 +345,10 @@ def test_low_rank_8_bit_rerank_reads_a_quarter_of_the_rerank_bytes(data, tmp_pat
     rerank = 8 * K
     exact, approx = full.search(queries, K, rerank=rerank), coded.search(queries, K, rerank=rerank)
     np.testing.assert_allclose(approx.scores, np.take_along_axis(truth.numpy(), approx.ids, 1), rtol=1e-4, atol=1e-4)
-    assert recall_at_k(truth, torch.from_numpy(approx.ids), K).mean() >= \
-        recall_at_k(truth, torch.from_numpy(exact.ids), K).mean() - 0.02
+    assert (
+        recall_at_k(truth, torch.from_numpy(approx.ids), K).mean()
+        >= recall_at_k(truth, torch.from_numpy(exact.ids), K).mean() - 0.02
+    )
     saved = rerank * DIM * 3 - K * DIM * 4  # per query: 3 of 4 bytes of each re-ranked key, less the k kept
     assert exact.bytes_read - approx.bytes_read == len(queries) * saved
     # The ranking is faiss' own decoding of the codes.
@@ -393,15 +407,19 @@ def test_low_rank_margin_re_ranks_more_where_the_fit_is_worse(code_bits):
     calibration, tune, alike = _low_dimensional_queries(rng, (3000, 300, 300), dim, 12)
     other = alike.copy()
     other[:, :-1] += np.abs(alike[:, :-1]).mean() * rng.standard_normal((300, dim - 1)).astype(np.float32)
-    truth = {name: torch.from_numpy(q) @ torch.from_numpy(keys).T for name, q in
-             (("tune", tune), ("alike", alike), ("other", other))}
+    truth = {
+        name: torch.from_numpy(q) @ torch.from_numpy(keys).T
+        for name, q in (("tune", tune), ("alike", alike), ("other", other))
+    }
     points = {}
     for margin_rank in (0, 16):
-        index = build_index("lowrank", keys, queries=calibration, k=K, rank=8, margin_rank=margin_rank,
-                            code_bits=code_bits)
+        index = build_index(
+            "lowrank", keys, queries=calibration, k=K, rank=8, margin_rank=margin_rank, code_bits=code_bits
+        )
         effort = tune_effort(index, tune, truth["tune"], K, 0.95).effort
-        points[margin_rank] = {name: measure(index, q, truth[name], K, effort) for name, q in
-                               (("alike", alike), ("other", other))}
+        points[margin_rank] = {
+            name: measure(index, q, truth[name], K, effort) for name, q in (("alike", alike), ("other", other))
+        }
     fixed, margin = points[0], points[16]
     assert min(fixed["alike"].recall, margin["alike"].recall) >= 0.94
     assert margin["alike"].bytes_read_fraction <= 1.05 * fixed["alike"].bytes_read_fraction
@@ -421,8 +439,9 @@ def test_low_rank_margin_basis_and_bytes(data, tmp_path):
     a, b = score_preserving_factors(keys, calibration, 4)
     basis = residual_error_basis(keys, a, b, DIM)  # (D, D)
     errors = torch.from_numpy(queries @ (keys - a @ b).T)  # (N, n)
-    torch.testing.assert_close(torch.from_numpy(queries @ basis.T).square().sum(1), errors.square().mean(1),
-                               rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(
+        torch.from_numpy(queries @ basis.T).square().sum(1), errors.square().mean(1), rtol=1e-3, atol=1e-3
+    )
     index = build_index("lowrank", keys, queries=calibration, k=K, rank=4, margin_rank=8)
     assert (index.effort_param, index.effort_range(K)) == ("margin", (0, MAX_MARGIN))
     assert index.params.error_basis_bits == 8 and index.error_basis is None
@@ -445,17 +464,27 @@ def test_low_rank_margin_basis_and_bytes(data, tmp_path):
     np.testing.assert_array_equal(loaded.search(queries, K, margin=0).ids, float_basis.search(queries, K, margin=0).ids)
     # With margin_counts_rounding=false σ_q is the residual alone, ‖E q‖; by default it counts the rounding too.
     residual_only = (q @ float_basis.error_basis.T).norm(dim=1)
-    unrounded = build_index("lowrank", keys, queries=calibration, k=K, rank=4, margin_rank=8, error_basis_bits=32,
-                            margin_counts_rounding=False)
+    unrounded = build_index(
+        "lowrank",
+        keys,
+        queries=calibration,
+        k=K,
+        rank=4,
+        margin_rank=8,
+        error_basis_bits=32,
+        margin_counts_rounding=False,
+    )
     torch.testing.assert_close(unrounded._score_error(q, first), residual_only)
     assert (float_basis._score_error(q, first) > residual_only).all()
-    for params, message in (({"margin_rank": 8, "refine_rank": 8}, "no refine_rank"),
-                            ({"margin_rank": 8, "projection_bits": 32}, "projection_bits=8"),
-                            ({"margin_rank": -1}, "margin_rank must be"),
-                            ({"code_bits": 2}, "code_bits must be 4 or 8"),
-                            ({"error_basis_bits": 16}, "error_basis_bits must be 8 or 32"),
-                            ({"margin_counts_rounding": 1}, "margin_counts_rounding must be true or false"),
-                            ({"refine": 2}, "unknown lowrank build parameters: refine")):
+    for params, message in (
+        ({"margin_rank": 8, "refine_rank": 8}, "no refine_rank"),
+        ({"margin_rank": 8, "projection_bits": 32}, "projection_bits=8"),
+        ({"margin_rank": -1}, "margin_rank must be"),
+        ({"code_bits": 2}, "code_bits must be 4 or 8"),
+        ({"error_basis_bits": 16}, "error_basis_bits must be 8 or 32"),
+        ({"margin_counts_rounding": 1}, "margin_counts_rounding must be true or false"),
+        ({"refine": 2}, "unknown lowrank build parameters: refine"),
+    ):
         with pytest.raises(BackendError, match=message):
             build_index("lowrank", keys, queries=calibration, k=K, rank=4, **params)
     with pytest.raises(BackendError, match="no search parameter rerank"):
@@ -472,8 +501,9 @@ def test_low_rank_4_bit_codes_read_half_the_bytes_and_sigma_counts_their_roundin
     index = build_index("lowrank", keys, queries=calibration, k=K, rank=DIM, margin_rank=8, code_bits=4)
     assert index.params.code_bits == 4 and index.codes.code_size == (DIM + 1) // 2
     eight_bit, four_bit = LowRankParams(rank=DIM, code_bits=8), LowRankParams(rank=DIM, code_bits=4)
-    assert (bytes_per_query(eight_bit, NUM_KEYS, DIM, 0, K) - bytes_per_query(four_bit, NUM_KEYS, DIM, 0, K)
-            == NUM_KEYS * (DIM - (DIM + 1) // 2))
+    assert bytes_per_query(eight_bit, NUM_KEYS, DIM, 0, K) - bytes_per_query(
+        four_bit, NUM_KEYS, DIM, 0, K
+    ) == NUM_KEYS * (DIM - (DIM + 1) // 2)
     projected = index._project(queries)  # (N, r)
     approximate = torch.from_numpy(projected) @ index.first_pass.decode().T  # (N, n)
     observed = (approximate - torch.from_numpy(queries @ keys.T)).square().mean(1)  # (N,)
@@ -481,8 +511,10 @@ def test_low_rank_4_bit_codes_read_half_the_bytes_and_sigma_counts_their_roundin
     ratio = (observed / predicted).mean().item()
     assert 0.8 < ratio < 1.25, ratio
     eight_bit = build_index("lowrank", keys, queries=calibration, k=K, rank=DIM, margin_rank=8)
-    assert index._score_error(torch.from_numpy(queries), projected).mean() > 8 * eight_bit._score_error(
-        torch.from_numpy(queries), eight_bit._project(queries)).mean()  # 4 bits: 17x the step
+    assert (
+        index._score_error(torch.from_numpy(queries), projected).mean()
+        > 8 * eight_bit._score_error(torch.from_numpy(queries), eight_bit._project(queries)).mean()
+    )  # 4 bits: 17x the step
 
 
 def test_low_rank_4_bit_margin_widens_for_the_rounding_where_the_fit_is_exact():
@@ -574,15 +606,17 @@ def test_scann_int8_reorder_scores_the_k_found_from_the_models_keys(data, tmp_pa
     held = keys.copy()
     loaded = backend_class("scann").load(tmp_path, "int8", held, index.build_params, {})
     assert loaded.key_table().ctypes.data == held.ctypes.data
-    np.testing.assert_array_equal(loaded.search(queries, K, leaves_to_search=2).ids,
-                                  index.search(queries, K, leaves_to_search=2).ids)
+    np.testing.assert_array_equal(
+        loaded.search(queries, K, leaves_to_search=2).ids, index.search(queries, K, leaves_to_search=2).ids
+    )
 
     before = build_index("scann", keys, reorder_bits=32)
     before.save(tmp_path, "float32")
     old = backend_class("scann").load(tmp_path, "float32", keys, before.build_params, {})
     assert old.key_table() is None  # ScaNN's own float32 copy scores the candidates
-    np.testing.assert_array_equal(old.search(queries, K, leaves_to_search=2).ids,
-                                  before.search(queries, K, leaves_to_search=2).ids)
+    np.testing.assert_array_equal(
+        old.search(queries, K, leaves_to_search=2).ids, before.search(queries, K, leaves_to_search=2).ids
+    )
     with pytest.raises(BackendError, match="reorder_bits"):
         build_index("scann", keys, reorder_bits=16)
 
@@ -613,15 +647,20 @@ def test_low_rank_refinement_reorders_the_first_pass_with_more_columns(tmp_path)
     wide = plain.search(test, K, rerank=refined_count)
     recall_wide = recall_at_k(truth, torch.from_numpy(wide.ids), K).mean().item()
     assert recall_after > recall_before + 0.15 and abs(recall_after - recall_wide) < 0.02, (
-        recall_before, recall_after, recall_wide)
+        recall_before,
+        recall_after,
+        recall_wide,
+    )
     assert after.bytes_read - before.bytes_read == len(test) * (refined_count * 8 + 8 * simd_padded(dim))
     params = LowRankParams(rank=8, refine_rank=16, rerank_bits=8)
     assert after.bytes_read == len(test) * bytes_per_query(params, num_keys, dim, rerank, K)
     # The build's estimate: refining ranks the first pass's candidates as rank 16 does, exactly here.
     a, b = (torch.from_numpy(m) for m in score_preserving_factors(keys, calibration, 16))
     test_t, keys_t = torch.from_numpy(test), torch.from_numpy(keys)
-    assert refined_rerank_needed(keys_t, a, b, test_t, K, 0.95, 8, 16, 2.5) < rerank_needed(
-        keys_t, a[:, :8], b[:8], test_t, K, 0.95) / 2
+    assert (
+        refined_rerank_needed(keys_t, a, b, test_t, K, 0.95, 8, 16, 2.5)
+        < rerank_needed(keys_t, a[:, :8], b[:8], test_t, K, 0.95) / 2
+    )
     files = refined.save(tmp_path, "layer_000")
     assert "layer_000.refine_codes.npy" in files and "layer_000.refine_ranges.npy" in files
     loaded = type(refined).load(tmp_path, "layer_000", keys, refined.build_params, refined.search_params)

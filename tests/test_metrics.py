@@ -59,5 +59,5 @@ def test_total_relative_error_weighs_rows_by_their_size():
     assert total_relative_error(torch.zeros_like(exact), exact) == pytest.approx(1.0)
     # a 10 % error on the large row: 1 / sqrt(101) of the total; the per-row mean halves it to 5 %
     approx = torch.tensor([[11.0, 0.0], [0.0, 1.0]])
-    assert total_relative_error(approx, exact) == pytest.approx(1 / 101 ** 0.5)
+    assert total_relative_error(approx, exact) == pytest.approx(1 / 101**0.5)
     assert relative_errors(approx, exact).mean().item() == pytest.approx(0.05)

@@ -109,8 +109,11 @@ def test_causal_lm_plans_decide_batch_one_inside_decoding(tiny_stores):
     assert model.manifest.extra["plan_machine"] == machine()
     for plan in model.plans.values():
         assert plan["decode_dense_us"] > 0 and plan["decode_approx_us"] > 0
-        expected = approx_up_to(PLAN_BATCH_SIZES, [plan["decode_dense_us"], *plan["dense_us"][1:]],
-                                [plan["decode_approx_us"], *plan["approx_us"][1:]])
+        expected = approx_up_to(
+            PLAN_BATCH_SIZES,
+            [plan["decode_dense_us"], *plan["dense_us"][1:]],
+            [plan["decode_approx_us"], *plan["approx_us"][1:]],
+        )
         assert plan["approx_up_to"] == expected
 
 
@@ -119,8 +122,9 @@ def test_decode_timings_cover_every_layer_and_leave_no_state(tiny_stores):
     timings = decode_timings(model, planning_prompts(model))
     assert set(timings) == set(model.mlps)
     assert all(dense > 0 and approx > 0 for dense, approx in timings.values())
-    assert all(m.approx_up_to is None and m.stats.queries == 0 and m.stats.dense_tokens == 0
-               for m in model.mlps.values())
+    assert all(
+        m.approx_up_to is None and m.stats.queries == 0 and m.stats.dense_tokens == 0 for m in model.mlps.values()
+    )
     assert not any(isinstance(m, ApproxMLP) for m in model.checkpoint.model.modules())  # unpatched
 
 
@@ -132,5 +136,6 @@ def test_a_store_planned_elsewhere_is_planned_again_in_memory(tiny_stores):
     model.plans = {layer: None for layer in model.plans} | {0: {"approx_up_to": 64}}
     assert replan_if_moved(model)
     assert set(model.plans) == set(recorded)
-    assert all("decode_dense_us" in plan and plan["batch_sizes"] == list(PLAN_BATCH_SIZES)
-               for plan in model.plans.values())
+    assert all(
+        "decode_dense_us" in plan and plan["batch_sizes"] == list(PLAN_BATCH_SIZES) for plan in model.plans.values()
+    )

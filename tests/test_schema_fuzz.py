@@ -27,17 +27,22 @@ def test_every_route_answers_as_documented(tiny_stores):
     with running_server([tiny_stores["tiny-bert"], tiny_stores["tiny-llama"]], env=LIMITS) as (url, _, _log):
         schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
         operations = [result.ok() for result in schema.get_all_operations()]
-        assert {op.label for op in operations} >= {"POST /v1/embeddings", "POST /v1/completions",
-                                                  "POST /v1/infer", "GET /v1/models", "GET /metrics"}
+        assert {op.label for op in operations} >= {
+            "POST /v1/embeddings",
+            "POST /v1/completions",
+            "POST /v1/infer",
+            "GET /v1/models",
+            "GET /metrics",
+        }
         for operation in operations:
             # Invalid input needs a body or query to be invalid in (a path segment is any string):
             # other routes get valid calls only.
             takes_input = len(operation.query) > 0 or len(operation.body) > 0
             for mode in GenerationMode if takes_input else [GenerationMode.POSITIVE]:
+
                 @given(case=operation.as_strategy(generation_mode=mode))
                 @seed(SEED)
-                @settings(max_examples=EXAMPLES, deadline=None, database=None,
-                          suppress_health_check=list(HealthCheck))
+                @settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
                 def answers_as_documented(case):
                     case.call_and_validate(checks=CHECKS)
 

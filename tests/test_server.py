@@ -87,13 +87,17 @@ def test_mode_exact_and_full_k_agree(client):
     assert chosen.json()["ann_mlp"]["candidate_factor"] == 2
     assert chosen.json()["ann_mlp"]["candidates"] == 96  # at most d_ff
     assert full["ann_mlp"]["candidate_factor"] is None and full["ann_mlp"]["candidates"] == 96
-    assert_error(client.post("/v1/infer", json={"model": "tiny-bert", "texts": ["x"], "candidate_factor": 0.5}),
-                 422, "invalid_value")
+    assert_error(
+        client.post("/v1/infer", json={"model": "tiny-bert", "texts": ["x"], "candidate_factor": 0.5}),
+        422,
+        "invalid_value",
+    )
 
 
 def test_infer_compare_reports_core_metrics(client):
-    response = client.post("/v1/infer", json={"model": "tiny-llama", "texts": ["def f(x): return x"],
-                                              "mode": "compare", "top_logprobs": 3})
+    response = client.post(
+        "/v1/infer", json={"model": "tiny-llama", "texts": ["def f(x): return x"], "mode": "compare", "top_logprobs": 3}
+    )
     body = response.json()
     assert response.status_code == 200, body
     output = body["outputs"][0]
@@ -123,8 +127,10 @@ def test_completions_greedy_is_deterministic_and_reports_logprobs(client):
     assert len(logprobs["token_logprobs"]) == first["usage"]["completion_tokens"] <= 5
     assert all(len(top) <= 2 for top in logprobs["top_logprobs"])
     sampled = {**body, "temperature": 1.0, "top_p": 0.9, "seed": 3}
-    assert (client.post("/v1/completions", json=sampled).json()["choices"][0]["text"]
-            == client.post("/v1/completions", json=sampled).json()["choices"][0]["text"])
+    assert (
+        client.post("/v1/completions", json=sampled).json()["choices"][0]["text"]
+        == client.post("/v1/completions", json=sampled).json()["choices"][0]["text"]
+    )
 
 
 def test_shadow_sampling_feeds_metrics_and_models(client):
@@ -142,32 +148,35 @@ def test_shadow_sampling_feeds_metrics_and_models(client):
     assert "ann_mlp_requests_in_flight" in metrics and "ann_mlp_keys_scanned_fraction_bucket" in metrics
 
 
-@pytest.mark.parametrize("path, body, status, code", [
-    ("/v1/embeddings", {"input": 5}, 422, "invalid_value"),
-    ("/v1/embeddings", {"input": "x", "ann_mlp": {"mode": "fast"}}, 422, "invalid_value"),
-    ("/v1/embeddings", {"input": "x", "ann_mlp": {"k": 0}}, 422, "invalid_value"),
-    ("/v1/embeddings", {"input": "x", "ann_mlp": {"k": 97}}, 400, "invalid_request"),
-    ("/v1/embeddings", {"input": "x", "model": "gpt-9"}, 404, "model_not_found"),
-    ("/v1/embeddings", {"input": "x", "model": "tiny-llama"}, 400, "invalid_request"),
-    ("/v1/embeddings", {"input": [""]}, 400, "invalid_request"),
-    ("/v1/embeddings", {"input": ["a"] * 65}, 400, "invalid_request"),
-    ("/v1/embeddings", {"input": "word " * 600}, 400, "invalid_request"),
-    ("/v1/completions", {"prompt": "x", "model": "tiny-llama", "stream": True}, 422, "invalid_value"),
-    ("/v1/completions", {"prompt": "x", "model": "tiny-llama", "max_tokens": 10_000}, 400, "invalid_request"),
-    ("/v1/completions", {"prompt": "x", "model": "tiny-bert"}, 400, "invalid_request"),
-    ("/v1/infer", {"model": "tiny-llama"}, 400, "invalid_request"),
-    ("/v1/infer", {"model": "tiny-llama", "token_ids": [[10**6]]}, 400, "invalid_request"),
-    ("/v1/infer", {"model": "tiny-llama", "texts": ["a"], "unknown": 1}, 422, "invalid_value"),
-    ("/v1/nowhere", {}, 404, None),
-    # limits come from the model: tiny-llama has 256 positions
-    ("/v1/infer", {"model": "tiny-llama", "token_ids": [[5] * 257], "mode": "exact"}, 400, "invalid_request"),
-    ("/v1/completions", {"model": "tiny-llama", "prompt": [[5, 5]], "max_tokens": 255}, 400, "invalid_request"),
-    ("/v1/completions", {"model": "tiny-llama", "prompt": "x" * 250, "max_tokens": 10}, 400, "invalid_request"),
-    ("/v1/infer", {"model": "tiny-llama", "token_ids": [[False]]}, 422, "invalid_value"),
-    ("/v1/completions", {"model": "tiny-llama", "prompt": [1, True]}, 422, "invalid_value"),
-    ("/v1/completions", {"model": "tiny-llama", "prompt": "x", "seed": 2**64}, 422, "invalid_value"),
-    ("/v1/completions", {"model": "tiny-llama", "prompt": "x", "seed": -1}, 422, "invalid_value"),
-])
+@pytest.mark.parametrize(
+    "path, body, status, code",
+    [
+        ("/v1/embeddings", {"input": 5}, 422, "invalid_value"),
+        ("/v1/embeddings", {"input": "x", "ann_mlp": {"mode": "fast"}}, 422, "invalid_value"),
+        ("/v1/embeddings", {"input": "x", "ann_mlp": {"k": 0}}, 422, "invalid_value"),
+        ("/v1/embeddings", {"input": "x", "ann_mlp": {"k": 97}}, 400, "invalid_request"),
+        ("/v1/embeddings", {"input": "x", "model": "gpt-9"}, 404, "model_not_found"),
+        ("/v1/embeddings", {"input": "x", "model": "tiny-llama"}, 400, "invalid_request"),
+        ("/v1/embeddings", {"input": [""]}, 400, "invalid_request"),
+        ("/v1/embeddings", {"input": ["a"] * 65}, 400, "invalid_request"),
+        ("/v1/embeddings", {"input": "word " * 600}, 400, "invalid_request"),
+        ("/v1/completions", {"prompt": "x", "model": "tiny-llama", "stream": True}, 422, "invalid_value"),
+        ("/v1/completions", {"prompt": "x", "model": "tiny-llama", "max_tokens": 10_000}, 400, "invalid_request"),
+        ("/v1/completions", {"prompt": "x", "model": "tiny-bert"}, 400, "invalid_request"),
+        ("/v1/infer", {"model": "tiny-llama"}, 400, "invalid_request"),
+        ("/v1/infer", {"model": "tiny-llama", "token_ids": [[10**6]]}, 400, "invalid_request"),
+        ("/v1/infer", {"model": "tiny-llama", "texts": ["a"], "unknown": 1}, 422, "invalid_value"),
+        ("/v1/nowhere", {}, 404, None),
+        # limits come from the model: tiny-llama has 256 positions
+        ("/v1/infer", {"model": "tiny-llama", "token_ids": [[5] * 257], "mode": "exact"}, 400, "invalid_request"),
+        ("/v1/completions", {"model": "tiny-llama", "prompt": [[5, 5]], "max_tokens": 255}, 400, "invalid_request"),
+        ("/v1/completions", {"model": "tiny-llama", "prompt": "x" * 250, "max_tokens": 10}, 400, "invalid_request"),
+        ("/v1/infer", {"model": "tiny-llama", "token_ids": [[False]]}, 422, "invalid_value"),
+        ("/v1/completions", {"model": "tiny-llama", "prompt": [1, True]}, 422, "invalid_value"),
+        ("/v1/completions", {"model": "tiny-llama", "prompt": "x", "seed": 2**64}, 422, "invalid_value"),
+        ("/v1/completions", {"model": "tiny-llama", "prompt": "x", "seed": -1}, 422, "invalid_value"),
+    ],
+)
 def test_bad_requests(client, path, body, status, code):
     assert_error(client.post(path, json=body), status, code)
 
@@ -182,8 +191,9 @@ def test_the_wrong_route_names_the_right_one(client):
 def test_context_errors_name_the_model_and_its_positions(client):
     error = assert_error(client.post("/v1/infer", json={"model": "tiny-llama", "token_ids": [[5] * 257]}), 400)
     assert error["message"] == "an input of 257 tokens exceeds tiny-llama's context of 256 positions"
-    error = assert_error(client.post("/v1/completions", json={"model": "tiny-llama", "prompt": [[5, 5]],
-                                                              "max_tokens": 255}), 400)
+    error = assert_error(
+        client.post("/v1/completions", json={"model": "tiny-llama", "prompt": [[5, 5]], "max_tokens": 255}), 400
+    )
     assert "2 tokens + 255 new tokens exceeds tiny-llama's context of 256 positions" in error["message"]
 
 
@@ -194,8 +204,9 @@ def test_values_at_the_edges_are_refused_or_served_never_500(client):
     surrogate = b'{"model": "tiny-bert", "input": "abc\\ud800def"}'  # an unpaired surrogate, escaped as JSON allows
     response = client.post("/v1/embeddings", content=surrogate, headers={"content-type": "application/json"})
     assert "cannot be tokenized" in assert_error(response, 400, "invalid_request")["message"]
-    tiny = client.post("/v1/completions", json={"model": "tiny-llama", "prompt": "Once", "max_tokens": 4,
-                                                "temperature": 5e-324})
+    tiny = client.post(
+        "/v1/completions", json={"model": "tiny-llama", "prompt": "Once", "max_tokens": 4, "temperature": 5e-324}
+    )
     greedy = client.post("/v1/completions", json={"model": "tiny-llama", "prompt": "Once", "max_tokens": 4})
     assert tiny.status_code == 200 and tiny.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
 
@@ -205,8 +216,9 @@ def test_a_requests_whole_work_is_bounded_and_compare_counts_twice(tiny_stores):
         ids = {"model": "tiny-llama", "token_ids": [[5] * 30, [6] * 30]}
         assert client.post("/v1/infer", json={**ids, "mode": "approx"}).status_code == 200
         error = assert_error(client.post("/v1/infer", json={**ids, "mode": "compare"}), 400, "invalid_request")
-        assert error["message"] == ("the request's work of 120 tokens (compare mode counts twice) exceeds "
-                                    "the limit of 100")
+        assert error["message"] == (
+            "the request's work of 120 tokens (compare mode counts twice) exceeds the limit of 100"
+        )
         completion = {"model": "tiny-llama", "prompt": [[5] * 10], "max_tokens": 91}
         assert "work of 101 tokens" in assert_error(client.post("/v1/completions", json=completion), 400)["message"]
         texts = {"model": "tiny-bert", "input": ["word " * 30] * 4}  # texts: counted on the worker, same answer
@@ -263,8 +275,9 @@ def test_full_queue_gives_429_with_retry_after(tiny_stores):
     with make_client(tiny_stores, queue_size=1, retry_after_s=2) as client:
         slow = {"model": "tiny-llama", "prompt": "x", "max_tokens": 200}
         results = []
-        threads = [threading.Thread(target=lambda: results.append(client.post("/v1/completions", json=slow)))
-                   for _ in range(4)]
+        threads = [
+            threading.Thread(target=lambda: results.append(client.post("/v1/completions", json=slow))) for _ in range(4)
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:

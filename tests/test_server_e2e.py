@@ -31,8 +31,12 @@ def free_port() -> int:
 def running_server(stores: list[Path], *args: str, env: dict | None = None):
     port = free_port()
     log = open(Path(stores[0]).parent / f"server-{port}.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "server", "serve", *map(str, stores), "--port", str(port), *args],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server", "serve", *map(str, stores), "--port", str(port), *args],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -98,8 +102,9 @@ def test_openai_client_embeddings_match_sentence_transformers(server):
 
 def test_openai_client_completions(server):
     client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
-    completion = client.completions.create(model="tiny-llama", prompt="The kernel", max_tokens=4, logprobs=1,
-                                           extra_body={"ann_mlp": {"mode": "compare"}})
+    completion = client.completions.create(
+        model="tiny-llama", prompt="The kernel", max_tokens=4, logprobs=1, extra_body={"ann_mlp": {"mode": "compare"}}
+    )
     choice = completion.choices[0]
     assert choice.finish_reason in ("length", "stop") and isinstance(choice.text, str)
     assert completion.usage.completion_tokens == len(choice.logprobs.token_logprobs)
@@ -114,8 +119,16 @@ def test_openai_client_completions(server):
 
 def test_sixteen_concurrent_clients_are_isolated(server):
     """Per-request k and mode must not leak: each answer equals the same request made alone."""
-    requests = [{"model": "tiny-llama", "texts": [f"request {i} " * (1 + i % 3)], "k": 4 + 4 * (i % 5),
-                 "mode": ("approx", "exact", "compare")[i % 3], "top_logprobs": 2} for i in range(16)]
+    requests = [
+        {
+            "model": "tiny-llama",
+            "texts": [f"request {i} " * (1 + i % 3)],
+            "k": 4 + 4 * (i % 5),
+            "mode": ("approx", "exact", "compare")[i % 3],
+            "top_logprobs": 2,
+        }
+        for i in range(16)
+    ]
     with httpx.Client(timeout=60) as client:
         alone = [client.post(f"{server}/v1/infer", json=r).json() for r in requests]
 
@@ -167,9 +180,28 @@ def test_sigterm_drains_in_flight_requests(tiny_stores):
 def test_default_relu_lm_serves_completions_to_the_openai_client(tmp_path):
     """The README's default model, trained here, built and served for real (small calibration budget)."""
     store = tmp_path / "relu-lm"
-    build = subprocess.run([sys.executable, "-m", "ann_mlp", "build", "relu-lm", "--out", str(store),
-                            "--calib-tokens", "2000", "--k", "256", "--mass-target", "0.9", "--backend", "lowrank"],
-                           capture_output=True, text=True, timeout=600)
+    build = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ann_mlp",
+            "build",
+            "relu-lm",
+            "--out",
+            str(store),
+            "--calib-tokens",
+            "2000",
+            "--k",
+            "256",
+            "--mass-target",
+            "0.9",
+            "--backend",
+            "lowrank",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert build.returncode == 0, build.stderr[-2000:]
     with running_server([store]) as (url, _, _log):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
@@ -178,8 +210,9 @@ def test_default_relu_lm_serves_completions_to_the_openai_client(tmp_path):
         assert completion.choices[0].text and completion.usage.completion_tokens >= 1
         info = completion.model_extra["ann_mlp"][0]
         assert info["mode"] == "auto" and 0 <= info["dense_fraction"] <= 1
-        exact = client.completions.create(model="relu-lm", prompt=prompt, max_tokens=8,
-                                          extra_body={"ann_mlp": {"mode": "exact"}})
+        exact = client.completions.create(
+            model="relu-lm", prompt=prompt, max_tokens=8, extra_body={"ann_mlp": {"mode": "exact"}}
+        )
         assert exact.choices[0].text
 
 
@@ -206,13 +239,15 @@ def test_a_client_that_disconnects_frees_its_work(tiny_stores):
         assert metric_value(url, sample) == 1
         # The worker is free again: the next request is answered although the abandoned one had
         # minutes of decoding left.
-        quick = httpx.post(f"{url}/v1/completions", json={"model": "tiny-llama", "prompt": "hi", "max_tokens": 2},
-                           timeout=60)
+        quick = httpx.post(
+            f"{url}/v1/completions", json={"model": "tiny-llama", "prompt": "hi", "max_tokens": 2}, timeout=60
+        )
         assert quick.status_code == 200, quick.text
 
 
 def test_a_drain_answers_what_cannot_finish_with_a_json_503(tiny_stores):
     with running_server([tiny_stores["tiny-llama"]], env={"ANN_MLP_DRAIN_TIMEOUT_S": "3"}) as (url, proc, _log):
+
         def send(_):
             with httpx.Client(timeout=120) as client:
                 return client.post(f"{url}/v1/completions", json=LONG_COMPLETION)

@@ -22,8 +22,12 @@ from ann_mlp.sparsify import REPORT_FILE, distillation_loss, sparsify, state_dir
 from tests.test_cli import TEXT, assert_one_line_error, run, run_in_process
 from tests.tiny_checkpoints import D_FF
 
-SMALL = dict(text=TextConfig(max_tokens=1 << 30, max_seq_len=32, batch_size=4),
-             report_text=TextConfig(max_tokens=400), save_every=2, warmup=50)
+SMALL = dict(
+    text=TextConfig(max_tokens=1 << 30, max_seq_len=32, batch_size=4),
+    report_text=TextConfig(max_tokens=400),
+    save_every=2,
+    warmup=50,
+)
 
 
 @pytest.fixture
@@ -34,8 +38,7 @@ def text_file(tmp_path):
 
 
 def _run(checkpoint, out, text_file, **config):
-    return sparsify(str(checkpoint), out, SparsifyConfig(**{**SMALL, **config}), [text_file], text_file,
-                    progress=False)
+    return sparsify(str(checkpoint), out, SparsifyConfig(**{**SMALL, **config}), [text_file], text_file, progress=False)
 
 
 def test_topk_student_fires_at_most_k_and_is_reported_against_the_original(tiny_checkpoints, tmp_path, text_file):
@@ -65,9 +68,13 @@ def test_relu_gated_model_is_read_by_stock_transformers_and_the_chain_runs(tiny_
     assert config["hidden_act"] == "relu" and "ann_mlp_topk" not in config
     stock = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert isinstance(stock.model.layers[0].mlp.act_fn, torch.nn.ReLU)
-    store = build_store(str(out), tmp_path / "store", BuildConfig(backend="exact", k=D_FF, target_recall=None,
-                                                               calibration=TextConfig(max_tokens=200)),
-                        calib_sources=[text_file], progress=False)
+    store = build_store(
+        str(out),
+        tmp_path / "store",
+        BuildConfig(backend="exact", k=D_FF, target_recall=None, calibration=TextConfig(max_tokens=200)),
+        calib_sources=[text_file],
+        progress=False,
+    )
     proc = run("eval", str(store), "--text", str(text_file), "--max-tokens", "200")
     assert "next_token_agreement" in proc.stdout and " 1.0000" in proc.stdout
 
@@ -92,8 +99,14 @@ def test_distillation_brings_the_student_closer_to_the_original(tiny_checkpoints
         teacher, student = load_checkpoint(str(tiny_checkpoints["bert"])), load_checkpoint(str(student_folder))
         batch = make_batch(teacher, TEXT.split("\n\n"), 32)
         with torch.no_grad():
-            return float(distillation_loss("encoder", batch, teacher.model(**batch.inputs, output_hidden_states=True),
-                                           student.model(**batch.inputs, output_hidden_states=True)))
+            return float(
+                distillation_loss(
+                    "encoder",
+                    batch,
+                    teacher.model(**batch.inputs, output_hidden_states=True),
+                    student.model(**batch.inputs, output_hidden_states=True),
+                )
+            )
 
     _run(tiny_checkpoints["bert"], tmp_path / "untrained", text_file, method="topk", k=4, steps=1, lr=1e-9)
     _run(tiny_checkpoints["bert"], tmp_path / "trained", text_file, method="topk", k=4, steps=40, lr=1e-3, warmup=1)
@@ -105,8 +118,15 @@ def test_resumed_run_equals_an_uninterrupted_one(tiny_checkpoints, tmp_path, tex
     _run(tiny_checkpoints["bert"], straight, text_file, method="topk", k=8, steps=4)
     _run(tiny_checkpoints["bert"], resumed, text_file, method="topk", k=8, steps=2)
     assert json.loads((state_dir_for(resumed) / "meta.json").read_text())["step"] == 2
-    sparsify(str(tiny_checkpoints["bert"]), resumed, SparsifyConfig(**{**SMALL, "method": "topk", "k": 8, "steps": 4}),
-             [text_file], text_file, resume=True, progress=False)
+    sparsify(
+        str(tiny_checkpoints["bert"]),
+        resumed,
+        SparsifyConfig(**{**SMALL, "method": "topk", "k": 8, "steps": 4}),
+        [text_file],
+        text_file,
+        resume=True,
+        progress=False,
+    )
     a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert a.keys() == b.keys()
     for name in a:
@@ -140,18 +160,25 @@ def test_cli_bad_input_one_line_and_nothing_written(tiny_checkpoints, tmp_path, 
         (["--resume"], "nothing to resume"),
     ]
     for args, match in cases:
-        assert_one_line_error(run_in_process(capsys, "sparsify", ckpt, "--out", str(out), "--steps", "1",
-                                             "--text", str(text_file), *args), match)
+        assert_one_line_error(
+            run_in_process(
+                capsys, "sparsify", ckpt, "--out", str(out), "--steps", "1", "--text", str(text_file), *args
+            ),
+            match,
+        )
         assert not out.exists() and not state_dir_for(out).exists()
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
-    assert_one_line_error(run_in_process(capsys, "sparsify", ckpt, "--out", str(out), "--steps", "1",
-                                         "--text", str(empty)), "empty")
+    assert_one_line_error(
+        run_in_process(capsys, "sparsify", ckpt, "--out", str(out), "--steps", "1", "--text", str(empty)), "empty"
+    )
     unsupported = tmp_path / "whisper"
     unsupported.mkdir()
     (unsupported / "config.json").write_text(json.dumps({"model_type": "whisper"}))
     (unsupported / "model.safetensors").write_bytes(b"")
-    assert_one_line_error(run_in_process(capsys, "sparsify", str(unsupported), "--out", str(out), "--steps", "1"),
-                          "unsupported model family")
+    assert_one_line_error(
+        run_in_process(capsys, "sparsify", str(unsupported), "--out", str(out), "--steps", "1"),
+        "unsupported model family",
+    )
     out.mkdir()
     assert_one_line_error(run("sparsify", ckpt, "--out", str(out), "--steps", "1", check=False), "exists")

@@ -22,8 +22,10 @@ def test_relu_sparsity_matches_the_models_own_activations(tiny_checkpoints, tmp_
     fired = {}
     hooks = []
     for i, layer in enumerate(checkpoint.model.model.decoder.layers):
+
         def hook(_m, _inp, out, i=i):
             fired.setdefault(i, []).append(out)
+
         hooks.append(layer.activation_fn.register_forward_hook(hook))
     masks = []
     for batch in batches(checkpoint, file_passages(path), config):
@@ -48,8 +50,9 @@ def test_relu_sparsity_matches_the_models_own_activations(tiny_checkpoints, tmp_
 
 
 def test_non_relu_models_are_labelled_as_positive_preactivations(tiny_checkpoints):
-    report = measure_sparsity(load_checkpoint(str(tiny_checkpoints["llama"])), None,
-                              TextConfig(max_tokens=300), progress=False)
+    report = measure_sparsity(
+        load_checkpoint(str(tiny_checkpoints["llama"])), None, TextConfig(max_tokens=300), progress=False
+    )
     assert {entry.measure for entry in report.layers} == {"positive_preactivations"}
     assert "positive pre-activations counted" in sparsity_table(report)
     assert all(0 < entry.nonzero_pct < 100 for entry in report.layers)

@@ -85,8 +85,9 @@ def test_corrupted_missing_and_extra_files_are_named(store, tmp_path):
     with pytest.raises(StoreError, match="format version 99"):
         Store.open(copy2)
     # An edit that keeps the JSON valid but not the checksum: a search effort changed by hand.
-    manifest["layers"][0]["search_params"] = {name: value + 1 for name, value in
-                                              manifest["layers"][0]["search_params"].items()}
+    manifest["layers"][0]["search_params"] = {
+        name: value + 1 for name, value in manifest["layers"][0]["search_params"].items()
+    }
     (copy2 / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(StoreError, match="manifest.json does not match its checksum"):
         Store.open(copy2)
@@ -105,17 +106,20 @@ def _tampered(store, tmp_path, change) -> Path:
     return copy
 
 
-@pytest.mark.parametrize("change, match", [
-    (lambda m: m.update(layers=[]), "lists no layers"),
-    (lambda m: m["layers"][1].update(layer=99), "layer entry 1 is numbered 99"),
-    (lambda m: m["layers"][0].update(d_ff="many"), r"layers\.0\.d_ff: Input should be a valid integer"),
-    (lambda m: m["layers"][0].update(tail_mean_file="/etc/passwd"), "names a file outside the store: /etc/passwd"),
-    (lambda m: m["layers"][0].update(tail_mean_file="../x.npy"), r"names a file outside the store: \.\./x\.npy"),
-    (lambda m: m["layers"][0]["search_params"].update(nprobe=-7), "nprobe -7 is outside"),
-    (lambda m: m.pop("layers"), r"malformed manifest: layers: Field required"),
-    (lambda m: m["layers"][0]["build_params"].clear(), "layer 0's build parameters lack"),
-    (lambda m: m["layers"][0].update(backend="annoy"), "layer 0's backend 'annoy' is unknown"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda m: m.update(layers=[]), "lists no layers"),
+        (lambda m: m["layers"][1].update(layer=99), "layer entry 1 is numbered 99"),
+        (lambda m: m["layers"][0].update(d_ff="many"), r"layers\.0\.d_ff: Input should be a valid integer"),
+        (lambda m: m["layers"][0].update(tail_mean_file="/etc/passwd"), "names a file outside the store: /etc/passwd"),
+        (lambda m: m["layers"][0].update(tail_mean_file="../x.npy"), r"names a file outside the store: \.\./x\.npy"),
+        (lambda m: m["layers"][0]["search_params"].update(nprobe=-7), "nprobe -7 is outside"),
+        (lambda m: m.pop("layers"), r"malformed manifest: layers: Field required"),
+        (lambda m: m["layers"][0]["build_params"].clear(), "layer 0's build parameters lack"),
+        (lambda m: m["layers"][0].update(backend="annoy"), "layer 0's backend 'annoy' is unknown"),
+    ],
+)
 def test_a_malformed_manifest_is_refused_in_one_line(store, tmp_path, change, match):
     with pytest.raises(StoreError, match=match):
         Store.open(_tampered(store, tmp_path, change))
@@ -167,8 +171,9 @@ def _empty(tmp_path):
 
 
 def test_mass_target_chooses_k_per_layer(tiny_checkpoints, tmp_path):
-    config = BuildConfig(backend="exact", k=96, target_recall=None, mass_target=0.9,
-                         calibration=TextConfig(max_tokens=600, batch_size=8))
+    config = BuildConfig(
+        backend="exact", k=96, target_recall=None, mass_target=0.9, calibration=TextConfig(max_tokens=600, batch_size=8)
+    )
     store = build_store(str(tiny_checkpoints["opt"]), tmp_path / "mass", config, progress=False)
     manifest = Store.open(store).manifest
     assert BuildConfig.from_json(manifest.build) == config and manifest.extra == {"plan_machine": machine()}
@@ -205,8 +210,14 @@ def test_tail_correction_is_stored_exact_at_full_k_and_lowers_gelu_error(tiny_ch
 
     errors = {}
     for correct in (False, True):
-        config = BuildConfig(backend="exact", k=8, target_recall=None, tail_correction=correct, plan=False,
-                             calibration=TextConfig(max_tokens=800))
+        config = BuildConfig(
+            backend="exact",
+            k=8,
+            target_recall=None,
+            tail_correction=correct,
+            plan=False,
+            calibration=TextConfig(max_tokens=800),
+        )
         store = build_store(str(tiny_checkpoints["bert"]), tmp_path / f"tail-{correct}", config, progress=False)
         manifest = Store.open(store).manifest
         assert all((entry.tail_mean_file is not None) == correct for entry in manifest.layers)
@@ -226,9 +237,19 @@ def test_tail_correction_is_stored_exact_at_full_k_and_lowers_gelu_error(tiny_ch
         Store.open(store)
 
 
-@pytest.mark.parametrize(("family", "backend"), [("gpt2", "lowrank"), ("llama", "lowrank"), ("bert", "lowrank"),
-                                               ("gpt2", "hnsw"), ("bert", "pq"),
-                                               ("gpt2", "ivf"), ("llama", "ivf"), ("bert", "ivf")])
+@pytest.mark.parametrize(
+    ("family", "backend"),
+    [
+        ("gpt2", "lowrank"),
+        ("llama", "lowrank"),
+        ("bert", "lowrank"),
+        ("gpt2", "hnsw"),
+        ("bert", "pq"),
+        ("gpt2", "ivf"),
+        ("llama", "ivf"),
+        ("bert", "ivf"),
+    ],
+)
 def test_model_and_index_hold_the_weights_once(tiny_checkpoints, tmp_path, family, backend):
     """Keys live once, in the index's augmented table (faiss' own flat storage for HNSW and
     PQ's refine stage, padded for PQ; IVF's lists, one table in list order), values once in
@@ -240,6 +261,7 @@ def test_model_and_index_hold_the_weights_once(tiny_checkpoints, tmp_path, famil
     plain = load_checkpoint(str(tiny_checkpoints[family]))
     model = ApproxModel.open(store)
     batch = make_batch(model.checkpoint, ["Memory is shared, not copied."], 16)
+
     def output(checkpoint):
         result = forward(checkpoint, batch)
         return result.logits if family != "bert" else result.last_hidden_state
@@ -281,16 +303,29 @@ def test_ivf_reordered_model_selects_and_sums_the_same_neurons(tiny_checkpoints,
     model in its own order."""
     from ann_mlp.approx_mlp import augmented_keys
 
-    config = BuildConfig(backend="ivf", k=8, target_recall=0.6, tail_correction=family == "bert",
-                         tail_map_rank=0, gated_selection=family == "llama", plan=False,
-                         calibration=TextConfig(max_tokens=800))
+    config = BuildConfig(
+        backend="ivf",
+        k=8,
+        target_recall=0.6,
+        tail_correction=family == "bert",
+        tail_map_rank=0,
+        gated_selection=family == "llama",
+        plan=False,
+        calibration=TextConfig(max_tokens=800),
+    )
     path = build_store(str(tiny_checkpoints[family]), tmp_path / family, config, progress=False)
     reordered = ApproxModel.open(path)
     store, plain = Store.open(path), load_checkpoint(str(tiny_checkpoints[family]))
-    indexes = {e.layer: store.load_index(e.layer, augmented_keys(plain.adapter.mlp_weights(e.layer)))
-               for e in store.manifest.layers}
-    in_order = ApproxModel(store.manifest, plain, indexes,
-                           layer_arrays={e.layer: store.load_layer_arrays(e.layer) for e in store.manifest.layers})
+    indexes = {
+        e.layer: store.load_index(e.layer, augmented_keys(plain.adapter.mlp_weights(e.layer)))
+        for e in store.manifest.layers
+    }
+    in_order = ApproxModel(
+        store.manifest,
+        plain,
+        indexes,
+        layer_arrays={e.layer: store.load_layer_arrays(e.layer) for e in store.manifest.layers},
+    )
     assert all(getattr(e, f"{arrays}_file") for e in store.manifest.layers)
     for model in (reordered, in_order):
         model.configure(search_params={"nprobe": 1})  # one list of ~6 keys: slots stay empty
@@ -314,7 +349,9 @@ def test_tail_correction_by_default_only_where_the_tail_is_not_zero(tiny_checkpo
     """GELU (BERT) drops non-zero neurons; ReLU (OPT) drops zeros; gated (LLaMA) is served by
     choosing neurons by contribution instead (test_gated_build_chooses_by_estimated_contribution)."""
     config = BuildConfig(backend="exact", k=8, target_recall=None, plan=False, calibration=TextConfig(max_tokens=400))
-    manifest = Store.open(build_store(str(tiny_checkpoints[family]), tmp_path / family, config, progress=False)).manifest
+    manifest = Store.open(
+        build_store(str(tiny_checkpoints[family]), tmp_path / family, config, progress=False)
+    ).manifest
     assert all((entry.tail_mean_file is not None) == corrected for entry in manifest.layers)
 
 
@@ -331,10 +368,18 @@ def test_gated_build_chooses_by_estimated_contribution(tiny_checkpoints, tmp_pat
     from ann_mlp.metrics import total_relative_error
     from tests.tiny_checkpoints import D_FF, D_MODEL
 
-    config = BuildConfig(backend="exact", k=8, target_recall=None, tail_map_rank=0, plan=False,
-                         calibration=TextConfig(max_tokens=1500))
-    stores = {on: build_store(str(tiny_checkpoints["llama"]), tmp_path / f"selection-{on}",
-                              replace(config, gated_selection=on), progress=False) for on in (True, False)}
+    config = BuildConfig(
+        backend="exact", k=8, target_recall=None, tail_map_rank=0, plan=False, calibration=TextConfig(max_tokens=1500)
+    )
+    stores = {
+        on: build_store(
+            str(tiny_checkpoints["llama"]),
+            tmp_path / f"selection-{on}",
+            replace(config, gated_selection=on),
+            progress=False,
+        )
+        for on in (True, False)
+    }
     chosen, by_gate = (Store.open(stores[on]).manifest for on in (True, False))
     assert chosen.build["gated_selection"] and not by_gate.build["gated_selection"]
     assert all(e.candidates is None and e.up_codes_file is None and e.up_ranges_file is None for e in by_gate.layers)
@@ -345,8 +390,11 @@ def test_gated_build_chooses_by_estimated_contribution(tiny_checkpoints, tmp_pat
         assert {entry.up_codes_file, entry.up_ranges_file} <= entry.files.keys()
 
     models = {on: ApproxModel.open(store) for on, store in stores.items()}
-    batch = make_batch(models[True].checkpoint, ["Evaluation text that neither store was calibrated on, "
-                                                 "about rivers, trains and the price of tea."] * 2, 32)
+    batch = make_batch(
+        models[True].checkpoint,
+        ["Evaluation text that neither store was calibrated on, about rivers, trains and the price of tea."] * 2,
+        32,
+    )
     layers = [entry.layer for entry in chosen.layers]
     _, captured = forward_capturing(models[True].checkpoint, batch, layers)
     for entry in chosen.layers:
@@ -377,8 +425,15 @@ def test_tail_map_is_kept_where_it_lowers_held_out_error_and_applies_only_to_its
 
     stores = {}
     for rank in (0, 8):
-        config = BuildConfig(backend="exact", k=8, target_recall=None, tail_correction=False, tail_map_rank=rank,
-                             plan=False, calibration=TextConfig(max_tokens=1500))
+        config = BuildConfig(
+            backend="exact",
+            k=8,
+            target_recall=None,
+            tail_correction=False,
+            tail_map_rank=rank,
+            plan=False,
+            calibration=TextConfig(max_tokens=1500),
+        )
         stores[rank] = build_store(str(tiny_checkpoints["bert"]), tmp_path / f"map-{rank}", config, progress=False)
     plain, mapped = (Store.open(stores[rank]).manifest for rank in (0, 8))
     assert all(e.tail_map_file is None and e.tail_map_error is None for e in plain.layers)
@@ -391,8 +446,11 @@ def test_tail_map_is_kept_where_it_lowers_held_out_error_and_applies_only_to_its
     assert np.load(stores[8] / mapped.layers[kept[0]].tail_map_file).shape == (8, 2 * D_MODEL + 1)
 
     models = {rank: ApproxModel.open(store) for rank, store in stores.items()}
-    batch = make_batch(models[8].checkpoint, ["Evaluation text that neither store was calibrated on, "
-                                              "about rivers, trains and the price of tea."] * 2, 32)
+    batch = make_batch(
+        models[8].checkpoint,
+        ["Evaluation text that neither store was calibrated on, about rivers, trains and the price of tea."] * 2,
+        32,
+    )
     _, captured = forward_capturing(models[8].checkpoint, batch, kept)
     for layer in kept:
         x = captured[layer]  # (n, d_model)

@@ -48,14 +48,26 @@ def test_calibration_sources_are_taken_in_turn(tmp_path):
     (docs / "a.rst").write_text("Doc one.\n\nDoc two.\n")
     (docs / "sub" / "b.md").write_text("Doc three.\n")
     assert list(calibration_passages([notes, docs])) == [
-        "Note one.", "Doc one.", "Note two.", "Doc two.", "Note three.", "Doc three."]
+        "Note one.",
+        "Doc one.",
+        "Note two.",
+        "Doc two.",
+        "Note three.",
+        "Doc three.",
+    ]
     first_stdlib = list(islice(stdlib_passages("calibration"), 2))
     assert list(islice(calibration_passages(["stdlib", notes]), 4)) == [
-        first_stdlib[0], "Note one.", first_stdlib[1], "Note two."]
+        first_stdlib[0],
+        "Note one.",
+        first_stdlib[1],
+        "Note two.",
+    ]
     assert list(islice(calibration_passages([]), 2)) == first_stdlib
     assert describe_calibration([]) == "python-stdlib-docstrings:calibration"
-    assert describe_calibration(["stdlib", notes]) == \
-        f"python-stdlib-docstrings:calibration + {notes} (one passage per paragraph)"
+    assert (
+        describe_calibration(["stdlib", notes])
+        == f"python-stdlib-docstrings:calibration + {notes} (one passage per paragraph)"
+    )
     with pytest.raises(InputError, match="cannot read"):
         calibration_passages([tmp_path / "missing.txt"])
 
@@ -107,16 +119,21 @@ def test_long_passages_are_split_into_windows_or_cut_and_counted(tiny_checkpoint
     checkpoint = load_checkpoint(str(tiny_checkpoints["opt"]))  # one token per byte
     texts = ["x" * 100, "short", "y" * 30]
     split = TextStats()
-    lengths = [int(row.sum()) for batch in batches(checkpoint, texts, TextConfig(max_seq_len=32, batch_size=4), split)
-               for row in batch.mask]
+    lengths = [
+        int(row.sum())
+        for batch in batches(checkpoint, texts, TextConfig(max_seq_len=32, batch_size=4), split)
+        for row in batch.mask
+    ]
     assert lengths == [32, 32, 32, 4, 5, 30]  # the long passage in windows, every token run
     assert split.tokens == 135 and split.passages == 3 and split.sequences == 6
     assert (split.split, split.truncated, split.limit, split.whole_text) == (1, 0, 32, True)
     cut = TextStats()
     list(batches(checkpoint, texts, TextConfig(max_seq_len=32, batch_size=4, long_passages="cut"), cut))
     assert (cut.tokens, cut.passages, cut.truncated, cut.split) == (32 + 5 + 30, 3, 1, 0)
-    assert cut.warnings() == ["only 67 tokens measured: figures from fewer than 1000 tokens are noisy",
-                              "1 of 3 passages were cut at 32 tokens"]
+    assert cut.warnings() == [
+        "only 67 tokens measured: figures from fewer than 1000 tokens are noisy",
+        "1 of 3 passages were cut at 32 tokens",
+    ]
     budget = TextStats()
     list(batches(checkpoint, ["z" * 20] * 50, TextConfig(max_tokens=100, max_seq_len=32, batch_size=4), budget))
     assert budget.tokens == 160 and budget.passages == 8 and not budget.whole_text  # two batches of four

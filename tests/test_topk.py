@@ -53,8 +53,7 @@ def test_retrieving_at_least_k_keys_is_exact(topk_checkpoint, k):
 
 
 def test_sparsity_of_a_topk_model_is_at_most_k(topk_checkpoint):
-    report = measure_sparsity(load_checkpoint(str(topk_checkpoint)), None, TextConfig(max_tokens=300),
-                              progress=False)
+    report = measure_sparsity(load_checkpoint(str(topk_checkpoint)), None, TextConfig(max_tokens=300), progress=False)
     for layer in report.layers:
         assert layer.measure == "nonzero_activations"
         assert 0 < layer.per_token_pct_percentiles["p99"] <= 100 * K / layer.d_ff + 1e-6

@@ -30,10 +30,38 @@ def keep_thread_count():
 
 
 def test_train_resume_finish_and_load(corpus, tmp_path):
-    common = ["--name", "tiny", "--sources", str(corpus), "--cache", str(tmp_path / "cache"),
-              "--out", str(tmp_path / "model"), "--layers", "1", "--d-model", "32", "--d-ff", "64",
-              "--heads", "2", "--vocab", "300", "--seq-len", "16", "--batch", "2", "--eval-every", "2",
-              "--eval-windows", "4", "--steps", "6", "--threads", "1"]
+    common = [
+        "--name",
+        "tiny",
+        "--sources",
+        str(corpus),
+        "--cache",
+        str(tmp_path / "cache"),
+        "--out",
+        str(tmp_path / "model"),
+        "--layers",
+        "1",
+        "--d-model",
+        "32",
+        "--d-ff",
+        "64",
+        "--heads",
+        "2",
+        "--vocab",
+        "300",
+        "--seq-len",
+        "16",
+        "--batch",
+        "2",
+        "--eval-every",
+        "2",
+        "--eval-windows",
+        "4",
+        "--steps",
+        "6",
+        "--threads",
+        "1",
+    ]
     assert train_relu_lm.main(common + ["--steps", "4", "--minutes", "5"]) == 0
     state = json.loads((tmp_path / "cache" / "train" / "tiny" / "meta.json").read_text())
     assert state["step"] == 4
@@ -44,8 +72,14 @@ def test_train_resume_finish_and_load(corpus, tmp_path):
     assert all(len(r["nonzero_pct"]) == 1 and 0 <= r["nonzero_pct"][0] <= 100 for r in log)
     assert train_relu_lm.main(common + ["--finish"]) == 0
     model = tmp_path / "model"
-    assert {"config.json", "model.safetensors", "tokenizer.json", "train_log.jsonl", "training.json",
-            "sparsity_curve.png"} <= {p.name for p in model.iterdir()}
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "train_log.jsonl",
+        "training.json",
+        "sparsity_curve.png",
+    } <= {p.name for p in model.iterdir()}
     checkpoint = load_checkpoint(str(model))
     assert checkpoint.family == "opt" and checkpoint.adapter.mlp_weights(0).d_ff == 64
     assert train_relu_lm.main(common + ["--finish"]) == 1  # a finished model is not overwritten

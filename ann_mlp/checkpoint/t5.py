@@ -36,12 +36,21 @@ class T5Adapter(FamilyAdapter):
         activation = self.model.config.dense_act_fn
         # nn.Linear (out, in): wi*/wo weights are (d_ff, d_model) / (d_model, d_ff).
         if hasattr(mlp, "wi_0"):
-            return MlpWeights(keys=mlp.wi_0.weight.detach(), key_bias=None,
-                              values=mlp.wo.weight.detach().t(), out_bias=None,
-                              activation=activation, up=mlp.wi_1.weight.detach())
-        return MlpWeights(keys=mlp.wi.weight.detach(), key_bias=None,
-                          values=mlp.wo.weight.detach().t(), out_bias=None,
-                          activation=activation)
+            return MlpWeights(
+                keys=mlp.wi_0.weight.detach(),
+                key_bias=None,
+                values=mlp.wo.weight.detach().t(),
+                out_bias=None,
+                activation=activation,
+                up=mlp.wi_1.weight.detach(),
+            )
+        return MlpWeights(
+            keys=mlp.wi.weight.detach(),
+            key_bias=None,
+            values=mlp.wo.weight.detach().t(),
+            out_bias=None,
+            activation=activation,
+        )
 
     def activation_path(self, layer: int) -> str:
         return f"{self._path(layer)}.act"

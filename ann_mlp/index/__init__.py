@@ -21,8 +21,18 @@ from ann_mlp.index.teal import InputSparsityIndex
 __all__ = ["BACKENDS", "KeyRowsIndex", "MipsIndex", "SearchResult", "backend_class", "build_index"]
 
 BACKENDS: dict[str, type[MipsIndex]] = {
-    cls.name: cls for cls in (ExactIndex, IvfIndex, HnswIndex, PqRefineIndex, ScannIndex, QueryCellsIndex,
-                LowRankIndex, NeuronPredictorIndex, InputSparsityIndex)
+    cls.name: cls
+    for cls in (
+        ExactIndex,
+        IvfIndex,
+        HnswIndex,
+        PqRefineIndex,
+        ScannIndex,
+        QueryCellsIndex,
+        LowRankIndex,
+        NeuronPredictorIndex,
+        InputSparsityIndex,
+    )
 }
 
 
@@ -33,8 +43,14 @@ def backend_class(name: str) -> type[MipsIndex]:
         raise BackendError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}") from None
 
 
-def build_index(name: str, keys: np.ndarray, queries: np.ndarray | None = None, k: int | None = None,
-                target_recall: float | None = None, **build_params: Any) -> MipsIndex:
+def build_index(
+    name: str,
+    keys: np.ndarray,
+    queries: np.ndarray | None = None,
+    k: int | None = None,
+    target_recall: float | None = None,
+    **build_params: Any,
+) -> MipsIndex:
     """Build backend `name`; calibration queries, k and the recall the build will tune
     for are passed to the backends that learn from queries."""
     cls = backend_class(name)

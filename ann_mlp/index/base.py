@@ -38,8 +38,7 @@ class MipsIndex(ABC):
     exact_scores: bool
     needs_queries: ClassVar[bool] = False  # built from calibration queries as well as keys
 
-    def __init__(self, num_keys: int, dim: int, build_params: dict[str, Any],
-                 search_params: dict[str, Any]) -> None:
+    def __init__(self, num_keys: int, dim: int, build_params: dict[str, Any], search_params: dict[str, Any]) -> None:
         self.num_keys = num_keys
         self.dim = dim
         self.build_params = dict(build_params)
@@ -75,8 +74,9 @@ class MipsIndex(ABC):
         if unknown:
             from ann_mlp.errors import BackendError
 
-            raise BackendError(f"{self.name} has no search parameter {', '.join(sorted(unknown))}"
-                               f" (it has {self.effort_param})")
+            raise BackendError(
+                f"{self.name} has no search parameter {', '.join(sorted(unknown))} (it has {self.effort_param})"
+            )
         effort = overrides.get(self.effort_param)
         if effort is None:
             effort = self.search_params.get(self.effort_param, self.effort_range(k)[1])
@@ -90,8 +90,9 @@ class MipsIndex(ABC):
 
     @classmethod
     @abstractmethod
-    def load(cls, folder: Path, stem: str, keys: np.ndarray,
-             build_params: dict[str, Any], search_params: dict[str, Any]) -> MipsIndex:
+    def load(
+        cls, folder: Path, stem: str, keys: np.ndarray, build_params: dict[str, Any], search_params: dict[str, Any]
+    ) -> MipsIndex:
         """Read what save() wrote. Never unpickles.
 
         keys: (num_keys, D) float32, the checkpoint's augmented keys the index was
@@ -167,10 +168,13 @@ class KeyRowsIndex(MipsIndex):
 
     @classmethod
     def load_arrays(cls, folder: Path, stem: str, build_params: dict[str, Any]) -> dict[str, np.ndarray]:
-        return {part: np.load(Path(folder) / f"{stem}.{part}.npy", allow_pickle=False)
-                for part in cls.parts_for(build_params)}
+        return {
+            part: np.load(Path(folder) / f"{stem}.{part}.npy", allow_pickle=False)
+            for part in cls.parts_for(build_params)
+        }
 
     @classmethod
     def load(cls, folder, stem, keys, build_params, search_params) -> KeyRowsIndex:
-        return cls(keys, **cls.load_arrays(folder, stem, build_params), build_params=build_params,
-                   search_params=search_params)
+        return cls(
+            keys, **cls.load_arrays(folder, stem, build_params), build_params=build_params, search_params=search_params
+        )

@@ -26,6 +26,9 @@ class ExactIndex(KeyRowsIndex):
         scores = torch.from_numpy(queries) @ self.keys.T  # (N, n)
         top = torch.topk(scores, k, dim=1)
         n_queries = queries.shape[0]
-        return SearchResult(top.values.numpy(), top.indices.numpy(),
-                            keys_scored=n_queries * self.num_keys,
-                            bytes_read=n_queries * self.full_scan_bytes)
+        return SearchResult(
+            top.values.numpy(),
+            top.indices.numpy(),
+            keys_scored=n_queries * self.num_keys,
+            bytes_read=n_queries * self.full_scan_bytes,
+        )

@@ -14,8 +14,7 @@ from ann_mlp.index.base import MipsIndex
 
 
 class FaissIndex(MipsIndex):
-    def __init__(self, index: faiss.Index, build_params: dict[str, Any],
-                 search_params: dict[str, Any]) -> None:
+    def __init__(self, index: faiss.Index, build_params: dict[str, Any], search_params: dict[str, Any]) -> None:
         super().__init__(index.ntotal, index.d, build_params, search_params)
         self.index = index
 

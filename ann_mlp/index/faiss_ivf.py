@@ -38,8 +38,7 @@ class IvfIndex(FaissIndex):
     def build(cls, keys: np.ndarray, **build_params: Any) -> IvfIndex:
         params = {**cls.default_build_params(*keys.shape), **build_params}
         quantizer = faiss.IndexFlatIP(keys.shape[1])
-        index = faiss.IndexIVFFlat(quantizer, keys.shape[1], params["nlist"],
-                                   faiss.METRIC_INNER_PRODUCT)
+        index = faiss.IndexIVFFlat(quantizer, keys.shape[1], params["nlist"], faiss.METRIC_INNER_PRODUCT)
         index.cp.min_points_per_centroid = 1  # MLPs have few keys per list; that is expected
         index.train(keys)
         index.add(keys)
@@ -68,8 +67,9 @@ class IvfIndex(FaissIndex):
         # entry points skip the Python wrappers' per-call checks and copies.
         centroid_scores = np.empty((n_queries, nprobe), dtype=np.float32)
         lists = np.empty((n_queries, nprobe), dtype=np.int64)
-        self.ivf.quantizer.search_c(n_queries, faiss.swig_ptr(queries), nprobe, faiss.swig_ptr(centroid_scores),
-                                    faiss.swig_ptr(lists))
+        self.ivf.quantizer.search_c(
+            n_queries, faiss.swig_ptr(queries), nprobe, faiss.swig_ptr(centroid_scores), faiss.swig_ptr(lists)
+        )
         scores = np.empty((n_queries, k), dtype=np.float32)
         ids = np.empty((n_queries, k), dtype=np.int64)
         # search_preassigned threads only over what parallel_mode names (mode 0 is threaded by
@@ -77,12 +77,20 @@ class IvfIndex(FaissIndex):
         # 4096x16384 with 1/16 of the lists, 2 threads: batch 1 0.84 -> 0.48 ms, batch 16 13.4 -> 8.4 ms.
         self.ivf.parallel_mode = 1 if n_queries == 1 else 3
         self.ivf.search_preassigned_c(
-            n_queries, faiss.swig_ptr(queries), k, faiss.swig_ptr(lists), faiss.swig_ptr(centroid_scores),
-            faiss.swig_ptr(scores), faiss.swig_ptr(ids), False, self._search_params(nprobe), None)
+            n_queries,
+            faiss.swig_ptr(queries),
+            k,
+            faiss.swig_ptr(lists),
+            faiss.swig_ptr(centroid_scores),
+            faiss.swig_ptr(scores),
+            faiss.swig_ptr(ids),
+            False,
+            self._search_params(nprobe),
+            None,
+        )
         keys_scored = int(self.list_sizes[lists].sum())
         centroid_count = n_queries * self.ivf.nlist
-        return SearchResult(scores, ids, keys_scored,
-                            (keys_scored + centroid_count) * self.dim * BYTES_PER_FLOAT)
+        return SearchResult(scores, ids, keys_scored, (keys_scored + centroid_count) * self.dim * BYTES_PER_FLOAT)
 
 
 def _lists_in_one_table(ivf: faiss.IndexIVF, list_sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -105,8 +113,8 @@ def _lists_in_one_table(ivf: faiss.IndexIVF, list_sizes: np.ndarray) -> tuple[np
         if size == 0:
             views.push_back(faiss.MaybeOwnedVectorUInt8())
             continue
-        order[start: start + size] = faiss.rev_swig_ptr(lists.get_ids(i), size)
-        rows = table_bytes[start * row_bytes: (start + size) * row_bytes]
+        order[start : start + size] = faiss.rev_swig_ptr(lists.get_ids(i), size)
+        rows = table_bytes[start * row_bytes : (start + size) * row_bytes]
         rows[:] = faiss.rev_swig_ptr(lists.get_codes(i), len(rows))
         views.push_back(faiss.MaybeOwnedVectorUInt8.create_view(faiss.swig_ptr(rows), len(rows), empty.owner))
         start += size

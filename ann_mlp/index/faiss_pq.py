@@ -75,5 +75,9 @@ class PqRefineIndex(FaissIndex):
         n_queries = queries.shape[0]
         code_bytes = self.num_keys * (self.padded_dim // self.build_params["dims_per_subquantizer"]) // 2
         rerank = min(k * k_factor, self.num_keys)
-        return SearchResult(scores, ids, keys_scored=n_queries * self.num_keys,
-                            bytes_read=n_queries * (code_bytes + rerank * self.dim * BYTES_PER_FLOAT))
+        return SearchResult(
+            scores,
+            ids,
+            keys_scored=n_queries * self.num_keys,
+            bytes_read=n_queries * (code_bytes + rerank * self.dim * BYTES_PER_FLOAT),
+        )

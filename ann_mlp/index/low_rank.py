@@ -63,15 +63,32 @@ class LowRankIndex(KeyRowsIndex):
     # float32 projection with projection_bits = 32, key codes with rerank_bits = 8, the refinement
     # stage's codes with refine_rank > 0, the error basis with margin_rank > 0 (as 8-bit codes with
     # error_basis_bits = 8)
-    parts = ("projection", "key_codes", "key_ranges", "refine_codes", "refine_ranges", "error_basis",
-             "error_basis_codes", "error_basis_ranges")
+    parts = (
+        "projection",
+        "key_codes",
+        "key_ranges",
+        "refine_codes",
+        "refine_ranges",
+        "error_basis",
+        "error_basis_codes",
+        "error_basis_ranges",
+    )
 
-    def __init__(self, keys: np.ndarray, codes: faiss.Index, projection: np.ndarray | faiss.Index,
-                 build_params: dict[str, Any], search_params: dict[str, Any],
-                 key_codes: np.ndarray | None = None, key_ranges: np.ndarray | None = None,
-                 refine_codes: np.ndarray | None = None, refine_ranges: np.ndarray | None = None,
-                 error_basis: np.ndarray | None = None, error_basis_codes: np.ndarray | None = None,
-                 error_basis_ranges: np.ndarray | None = None) -> None:
+    def __init__(
+        self,
+        keys: np.ndarray,
+        codes: faiss.Index,
+        projection: np.ndarray | faiss.Index,
+        build_params: dict[str, Any],
+        search_params: dict[str, Any],
+        key_codes: np.ndarray | None = None,
+        key_ranges: np.ndarray | None = None,
+        refine_codes: np.ndarray | None = None,
+        refine_ranges: np.ndarray | None = None,
+        error_basis: np.ndarray | None = None,
+        error_basis_codes: np.ndarray | None = None,
+        error_basis_ranges: np.ndarray | None = None,
+    ) -> None:
         super().__init__(keys, build_params, search_params)
         self.params = LowRankParams.from_build_params(build_params)  # resolved: integer ranks
         self.codes = codes  # n vectors of r dims: A's rows, 8- or 4-bit
@@ -101,8 +118,11 @@ class LowRankIndex(KeyRowsIndex):
         # key from the decoded codes in torch rather than keep a heap of candidates in faiss' scan.
         self.first_pass, self.rounding_variance, self._margin_width = None, None, 0
         view = faiss.rev_swig_ptr(codes.codes.data(), codes.ntotal * codes.code_size)
-        code_table = RowCodes(view.reshape(codes.ntotal, codes.code_size),
-                              faiss.vector_to_array(codes.sq.trained).reshape(2, codes.d), self.params.code_bits)
+        code_table = RowCodes(
+            view.reshape(codes.ntotal, codes.code_size),
+            faiss.vector_to_array(codes.sq.trained).reshape(2, codes.d),
+            self.params.code_bits,
+        )
         if self.margin_rank and self.params.margin_counts_rounding:
             self.rounding_variance = code_table.noise_variance
         if codes.ntotal * codes.d <= DECODED_FIRST_PASS_MAX:
@@ -133,8 +153,9 @@ class LowRankIndex(KeyRowsIndex):
         refine = ("refine_codes", "refine_ranges") if params.refine_rank else ()
         error_basis = ()
         if params.margin_rank:
-            error_basis = (("error_basis",) if params.error_basis_bits == 32
-                           else ("error_basis_codes", "error_basis_ranges"))
+            error_basis = (
+                ("error_basis",) if params.error_basis_bits == 32 else ("error_basis_codes", "error_basis_ranges")
+            )
         return projection + key_codes + refine + error_basis
 
     @classmethod
@@ -142,8 +163,14 @@ class LowRankIndex(KeyRowsIndex):
         return LowRankParams().to_build_params()
 
     @classmethod
-    def build(cls, keys: np.ndarray, queries: np.ndarray | None = None, k: int | None = None,
-              target_recall: float | None = None, **build_params: Any) -> LowRankIndex:
+    def build(
+        cls,
+        keys: np.ndarray,
+        queries: np.ndarray | None = None,
+        k: int | None = None,
+        target_recall: float | None = None,
+        **build_params: Any,
+    ) -> LowRankIndex:
         if queries is None or len(queries) == 0 or k is None:
             raise BackendError("the lowrank backend is built from calibration queries and k")
         num_keys, dim = keys.shape
@@ -153,11 +180,16 @@ class LowRankIndex(KeyRowsIndex):
         options = rank_options(params, dim)  # (rank, refine_rank) pairs
         if not options:
             considered = candidate_ranks(dim) if params.rank == "auto" else [params.rank]
-            raise BackendError(f"refine_rank {params.refine_rank} must exceed a first-pass rank (considered: {considered})")
+            raise BackendError(
+                f"refine_rank {params.refine_rank} must exceed a first-pass rank (considered: {considered})"
+            )
         # One fit at the largest rank considered: its leading r columns are the rank-r fit.
         a, b = score_preserving_factors(keys, queries, max(max(option) for option in options))
-        rank, refine_rank = options[0] if len(options) == 1 else cheapest_ranks(
-            keys, a, b, queries, k, target_recall or 0.95, params, options)
+        rank, refine_rank = (
+            options[0]
+            if len(options) == 1
+            else cheapest_ranks(keys, a, b, queries, k, target_recall or 0.95, params, options)
+        )
         params = replace(params, rank=rank, refine_rank=refine_rank)
         quantized = {}
         if refine_rank:
@@ -172,8 +204,9 @@ class LowRankIndex(KeyRowsIndex):
         if params.projection_bits == 8:
             padded = np.zeros((rows, simd_padded(dim)), dtype=np.float32)  # (r2, D'): B, then zero columns
             padded[:, :dim] = b
-            projection = faiss.IndexScalarQuantizer(padded.shape[1], faiss.ScalarQuantizer.QT_8bit,
-                                                    faiss.METRIC_INNER_PRODUCT)
+            projection = faiss.IndexScalarQuantizer(
+                padded.shape[1], faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
+            )
             projection.train(padded)
             projection.add(padded)
         if params.rerank_bits == 8:
@@ -213,19 +246,24 @@ class LowRankIndex(KeyRowsIndex):
         else:
             values, ids = self._best_by_key_codes(candidates, q_t, k, valid)
         per_query = bytes_per_query(self.params, self.num_keys, self.dim, rerank, k)
-        return SearchResult(values.numpy(), ids.numpy(), keys_scored=len(q) * self.num_keys,
-                            bytes_read=len(q) * per_query + within_margin * self.dim * self.params.rerank_bits // 8)
+        return SearchResult(
+            values.numpy(),
+            ids.numpy(),
+            keys_scored=len(q) * self.num_keys,
+            bytes_read=len(q) * per_query + within_margin * self.dim * self.params.rerank_bits // 8,
+        )
 
     def _project(self, q: np.ndarray) -> np.ndarray:
         """q Bᵀ from the 8-bit projection: q (N, D) -> (N, r2)."""
         n_queries, num_rows = len(q), self.projector.ntotal
         padded = np.zeros((n_queries, self.projector.d), dtype=np.float32)  # (N, D'): q, then zeros
-        padded[:, :self.dim] = q
+        padded[:, : self.dim] = q
         row_scores = np.empty((n_queries, num_rows), dtype=np.float32)  # q·B_j for every row j, best first
         rows = np.empty((n_queries, num_rows), dtype=np.int64)
         # The C entry point: the wrapper's checks and copies cost as much as this tiny search.
-        self.projector.search_c(n_queries, faiss.swig_ptr(padded), num_rows, faiss.swig_ptr(row_scores),
-                                faiss.swig_ptr(rows))
+        self.projector.search_c(
+            n_queries, faiss.swig_ptr(padded), num_rows, faiss.swig_ptr(row_scores), faiss.swig_ptr(rows)
+        )
         projected = np.empty_like(row_scores)
         projected[np.arange(n_queries)[:, None], rows] = row_scores  # q Bᵀ in row order
         return projected
@@ -235,14 +273,17 @@ class LowRankIndex(KeyRowsIndex):
         as the error basis carries it, and the codes' rounding where the store counts it (even 8-bit
         rounding widens σ_q by 0.5-10 % on minilm-sparse's layers). q (N, D), first (N, r) = q Bᵀ -> (N,).
         """
-        residual = q @ self.error_basis.T if self.error_basis_codes is None else self.error_basis_codes.dot_all(q)  # (N, t)
+        residual = (
+            q @ self.error_basis.T if self.error_basis_codes is None else self.error_basis_codes.dot_all(q)
+        )  # (N, t)
         variance = residual.square().sum(1)  # (N,)
         if self.rounding_variance is not None:
             variance = variance + torch.from_numpy(first).square() @ self.rounding_variance
         return variance.sqrt()
 
-    def _within_margin(self, projected: np.ndarray, q: torch.Tensor, k: int,
-                       margin: float) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    def _within_margin(
+        self, projected: np.ndarray, q: torch.Tensor, k: int, margin: float
+    ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
         """Each query's keys whose approximate score is within margin·σ_q of its k-th best, best first:
         projected (N, r), q (N, D) -> (candidates (N, c), valid (N, c) bool or None when every
         slot is, candidates in all). c is the widest query's count; narrower rows are padded.
@@ -251,7 +292,7 @@ class LowRankIndex(KeyRowsIndex):
         the best `width` per query, sorted, the width starting from the widest count of the
         last search and doubling until every query's margin ends inside it.
         """
-        first = np.ascontiguousarray(projected[:, :self.codes.d])  # (N, r)
+        first = np.ascontiguousarray(projected[:, : self.codes.d])  # (N, r)
         sigma = self._score_error(q, first)  # (N,)
         if self.first_pass is not None:
             scores = self.first_pass.dot_all(torch.from_numpy(first))  # (N, n)
@@ -283,8 +324,9 @@ class LowRankIndex(KeyRowsIndex):
         refined = torch.from_numpy(first_scores) + further  # (N, R1): rank-r2 scores
         return first_t.gather(1, refined.topk(rerank, dim=1).indices).numpy()  # (N, rerank)
 
-    def _best_by_key_codes(self, candidates: torch.Tensor, q: torch.Tensor, k: int,
-                           valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _best_by_key_codes(
+        self, candidates: torch.Tensor, q: torch.Tensor, k: int, valid: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The k best candidates by their 8-bit keys, scored exactly unless kept_bits = 8:
         candidates (N, R), q (N, D), valid (N, R) bool or None (all) -> (scores, ids) (N, k)."""
         coarse = self.key_codes.dot(candidates, q)  # (N, R)
@@ -296,8 +338,11 @@ class LowRankIndex(KeyRowsIndex):
 
     def arrays(self) -> dict[str, np.ndarray]:
         arrays = {} if self.projection is None else {"projection": self.projection}
-        for name, table in (("key", self.key_codes), ("refine", self.refine_codes),
-                            ("error_basis", self.error_basis_codes)):
+        for name, table in (
+            ("key", self.key_codes),
+            ("refine", self.refine_codes),
+            ("error_basis", self.error_basis_codes),
+        ):
             if table is not None:
                 arrays.update({f"{name}_codes": table.codes.numpy(), f"{name}_ranges": table.ranges})
         if self.error_basis is not None:

@@ -59,8 +59,9 @@ class LowRankParams:
         if self.rank != "auto" and (not isinstance(self.rank, int) or not 1 <= self.rank <= dim):
             raise BackendError(f"rank must be 'auto' or an integer in [1, {dim}], got {self.rank!r}")
         refine = self.refine_rank
-        if refine not in (0, "auto") and (not isinstance(refine, int) or not 1 < refine <= dim
-                                          or self.rank != "auto" and self.rank >= refine):
+        if refine not in (0, "auto") and (
+            not isinstance(refine, int) or not 1 < refine <= dim or self.rank != "auto" and self.rank >= refine
+        ):
             raise BackendError(f"refine_rank must be 0, 'auto' or an integer in (rank, {dim}], got {refine!r}")
         if refine and self.projection_bits != 8:
             raise BackendError("refine_rank needs projection_bits=8 (the refined columns come from its codes)")
@@ -98,7 +99,6 @@ def bytes_per_query(params: LowRankParams, num_keys: int, dim: int, rerank: int,
     row_bytes = dim * BYTES_PER_FLOAT if params.projection_bits == 32 else simd_padded(dim)
     projection = max(rank, refine_rank) * row_bytes
     codes = num_keys * math.ceil(rank * params.code_bits / 8)
-    refine = (refined_candidates(num_keys, rerank, params.refine_factor) * (refine_rank - rank)
-              if refine_rank else 0)
+    refine = refined_candidates(num_keys, rerank, params.refine_factor) * (refine_rank - rank) if refine_rank else 0
     error_basis = params.margin_rank * dim * params.error_basis_bits // 8
     return projection + codes + refine + rerank * dim * params.rerank_bits // 8 + kept + error_basis

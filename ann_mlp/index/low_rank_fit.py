@@ -56,8 +56,15 @@ def true_top_k(keys: torch.Tensor, queries: torch.Tensor, k: int) -> torch.Tenso
     return torch.cat([(chunk @ keys.T).topk(k, dim=1).indices for chunk in queries.split(QUERY_CHUNK)])
 
 
-def rerank_needed(keys: torch.Tensor, a: torch.Tensor, b: torch.Tensor, queries: torch.Tensor, k: int,
-                  target_recall: float, true_top: torch.Tensor | None = None) -> int:
+def rerank_needed(
+    keys: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    queries: torch.Tensor,
+    k: int,
+    target_recall: float,
+    true_top: torch.Tensor | None = None,
+) -> int:
     """Candidates to re-score so that mean recall@k reaches the target when ranking by (q Bᵀ) Aᵀ.
 
     keys (n, D), a (n, r), b (r, D), queries (N, D), true_top (N, k) from true_top_k (computed
@@ -74,9 +81,18 @@ def rerank_needed(keys: torch.Tensor, a: torch.Tensor, b: torch.Tensor, queries:
     return int(torch.quantile(all_ranks, min(target_recall, 1.0)).item()) + 1
 
 
-def refined_rerank_needed(keys: torch.Tensor, a: torch.Tensor, b: torch.Tensor, queries: torch.Tensor, k: int,
-                          target_recall: float, rank: int, refine_rank: int, refine_factor: float,
-                          true_top: torch.Tensor | None = None) -> int:
+def refined_rerank_needed(
+    keys: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    queries: torch.Tensor,
+    k: int,
+    target_recall: float,
+    rank: int,
+    refine_rank: int,
+    refine_factor: float,
+    true_top: torch.Tensor | None = None,
+) -> int:
     """Candidates to re-score (`rerank`) so that mean recall@k reaches the target when the best
     refine_factor·rerank by rank-r score are re-ordered by rank-r2 score and the best rerank kept.
 
@@ -119,9 +135,16 @@ def rank_options(params: LowRankParams, dim: int) -> list[tuple[int, int]]:
     return [(rank, refine) for rank in ranks for refine in refinements(rank)]
 
 
-def cheapest_ranks(keys: np.ndarray, a: np.ndarray, b: np.ndarray, queries: np.ndarray, k: int,
-                   target_recall: float, params: LowRankParams,
-                   options: list[tuple[int, int]]) -> tuple[int, int]:
+def cheapest_ranks(
+    keys: np.ndarray,
+    a: np.ndarray,
+    b: np.ndarray,
+    queries: np.ndarray,
+    k: int,
+    target_recall: float,
+    params: LowRankParams,
+    options: list[tuple[int, int]],
+) -> tuple[int, int]:
     """The (rank, refine_rank) option with the fewest bytes per query at the target recall; the
     factors (a, b) are of the largest rank considered, whose leading r columns are the rank-r fit.
     Priced without a margin: the margin's cost depends on the rank only through its basis."""
@@ -137,8 +160,9 @@ def cheapest_ranks(keys: np.ndarray, a: np.ndarray, b: np.ndarray, queries: np.n
     def cost(option: tuple[int, int]) -> int:
         rank, refine_rank = option
         if refine_rank:
-            rerank = refined_rerank_needed(keys_t, coded, b_t, sample, k, target_recall, rank, refine_rank,
-                                           params.refine_factor, true_top)
+            rerank = refined_rerank_needed(
+                keys_t, coded, b_t, sample, k, target_recall, rank, refine_rank, params.refine_factor, true_top
+            )
         else:
             rerank = rerank_needed(keys_t, coded[:, :rank], b_t[:rank], sample, k, target_recall, true_top)
         priced = replace(params, rank=rank, refine_rank=refine_rank, margin_rank=0)

@@ -27,8 +27,14 @@ class NeuronPredictorIndex(KeyRowsIndex):
     needs_queries = True
     parts = ("first", "second")
 
-    def __init__(self, keys: np.ndarray, first: np.ndarray, second: np.ndarray,
-                 build_params: dict[str, Any], search_params: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        keys: np.ndarray,
+        first: np.ndarray,
+        second: np.ndarray,
+        build_params: dict[str, Any],
+        search_params: dict[str, Any],
+    ) -> None:
         super().__init__(keys, build_params, search_params)
         self.first = torch.from_numpy(np.ascontiguousarray(first, dtype=np.float32))  # (D, r)
         self.second = torch.from_numpy(np.ascontiguousarray(second, dtype=np.float32))  # (r, n)
@@ -38,8 +44,14 @@ class NeuronPredictorIndex(KeyRowsIndex):
         return {"rank": int(min(dim, max(8, dim // 64 * 8))), "steps": 400, "batch": 256, "lr": 1e-2, "seed": 0}
 
     @classmethod
-    def build(cls, keys: np.ndarray, queries: np.ndarray | None = None, k: int | None = None,
-              target_recall: float | None = None, **build_params: Any) -> NeuronPredictorIndex:
+    def build(
+        cls,
+        keys: np.ndarray,
+        queries: np.ndarray | None = None,
+        k: int | None = None,
+        target_recall: float | None = None,
+        **build_params: Any,
+    ) -> NeuronPredictorIndex:
         if queries is None or len(queries) == 0 or k is None:
             raise BackendError("the dejavu backend is trained on calibration queries and k")
         params = {**cls.default_build_params(*keys.shape), **build_params}
@@ -49,8 +61,9 @@ class NeuronPredictorIndex(KeyRowsIndex):
         # Inputs are scaled to unit RMS per coordinate inside the first layer, so one learning
         # rate fits every model (RMS, not std: the constant bias coordinate must stay 1).
         scale = q.pow(2).mean(0).sqrt().clamp_min(1e-6)  # (D,)
-        first = torch.nn.Parameter(torch.randn(keys.shape[1], params["rank"], generator=generator)
-                                   / keys.shape[1] ** 0.5)
+        first = torch.nn.Parameter(
+            torch.randn(keys.shape[1], params["rank"], generator=generator) / keys.shape[1] ** 0.5
+        )
         second = torch.nn.Parameter(torch.zeros(params["rank"], keys.shape[0]))
         optimizer = torch.optim.Adam([first, second], lr=params["lr"])
         for _ in range(params["steps"]):
@@ -71,8 +84,12 @@ class NeuronPredictorIndex(KeyRowsIndex):
         candidates = ((q @ self.first) @ self.second).topk(rerank, dim=1).indices  # (N, rerank)
         values, ids = best_candidates(self.keys, candidates, q, k)
         predictor_bytes = (self.first.numel() + self.second.numel()) * BYTES_PER_FLOAT
-        return SearchResult(values.numpy(), ids.numpy(), keys_scored=len(q) * self.num_keys,
-                            bytes_read=len(q) * (predictor_bytes + rerank * self.dim * BYTES_PER_FLOAT))
+        return SearchResult(
+            values.numpy(),
+            ids.numpy(),
+            keys_scored=len(q) * self.num_keys,
+            bytes_read=len(q) * (predictor_bytes + rerank * self.dim * BYTES_PER_FLOAT),
+        )
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"first": self.first.numpy(), "second": self.second.numpy()}

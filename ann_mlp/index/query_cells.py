@@ -29,8 +29,14 @@ class QueryCellsIndex(KeyRowsIndex):
     needs_queries = True
     parts = ("centroids", "ranking")
 
-    def __init__(self, keys: np.ndarray, centroids: np.ndarray, ranking: np.ndarray,
-                 build_params: dict[str, Any], search_params: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        keys: np.ndarray,
+        centroids: np.ndarray,
+        ranking: np.ndarray,
+        build_params: dict[str, Any],
+        search_params: dict[str, Any],
+    ) -> None:
         super().__init__(keys, build_params, search_params)
         self.centroids = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32))  # (cells, D)
         self.centroid_norms = (self.centroids**2).sum(1)  # (cells,)
@@ -42,8 +48,14 @@ class QueryCellsIndex(KeyRowsIndex):
         return {"cells": int(min(max(2 ** round(math.log2(num_keys / 24)), 4), 1024)), "spill": 1, "seed": 0}
 
     @classmethod
-    def build(cls, keys: np.ndarray, queries: np.ndarray | None = None, k: int | None = None,
-              target_recall: float | None = None, **build_params: Any) -> QueryCellsIndex:
+    def build(
+        cls,
+        keys: np.ndarray,
+        queries: np.ndarray | None = None,
+        k: int | None = None,
+        target_recall: float | None = None,
+        **build_params: Any,
+    ) -> QueryCellsIndex:
         if queries is None or k is None:
             raise BackendError("the cells backend is built from calibration queries and k")
         params = {**cls.default_build_params(*keys.shape), **build_params, "k": int(k)}
@@ -56,9 +68,9 @@ class QueryCellsIndex(KeyRowsIndex):
         key_t, query_t = torch.from_numpy(keys), torch.from_numpy(queries)
         counts = torch.zeros(cells, keys.shape[0])  # (cells, n): times a neuron was in a cell's top-k
         for start in range(0, len(queries), 1024):
-            top = (query_t[start:start + 1024] @ key_t.T).topk(k, dim=1).indices  # (chunk, k)
+            top = (query_t[start : start + 1024] @ key_t.T).topk(k, dim=1).indices  # (chunk, k)
             for column in range(params["spill"]):
-                cell = torch.from_numpy(nearest[start:start + 1024, column])[:, None].expand_as(top)
+                cell = torch.from_numpy(nearest[start : start + 1024, column])[:, None].expand_as(top)
                 counts.index_put_((cell, top), torch.ones(top.shape), accumulate=True)
         # Ties (neurons a cell never saw) are ordered by how often they fire anywhere.
         overall = counts.sum(0) / (counts.sum() + 1)  # (n,), < 1
@@ -73,8 +85,12 @@ class QueryCellsIndex(KeyRowsIndex):
         values, ids = best_candidates(self.keys, candidates, q, k)
         n_queries = len(q)
         vectors_read = n_queries * (len(self.centroids) + budget)
-        return SearchResult(values.numpy(), ids.numpy(), keys_scored=n_queries * budget,
-                            bytes_read=vectors_read * self.dim * BYTES_PER_FLOAT)
+        return SearchResult(
+            values.numpy(),
+            ids.numpy(),
+            keys_scored=n_queries * budget,
+            bytes_read=vectors_read * self.dim * BYTES_PER_FLOAT,
+        )
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"centroids": self.centroids.numpy(), "ranking": self.ranking.numpy().astype(np.int32)}

@@ -50,9 +50,14 @@ class ScannIndex(MipsIndex):
     @classmethod
     def default_build_params(cls, num_keys: int, dim: int) -> dict[str, Any]:
         num_leaves = 2 ** round(math.log2(1.5 * math.sqrt(num_keys)))
-        return {"num_leaves": int(min(max(num_leaves, 4), num_keys)),
-                "dims_per_block": 2, "anisotropic_threshold": 0.2, "reorder_factor": 4, "soar_lambda": None,
-                "reorder_bits": 8}
+        return {
+            "num_leaves": int(min(max(num_leaves, 4), num_keys)),
+            "dims_per_block": 2,
+            "anisotropic_threshold": 0.2,
+            "reorder_factor": 4,
+            "soar_lambda": None,
+            "reorder_bits": 8,
+        }
 
     @classmethod
     def build(cls, keys: np.ndarray, **build_params: Any) -> ScannIndex:
@@ -60,9 +65,14 @@ class ScannIndex(MipsIndex):
         if params["reorder_bits"] not in (8, 32):
             raise BackendError(f"reorder_bits must be 8 or 32, got {params['reorder_bits']}")
         searcher = (
-            _scann().builder(keys, 10, "dot_product")
-            .tree(num_leaves=params["num_leaves"], num_leaves_to_search=params["num_leaves"],
-                  training_sample_size=keys.shape[0], soar_lambda=params["soar_lambda"])
+            _scann()
+            .builder(keys, 10, "dot_product")
+            .tree(
+                num_leaves=params["num_leaves"],
+                num_leaves_to_search=params["num_leaves"],
+                training_sample_size=keys.shape[0],
+                soar_lambda=params["soar_lambda"],
+            )
             .score_ah(params["dims_per_block"], anisotropic_quantization_threshold=params["anisotropic_threshold"])
             .reorder(keys.shape[0], quantize=params["reorder_bits"] == 8)  # True: int8
             .build()
@@ -83,7 +93,8 @@ class ScannIndex(MipsIndex):
         leaves = self.resolve_effort(k, search_params)
         reorder = min(self.num_keys, self.build_params["reorder_factor"] * k)
         ids, scores = self.searcher.search_batched(
-            queries, final_num_neighbors=k, pre_reorder_num_neighbors=reorder, leaves_to_search=leaves)
+            queries, final_num_neighbors=k, pre_reorder_num_neighbors=reorder, leaves_to_search=leaves
+        )
         ids = ids.astype(np.int64)
         missing = np.isnan(scores)  # ScaNN fills the slots it found no key for with id 0, score NaN
         ids[missing], scores[missing] = -1, -np.inf
@@ -102,8 +113,9 @@ class ScannIndex(MipsIndex):
         code_bytes = scanned * math.ceil(self.dim / self.build_params["dims_per_block"]) / 2
         centroid_bytes = n_queries * self.build_params["num_leaves"] * self.dim * BYTES_PER_FLOAT
         rerank_bytes = n_queries * reorder * self.dim * self.reorder_bits // 8
-        return SearchResult(scores.astype(np.float32), ids, int(scanned),
-                            int(code_bytes + centroid_bytes + rerank_bytes + exact_bytes))
+        return SearchResult(
+            scores.astype(np.float32), ids, int(scanned), int(code_bytes + centroid_bytes + rerank_bytes + exact_bytes)
+        )
 
     def _exact_scores(self, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """queries (N, D), ids (N, k) with -1 for none -> (N, k) exact scores, -inf for none.
@@ -114,8 +126,14 @@ class ScannIndex(MipsIndex):
         needs them sorted, and at batch 1 the sort cost 10 µs."""
         scores = np.full(ids.shape, -np.inf, dtype=np.float32)
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        faiss.fvec_inner_products_by_idx(faiss.swig_ptr(scores), faiss.swig_ptr(queries), faiss.swig_ptr(self.keys),
-                                         faiss.swig_ptr(ids), self.dim, *ids.shape)
+        faiss.fvec_inner_products_by_idx(
+            faiss.swig_ptr(scores),
+            faiss.swig_ptr(queries),
+            faiss.swig_ptr(self.keys),
+            faiss.swig_ptr(ids),
+            self.dim,
+            *ids.shape,
+        )
         return scores
 
     def save(self, folder: Path, stem: str) -> list[str]:

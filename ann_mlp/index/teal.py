@@ -40,5 +40,6 @@ class InputSparsityIndex(KeyRowsIndex):
         candidates = (sparse_q @ self.keys.T).topk(min(k, self.num_keys), dim=1).indices  # (N, k)
         values, ids = best_candidates(self.keys, candidates, q, k)
         per_query = (self.num_keys * kept + ids.shape[1] * self.dim) * BYTES_PER_FLOAT
-        return SearchResult(values.numpy(), ids.numpy(), keys_scored=len(q) * self.num_keys,
-                            bytes_read=len(q) * per_query)
+        return SearchResult(
+            values.numpy(), ids.numpy(), keys_scored=len(q) * self.num_keys, bytes_read=len(q) * per_query
+        )

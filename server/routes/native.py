@@ -11,8 +11,11 @@ from server.engine import Engine, Knobs
 from server.errors import InvalidRequest
 from server.schemas import AnnMlpOptions, InferRequest, InferResponse, error_responses
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)],
-                   responses=error_responses(400, 401, 404, 413, 422, 429, 499, 503, 504))
+router = APIRouter(
+    prefix="/v1",
+    dependencies=[Depends(require_api_key)],
+    responses=error_responses(400, 401, 404, 413, 422, 429, 499, 503, 504),
+)
 
 
 @router.post("/infer", response_model=InferResponse)
@@ -38,14 +41,26 @@ async def infer(request: InferRequest, http: Request, engine: Engine = Depends(g
             outputs = []
             for row in logprobs:
                 best = int(row.argmax())
-                outputs.append({"next_token_id": best, "next_token": served.tokenizer.decode([best]),
-                                "next_token_logprob": float(row[best]),
-                                "top_logprobs": ops.top_alternatives(served, row, request.top_logprobs)})
+                outputs.append(
+                    {
+                        "next_token_id": best,
+                        "next_token": served.tokenizer.decode([best]),
+                        "next_token_logprob": float(row[best]),
+                        "top_logprobs": ops.top_alternatives(served, row, request.top_logprobs),
+                    }
+                )
         else:  # seq2seq: teacher-forced reconstruction loss of each input
-            outputs = [{"decoder_argmax_ids": row[mask].tolist()}
-                       for row, mask in zip(run.output.logits.argmax(-1), run.batch.mask)]
+            outputs = [
+                {"decoder_argmax_ids": row[mask].tolist()}
+                for row, mask in zip(run.output.logits.argmax(-1), run.batch.mask)
+            ]
         return ids, outputs, ops.run_info(served, knobs, run)
 
     ids, outputs, info = await engine.submit(job, http.is_disconnected)
-    return {"model": served.name, "kind": served.kind, "outputs": outputs,
-            "tokens": sum(len(x) for x in ids), **info.model_dump()}
+    return {
+        "model": served.name,
+        "kind": served.kind,
+        "outputs": outputs,
+        "tokens": sum(len(x) for x in ids),
+        **info.model_dump(),
+    }

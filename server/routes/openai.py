@@ -20,11 +20,17 @@ from server.schemas import (
     error_responses,
 )
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)],
-                   responses=error_responses(400, 401, 404, 413, 422, 429, 499, 503, 504))
+router = APIRouter(
+    prefix="/v1",
+    dependencies=[Depends(require_api_key)],
+    responses=error_responses(400, 401, 404, 413, 422, 429, 499, 503, 504),
+)
 # Where a model of each kind is served, for the answer to a request on the wrong route.
-ROUTE_FOR = {"encoder": "use /v1/embeddings or /v1/infer", "causal_lm": "use /v1/completions or /v1/infer",
-             "seq2seq": "use /v1/infer (text-to-text models are served teacher-forced there)"}
+ROUTE_FOR = {
+    "encoder": "use /v1/embeddings or /v1/infer",
+    "causal_lm": "use /v1/completions or /v1/infer",
+    "seq2seq": "use /v1/infer (text-to-text models are served teacher-forced there)",
+}
 
 
 @router.post("/embeddings", response_model=EmbeddingResponse)
@@ -32,8 +38,9 @@ async def embeddings(request: EmbeddingRequest, http: Request, engine: Engine = 
     http.state.mode = request.ann_mlp.mode
     served = engine.model(request.model)
     if served.kind != "encoder":
-        raise InvalidRequest(f"model {served.name!r} ({served.kind}) is not an encoder: {ROUTE_FOR[served.kind]}",
-                             param="model")
+        raise InvalidRequest(
+            f"model {served.name!r} ({served.kind}) is not an encoder: {ROUTE_FOR[served.kind]}", param="model"
+        )
     if request.dimensions is not None:
         raise InvalidRequest("dimensions is not supported: embeddings have the model's width", param="dimensions")
     knobs = Knobs(**request.ann_mlp.model_dump())
@@ -51,8 +58,10 @@ async def embeddings(request: EmbeddingRequest, http: Request, engine: Engine = 
     return {
         "object": "list",
         "model": served.name,
-        "data": [{"object": "embedding", "index": i, "embedding": ops.encode_embedding(v, request.encoding_format)}
-                 for i, v in enumerate(vectors)],
+        "data": [
+            {"object": "embedding", "index": i, "embedding": ops.encode_embedding(v, request.encoding_format)}
+            for i, v in enumerate(vectors)
+        ],
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         "ann_mlp": info.model_dump(),
     }
@@ -63,11 +72,13 @@ async def completions(request: CompletionRequest, http: Request, engine: Engine 
     http.state.mode = request.ann_mlp.mode
     served = engine.model(request.model)
     if served.kind != "causal_lm":
-        raise InvalidRequest(f"model {served.name!r} ({served.kind}) is not a causal LM: {ROUTE_FOR[served.kind]}",
-                             param="model")
+        raise InvalidRequest(
+            f"model {served.name!r} ({served.kind}) is not a causal LM: {ROUTE_FOR[served.kind]}", param="model"
+        )
     if request.max_tokens > engine.settings.max_new_tokens:
-        raise InvalidRequest(f"max_tokens {request.max_tokens} exceeds {engine.settings.max_new_tokens}",
-                             param="max_tokens")
+        raise InvalidRequest(
+            f"max_tokens {request.max_tokens} exceeds {engine.settings.max_new_tokens}", param="max_tokens"
+        )
     inputs = ops.as_list(request.prompt)
     knobs = Knobs(**request.ann_mlp.model_dump())
 
@@ -88,9 +99,14 @@ async def completions(request: CompletionRequest, http: Request, engine: Engine 
         "object": "text_completion",
         "created": int(time.time()),
         "model": served.name,
-        "choices": [{"index": i, "text": r["text"], "logprobs": r["logprobs"], "finish_reason": r["finish_reason"]}
-                    for i, r in enumerate(results)],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens},
+        "choices": [
+            {"index": i, "text": r["text"], "logprobs": r["logprobs"], "finish_reason": r["finish_reason"]}
+            for i, r in enumerate(results)
+        ],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
         "ann_mlp": infos,
     }

@@ -19,8 +19,12 @@ async def live() -> dict:
     return {"status": "alive"}
 
 
-@router.get("/health/ready", response_model=Health, response_model_exclude_none=True,
-            responses={503: {"model": Health, "description": "Loading or draining"}})
+@router.get(
+    "/health/ready",
+    response_model=Health,
+    response_model_exclude_none=True,
+    responses={503: {"model": Health, "description": "Loading or draining"}},
+)
 async def ready(engine: Engine = Depends(get_engine)) -> JSONResponse:
     if engine.ready and not engine.draining:
         return JSONResponse({"status": "ready", "models": list(engine.models)})
@@ -34,12 +38,19 @@ def model_card(served: ServedModel) -> dict:
     layers = manifest.layers
     recalls = [entry.build_recall for entry in layers if entry.build_recall is not None]
     return {
-        "id": served.name, "object": "model", "owned_by": "ann-mlp",
+        "id": served.name,
+        "object": "model",
+        "owned_by": "ann-mlp",
         "ann_mlp": {
-            "family": manifest.family, "kind": manifest.kind, "backend": manifest.backend,
-            "k": manifest.k, "layer_k": [entry.k or manifest.k for entry in layers],
-            "target_recall": manifest.target_recall, "layers": len(layers),
-            "effort_param": layers[0].effort_param, "effort_range": layers[0].effort_range,
+            "family": manifest.family,
+            "kind": manifest.kind,
+            "backend": manifest.backend,
+            "k": manifest.k,
+            "layer_k": [entry.k or manifest.k for entry in layers],
+            "target_recall": manifest.target_recall,
+            "layers": len(layers),
+            "effort_param": layers[0].effort_param,
+            "effort_range": layers[0].effort_range,
             "tuned_search_params": [entry.search_params for entry in layers],
             "build_recall_mean": sum(recalls) / len(recalls) if recalls else None,
             "build_recall": [entry.build_recall for entry in layers],
@@ -48,20 +59,34 @@ def model_card(served: ServedModel) -> dict:
     }
 
 
-@router.get("/v1/models", dependencies=[Depends(require_api_key)], response_model=ModelList,
-            responses=error_responses(401))
+@router.get(
+    "/v1/models", dependencies=[Depends(require_api_key)], response_model=ModelList, responses=error_responses(401)
+)
 async def models(engine: Engine = Depends(get_engine)) -> dict:
     return {"object": "list", "data": [model_card(served) for served in engine.models.values()]}
 
 
-@router.get("/v1/models/{model}", dependencies=[Depends(require_api_key)], response_model=ModelCard,
-            responses=error_responses(401, 404, 422))
+@router.get(
+    "/v1/models/{model}",
+    dependencies=[Depends(require_api_key)],
+    response_model=ModelCard,
+    responses=error_responses(401, 404, 422),
+)
 async def model(model: str, engine: Engine = Depends(get_engine)) -> dict:
     return model_card(engine.model(model))
 
 
-@router.get("/metrics", dependencies=[Depends(require_api_key)], response_class=Response,
-            responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}},
-                             "description": "Prometheus text exposition"}, **error_responses(401)})
+@router.get(
+    "/metrics",
+    dependencies=[Depends(require_api_key)],
+    response_class=Response,
+    responses={
+        200: {
+            "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}},
+            "description": "Prometheus text exposition",
+        },
+        **error_responses(401),
+    },
+)
 async def metrics(engine: Engine = Depends(get_engine)) -> Response:
     return Response(generate_latest(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
