@@ -239,6 +239,74 @@ def corrected_mlp(
     return mapped, {**tail, "tail_map": tail_map}, errors
 
 
+def build_layer(
+    weights: MlpWeights,
+    layer: int,
+    config: BuildConfig,
+    inputs: torch.Tensor,
+    holdout_inputs: torch.Tensor,
+    writer: StoreWriter | None = None,
+) -> tuple[LayerEntry, MipsIndex, dict[str, np.ndarray]]:
+    """One layer's index, tuned to the target recall on calibration inputs and measured on held-out
+    ones, with the arrays beside it; written through `writer` when given.
+
+    inputs, holdout_inputs: (n, d_model) MLP inputs of this layer on calibration text, in passage order.
+    """
+    start = time.perf_counter()
+    backend = backend_class(config.backend)
+    keys = augmented_keys(weights)  # (d_ff, d_model + 1)
+    learn_q = None
+    if backend.needs_queries:
+        # Learn from the first passages, tune the effort on the last ones: tokens of
+        # one passage look alike, so a random token split would tune in-sample.
+        cut = len(inputs) * 3 // 4
+        learn_q, inputs = augmented_queries(inputs[:cut]), inputs[cut:]
+    tune = LayerCalibration(weights, _sample(inputs, MAX_TUNING_QUERIES, config.seed))  # (n, d_model)
+    tune_q = augmented_queries(tune.x)
+    k = config.k if config.mass_target is None else k_for_mass(tune, config.mass_target, config.k)
+    index = build_index(
+        backend.name, keys, queries=learn_q, k=k, target_recall=config.target_recall, **config.build_params
+    )
+    holdout = LayerCalibration(weights, _sample(holdout_inputs, MAX_TUNING_QUERIES, config.seed))
+    holdout_q = augmented_queries(holdout.x)
+    key_t = torch.from_numpy(keys)
+    if config.target_recall is not None:
+        point = tune_effort(index, tune_q, torch.from_numpy(tune_q) @ key_t.T, k, config.target_recall)
+        index.search_params = {index.effort_param: point.effort}
+    held = measure(index, holdout_q, torch.from_numpy(holdout_q) @ key_t.T, k)
+    log.info("layer %d: %s recall@%d=%.3f scanned=%.3f", layer, index, k, held.recall, held.scanned_fraction)
+    files = writer.add_layer(layer, index) if writer else {}
+    selection = gated_selection(config, tune, k)
+    _, tail, tail_map_error = corrected_mlp(config, index, k, tune, holdout, selection)
+    arrays = {part: array.numpy() for part, array in {**tail, **selection}.items() if part in LAYER_ARRAYS}
+    array_files = {}  # part -> its file name in the store
+    if writer:
+        for part, array in arrays.items():
+            saved = writer.add_array(layer, part, array)  # {name: sha256}
+            files, array_files[part] = {**files, **saved}, next(iter(saved))
+    entry = LayerEntry(
+        layer=layer,
+        d_model=weights.d_model,
+        d_ff=weights.d_ff,
+        gated=weights.gated,
+        activation=weights.activation,
+        backend=backend.name,
+        build_params=index.build_params,
+        search_params=index.search_params,
+        effort_param=index.effort_param,
+        effort_range=list(index.effort_range(k)),
+        k=k if config.mass_target is not None else None,
+        files=files,
+        tail_map_error=tail_map_error,
+        candidates=selection.get("candidates"),
+        **{f"{part}_file": name for part, name in array_files.items()},
+        build_recall=round(held.recall, 6),
+        build_scanned_fraction=round(held.scanned_fraction, 6),
+        build_seconds=round(time.perf_counter() - start, 3),
+    )
+    return entry, index, arrays
+
+
 def build_indexes(
     checkpoint: Checkpoint,
     config: BuildConfig,
@@ -258,63 +326,10 @@ def build_indexes(
     tune_inputs, holdout_inputs, text_stats = capture_calibration(checkpoint, config, calib_sources, progress)
     entries, indexes, layer_arrays = [], {}, {}
     for layer in tqdm(range(checkpoint.num_layers), desc="layers", disable=not progress):
-        start = time.perf_counter()
-        weights = checkpoint.adapter.mlp_weights(layer)
-        keys = augmented_keys(weights)  # (d_ff, d_model + 1)
-        inputs = tune_inputs[layer]  # (n_tokens, d_model), in passage order
-        learn_q = None
-        if backend.needs_queries:
-            # Learn from the first passages, tune the effort on the last ones: tokens of
-            # one passage look alike, so a random token split would tune in-sample.
-            cut = len(inputs) * 3 // 4
-            learn_q, inputs = augmented_queries(inputs[:cut]), inputs[cut:]
-        tune = LayerCalibration(weights, _sample(inputs, MAX_TUNING_QUERIES, config.seed))  # (n, d_model)
-        tune_q = augmented_queries(tune.x)
-        k = config.k if config.mass_target is None else k_for_mass(tune, config.mass_target, config.k)
-        index = build_index(
-            backend.name, keys, queries=learn_q, k=k, target_recall=config.target_recall, **config.build_params
+        entry, indexes[layer], layer_arrays[layer] = build_layer(
+            checkpoint.adapter.mlp_weights(layer), layer, config, tune_inputs[layer], holdout_inputs[layer], writer
         )
-        holdout = LayerCalibration(weights, _sample(holdout_inputs[layer], MAX_TUNING_QUERIES, config.seed))
-        holdout_q = augmented_queries(holdout.x)
-        key_t = torch.from_numpy(keys)
-        if config.target_recall is not None:
-            point = tune_effort(index, tune_q, torch.from_numpy(tune_q) @ key_t.T, k, config.target_recall)
-            index.search_params = {index.effort_param: point.effort}
-        held = measure(index, holdout_q, torch.from_numpy(holdout_q) @ key_t.T, k)
-        log.info("layer %d: %s recall@%d=%.3f scanned=%.3f", layer, index, k, held.recall, held.scanned_fraction)
-        indexes[layer] = index
-        files = writer.add_layer(layer, index) if writer else {}
-        selection = gated_selection(config, tune, k)
-        _, tail, tail_map_error = corrected_mlp(config, index, k, tune, holdout, selection)
-        arrays = {part: array for part, array in {**tail, **selection}.items() if part in LAYER_ARRAYS}
-        layer_arrays[layer] = {part: array.numpy() for part, array in arrays.items()}
-        array_files = {}  # part -> its file name in the store
-        if writer:
-            for part, array in layer_arrays[layer].items():
-                saved = writer.add_array(layer, part, array)  # {name: sha256}
-                files, array_files[part] = {**files, **saved}, next(iter(saved))
-        entries.append(
-            LayerEntry(
-                layer=layer,
-                d_model=weights.d_model,
-                d_ff=weights.d_ff,
-                gated=weights.gated,
-                activation=weights.activation,
-                backend=backend.name,
-                build_params=index.build_params,
-                search_params=index.search_params,
-                effort_param=index.effort_param,
-                effort_range=list(index.effort_range(k)),
-                k=k if config.mass_target is not None else None,
-                files=files,
-                tail_map_error=tail_map_error,
-                candidates=selection.get("candidates"),
-                **{f"{part}_file": name for part, name in array_files.items()},
-                build_recall=round(held.recall, 6),
-                build_scanned_fraction=round(held.scanned_fraction, 6),
-                build_seconds=round(time.perf_counter() - start, 3),
-            )
-        )
+        entries.append(entry)
     manifest = Manifest(
         name=name,
         family=checkpoint.family,

@@ -172,8 +172,10 @@ def build(
         f"built {path}: {manifest.family}, {len(manifest.layers)} layers, backend={manifest.backend}, k={manifest.k}"
     )
     for entry in manifest.layers:
+        ranking = "gate " if entry.gated else ""  # gated layers are searched by their gate rows
         typer.echo(
-            f"  layer {entry.layer:>3}: {entry.search_params} recall@{entry.k or manifest.k}={entry.build_recall:.3f} "
+            f"  layer {entry.layer:>3}: {entry.search_params} {ranking}recall@{entry.k or manifest.k}"
+            f"={entry.build_recall:.3f} "
             f"scanned={entry.build_scanned_fraction:.3f} ({entry.build_seconds:.1f}s){_plan_words(entry.plan)}"
         )
 
@@ -463,6 +465,12 @@ def bench_decode(
         4, help="Timed turns per mode, after one warm-up turn (the order reverses every other turn)."
     ),
     json_out: Path = typer.Option(Path("results/bench_decode.jsonl"), "--json", help="Append JSON lines here."),
+    llama_cpp: bool = typer.Option(
+        False,
+        "--llama-cpp",
+        help="Also time llama.cpp (llama-cpp-python, the llama-cpp extra) on the store's GGUF file in the same "
+        "turns (batch 1).",
+    ),
 ) -> None:
     """Generation with a KV cache, one new token per step: exact vs approx vs auto tokens/s, with fidelity."""
     from ann_mlp.approx_model import ApproxModel
@@ -471,7 +479,7 @@ def bench_decode(
 
     model = ApproxModel.open(store)
     replan_if_moved(model)
-    result = run(model, prompts_file, new_tokens, batch, prompts, prompt_tokens, turns)
+    result = run(model, prompts_file, new_tokens, batch, prompts, prompt_tokens, turns, llama_cpp)
     typer.echo(
         f"{result.model}: batch {result.batch}, {result.prompts} prompts of <= {result.prompt_tokens} tokens, "
         f"{result.new_tokens} new tokens each, {result.turns} turns ({result.text})"
@@ -495,6 +503,11 @@ def bench_decode(
         f"{'generate()':>10} {result.generate_tokens_per_s:>8.1f} "
         f"{1 / result.lean_loop_speedup:>8.3f}   (transformers' loop, exact)"
     )
+    if result.llama_cpp_tokens_per_s is not None:
+        typer.echo(
+            f"{'llama.cpp':>10} {result.llama_cpp_tokens_per_s:>8.1f} {1 / result.llama_cpp_vs_exact:>8.3f}   "
+            "(its own kernels on the GGUF file's quantized weights)"
+        )
     typer.echo(
         f"KL along the exact continuation {result.kl_mean:.5f}; perplexity on the prompts "
         f"{result.perplexity_exact:.2f} exact, {result.perplexity_approx:.2f} approx; "

@@ -7,7 +7,8 @@ turn; fidelity is measured in the same run: how much of the exact model's greedy
 continuation the approximate model reproduces, the KL divergence of next-token
 distributions along that continuation, and perplexity on the prompts. A separate pass with
 hooks splits a decode step's time into index search, the rest of the MLPs, attention and
-everything else.
+everything else. With `llama_cpp`, llama.cpp (through llama-cpp-python) decodes the same prompt
+tokens from the store's own GGUF file in the same turns: the peer a user would otherwise run.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -67,6 +68,10 @@ class DecodeBenchResult:
     auto_dense_fraction: float  # share of (layer, token) MLP calls the plan ran dense while decoding
     split: dict[str, StepSplit]  # per mode
     turns: int
+    # llama.cpp on the store's GGUF file (its own quantized kernels), greedy, the same prompts and
+    # new tokens, one sequence at a time; None when not asked for.
+    llama_cpp_tokens_per_s: float | None = None
+    llama_cpp_vs_exact: float | None = None  # median over turns of exact time / llama.cpp time
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -137,6 +142,37 @@ def _generate_reference(model: ApproxModel, groups: list[list[list[int]]], new_t
                 output_scores=True,
                 return_dict_in_generate=True,
             )
+
+
+def llama_cpp_decoder(model: ApproxModel, groups: list[list[list[int]]], new_tokens: int) -> Callable[[], None]:
+    """A call that decodes every prompt greedily with llama.cpp from the store's GGUF file, exactly
+    new_tokens each (end-of-sequence ignored), on as many threads as torch uses."""
+    source = model.manifest.source
+    if not source.get("gguf_file"):
+        raise InputError("--llama-cpp compares on the store's GGUF file: build the store from a .gguf checkpoint")
+    if any(len(group) > 1 for group in groups):
+        raise InputError("--llama-cpp decodes one sequence at a time: use --batch 1")
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        raise InputError("--llama-cpp needs llama-cpp-python: pip install 'ann-mlp[llama-cpp]'") from None
+    longest = max(len(prompt) for group in groups for prompt in group)
+    llm = Llama(
+        model_path=str(Path(source["path"]) / source["gguf_file"]),
+        n_ctx=longest + new_tokens + 8,
+        n_threads=torch.get_num_threads(),
+        n_threads_batch=torch.get_num_threads(),
+        verbose=False,
+    )
+
+    def run() -> None:
+        for (prompt,) in groups:
+            llm.reset()  # no prompt reuse from the last turn: every path evaluates its prompts afresh
+            for produced, _token in enumerate(llm.generate(prompt, top_k=1, temp=0.0, reset=True), start=1):
+                if produced == new_tokens:
+                    break
+
+    return run
 
 
 def agreement(reference: list[list[int]], other: list[list[int]]) -> float:
@@ -281,8 +317,10 @@ def bench_decode(
     prompts: int = 8,
     prompt_tokens: int = 32,
     turns: int = 4,
+    llama_cpp: bool = False,
 ) -> DecodeBenchResult:
-    """Exact, approx and auto decoding of the same prompts, timed in turns after one warm-up turn."""
+    """Exact, approx and auto decoding of the same prompts (and llama.cpp's, with `llama_cpp`),
+    timed in turns after one warm-up turn."""
     if model.checkpoint.kind != "causal_lm":
         raise InputError(f"{model.manifest.name} is a {model.checkpoint.kind}: bench decode needs a causal LM")
     if min(new_tokens, batch, prompts, turns) < 1 or prompt_tokens < 2:
@@ -299,6 +337,8 @@ def bench_decode(
     dense_fraction = dense / max(1, dense + sum(m.stats.queries for m in mlps))
     calls = {mode: (lambda mode=mode: _decode_all(model, groups, new_tokens, mode)) for mode in MODES}
     calls["generate"] = lambda: _generate_reference(model, groups, new_tokens)
+    if llama_cpp:
+        calls["llama.cpp"] = llama_cpp_decoder(model, groups, new_tokens)
     times = time_in_turns(calls, turns)
     generated = len(flat) * new_tokens
 
@@ -329,4 +369,12 @@ def bench_decode(
         auto_dense_fraction=round(dense_fraction, 4),
         split={mode: step_split(model, groups, new_tokens, mode) for mode in MODES},
         turns=turns,
+        **(
+            {
+                "llama_cpp_tokens_per_s": round(generated / statistics.median(times["llama.cpp"]), 1),
+                "llama_cpp_vs_exact": paired("exact", "llama.cpp"),
+            }
+            if llama_cpp
+            else {}
+        ),
     )

@@ -38,7 +38,12 @@ class LayerReport:
     layer: int
     d_ff: int
     k: int
+    gated: bool
+    # recall@k against the ranking the index searches: the key scores (the gate's, for gated
+    # MLPs); contribution_recall_at_k against the k largest |activations| (|act(gate)·up|), the
+    # neurons whose value rows matter most. The two differ only for gated MLPs.
     recall_at_k: float
+    contribution_recall_at_k: float
     mass_recall: float
     scanned_fraction: float
     bytes_read_fraction: float
@@ -68,6 +73,7 @@ class LayerTotals:
     def __init__(self) -> None:
         self.tokens = 0
         self.recall = 0.0
+        self.contribution_recall = 0.0
         self.mass = 0.0
         self.keys_scored = 0
         self.bytes_read = 0
@@ -84,6 +90,7 @@ class LayerTotals:
             approx = approx - mlp.weights.out_bias
         self.tokens += len(x)
         self.recall += float(recall_at_k(scores, retrieved, mlp.k).sum())
+        self.contribution_recall += float(recall_at_k(activations.abs(), retrieved, mlp.k).sum())
         self.mass += float(mass_recall(activations, retrieved).sum())
         self.keys_scored += result.keys_scored
         self.bytes_read += result.bytes_read
@@ -95,7 +102,9 @@ class LayerTotals:
             layer=layer,
             d_ff=mlp.weights.d_ff,
             k=mlp.k,
+            gated=mlp.weights.gated,
             recall_at_k=self.recall / n,
+            contribution_recall_at_k=self.contribution_recall / n,
             mass_recall=self.mass / n,
             scanned_fraction=self.keys_scored / (n * mlp.index.num_keys),
             bytes_read_fraction=self.bytes_read / (n * mlp.index.full_scan_bytes),

@@ -7,18 +7,37 @@ from pathlib import Path
 
 from ann_mlp.evaluate import Report
 
-LAYER_COLUMNS = ("recall_at_k", "mass_recall", "scanned_fraction", "bytes_read_fraction", "rel_output_error")
+LAYER_COLUMNS = (
+    "recall_at_k",
+    "contribution_recall_at_k",
+    "mass_recall",
+    "scanned_fraction",
+    "bytes_read_fraction",
+    "rel_output_error",
+)
+WIDTH = 24  # of a column: its name
 
 
 def table(report: Report) -> str:
-    head = f"{'layer':>5} {'d_ff':>6} {'k':>5} " + " ".join(f"{c:>19}" for c in LAYER_COLUMNS) + "  search"
+    head = f"{'layer':>5} {'d_ff':>6} {'k':>5} " + " ".join(f"{c:>{WIDTH}}" for c in LAYER_COLUMNS) + "  search"
     rows = [head]
     for layer in report.layers:
-        values = " ".join(f"{getattr(layer, c):>19.4f}" for c in LAYER_COLUMNS)
+        values = " ".join(f"{getattr(layer, c):>{WIDTH}.4f}" for c in LAYER_COLUMNS)
         rows.append(f"{layer.layer:>5} {layer.d_ff:>6} {layer.k:>5} {values}  {layer.search_params}")
     count = max(len(report.layers), 1)
-    means = " ".join(f"{sum(getattr(entry, c) for entry in report.layers) / count:>19.4f}" for c in LAYER_COLUMNS)
+    means = " ".join(f"{sum(getattr(entry, c) for entry in report.layers) / count:>{WIDTH}.4f}" for c in LAYER_COLUMNS)
     rows.append(f"{'mean':>5} {'':>6} {'':>5} {means}")
+    if any(entry.gated for entry in report.layers):
+        rows.append(
+            "gated layers: recall_at_k is measured against the gate ranking the index searches; "
+            "contribution_recall_at_k against the k largest |act(gate)*up|, which the model keeps"
+        )
+    costly = [entry.layer for entry in report.layers if entry.bytes_read_fraction > 1]
+    if costly:
+        rows.append(
+            f"layers {costly}: the approximate path reads more bytes than the dense layer "
+            "(bytes_read_fraction > 1): approximation cannot pay there"
+        )
     rows.append("")
     rows.append(
         f"end to end ({report.model}, {report.family}, backend={report.backend}, k={report.k}, "

@@ -320,7 +320,8 @@ def main(argv=None) -> int:
     with atomic_folder(out) as tmp:
         # Stock OPT has no Top-k: record it in the config, where ann-mlp's loader finds it.
         model.config.ann_mlp_topk = args.topk or None
-        model.half().save_pretrained(tmp)
+        # Shards of at most 45 MB: each stays a small file in git.
+        model.half().save_pretrained(tmp, max_shard_size="45MB")
         tokenizer.save_pretrained(tmp)
         shutil.copy(log_path, tmp / "train_log.jsonl")
         plot_curve(log, tmp / "sparsity_curve.png", f"{args.name}: non-zero % per layer on held-out text")

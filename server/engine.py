@@ -213,6 +213,8 @@ class Engine:
             if self._pending >= self.settings.queue_size:
                 raise Overloaded(f"{self._pending} requests are waiting; retry later", self.settings.retry_after_s)
             self._pending += 1
+            self.metrics.jobs.set(self._pending)
+            self.metrics.jobs_submitted.inc()
         state = JobState(deadline=time.monotonic() + self.settings.request_timeout_s)
 
         def run_if_wanted() -> T:
@@ -244,6 +246,7 @@ class Engine:
     def _job_done(self, _future: Future) -> None:
         with self._pending_lock:
             self._pending -= 1
+            self.metrics.jobs.set(self._pending)
 
     # -- work, on the worker thread -------------------------------------------------------
     def run(self, served: ServedModel, batch: Batch, knobs: Knobs) -> Run:

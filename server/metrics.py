@@ -38,6 +38,8 @@ class Metrics:
         self.shadow_samples = Counter(
             "ann_mlp_shadow_samples", "Requests re-run exactly for live recall", ["model"], registry=r
         )
+        self.jobs = Gauge("ann_mlp_jobs", "Requests queued or running on the engine's worker", registry=r)
+        self.jobs_submitted = Counter("ann_mlp_jobs_submitted", "Requests handed to the engine's queue", registry=r)
         self.abandoned = Counter(
             "ann_mlp_requests_abandoned",
             "Requests whose work was stopped: the caller left, the deadline or a drain ended",

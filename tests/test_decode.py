@@ -151,6 +151,9 @@ def test_bench_decode_refuses_an_encoder_and_a_context_it_cannot_hold(tiny_store
         bench_decode(ApproxModel.open(tiny_stores["tiny-bert"]))
     with pytest.raises(InputError, match="positions"):
         bench_decode(ApproxModel.open(tiny_stores["tiny-llama"]), new_tokens=250, prompt_tokens=32)
+    # llama.cpp runs on the store's own GGUF file, which a safetensors checkpoint does not have
+    with pytest.raises(InputError, match="build the store from a .gguf checkpoint"):
+        bench_decode(ApproxModel.open(tiny_stores["tiny-llama"]), new_tokens=2, prompts=1, turns=1, llama_cpp=True)
 
 
 def test_cli_bench_decode_prints_the_table_and_appends_json(tiny_stores, tmp_path):

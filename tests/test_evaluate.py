@@ -55,3 +55,21 @@ def test_reference_checkpoint_adds_the_whole_chain(tiny_stores, tiny_checkpoints
             progress=False,
             reference=load_checkpoint(str(tiny_checkpoints["llama"])),
         )
+
+
+def test_gated_recall_is_labelled_with_the_contribution_recall_beside_it(tiny_stores):
+    """A gated store's index ranks by gate score, the model keeps neurons by |act(gate)*up|: the report
+    gives recall against both rankings, says which is which, and at full k both are 1."""
+    from ann_mlp.report import table
+
+    model = ApproxModel.open(tiny_stores["tiny-llama"])
+    small = evaluate(model, EvalConfig(k=4, text=TextConfig(max_tokens=300)), progress=False)
+    assert all(layer.gated and 0 <= layer.contribution_recall_at_k <= 1 for layer in small.layers)
+    assert any(layer.contribution_recall_at_k != layer.recall_at_k for layer in small.layers)
+    printed = table(small)
+    assert "contribution_recall_at_k" in printed and "against the gate ranking the index searches" in printed
+    nlist = model.manifest.layers[0].effort_range[1]
+    full = evaluate(
+        model, EvalConfig(k=96, search_params={"nprobe": nlist}, text=TextConfig(max_tokens=300)), progress=False
+    )
+    assert all(layer.recall_at_k == 1.0 and layer.contribution_recall_at_k == 1.0 for layer in full.layers)

@@ -58,16 +58,14 @@ def running_server(stores: list[Path], *args: str, env: dict | None = None):
         log.close()
 
 
-def wait_in_flight(url: str, count: int, timeout_s: float = 60) -> None:
-    """Until the server's in-flight gauge shows `count` requests besides the one that reads it."""
+def wait_submitted(url: str, count: int, timeout_s: float = 60) -> None:
+    """Until `count` requests have reached the engine's queue (past validation and the route)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        metrics = httpx.get(f"{url}/metrics", timeout=5).text
-        line = next(row for row in metrics.splitlines() if row.startswith("ann_mlp_requests_in_flight "))
-        if float(line.split()[1]) >= count + 1:
+        if metric_value(url, "ann_mlp_jobs_submitted_total") >= count:
             return
         time.sleep(0.05)
-    raise AssertionError(f"{count} requests never were in flight at once")
+    raise AssertionError(f"{count} requests never reached the engine")
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +164,7 @@ def test_sigterm_drains_in_flight_requests(tiny_stores):
 
         with ThreadPoolExecutor(6) as pool:
             futures = [pool.submit(send, i) for i in range(6)]
-            wait_in_flight(url, 6)  # every request has arrived (queued or running)
+            wait_submitted(url, 6)  # every request is queued or running
             proc.send_signal(signal.SIGTERM)
             responses = [f.result() for f in futures]
         assert [r.status_code for r in responses] == [200] * 6, [r.text for r in responses]
@@ -254,7 +252,7 @@ def test_a_drain_answers_what_cannot_finish_with_a_json_503(tiny_stores):
 
         with ThreadPoolExecutor(4) as pool:
             futures = [pool.submit(send, i) for i in range(4)]
-            wait_in_flight(url, 4)
+            wait_submitted(url, 4)
             proc.send_signal(signal.SIGTERM)
             responses = [f.result() for f in futures]
         assert proc.wait(timeout=60) == -signal.SIGTERM

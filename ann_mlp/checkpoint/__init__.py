@@ -120,11 +120,6 @@ def resolve_checkpoint(spec: str) -> CheckpointSource:
                 f"refusing pickled weights in {path} ({', '.join(pickles)}): only safetensors or GGUF are loaded"
             )
         raise CheckpointError(f"{path} has no .safetensors weights")
-    if not any((path / name).is_file() for name in TOKENIZER_FILES):
-        raise CheckpointError(
-            f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save it beside the "
-            "weights with tokenizer.save_pretrained(folder)"
-        )
     return CheckpointSource(spec, path.resolve(), None, {p.name: sha256_file(p) for p in weights})
 
 
@@ -159,6 +154,11 @@ def load_checkpoint(spec: str | CheckpointSource) -> Checkpoint:
     adapter_cls = ADAPTERS.get(family)
     if adapter_cls is None:
         raise CheckpointError(f"unsupported model family {family!r}; supported: {', '.join(sorted(ADAPTERS))}")
+    if source.gguf_file is None and not any((source.folder / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(
+            f"{source.folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save it beside the "
+            "weights with tokenizer.save_pretrained(folder)"
+        )
     auto = {
         "encoder": transformers.AutoModel,
         "causal_lm": transformers.AutoModelForCausalLM,
