@@ -505,7 +505,7 @@ def bench_decode(
     )
     if result.llama_cpp_tokens_per_s is not None:
         typer.echo(
-            f"{'llama.cpp':>10} {result.llama_cpp_tokens_per_s:>8.1f} {1 / result.llama_cpp_vs_exact:>8.3f}   "
+            f"{'llama.cpp':>10} {result.llama_cpp_tokens_per_s:>8.1f} {result.llama_cpp_vs_exact:>8.3f}   "
             "(its own kernels on the GGUF file's quantized weights)"
         )
     typer.echo(

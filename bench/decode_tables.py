@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,8 @@ STORES = {
     "smollm2": ("smollm2", [], ["--num-prompts", "4", "--new-tokens", "32", "--turns", "2"]),
 }
 BATCHES = (1, 4)
+# llama.cpp decodes GGUF stores' own files beside ann-mlp's rows (batch 1), when llama-cpp-python is installed
+LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 
 
 def ann_mlp(*args: str) -> None:
@@ -41,9 +44,11 @@ def measure(results: Path, stores: list[str]) -> None:
     for name in stores:
         checkpoint, build_args, bench_args = STORES[name]
         store = REPO / "indexes" / name
-        if not (store / "manifest.json").exists():
-            ann_mlp("build", checkpoint, "--out", str(store), *build_args)
+        if not current(store):
+            ann_mlp("build", checkpoint, "--out", str(store), *build_args, "--force")
+        gguf = json.loads((store / "manifest.json").read_text())["source"]["gguf_file"]
         for batch in BATCHES:
+            peer = ["--llama-cpp"] if LLAMA_CPP and gguf and batch == 1 else []
             ann_mlp(
                 "bench",
                 "decode",
@@ -51,9 +56,18 @@ def measure(results: Path, stores: list[str]) -> None:
                 "--batch",
                 str(batch),
                 *bench_args,
+                *peer,
                 "--json",
                 str(results / "bench_decode.jsonl"),
             )
+
+
+def current(store: Path) -> bool:
+    """A store of this format version (an older one is rebuilt)."""
+    from ann_mlp.config import STORE_FORMAT_VERSION
+
+    manifest = store / "manifest.json"
+    return manifest.exists() and json.loads(manifest.read_text()).get("format_version") == STORE_FORMAT_VERSION
 
 
 def machine_line() -> str:
@@ -96,6 +110,25 @@ def page(results: Path, command: str) -> str:
             f"{r['auto_continuation_agreement']:.3f} | {r['kl_mean']:.4f} | {r['perplexity_exact']:.1f} → "
             f"{r['perplexity_approx']:.1f} | {r['auto_dense_fraction']:.0%} |"
         )
+    peers = [r for r in records if r.get("llama_cpp_tokens_per_s") is not None]
+    if peers:
+        rows += [
+            "",
+            "## The peer: llama.cpp on the same GGUF file",
+            "",
+            "llama.cpp (llama-cpp-python, built from source) decodes the same prompt tokens greedily from the",
+            "store's own GGUF file, in the same turns, on as many threads as torch. It computes on the file's",
+            "quantized weights with its own kernels, where ann-mlp dequantizes them to fp32: a user choosing",
+            "between the two for speed alone should read this row first.",
+            "",
+            "| store | batch | ann-mlp exact tok/s | ann-mlp auto tok/s | llama.cpp tok/s | llama.cpp vs ann-mlp exact |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in peers:
+            rows.append(
+                f"| {r['model']} | {r['batch']} | {r['exact_tokens_per_s']:.1f} | {r['auto_tokens_per_s']:.1f} "
+                f"| {r['llama_cpp_tokens_per_s']:.1f} | {r['llama_cpp_vs_exact']:.2f}× |"
+            )
     rows += [
         "",
         "## Where a decode step's time goes (ms per step, measured with hooks in a pass of its own)",

@@ -19,7 +19,7 @@ from ann_mlp.errors import InputError
 from ann_mlp.index import build_index
 from ann_mlp.patch import patched
 from ann_mlp.sparsify import REPORT_FILE, distillation_loss, sparsify, state_dir_for
-from tests.test_cli import TEXT, assert_one_line_error, run, run_in_process
+from tests.test_cli import TEXT, assert_one_line_error, run
 from tests.tiny_checkpoints import D_FF
 
 SMALL = dict(
@@ -150,7 +150,7 @@ def test_bad_configs_are_refused():
         SparsifyConfig(minutes=None, steps=None)
 
 
-def test_cli_bad_input_one_line_and_nothing_written(tiny_checkpoints, tmp_path, text_file, capsys):
+def test_cli_bad_input_one_line_and_nothing_written(tiny_checkpoints, tmp_path, text_file):
     ckpt = str(tiny_checkpoints["bert"])
     out = tmp_path / "out"
     cases = [
@@ -161,23 +161,21 @@ def test_cli_bad_input_one_line_and_nothing_written(tiny_checkpoints, tmp_path, 
     ]
     for args, match in cases:
         assert_one_line_error(
-            run_in_process(
-                capsys, "sparsify", ckpt, "--out", str(out), "--steps", "1", "--text", str(text_file), *args
-            ),
+            run("sparsify", ckpt, "--out", str(out), "--steps", "1", "--text", str(text_file), *args, check=False),
             match,
         )
         assert not out.exists() and not state_dir_for(out).exists()
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     assert_one_line_error(
-        run_in_process(capsys, "sparsify", ckpt, "--out", str(out), "--steps", "1", "--text", str(empty)), "empty"
+        run("sparsify", ckpt, "--out", str(out), "--steps", "1", "--text", str(empty), check=False), "empty"
     )
     unsupported = tmp_path / "whisper"
     unsupported.mkdir()
     (unsupported / "config.json").write_text(json.dumps({"model_type": "whisper"}))
     (unsupported / "model.safetensors").write_bytes(b"")
     assert_one_line_error(
-        run_in_process(capsys, "sparsify", str(unsupported), "--out", str(out), "--steps", "1"),
+        run("sparsify", str(unsupported), "--out", str(out), "--steps", "1", check=False),
         "unsupported model family",
     )
     out.mkdir()
