@@ -116,14 +116,40 @@ class ApproxModel:
             mlp.candidates = min(mlp.weights.d_ff, candidates)
 
     @contextmanager
-    def approximate(self, planned: bool = False) -> Iterator[None]:
-        """Within the block, the checkpoint's model runs with approximate MLPs.
+    def configured(
+        self, k: int | None = None, search_params: dict[str, Any] | None = None, candidate_factor: float | None = None
+    ) -> Iterator[None]:
+        """Within the block every layer runs with these settings (as `configure`); the settings
+        in force before return after it, so a caller's k or effort never outlives its block."""
+        saved = {layer: (mlp.k, mlp.search_params, mlp.candidates) for layer, mlp in self.mlps.items()}
+        try:
+            self.configure(k, search_params, candidate_factor)
+            yield
+        finally:
+            for layer, (layer_k, params, candidates) in saved.items():
+                mlp = self.mlps[layer]
+                mlp.k, mlp.search_params, mlp.candidates = layer_k, params, candidates
+
+    @contextmanager
+    def approximate(
+        self,
+        planned: bool = False,
+        k: int | None = None,
+        search_params: dict[str, Any] | None = None,
+        candidate_factor: float | None = None,
+    ) -> Iterator[None]:
+        """Within the block, the checkpoint's model runs with approximate MLPs, at k, search
+        parameters and candidates per kept neuron given for the block (None: the settings in force).
 
         planned: follow the store's plan, running dense the layers and batch sizes
         where search was measured not to pay (layers without a plan approximate).
         A layer whose plan never pays keeps the model's own MLP, untouched: the
         dense path at no cost, its tokens still counted as dense.
         """
+        if (k, search_params, candidate_factor) != (None, None, None):
+            with self.configured(k, search_params, candidate_factor), self.approximate(planned):
+                yield
+            return
         patch, untouched = {}, {}
         for entry in self.manifest.layers:
             mlp = self.mlps[entry.layer]

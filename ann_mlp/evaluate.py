@@ -200,8 +200,15 @@ def evaluate(
     reference: Checkpoint | None = None,
 ) -> Report:
     """reference: another checkpoint (e.g. the original a sparsified model came from) that the exact
-    and the approximate model are also compared with, end to end: the whole chain in one report."""
-    model.configure(config.k, config.search_params, config.candidate_factor)
+    and the approximate model are also compared with, end to end: the whole chain in one report.
+    The model runs at the config's k, search parameters and candidate factor for this report only."""
+    with model.configured(config.k, config.search_params, config.candidate_factor):
+        return _evaluate(model, config, text, progress, reference)
+
+
+def _evaluate(
+    model: ApproxModel, config: EvalConfig, text: Path | None, progress: bool, reference: Checkpoint | None
+) -> Report:
     checkpoint = model.checkpoint
     against: dict[str, OutputAgreement] = {}
     if reference is not None:

@@ -17,8 +17,9 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -26,7 +27,7 @@ import torch
 
 from ann_mlp.approx_model import ApproxModel
 from ann_mlp.capture import Batch, batch_from_ids, forward
-from ann_mlp.errors import AnnMlpError
+from ann_mlp.errors import AnnMlpError, DeadlineError
 from ann_mlp.evaluate import Comparison
 from ann_mlp.planner import replan_if_moved
 from server.errors import (
@@ -87,6 +88,10 @@ class Run:
     scanned_fraction: float | None
     dense_fraction: float | None = None
     report: dict[str, Any] | None = None
+    # The settings the pass ran with, per layer: k, neurons retrieved per token, search parameters.
+    k: list[int] = field(default_factory=list)
+    candidates: list[int] = field(default_factory=list)
+    search_params: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -151,12 +156,27 @@ class Engine:
             if name in self.models:
                 raise AnnMlpError(f"two stores are named {name!r}; serve each model once")
             self.models[name] = ServedModel(name, approx)
+            self._stop_between_layers(approx)
         for served in self.models.values():
             ids = served.tokenizer("warm up", add_special_tokens=True)["input_ids"]
             for mode in ("auto", "approx", "exact", "compare"):
                 self._run(served, batch_from_ids(served.approx.checkpoint, [ids]), Knobs(mode=mode), record=False)
         self.ready = True
         log.info("serving %s", ", ".join(self.models))
+
+    def _stop_between_layers(self, approx: ApproxModel) -> None:
+        """Before each layer of any forward pass, stop a job that should end (check_job): a long
+        forward (many inputs, compare mode) ends within one layer of its deadline or its caller's
+        leaving. The hook sits on each MLP's parent module, which patching never swaps."""
+        adapter = approx.checkpoint.adapter
+
+        def stop_if_asked(*_) -> None:
+            if reason := self.check_job():
+                raise DeadlineError(reason)
+
+        for layer in range(adapter.num_layers()):
+            parent, _ = adapter.slot(adapter.mlp_input_path(layer))
+            parent.register_forward_pre_hook(stop_if_asked)
 
     def begin_drain(self) -> None:
         """Refuse new requests; answer those that cannot finish in the drain with 503."""
@@ -255,32 +275,45 @@ class Engine:
             self._maybe_shadow(served, batch, knobs)
         return run
 
-    def _configure(self, served: ServedModel, knobs: Knobs) -> None:
+    @contextmanager
+    def configured(self, served: ServedModel, knobs: Knobs) -> Iterator[None]:
+        """The request's k, effort and candidate factor on the served model, for the block only."""
         manifest = served.approx.manifest
         search = {} if knobs.effort is None else {manifest.layers[0].effort_param: knobs.effort}
+        entered = False
         try:
-            served.approx.configure(knobs.k, search, knobs.candidate_factor)
+            with served.approx.configured(knobs.k, search, knobs.candidate_factor):
+                entered = True
+                yield
         except AnnMlpError as err:
+            if entered:  # an error of the work, not of the settings
+                raise
             raise InvalidRequest(str(err), param="ann_mlp") from err
 
     def _run(self, served: ServedModel, batch: Batch, knobs: Knobs, record: bool) -> Run:
-        self._configure(served, knobs)
+        with self.configured(served, knobs):
+            return self._run_configured(served, batch, knobs, record)
+
+    def _run_configured(self, served: ServedModel, batch: Batch, knobs: Knobs, record: bool) -> Run:
         approx = served.approx
         approx.reset_stats()
         start = time.perf_counter()
         report = None
-        if knobs.mode == "exact":
-            output = forward(approx.checkpoint, batch)
-        elif knobs.mode in ("approx", "auto"):
-            with approx.approximate(planned=knobs.mode == "auto"):
+        try:
+            if knobs.mode == "exact":
                 output = forward(approx.checkpoint, batch)
-        else:
-            comparison = Comparison(approx)
-            _, output = comparison.add(batch)
-            report = {
-                "layers": [vars(entry) for entry in comparison.layer_reports()],
-                "end_to_end": comparison.end_to_end.report(),
-            }
+            elif knobs.mode in ("approx", "auto"):
+                with approx.approximate(planned=knobs.mode == "auto"):
+                    output = forward(approx.checkpoint, batch)
+            else:
+                comparison = Comparison(approx)
+                _, output = comparison.add(batch)
+                report = {
+                    "layers": [vars(entry) for entry in comparison.layer_reports()],
+                    "end_to_end": comparison.end_to_end.report(),
+                }
+        except DeadlineError as err:
+            raise self.stopped_error(str(err)) from err
         total = time.perf_counter() - start
         mlps = approx.mlps.values()
         search = sum(m.stats.search_seconds for m in mlps)
@@ -293,7 +326,17 @@ class Engine:
         if record and scanned is not None:
             self.metrics.scanned_fraction.labels(served.name).observe(scanned)
         timing = Timing(total * 1e3, search * 1e3, (total - search) * 1e3)
-        return Run(output, batch, timing, scanned, dense, report)
+        return Run(
+            output,
+            batch,
+            timing,
+            scanned,
+            dense,
+            report,
+            k=[m.k for m in mlps],
+            candidates=[m.candidates for m in mlps],
+            search_params=[dict(m.search_params) for m in mlps],
+        )
 
     def _maybe_shadow(self, served: ServedModel, batch: Batch, knobs: Knobs) -> None:
         if self.settings.shadow_rate <= 0 or self._random.random() >= self.settings.shadow_rate:
@@ -310,8 +353,7 @@ class Engine:
             if self.draining or self._pending > 0:  # requests first: a shadow is never worth a delay
                 self.metrics.shadow_dropped.labels(served.name).inc()
                 return
-            self._configure(served, knobs)
-            with served.lock:
+            with self.configured(served, knobs), served.lock:
                 if served.shadow is None:
                     served.shadow = Comparison(served.approx)
                 served.shadow.add(batch)

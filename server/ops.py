@@ -92,12 +92,11 @@ def one_or_each(values: list[int]) -> int | list[int]:
 
 
 def run_info(served: ServedModel, knobs: Knobs, run: Run) -> RunInfo:
-    mlps = list(served.approx.mlps.values())
     return RunInfo(
         mode=knobs.mode,
-        k=one_or_each([mlp.k for mlp in mlps]),
-        candidates=one_or_each([mlp.candidates for mlp in mlps]),
-        search_params=dict(mlps[0].search_params),
+        k=one_or_each(run.k),
+        candidates=one_or_each(run.candidates),
+        search_params=run.search_params[0],
         candidate_factor=knobs.candidate_factor,
         scanned_fraction=None if knobs.mode == "exact" else run.scanned_fraction,
         dense_fraction=run.dense_fraction if knobs.mode == "auto" else None,
@@ -150,11 +149,12 @@ def generate(engine: Engine, served: ServedModel, prompt_ids: list[int], request
         stop=engine.check_job,
     )
     try:
-        if knobs.mode == "exact":
-            (continuation,) = decode.generate(checkpoint.model, [prompt_ids], request.max_tokens, **options)
-        else:
-            with served.approx.approximate(planned=knobs.mode == "auto"):
+        with engine.configured(served, knobs):
+            if knobs.mode == "exact":
                 (continuation,) = decode.generate(checkpoint.model, [prompt_ids], request.max_tokens, **options)
+            else:
+                with served.approx.approximate(planned=knobs.mode == "auto"):
+                    (continuation,) = decode.generate(checkpoint.model, [prompt_ids], request.max_tokens, **options)
     except DeadlineError as err:
         raise engine.stopped_error(str(err)) from err
     new_ids, step_logprobs, finish = continuation.tokens, continuation.logprobs, continuation.finish_reason

@@ -4,6 +4,8 @@ never a 5xx; invalid data must be refused."""
 
 from __future__ import annotations
 
+import os
+
 import schemathesis
 from hypothesis import HealthCheck, given, seed, settings
 from schemathesis import GenerationMode
@@ -19,7 +21,8 @@ from tests.test_server_e2e import running_server
 # Small limits keep each generated request cheap; the schema does not change with them.
 LIMITS = {"ANN_MLP_MAX_INPUTS": "4", "ANN_MLP_MAX_INPUT_TOKENS": "32", "ANN_MLP_MAX_NEW_TOKENS": "4"}
 CHECKS = [not_a_server_error, status_code_conformance, response_schema_conformance, negative_data_rejection]
-EXAMPLES = 40  # per route and mode: a bounded run
+# Per route and mode: a bounded run in the suite; SCHEMA_FUZZ_EXAMPLES=300 for a long one.
+EXAMPLES = int(os.environ.get("SCHEMA_FUZZ_EXAMPLES", "40"))
 SEED = 20261207  # the same examples every run
 
 

@@ -294,3 +294,30 @@ def test_draining_refuses_new_requests(tiny_stores):
         client.app.state.engine.begin_drain()
         assert client.get("/health/ready").status_code == 503
         assert_error(client.post("/v1/infer", json={"texts": ["a"]}), 503, "not_ready")
+
+
+@pytest.mark.parametrize("job", [dict(deadline=0.0), dict(deadline=float("inf"), abandoned=True)])
+def test_a_forward_pass_stops_before_its_next_layer_once_its_job_should_end(tiny_stores, job):
+    """Work that is not decoding (a long /v1/infer, compare mode) ends within one layer of its
+    deadline or of its caller leaving: the engine checks before every layer."""
+    from ann_mlp.capture import batch_from_ids
+    from server.engine import Engine, JobState, Knobs
+    from server.errors import DeadlineExceeded
+    from server.metrics import Metrics
+
+    engine = Engine(ServerSettings(stores=[tiny_stores["tiny-llama"]]), Metrics())
+    engine.load()
+    served = engine.model("tiny-llama")
+    adapter = served.approx.checkpoint.adapter
+    entered = []
+    second_layer, _ = adapter.slot(adapter.mlp_input_path(1))
+    second_layer.register_forward_pre_hook(lambda *_: entered.append(1))
+    batch = batch_from_ids(served.approx.checkpoint, [[5, 6, 7, 8]])
+    engine._job = JobState(**job)
+    for mode in ("compare", "approx", "exact"):
+        with pytest.raises(DeadlineExceeded):
+            engine.run(served, batch, Knobs(mode=mode))
+    assert entered == []  # stopped before the first layer, every time
+    engine._job = None
+    engine.run(served, batch, Knobs(mode="compare"))  # no job to stop: the pass runs through
+    assert entered

@@ -474,3 +474,24 @@ def test_tail_map_is_kept_where_it_lowers_held_out_error_and_applies_only_to_its
     map_file.write_bytes(map_file.read_bytes()[:-4] + b"\0\0\0\0")
     with pytest.raises(StoreError, match="corrupted"):
         Store.open(stores[8])
+
+
+def test_settings_given_to_a_block_end_with_it(store):
+    """k, effort and candidates passed to approximate()/configured() hold inside the block only,
+    also when the block fails or the settings are refused."""
+    model = ApproxModel.open(store)
+
+    def settings():
+        return [(mlp.k, dict(mlp.search_params), mlp.candidates) for mlp in model.mlps.values()]
+
+    before = settings()
+    effort = model.manifest.layers[0].effort_param
+    with model.approximate(k=4, search_params={effort: 1}):
+        assert all(mlp.k == 4 and mlp.search_params[effort] == 1 for mlp in model.mlps.values())
+    assert settings() == before
+    with pytest.raises(RuntimeError), model.configured(k=5):
+        raise RuntimeError("the work failed")
+    assert settings() == before
+    with pytest.raises(InputError, match="k must be in"), model.configured(k=10**6):
+        pass
+    assert settings() == before

@@ -88,7 +88,6 @@ async def completions(request: CompletionRequest, http: Request, engine: Engine 
     def job():
         prompts = checked or ops.tokenize(served, inputs, engine.settings, "prompt", **limits)
         results = [ops.generate(engine, served, ids, request, knobs) for ids in prompts]
-        # Read from the shared model inside the job, before another job reconfigures it.
         return prompts, results, [ops.run_info(served, knobs, r["run"]).model_dump() for r in results]
 
     prompts, results, infos = await engine.submit(job, http.is_disconnected)
