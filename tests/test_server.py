@@ -321,3 +321,19 @@ def test_a_forward_pass_stops_before_its_next_layer_once_its_job_should_end(tiny
     engine._job = None
     engine.run(served, batch, Knobs(mode="compare"))  # no job to stop: the pass runs through
     assert entered
+
+
+def test_a_wrong_method_is_a_json_405_naming_the_allowed_one(client):
+    response = client.get("/v1/completions")
+    assert_error(response, 405)
+    assert response.headers["Allow"] == "POST"
+
+
+def test_the_schema_declares_responses_and_metrics_as_text(client):
+    spec = client.get("/openapi.json").json()
+    for path in ("/v1/embeddings", "/v1/completions", "/v1/infer"):
+        responses = spec["paths"][path]["post"]["responses"]
+        assert {"200", "400", "401", "404", "413", "422", "429", "503", "504"} <= responses.keys()
+        assert responses["200"]["content"]["application/json"]["schema"]["$ref"].endswith("Response")
+    metrics = spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    assert "application/json" not in metrics and any(kind.startswith("text/plain") for kind in metrics)
