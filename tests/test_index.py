@@ -298,34 +298,31 @@ def test_low_rank_picks_the_cheapest_rank_at_the_target_recall():
 
 
 def test_low_rank_8_bit_projection_ranks_as_the_float_one(data, tmp_path):
-    """projection_bits=8 (the default) computes q Bᵀ from 8-bit codes of B's rows: nearly the same
-    candidates as the float32 projection, fewer bytes per query, and a lossless round trip."""
+    """q Bᵀ comes from 8-bit codes of B's rows: the search finds nearly what the same pipeline with
+    the float32 factors finds (the best `rerank` by (q Bᵀ) Aᵀ, the k best of them by exact score),
+    reads r bytes per padded dimension for it, and survives a round trip."""
+    from ann_mlp.index.low_rank_cost import simd_padded
+    from ann_mlp.index.low_rank_fit import score_preserving_factors
+
     keys, queries, truth, calibration = data
     rank, rerank = 16, 4 * K
     coded = build_index("lowrank", keys, queries=calibration, k=K, rank=rank)
-    full = build_index("lowrank", keys, queries=calibration, k=K, rank=rank, projection_bits=32)
-    assert (coded.params.projection_bits, full.params.projection_bits) == (8, 32)
-    got, reference = coded.search(queries, K, rerank=rerank), full.search(queries, K, rerank=rerank)
-    same = [len(np.intersect1d(a, b)) / K for a, b in zip(got.ids, reference.ids)]
+    got = coded.search(queries, K, rerank=rerank)
+    a, b = score_preserving_factors(keys, calibration, rank)
+    candidates = torch.from_numpy(queries @ b.T @ a.T).topk(rerank, dim=1).indices  # (N, rerank), float32 B
+    exact = torch.from_numpy(queries) @ torch.from_numpy(keys).T  # (N, n)
+    float_ids = candidates.gather(1, exact.gather(1, candidates).topk(K, dim=1).indices)  # (N, K)
+    same = [len(np.intersect1d(x, y)) / K for x, y in zip(got.ids, float_ids.numpy())]
     assert np.mean(same) > 0.97
-    assert (
-        abs(
-            recall_at_k(truth, torch.from_numpy(got.ids), K).mean()
-            - recall_at_k(truth, torch.from_numpy(reference.ids), K).mean()
-        )
-        < 0.01
-    )
-    # float32 B is r·D floats; 8-bit B is r bytes per dimension padded to a multiple of 16
-    assert reference.bytes_read - got.bytes_read == len(queries) * rank * (4 * DIM - (DIM + 15) // 16 * 16)
+    assert abs(recall_at_k(truth, torch.from_numpy(got.ids), K).mean() - recall_at_k(truth, float_ids, K).mean()) < 0.01
+    no_projection = got.bytes_read - len(queries) * rank * simd_padded(DIM)
+    assert no_projection == len(queries) * (NUM_KEYS * rank + rerank * DIM * 4)  # codes + re-ranked keys
     files = coded.save(tmp_path, "coded")
     assert "coded.projection.faiss" in files and not any(name.endswith(".npy") for name in files)
     loaded = type(coded).load(tmp_path, "coded", keys, coded.build_params, coded.search_params)
     np.testing.assert_array_equal(loaded.search(queries, K, rerank=rerank).ids, got.ids)
-    full.save(tmp_path, "full")
-    loaded_full = type(full).load(tmp_path, "full", keys, full.build_params, full.search_params)
-    np.testing.assert_array_equal(loaded_full.search(queries, K, rerank=rerank).ids, reference.ids)
-    with pytest.raises(BackendError, match="projection_bits"):
-        build_index("lowrank", keys, queries=calibration, k=K, projection_bits=16)
+    with pytest.raises(BackendError, match="unknown lowrank build parameters: projection_bits"):
+        build_index("lowrank", keys, queries=calibration, k=K, projection_bits=32)
 
 
 def test_low_rank_rejects_a_rank_outside_the_dimension(data):
@@ -477,8 +474,7 @@ def test_low_rank_margin_basis_and_bytes(data, tmp_path):
     torch.testing.assert_close(unrounded._score_error(q, first), residual_only)
     assert (float_basis._score_error(q, first) > residual_only).all()
     for params, message in (
-        ({"margin_rank": 8, "refine_rank": 8}, "no refine_rank"),
-        ({"margin_rank": 8, "projection_bits": 32}, "projection_bits=8"),
+        ({"margin_rank": 8, "refine_rank": 8}, "exclude each other"),
         ({"margin_rank": -1}, "margin_rank must be"),
         ({"code_bits": 2}, "code_bits must be 4 or 8"),
         ({"error_basis_bits": 16}, "error_basis_bits must be 8 or 32"),
@@ -675,7 +671,5 @@ def test_low_rank_refinement_reorders_the_first_pass_with_more_columns(tmp_path)
         build_index("lowrank", keys, queries=calibration, k=K, rank=16, refine_rank=8)
     with pytest.raises(BackendError, match="must exceed a first-pass rank"):
         build_index("lowrank", keys, queries=calibration, k=K, refine_rank=8)  # the smallest rank tried is 8
-    with pytest.raises(BackendError, match="needs projection_bits=8"):
-        build_index("lowrank", keys, queries=calibration, k=K, rank=8, refine_rank=16, projection_bits=32)
     with pytest.raises(BackendError, match="refine_factor"):
         build_index("lowrank", keys, queries=calibration, k=K, rank=8, refine_rank=16, refine_factor=0.5)

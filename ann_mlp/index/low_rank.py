@@ -6,7 +6,8 @@ the query (q Bᵀ, r numbers), scores every key from its codes, and re-scores th
 from their full keys; what it reads is priced by low_rank_cost.bytes_per_query.
 
 Each stage is one field of LowRankParams:
-- `projection_bits=8`: B's rows in a scalar-quantizer index of their own, so q Bᵀ reads r·D bytes.
+- The projection: B's rows as 8-bit codes in a scalar-quantizer index of their own, so q Bᵀ reads
+  r·D bytes and ranks the neurons as float32 B does (a float32 B would read four times as much).
 - `rerank`, the query-time effort: how many of the best candidates by approximate score are
   re-scored. The sets are nested, so recall grows with it; rerank = num_keys is exact.
 - `refine_rank` r2 > r: a middle stage re-scores the best `refine_factor`·rerank first-pass
@@ -60,11 +61,9 @@ DECODED_FIRST_PASS_MAX = 1 << 18
 class LowRankIndex(KeyRowsIndex):
     name = "lowrank"
     needs_queries = True
-    # float32 projection with projection_bits = 32, key codes with rerank_bits = 8, the refinement
-    # stage's codes with refine_rank > 0, the error basis with margin_rank > 0 (as 8-bit codes with
-    # error_basis_bits = 8)
+    # key codes with rerank_bits = 8, the refinement stage's codes with refine_rank > 0, the error
+    # basis with margin_rank > 0 (as 8-bit codes with error_basis_bits = 8)
     parts = (
-        "projection",
         "key_codes",
         "key_ranges",
         "refine_codes",
@@ -78,7 +77,7 @@ class LowRankIndex(KeyRowsIndex):
         self,
         keys: np.ndarray,
         codes: faiss.Index,
-        projection: np.ndarray | faiss.Index,
+        projector: faiss.Index,
         build_params: dict[str, Any],
         search_params: dict[str, Any],
         key_codes: np.ndarray | None = None,
@@ -92,18 +91,7 @@ class LowRankIndex(KeyRowsIndex):
         super().__init__(keys, build_params, search_params)
         self.params = LowRankParams.from_build_params(build_params)  # resolved: integer ranks
         self.codes = codes  # n vectors of r dims: A's rows, 8- or 4-bit
-        if isinstance(projection, faiss.Index):  # B's r rows, 8-bit: q Bᵀ is a search for all r of them
-            self.projector, self.projection = projection, None
-        else:
-            # The codes index projects the queries itself (q Bᵀ in faiss' own BLAS and threads): a numpy
-            # projection between faiss calls made numpy's thread pool fight faiss' spinning one for the
-            # two cores, 8 ms per search at 1024x4096 instead of 0.3 ms.
-            self.projector, self.projection = None, np.ascontiguousarray(projection, dtype=np.float32)  # (r, D)
-            rank, dim = self.projection.shape
-            transform = faiss.LinearTransform(dim, rank, False)
-            faiss.copy_array_to_vector(self.projection.ravel(), transform.A)
-            transform.is_trained = True
-            self.projected_codes = faiss.IndexPreTransform(transform, codes)
+        self.projector = projector  # B's r2 rows, 8-bit, zero-padded: q Bᵀ is a search for all of them
         # rerank_bits = 8: the candidates are ranked by 8-bit codes of their keys.
         self.key_codes = None if key_codes is None else RowCodes(key_codes, key_ranges)
         # refine_rank > 0: columns r .. r2 of A, 8-bit, for the refinement stage.
@@ -148,7 +136,6 @@ class LowRankIndex(KeyRowsIndex):
     @classmethod
     def parts_for(cls, build_params: dict[str, Any]) -> tuple[str, ...]:
         params = LowRankParams.from_build_params(build_params)
-        projection = ("projection",) if params.projection_bits == 32 else ()
         key_codes = ("key_codes", "key_ranges") if params.rerank_bits == 8 else ()
         refine = ("refine_codes", "refine_ranges") if params.refine_rank else ()
         error_basis = ()
@@ -156,7 +143,7 @@ class LowRankIndex(KeyRowsIndex):
             error_basis = (
                 ("error_basis",) if params.error_basis_bits == 32 else ("error_basis_codes", "error_basis_ranges")
             )
-        return projection + key_codes + refine + error_basis
+        return key_codes + refine + error_basis
 
     @classmethod
     def default_build_params(cls, num_keys: int, dim: int) -> dict[str, Any]:
@@ -200,15 +187,13 @@ class LowRankIndex(KeyRowsIndex):
         codes = faiss.IndexScalarQuantizer(rank, QUANTIZER_TYPES[params.code_bits], faiss.METRIC_INNER_PRODUCT)
         codes.train(a)
         codes.add(a)
-        projection = b
-        if params.projection_bits == 8:
-            padded = np.zeros((rows, simd_padded(dim)), dtype=np.float32)  # (r2, D'): B, then zero columns
-            padded[:, :dim] = b
-            projection = faiss.IndexScalarQuantizer(
-                padded.shape[1], faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
-            )
-            projection.train(padded)
-            projection.add(padded)
+        padded = np.zeros((rows, simd_padded(dim)), dtype=np.float32)  # (r2, D'): B, then zero columns
+        padded[:, :dim] = b
+        projector = faiss.IndexScalarQuantizer(
+            padded.shape[1], faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
+        )
+        projector.train(padded)
+        projector.add(padded)
         if params.rerank_bits == 8:
             codes_of_keys = RowCodes.encode(keys)
             quantized.update(key_codes=codes_of_keys.codes.numpy(), key_ranges=codes_of_keys.ranges)
@@ -219,7 +204,7 @@ class LowRankIndex(KeyRowsIndex):
                 quantized.update(error_basis_codes=coded.codes.numpy(), error_basis_ranges=coded.ranges)
             else:
                 quantized["error_basis"] = basis
-        return cls(keys, codes, projection, params.to_build_params(), {}, **quantized)
+        return cls(keys, codes, projector, params.to_build_params(), {}, **quantized)
 
     def search(self, queries: np.ndarray, k: int, **search_params: Any) -> SearchResult:
         effort = self.resolve_effort(k, search_params)
@@ -227,19 +212,16 @@ class LowRankIndex(KeyRowsIndex):
         q = np.ascontiguousarray(queries, dtype=np.float32)  # (N, D)
         q_t = torch.from_numpy(q)  # the same memory
         valid, within_margin = None, 0  # (N, c) bool: the candidates within the margin; how many in all
-        if self.projector is None:
-            _, candidates = self.projected_codes.search(q, rerank)  # (N, rerank) by approximate score
+        projected = self._project(q)  # (N, r2)
+        if self.margin_rank:
+            candidates, valid, within_margin = self._within_margin(projected, q_t, k, effort / 100)
+        elif self.refine_codes is None and self.first_pass is not None:
+            scores = self.first_pass.dot_all(torch.from_numpy(projected))  # (N, n) approximate
+            candidates = scores.topk(min(rerank, self.num_keys), dim=1).indices  # (N, rerank)
+        elif self.refine_codes is None:
+            _, candidates = self.codes.search(projected, rerank)  # (N, rerank) by approximate score
         else:
-            projected = self._project(q)  # (N, r2)
-            if self.margin_rank:
-                candidates, valid, within_margin = self._within_margin(projected, q_t, k, effort / 100)
-            elif self.refine_codes is None and self.first_pass is not None:
-                scores = self.first_pass.dot_all(torch.from_numpy(projected))  # (N, n) approximate
-                candidates = scores.topk(min(rerank, self.num_keys), dim=1).indices  # (N, rerank)
-            elif self.refine_codes is None:
-                _, candidates = self.codes.search(projected, rerank)  # (N, rerank) by approximate score
-            else:
-                candidates = self._refined_candidates(projected, rerank)
+            candidates = self._refined_candidates(projected, rerank)
         candidates = torch.as_tensor(candidates)
         if self.key_codes is None:
             values, ids = best_candidates(self.keys, candidates, q_t, k, valid)
@@ -337,7 +319,7 @@ class LowRankIndex(KeyRowsIndex):
         return (best, kept) if self.params.kept_bits == 8 else (rows_dot(self.keys, kept, q), kept)
 
     def arrays(self) -> dict[str, np.ndarray]:
-        arrays = {} if self.projection is None else {"projection": self.projection}
+        arrays = {}
         for name, table in (
             ("key", self.key_codes),
             ("refine", self.refine_codes),
@@ -350,7 +332,7 @@ class LowRankIndex(KeyRowsIndex):
         return arrays
 
     def save(self, folder: Path, stem: str) -> list[str]:
-        indexes = {"codes": self.codes, **({} if self.projector is None else {"projection": self.projector})}
+        indexes = {"codes": self.codes, "projection": self.projector}
         names = []
         for part, index in indexes.items():
             names.append(f"{stem}.{part}.faiss")
@@ -364,8 +346,7 @@ class LowRankIndex(KeyRowsIndex):
             raise BackendError(f"{stem}: {codes.ntotal} codes for {len(keys)} keys")
         params = LowRankParams.from_build_params(build_params)
         parts: dict[str, Any] = cls.load_arrays(folder, stem, build_params)
-        if params.projection_bits == 8:
-            parts["projection"] = projector = faiss.read_index(str(Path(folder) / f"{stem}.projection.faiss"))
-            if projector.ntotal != max(codes.d, params.refine_rank):
-                raise BackendError(f"{stem}: a rank-{projector.ntotal} projection for rank-{codes.d} codes")
+        parts["projector"] = projector = faiss.read_index(str(Path(folder) / f"{stem}.projection.faiss"))
+        if projector.ntotal != max(codes.d, params.refine_rank):
+            raise BackendError(f"{stem}: a rank-{projector.ntotal} projection for rank-{codes.d} codes")
         return cls(keys, codes=codes, **parts, build_params=build_params, search_params=search_params)

@@ -25,7 +25,6 @@ class LowRankParams:
     """How a low-rank index is built; "auto" fields are resolved by the build and stored resolved."""
 
     rank: int | str = "auto"  # r, columns of the factorisation the first pass scores ("auto": cheapest)
-    projection_bits: int = 8  # q Bᵀ from float32 B (32) or from 8-bit codes of B's rows (8)
     code_bits: int = 8  # first-pass codes of A: 8 or 4 bits per key and rank
     rerank_bits: int = 32  # candidates re-ranked from float32 keys (32) or 8-bit key codes (8)
     kept_bits: int = 32  # with rerank_bits 8: the k kept re-scored from float32 keys (32) or not (8)
@@ -47,7 +46,7 @@ class LowRankParams:
 
     def check(self, dim: int) -> None:
         """BackendError naming the first parameter that is out of range or conflicts with another."""
-        for name in ("projection_bits", "rerank_bits", "kept_bits", "error_basis_bits"):
+        for name in ("rerank_bits", "kept_bits", "error_basis_bits"):
             if getattr(self, name) not in (8, 32):
                 raise BackendError(f"{name} must be 8 or 32, got {getattr(self, name)!r}")
         if self.code_bits not in (4, 8):
@@ -63,12 +62,10 @@ class LowRankParams:
             not isinstance(refine, int) or not 1 < refine <= dim or self.rank != "auto" and self.rank >= refine
         ):
             raise BackendError(f"refine_rank must be 0, 'auto' or an integer in (rank, {dim}], got {refine!r}")
-        if refine and self.projection_bits != 8:
-            raise BackendError("refine_rank needs projection_bits=8 (the refined columns come from its codes)")
         if not isinstance(self.margin_rank, int) or not 0 <= self.margin_rank <= dim:
             raise BackendError(f"margin_rank must be an integer in [0, {dim}], got {self.margin_rank!r}")
-        if self.margin_rank and (refine or self.projection_bits != 8):
-            raise BackendError("margin_rank needs projection_bits=8 and no refine_rank")
+        if self.margin_rank and refine:
+            raise BackendError("margin_rank and refine_rank exclude each other")
         if not isinstance(self.margin_counts_rounding, bool):
             raise BackendError(f"margin_counts_rounding must be true or false, got {self.margin_counts_rounding!r}")
 
@@ -87,7 +84,7 @@ def refined_candidates(num_keys: int, rerank: int, refine_factor: float) -> int:
 def bytes_per_query(params: LowRankParams, num_keys: int, dim: int, rerank: int, k: int) -> int:
     """Index bytes one query reads at resolved `params` (integer rank and refine_rank):
 
-    the projection (r·D floats, or r·D' bytes at 8 bits, D' = D padded for SIMD; r2 rows with a
+    the 8-bit projection (r·D' bytes, D' = D padded for SIMD; r2 rows with a
     refinement stage) + the codes (a byte, or half of one at 4 bits, per key and rank) + the refined
     candidates' r2 − r further code bytes + the `rerank` re-ranked full keys at rerank_bits + for
     8-bit re-ranking the k kept keys re-scored in float32 unless kept_bits = 8 + the error basis
@@ -96,8 +93,7 @@ def bytes_per_query(params: LowRankParams, num_keys: int, dim: int, rerank: int,
     """
     rank, refine_rank = params.rank, params.refine_rank
     kept = k * dim * BYTES_PER_FLOAT if params.rerank_bits == 8 and params.kept_bits == 32 else 0
-    row_bytes = dim * BYTES_PER_FLOAT if params.projection_bits == 32 else simd_padded(dim)
-    projection = max(rank, refine_rank) * row_bytes
+    projection = max(rank, refine_rank) * simd_padded(dim)
     codes = num_keys * math.ceil(rank * params.code_bits / 8)
     refine = refined_candidates(num_keys, rerank, params.refine_factor) * (refine_rank - rank) if refine_rank else 0
     error_basis = params.margin_rank * dim * params.error_basis_bits // 8
