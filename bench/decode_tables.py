@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path

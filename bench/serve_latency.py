@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,32 +24,8 @@ import numpy as np
 
 from ann_mlp.text import stdlib_passages
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(store: Path, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ann_mlp", "serve", str(store), "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=os.environ.copy(),
-    )
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise SystemExit("server did not become ready")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the bench scripts beside this one
+from load import free_port, start_server  # noqa: E402
 
 
 def measure(url: str, model: str, kind: str, texts: list[str], mode: str, concurrency: int) -> dict:
@@ -95,7 +69,7 @@ def main(argv=None) -> int:
     manifest = json.loads((args.store / "manifest.json").read_text())
     texts = [t[:400] for t in islice(stdlib_passages("evaluation"), args.requests)]
     port = free_port()
-    proc = start_server(args.store, port)
+    proc = start_server(args.store, port, Path(os.environ.get("TMPDIR", "/tmp")) / f"ann-mlp-latency-{port}.log")
     url = f"http://127.0.0.1:{port}"
     records = []
     try:
