@@ -208,6 +208,8 @@ def main() -> int:
     parser.add_argument("--write", action="store_true", help=f"rewrite {PAGE.relative_to(REPO)}")
     args = parser.parse_args()
 
+    # The code that runs is the code at the start: a long soak may outlive commits.
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = Path(os.environ.get("TMPDIR", "/tmp")) / f"ann-mlp-load-{port}.log"
@@ -239,9 +241,6 @@ def main() -> int:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)
     if args.write:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
-        ).stdout.strip()
         command = "python bench/load.py " + " ".join(sys.argv[1:])
         PAGE.write_text(
             "\n".join(
@@ -249,7 +248,7 @@ def main() -> int:
                     "# Load: concurrent clients, a burst beyond the queue, a soak",
                     "",
                     f"Command: `{command.strip()}`  ",
-                    f"Commit: {commit}  ",
+                    f"Commit: {commit.stdout.strip()}  ",
                     f"Date: {datetime.date.today().isoformat()}  ",
                     f"Machine: {machine_line()}",
                     "",
