@@ -1,11 +1,11 @@
 """The engine: models with approximate MLPs, run one job at a time off the event loop.
 
-One worker thread executes every job, so a job's k, search effort and mode
-(set on the shared model at the start of the job) can never leak into another.
+One worker thread executes every job, and a job's k, search effort and candidate
+factor hold only inside it (`configured`), so they never leak into another.
 Jobs wait in a bounded queue: when it is full the caller gets 429 at once.
-A job's work ends with its request: work that runs in steps (decoding) asks
-`check_job` between them, which stops it once the deadline has passed, the caller
-has disconnected, or a drain is about to end.
+A job's work ends with its request: a hook before every layer of every forward pass
+(prompt passes and decode steps alike) asks `check_job`, which stops it once the
+deadline has passed, the caller has disconnected, or a drain is about to end.
 Shadow comparisons (exact vs approximate on a sampled request) run on the same
 worker, only when no request is waiting, and never hold a request up.
 """
@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -140,6 +140,7 @@ class Engine:
         self._pending = 0
         self._pending_shadows = 0
         self._pending_lock = threading.Lock()
+        metrics.jobs.set_function(lambda: self._pending)  # read at scrape time
         self._random = random.Random(0)
         self.drain_deadline = float("inf")  # time.monotonic() by which a drain answers everything
         # The running job, for work that stops between steps; one worker runs every job.
@@ -195,7 +196,7 @@ class Engine:
         return DeadlineExceeded(message)
 
     def check_job(self) -> str | None:
-        """Between steps of the running job: why it should stop now, or None (a decode `stop`)."""
+        """Before each layer of the running job: why it should stop now, or None."""
         job = self._job
         if job is None:
             return None
@@ -233,7 +234,6 @@ class Engine:
             if self._pending >= self.settings.queue_size:
                 raise Overloaded(f"{self._pending} requests are waiting; retry later", self.settings.retry_after_s)
             self._pending += 1
-            self.metrics.jobs.set(self._pending)
             self.metrics.jobs_submitted.inc()
         state = JobState(deadline=time.monotonic() + self.settings.request_timeout_s)
 
@@ -266,7 +266,6 @@ class Engine:
     def _job_done(self, _future: Future) -> None:
         with self._pending_lock:
             self._pending -= 1
-            self.metrics.jobs.set(self._pending)
 
     # -- work, on the worker thread -------------------------------------------------------
     def run(self, served: ServedModel, batch: Batch, knobs: Knobs) -> Run:
@@ -280,15 +279,12 @@ class Engine:
         """The request's k, effort and candidate factor on the served model, for the block only."""
         manifest = served.approx.manifest
         search = {} if knobs.effort is None else {manifest.layers[0].effort_param: knobs.effort}
-        entered = False
-        try:
-            with served.approx.configured(knobs.k, search, knobs.candidate_factor):
-                entered = True
-                yield
-        except AnnMlpError as err:
-            if entered:  # an error of the work, not of the settings
-                raise
-            raise InvalidRequest(str(err), param="ann_mlp") from err
+        with ExitStack() as stack:
+            try:
+                stack.enter_context(served.approx.configured(knobs.k, search, knobs.candidate_factor))
+            except AnnMlpError as err:  # settings the store cannot take; the work's own errors pass through
+                raise InvalidRequest(str(err), param="ann_mlp") from err
+            yield
 
     def _run(self, served: ServedModel, batch: Batch, knobs: Knobs, record: bool) -> Run:
         with self.configured(served, knobs):

@@ -133,10 +133,9 @@ def top_alternatives(served: ServedModel, logprobs: torch.Tensor, count: int) ->
 
 
 def generate(engine: Engine, served: ServedModel, prompt_ids: list[int], request, knobs: Knobs) -> dict:
-    """Sample or greedy-decode a continuation with the model in the request's mode, stopping
-    between steps once the request's deadline has passed or its caller has left."""
-    if reason := engine.check_job():  # before this prompt's pass: an earlier prompt may have used the time
-        raise engine.stopped_error(reason)
+    """Sample or greedy-decode a continuation with the model in the request's mode. The engine's
+    check before every layer stops it (the prompt pass and each step alike) once the request's
+    deadline has passed or its caller has left."""
     checkpoint = served.approx.checkpoint
     run = engine.run(served, batch_from_ids(checkpoint, [prompt_ids]), knobs)  # the prompt pass: timing, report
     sampling = Sampling(temperature=request.temperature or 0.0, top_p=request.top_p or 1.0, seed=request.seed)
@@ -146,7 +145,6 @@ def generate(engine: Engine, served: ServedModel, prompt_ids: list[int], request
         pad_token_id=decode.pad_token_id(tokenizer),
         sampling=sampling,
         keep_logprobs=request.logprobs is not None,
-        stop=engine.check_job,
     )
     try:
         with engine.configured(served, knobs):
