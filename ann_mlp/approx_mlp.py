@@ -29,6 +29,10 @@ from ann_mlp.index.base import BYTES_PER_FLOAT, MipsIndex, SearchResult
 from ann_mlp.linalg import RowCodes, rows_dot, search_threads
 
 
+# Rows per partial bag below which one token's value sum is not shared out among threads.
+MIN_ROWS_PER_BAG = 128
+
+
 def augmented_keys(weights: MlpWeights) -> np.ndarray:
     """[k_i; b_i] rows: (d_ff, d_model + 1) float32, the vectors every index holds."""
     bias = weights.key_bias if weights.key_bias is not None else torch.zeros(weights.d_ff)
@@ -146,6 +150,8 @@ class ApproxMLP(nn.Module):
             self.map_in = self.map_in_bias = self.map_out = None
         self._query_buffer = np.ones((0, weights.d_model + 1), dtype=np.float32)
         self._bag_offsets, self._bag_width = torch.zeros(0, dtype=torch.int64), 0
+        # One token's rows cut into one bag per thread: (bags, rows) and where each bag starts.
+        self._split_shape, self._split_offsets = (0, 0), torch.zeros(0, dtype=torch.int64)
         # Planner: calls with more tokens than this run dense (None: always approximate).
         self.approx_up_to: int | None = None
         self.stats = SearchStats()
@@ -191,23 +197,33 @@ class ApproxMLP(nn.Module):
 
         One fused gather-and-sum (embedding_bag with per-sample weights), called through
         torch.embedding_bag: the functional wrapper's checks cost as much as the kernel at batch 1.
+        embedding_bag shares out bags, not rows, among threads: a single token's sum is cut into
+        one bag per thread and the partial sums added (512 rows of 1024: 105 vs 40 µs on 2 threads).
         """
         n, k = ids.shape
-        if self._bag_offsets.shape[0] < n or self._bag_width != k:
-            self._bag_width = k
-            self._bag_offsets = torch.arange(0, max(n, 64) * k, k)  # (bags,): where each bag starts
+        parts = min(torch.get_num_threads(), k // MIN_ROWS_PER_BAG) if n == 1 else 1
+        if parts > 1:
+            if self._split_shape != (parts, k):
+                self._split_shape, self._split_offsets = (parts, k), torch.arange(parts) * -(-k // parts)
+            offsets = self._split_offsets
+        else:
+            if self._bag_offsets.shape[0] < n or self._bag_width != k:
+                self._bag_width = k
+                self._bag_offsets = torch.arange(0, max(n, 64) * k, k)  # (bags,): where each bag starts
+            offsets = self._bag_offsets[:n]
         sum_mode = 0
-        return torch.embedding_bag(
+        sums = torch.embedding_bag(
             self.value_rows,
             ids.reshape(-1),
-            self._bag_offsets[:n],
+            offsets,
             False,
             sum_mode,
             False,
             weights.reshape(-1),
             False,
             None,
-        )[0]
+        )[0]  # (bags, d_model)
+        return sums.sum(0, keepdim=True) if parts > 1 else sums
 
     def up_scores(self, ids: torch.Tensor, x: torch.Tensor, codes: RowCodes | None = None) -> torch.Tensor:
         """Gated: u_i . x + c_i for each token's own neurons, exactly or from 8-bit codes:

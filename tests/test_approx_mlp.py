@@ -6,6 +6,7 @@ import torch
 from ann_mlp.approx_mlp import ApproxMLP, augmented_keys, dense_activations
 from ann_mlp.capture import forward, make_batch
 from ann_mlp.checkpoint import load_checkpoint
+from ann_mlp.checkpoint.base import MlpWeights
 from ann_mlp.errors import InputError
 from ann_mlp.index import build_index
 from ann_mlp.patch import patched
@@ -51,6 +52,30 @@ def test_layer_output_matches_the_family_module(tiny_checkpoints):
         with torch.no_grad():
             assert _rel(mlp(x), module(x)) < 1e-5
             assert mlp(x).shape == x.shape
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_one_tokens_value_sum_shared_among_threads_is_the_plain_sum(threads):
+    """A single token's value sum, cut into one bag per thread, equals the weighted sum of its rows
+    (to float32 summation order),
+    for a k that splits evenly among the bags and one that does not."""
+    torch.manual_seed(0)
+    table = torch.randn(1024, 48)
+    weights = MlpWeights(keys=torch.randn(1024, 48), key_bias=None, values=table, out_bias=None, activation="relu")
+    mlp = ApproxMLP(weights, build_index("exact", augmented_keys(weights)), k=512)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for k in (512, 389, 64):
+            ids = torch.randperm(1024)[:k][None]  # (1, k)
+            weights = torch.randn(1, k)
+            expected = weights @ table[ids[0]]  # (1, 48)
+            torch.testing.assert_close(mlp.weighted_value_sum(ids, weights), expected, rtol=1e-4, atol=1e-4)
+        two = torch.randint(0, 1024, (2, 300)), torch.randn(2, 300)  # two tokens: one bag each
+        expected = torch.stack([two[1][i] @ table[two[0][i]] for i in range(2)])
+        torch.testing.assert_close(mlp.weighted_value_sum(*two), expected, rtol=1e-4, atol=1e-4)
+    finally:
+        torch.set_num_threads(saved)
 
 
 def test_small_k_keeps_only_the_top_k_neurons(tiny_checkpoints):

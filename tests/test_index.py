@@ -450,7 +450,7 @@ def test_low_rank_margin_basis_and_bytes(data, tmp_path):
     float_basis = build_index("lowrank", keys, queries=calibration, k=K, rank=4, margin_rank=8, error_basis_bits=32)
     assert float_basis.error_basis_codes is None and float_basis.params.error_basis_bits == 32
     q = torch.from_numpy(queries)
-    first = index._project(queries)[:, :4]
+    first = torch.from_numpy(index._project(queries)[:, :4])
     torch.testing.assert_close(index._score_error(q, first), float_basis._score_error(q, first), rtol=0.02, atol=0)
     float_result = float_basis.search(queries, K, margin=0)
     assert float_result.bytes_read - result.bytes_read == len(queries) * 8 * DIM * 3
@@ -501,15 +501,15 @@ def test_low_rank_4_bit_codes_read_half_the_bytes_and_sigma_counts_their_roundin
         four_bit, NUM_KEYS, DIM, 0, K
     ) == NUM_KEYS * (DIM - (DIM + 1) // 2)
     projected = index._project(queries)  # (N, r)
-    approximate = torch.from_numpy(projected) @ index.first_pass.decode().T  # (N, n)
+    approximate = torch.from_numpy(projected) @ index.code_table.decode().T  # (N, n)
     observed = (approximate - torch.from_numpy(queries @ keys.T)).square().mean(1)  # (N,)
-    predicted = index._score_error(torch.from_numpy(queries), projected).square()  # (N,)
+    predicted = index._score_error(torch.from_numpy(queries), torch.from_numpy(projected)).square()  # (N,)
     ratio = (observed / predicted).mean().item()
     assert 0.8 < ratio < 1.25, ratio
     eight_bit = build_index("lowrank", keys, queries=calibration, k=K, rank=DIM, margin_rank=8)
     assert (
-        index._score_error(torch.from_numpy(queries), projected).mean()
-        > 8 * eight_bit._score_error(torch.from_numpy(queries), eight_bit._project(queries)).mean()
+        index._score_error(torch.from_numpy(queries), torch.from_numpy(projected)).mean()
+        > 8 * eight_bit._score_error(torch.from_numpy(queries), torch.from_numpy(eight_bit._project(queries))).mean()
     )  # 4 bits: 17x the step
 
 
@@ -530,22 +530,33 @@ def test_low_rank_4_bit_margin_widens_for_the_rounding_where_the_fit_is_exact():
 
 
 @pytest.mark.parametrize("code_bits", [8, 4])
-def test_low_rank_margin_first_pass_in_torch_and_in_faiss_agree(data, code_bits):
-    """Small layers decode every approximate score in torch, larger ones let faiss' scan keep a
-    heap that grows until every query's margin fits: the same candidates either way, from 8- or
-    4-bit codes."""
+def test_low_rank_first_pass_scores_keys_as_faiss_scan_does(data, code_bits):
+    """The first pass decodes the codes index's memory in torch: every key's approximate score
+    equals faiss' own scan of the same 8- or 4-bit codes, so its candidates are the scan's."""
     keys, queries, _, calibration = data
-    index = build_index("lowrank", keys, queries=calibration, k=K, rank=8, margin_rank=8, code_bits=code_bits)
-    decoding = index.first_pass
-    assert decoding is not None  # 512 keys × rank 8
-    for margin in (0, 150, 600):
-        decoded = index.search(queries, K, margin=margin)
-        index.first_pass, index._margin_width = None, 0  # faiss' heap, starting at 2k
-        scanned = index.search(queries, K, margin=margin)
-        index.first_pass = decoding
-        np.testing.assert_array_equal(scanned.ids, decoded.ids)
-        assert scanned.bytes_read == decoded.bytes_read
-    assert index._margin_width > 2 * K  # the widest margin at 600 held more than the first heap
+    index = build_index("lowrank", keys, queries=calibration, k=K, rank=8, code_bits=code_bits)
+    first = np.ascontiguousarray(index._project(queries)[:, : index.codes.d])  # (N, r)
+    scanned, order = index.codes.search(first, NUM_KEYS)  # (N, n) each, best first
+    expected = np.empty_like(scanned)
+    np.put_along_axis(expected, order, scanned, axis=1)  # in key order
+    decoded = index.code_table.dot_all(torch.from_numpy(first)).numpy()  # (N, n)
+    np.testing.assert_allclose(decoded, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_low_rank_search_in_chunks_equals_one_search(data):
+    """More queries than one chunk are searched a chunk at a time, with the same answers and counts."""
+    from ann_mlp.index import low_rank
+
+    keys, queries, _, calibration = data
+    index = build_index("lowrank", keys, queries=calibration, k=K, rank=8, margin_rank=8)
+    whole = index.search(queries, K, margin=150)
+    chunk, low_rank.SEARCH_CHUNK = low_rank.SEARCH_CHUNK, 7
+    try:
+        chunked = index.search(queries, K, margin=150)
+    finally:
+        low_rank.SEARCH_CHUNK = chunk
+    np.testing.assert_array_equal(chunked.ids, whole.ids)
+    assert (chunked.bytes_read, chunked.keys_scored) == (whole.bytes_read, whole.keys_scored)
 
 
 def test_dejavu_predictor_learns_which_neurons_fire():

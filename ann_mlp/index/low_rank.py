@@ -1,7 +1,8 @@
 """Low-rank pre-scoring: every key scored cheaply in a small learned subspace, the best re-scored exactly.
 
 Keys are factored as K ≈ A B, fit to the queries the model sends (low_rank_fit), A held as 8- or
-4-bit codes in a faiss flat scalar-quantizer index (SIMD scan, releases the GIL). A search projects
+4-bit codes in a faiss flat scalar-quantizer index (the stored form; searches decode its memory in
+place). A search projects
 the query (q Bᵀ, r numbers), scores every key from its codes, and re-scores the best candidates
 from their full keys; what it reads is priced by low_rank_cost.bytes_per_query.
 
@@ -50,12 +51,11 @@ from ann_mlp.index.low_rank_fit import (
     residual_error_basis,
     score_preserving_factors,
 )
-from ann_mlp.linalg import QUANTIZER_TYPES, RowCodes, best_candidates, round_up_16, rows_dot
+from ann_mlp.linalg import QUANTIZER_TYPES, RowCodes, best_candidates, best_unordered, rows_dot
 
 MAX_MARGIN = 2000  # hundredths of σ_q: 20 σ_q re-ranks nearly every key
-# Codes (keys × rank) up to which the first pass decodes every key's approximate score in torch
-# rather than keep a growing heap of candidates in faiss' scan, which is slower for small layers.
-DECODED_FIRST_PASS_MAX = 1 << 18
+# Queries searched together at most: the first pass holds every key's score for each of them.
+SEARCH_CHUNK = 256
 
 
 class LowRankIndex(KeyRowsIndex):
@@ -96,25 +96,22 @@ class LowRankIndex(KeyRowsIndex):
         self.key_codes = None if key_codes is None else RowCodes(key_codes, key_ranges)
         # refine_rank > 0: columns r .. r2 of A, 8-bit, for the refinement stage.
         self.refine_codes = None if refine_codes is None else RowCodes(refine_codes, refine_ranges)
-        # margin_rank > 0: E (t, D), float32 or 8-bit codes; the codes index's own memory read as
-        # RowCodes (its rounding error counts in σ_q, and small layers decode every key's approximate
-        # score from it); for larger layers how many candidates the last search's widest margin held.
+        # margin_rank > 0: E (t, D), as float32 or as 8-bit codes.
         self.error_basis = None if error_basis is None else torch.from_numpy(error_basis)
         self.error_basis_codes = None if error_basis_codes is None else RowCodes(error_basis_codes, error_basis_ranges)
-        # rounding_variance: (r,) each code column's rounding variance, when σ_q counts it.
-        # first_pass: the codes index's own memory read as RowCodes, so that small layers score every
-        # key from the decoded codes in torch rather than keep a heap of candidates in faiss' scan.
-        self.first_pass, self.rounding_variance, self._margin_width = None, None, 0
+        # code_table: the codes index's own memory read as RowCodes. The first pass decodes every key's
+        # approximate score from it in torch and partitions: faiss' scan keeps a heap of candidates,
+        # and at hundreds of candidates per query the heap cost more than the scan.
         view = faiss.rev_swig_ptr(codes.codes.data(), codes.ntotal * codes.code_size)
-        code_table = RowCodes(
+        self.code_table = RowCodes(
             view.reshape(codes.ntotal, codes.code_size),
             faiss.vector_to_array(codes.sq.trained).reshape(2, codes.d),
             self.params.code_bits,
         )
-        if self.margin_rank and self.params.margin_counts_rounding:
-            self.rounding_variance = code_table.noise_variance
-        if codes.ntotal * codes.d <= DECODED_FIRST_PASS_MAX:
-            self.first_pass = code_table
+        # (r,) each code column's rounding variance, when σ_q counts it
+        self.rounding_variance = (
+            self.code_table.noise_variance if self.margin_rank and self.params.margin_counts_rounding else None
+        )
 
     @property
     def effort_param(self) -> str:
@@ -207,22 +204,31 @@ class LowRankIndex(KeyRowsIndex):
         return cls(keys, codes, projector, params.to_build_params(), {}, **quantized)
 
     def search(self, queries: np.ndarray, k: int, **search_params: Any) -> SearchResult:
+        if len(queries) > SEARCH_CHUNK:  # the first pass's (N, n) scores stay bounded
+            parts = [
+                self.search(queries[i : i + SEARCH_CHUNK], k, **search_params)
+                for i in range(0, len(queries), SEARCH_CHUNK)
+            ]
+            return SearchResult(
+                np.concatenate([part.scores for part in parts]),
+                np.concatenate([part.ids for part in parts]),
+                keys_scored=sum(part.keys_scored for part in parts),
+                bytes_read=sum(part.bytes_read for part in parts),
+            )
         effort = self.resolve_effort(k, search_params)
         rerank = 0 if self.margin_rank else effort
         q = np.ascontiguousarray(queries, dtype=np.float32)  # (N, D)
         q_t = torch.from_numpy(q)  # the same memory
         valid, within_margin = None, 0  # (N, c) bool: the candidates within the margin; how many in all
-        projected = self._project(q)  # (N, r2)
+        projected = torch.from_numpy(self._project(q))  # (N, r2)
+        first = projected[:, : self.codes.d]  # (N, r)
+        scores = self.code_table.dot_all(first)  # (N, n): every key's approximate score
         if self.margin_rank:
-            candidates, valid, within_margin = self._within_margin(projected, q_t, k, effort / 100)
-        elif self.refine_codes is None and self.first_pass is not None:
-            scores = self.first_pass.dot_all(torch.from_numpy(projected))  # (N, n) approximate
-            candidates = scores.topk(min(rerank, self.num_keys), dim=1).indices  # (N, rerank)
+            candidates, valid, within_margin = self._within_margin(scores, first, q_t, k, effort / 100)
         elif self.refine_codes is None:
-            _, candidates = self.codes.search(projected, rerank)  # (N, rerank) by approximate score
+            candidates = best_unordered(scores, rerank)  # (N, rerank)
         else:
-            candidates = self._refined_candidates(projected, rerank)
-        candidates = torch.as_tensor(candidates)
+            candidates = self._refined_candidates(scores, projected, rerank)
         if self.key_codes is None:
             values, ids = best_candidates(self.keys, candidates, q_t, k, valid)
         else:
@@ -250,7 +256,7 @@ class LowRankIndex(KeyRowsIndex):
         projected[np.arange(n_queries)[:, None], rows] = row_scores  # q Bᵀ in row order
         return projected
 
-    def _score_error(self, q: torch.Tensor, first: np.ndarray) -> torch.Tensor:
+    def _score_error(self, q: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
         """σ_q, each query's expected approximate score error: the factorisation's residual as far
         as the error basis carries it, and the codes' rounding where the store counts it (even 8-bit
         rounding widens σ_q by 0.5-10 % on minilm-sparse's layers). q (N, D), first (N, r) = q Bᵀ -> (N,).
@@ -260,51 +266,34 @@ class LowRankIndex(KeyRowsIndex):
         )  # (N, t)
         variance = residual.square().sum(1)  # (N,)
         if self.rounding_variance is not None:
-            variance = variance + torch.from_numpy(first).square() @ self.rounding_variance
+            variance = variance + first.square() @ self.rounding_variance
         return variance.sqrt()
 
     def _within_margin(
-        self, projected: np.ndarray, q: torch.Tensor, k: int, margin: float
+        self, scores: torch.Tensor, first: torch.Tensor, q: torch.Tensor, k: int, margin: float
     ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-        """Each query's keys whose approximate score is within margin·σ_q of its k-th best, best first:
-        projected (N, r), q (N, D) -> (candidates (N, c), valid (N, c) bool or None when every
-        slot is, candidates in all). c is the widest query's count; narrower rows are padded.
-
-        Small layers score every key from the decoded codes; larger ones let faiss' scan keep
-        the best `width` per query, sorted, the width starting from the widest count of the
-        last search and doubling until every query's margin ends inside it.
+        """Each query's keys whose approximate score is within margin·σ_q of its k-th best:
+        scores (N, n) approximate, first (N, r), q (N, D) -> (candidates (N, c), valid (N, c) bool
+        or None when every slot is, candidates in all). c is the widest query's count; a narrower
+        row's slots past its own candidates hold keys below its cut, marked not valid.
         """
-        first = np.ascontiguousarray(projected[:, : self.codes.d])  # (N, r)
-        sigma = self._score_error(q, first)  # (N,)
-        if self.first_pass is not None:
-            scores = self.first_pass.dot_all(torch.from_numpy(first))  # (N, n)
-            counts = (scores >= scores.topk(k, dim=1).values[:, -1:] - margin * sigma[:, None]).sum(1)  # (N,) >= k
-            candidates = scores.topk(int(counts.max()), dim=1).indices  # (N, c)
-        else:
-            width = min(self.num_keys, max(2 * k, self._margin_width))
-            while True:
-                scores, ranked = self.codes.search(first, width)  # (N, width) by approximate score
-                counts = torch.from_numpy((scores >= (scores[:, k - 1] - margin * sigma.numpy())[:, None]).sum(1))
-                if width == self.num_keys or counts.max() < width:
-                    break
-                width = min(self.num_keys, 2 * width)
-            widest = int(counts.max())
-            self._margin_width = round_up_16(widest * 5 // 4)
-            candidates = torch.from_numpy(ranked[:, :widest])  # (N, c)
+        n = scores.shape[1]
+        kth_best = torch.from_numpy(np.partition(scores.numpy(), n - k, axis=1)[:, n - k])  # (N,)
+        cut = kth_best - margin * self._score_error(q, first)  # (N,)
+        counts = (scores >= cut[:, None]).sum(1)  # (N,) >= k
+        candidates = best_unordered(scores, int(counts.max()))  # (N, c)
         widest, total = candidates.shape[1], int(counts.sum())
-        valid = None if total == widest * len(q) else torch.arange(widest) < counts[:, None]
+        valid = None if total == widest * len(q) else scores.gather(1, candidates) >= cut[:, None]
         return candidates, valid, total
 
-    def _refined_candidates(self, projected: np.ndarray, rerank: int) -> np.ndarray:
+    def _refined_candidates(self, scores: torch.Tensor, projected: torch.Tensor, rerank: int) -> torch.Tensor:
         """The best `rerank` by rank-r2 score among the best refine_factor·rerank by rank-r score:
-        projected (N, r2) -> (N, rerank)."""
-        rank = self.codes.d
+        scores (N, n) rank-r, projected (N, r2) -> (N, rerank)."""
         num_first = refined_candidates(self.num_keys, rerank, self.params.refine_factor)
-        first_scores, first = self.codes.search(np.ascontiguousarray(projected[:, :rank]), num_first)  # (N, R1)
-        first_t = torch.from_numpy(first)
-        further = self.refine_codes.dot(first_t, torch.from_numpy(projected[:, rank:]))  # (N, R1): columns r..r2
-        refined = torch.from_numpy(first_scores) + further  # (N, R1): rank-r2 scores
-        return first_t.gather(1, refined.topk(rerank, dim=1).indices).numpy()  # (N, rerank)
+        first = best_unordered(scores, num_first)  # (N, R1)
+        further = self.refine_codes.dot(first, projected[:, self.codes.d :])  # (N, R1): columns r..r2
+        refined = scores.gather(1, first) + further  # (N, R1): rank-r2 scores
+        return first.gather(1, refined.topk(rerank, dim=1).indices)  # (N, rerank)
 
     def _best_by_key_codes(
         self, candidates: torch.Tensor, q: torch.Tensor, k: int, valid: torch.Tensor | None = None
