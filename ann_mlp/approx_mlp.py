@@ -28,7 +28,6 @@ from ann_mlp.errors import InputError
 from ann_mlp.index.base import BYTES_PER_FLOAT, MipsIndex, SearchResult
 from ann_mlp.linalg import RowCodes, rows_dot, search_threads
 
-
 # Rows per partial bag below which one token's value sum is not shared out among threads.
 MIN_ROWS_PER_BAG = 128
 
