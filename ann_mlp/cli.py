@@ -97,7 +97,7 @@ def main_options(verbose: bool = typer.Option(False, "--verbose", "-v", help="Lo
 def build(
     checkpoint: str = typer.Argument(
         ...,
-        help="Model folder (safetensors), .gguf file, or built-in name (minilm, smollm2, relu-lm, topk-lm, minilm-sparse).",
+        help="Model folder (safetensors), .gguf file, or built-in name (minilm, smollm2, relu-lm, topk-lm, minilm-sparse, wide-lm).",
     ),
     out: Path | None = typer.Option(None, help="Store folder [default: indexes/<checkpoint name>]."),
     backend: str = typer.Option(

@@ -12,19 +12,21 @@ invalidates the timings.
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a file, `bench.*` imports still resolve
+from bench.pages import REPO, head  # noqa: E402
+
 PAGE = REPO / "docs" / "results" / "decode.md"
 # store -> (checkpoint, build options, bench decode options)
 STORES = {
     "relu-lm": ("relu-lm", ["--preset"], []),
     "topk-lm": ("topk-lm", ["--target-recall", "0.99"], []),
+    "wide-lm": ("wide-lm", ["--preset"], []),
     # 30 layers at ~20 tokens/s: fewer prompts and tokens keep the run within minutes
     "smollm2": ("smollm2", [], ["--num-prompts", "4", "--new-tokens", "32", "--turns", "2"]),
 }
@@ -70,26 +72,10 @@ def current(store: Path) -> bool:
     return manifest.exists() and json.loads(manifest.read_text()).get("format_version") == STORE_FORMAT_VERSION
 
 
-def machine_line() -> str:
-    from ann_mlp.planner import machine
-
-    here = machine()
-    return f"{here['cpu']}, {here['cores']} cores, torch {here['torch']} on {here['torch_threads']} threads"
-
-
 def page(results: Path, command: str) -> str:
     records = [json.loads(line) for line in (results / "bench_decode.jsonl").read_text().splitlines()]
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
-    ).stdout.strip()
     rows = [
-        "# Decode: one new token per step",
-        "",
-        f"Command: `{command}`  ",
-        f"Commit: {commit}  ",
-        f"Date: {datetime.date.today().isoformat()}  ",
-        f"Machine: {machine_line()}; nothing else running.",
-        "",
+        *head("Decode: one new token per step", command, machine_note="; nothing else running."),
         "Greedy generation with a KV cache, every sequence `new tokens` long, prompts from the held-out",
         "standard library docstrings. Tokens per second are medians over turns (exact, approx, auto and",
         "transformers' `generate()` in turns, the order reversed every other turn); speedups are medians",

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import os
 import random
 import signal
@@ -31,7 +30,9 @@ from pathlib import Path
 import httpx
 import openai
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a file, `bench.*` imports still resolve
+from bench.pages import REPO, commit, head  # noqa: E402
+
 PAGE = REPO / "docs" / "results" / "load.md"
 PROMPTS = [
     "The scheduler picks the next task to run on each",
@@ -191,13 +192,6 @@ def slope_mb_per_minute(samples: list[tuple[float, float]]) -> float:
     return covariance / variance if variance else 0.0
 
 
-def machine_line() -> str:
-    from ann_mlp.planner import machine
-
-    here = machine()
-    return f"{here['cpu']}, {here['cores']} cores"
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", type=Path, default=REPO / "indexes" / "relu-lm")
@@ -209,7 +203,7 @@ def main() -> int:
     args = parser.parse_args()
 
     # The code that runs is the code at the start: a long soak may outlive commits.
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
+    started_at = commit()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = Path(os.environ.get("TMPDIR", "/tmp")) / f"ann-mlp-load-{port}.log"
@@ -245,13 +239,7 @@ def main() -> int:
         PAGE.write_text(
             "\n".join(
                 [
-                    "# Load: concurrent clients, a burst beyond the queue, a soak",
-                    "",
-                    f"Command: `{command.strip()}`  ",
-                    f"Commit: {commit.stdout.strip()}  ",
-                    f"Date: {datetime.date.today().isoformat()}  ",
-                    f"Machine: {machine_line()}",
-                    "",
+                    *head("Load: concurrent clients, a burst beyond the queue, a soak", command.strip(), started_at),
                     f"Store `{args.store.name}` served by `ann-mlp serve` (one worker, queue of "
                     f"{os.environ.get('ANN_MLP_QUEUE_SIZE', '64')}). Traffic: half completions (1, 4 or 8 new tokens) "
                     "through the official `AsyncOpenAI` client, half `/v1/infer` through httpx, modes auto, "

@@ -15,7 +15,6 @@ probed fraction, and every layer is approximated. Nothing else may run meanwhile
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import statistics
 import subprocess
@@ -25,7 +24,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a file, `bench.*` imports still resolve
+from bench.pages import REPO, head  # noqa: E402
+
 PAGE = REPO / "docs" / "results" / "projection-7b.md"
 LAYERS, D_MODEL, HEADS, VOCAB = 32, 4096, 32, 32_000
 SHAPES = ((11008, True, "LLaMA-7B, gated"), (16384, False, "OPT-6.7B-like, ReLU"))
@@ -102,21 +103,13 @@ def measure(results: Path, probe_fraction: float, context: int, repeats: int) ->
 
 
 def page(measured: dict, command: str) -> str:
-    from ann_mlp.planner import machine
-
-    here = machine()
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
-    ).stdout.strip()
     attention, output = measured["attention_us"], measured["output_us"]
     rows = [
-        "# Projection: decode speed of a 7B ReLU model at 90 % activation sparsity",
-        "",
-        f"Command: `{command}`  ",
-        f"Commit: {commit}  ",
-        f"Date: {datetime.date.today().isoformat()}  ",
-        f"Machine: {here['cpu']}, {here['cores']} cores, torch {here['torch']}; nothing else running.",
-        "",
+        *head(
+            "Projection: decode speed of a 7B ReLU model at 90 % activation sparsity",
+            command,
+            machine_note="; nothing else running.",
+        ),
         "**A projection, not a measurement of a 7B model.** Measured in this run, fp32, batch 1:",
         f"one attention layer's decode step over a KV cache of {measured['context']} positions "
         f"({attention / 1e3:.2f} ms), the output projection over {VOCAB:,} tokens ({output / 1e3:.2f} ms), and "

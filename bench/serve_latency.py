@@ -24,8 +24,8 @@ import numpy as np
 
 from ann_mlp.text import stdlib_passages
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the bench scripts beside this one
-from load import free_port, start_server  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a file, `bench.*` imports still resolve
+from bench.load import free_port, start_server  # noqa: E402
 
 
 def measure(url: str, model: str, kind: str, texts: list[str], mode: str, concurrency: int) -> dict:

@@ -24,6 +24,7 @@ REPO_CHECKPOINTS: dict[str, str] = {
     "relu-lm": "OPT-style ReLU LM trained on the Linux kernel documentation (bench/train_relu_lm.py)",
     "topk-lm": "the same with a Top-k (d_ff/32) on the activations",
     "minilm-sparse": "MiniLM with a Top-k activation, distilled from minilm (ann-mlp sparsify)",
+    "wide-lm": "OPT-style Top-k LM, 2 layers of 1024x16384 (the MLPs hold most of a decode step's bytes)",
 }
 BUILTIN_CHECKPOINTS = [*PACKAGED_CHECKPOINTS, *REPO_CHECKPOINTS]
 
