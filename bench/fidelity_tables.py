@@ -92,7 +92,7 @@ def build_line(store: Path) -> str:
     return f"backend {build['backend']}, k {build['k']}, target recall {build['target_recall']}"
 
 
-def page(results: Path, stores: list[str], command: str) -> str:
+def page(results: Path, stores: list[str], command: str, indexes: Path = REPO / "indexes") -> str:
     reports = {name: json.loads((results / f"{name}.json").read_text()) for name in stores}
     rows = [
         *head("Fidelity: each built-in's store against its exact model", command),
@@ -120,7 +120,7 @@ def page(results: Path, stores: list[str], command: str) -> str:
             "",
             f"## {name}",
             "",
-            f"{build_line(REPO / 'indexes' / name)}; {report['text']['tokens']} tokens of {report['text']['source']}.",
+            f"{build_line(indexes / name)}; {report['text']['tokens']} tokens of {report['text']['source']}.",
             "",
             "| layer | d_ff | k | " + " | ".join(label for label, _ in LAYER_FIELDS) + " | search |",
             "| --- | --- | --- | " + " | ".join("---" for _ in LAYER_FIELDS) + " | --- |",

@@ -132,6 +132,50 @@ def test_side_by_side_table_reads_eval_reports(tiny_stores, tmp_path):
     assert rows[3].startswith("| tiny-llama |") and "next-token agreement" in rows[3]
 
 
+def test_fidelity_page_reads_eval_reports_and_manifests(tiny_stores, tmp_path, monkeypatch):
+    from bench import fidelity_tables
+
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    results = tmp_path / "results"
+    results.mkdir()
+    for name in ("tiny-bert", "tiny-llama"):
+        run("eval", str(tiny_stores[name]), "--text", str(text), "--json", str(results / f"{name}.json"))
+    monkeypatch.setattr(
+        fidelity_tables, "STORES", {"tiny-bert": ("bert", [], []), "tiny-llama": ("llama", ["--k", "8"], [])}
+    )
+    lines = fidelity_tables.page(
+        results, ["tiny-bert", "tiny-llama"], "cmd", indexes=tiny_stores["tiny-bert"].parent
+    ).splitlines()
+    assert lines[0].startswith("# Fidelity") and lines[2] == "Command: `cmd`  "
+    bert = json.loads((results / "tiny-bert.json").read_text())
+    recall = sum(layer["recall_at_k"] for layer in bert["layers"]) / len(bert["layers"])
+    summary = [line for line in lines if line.startswith("| tiny-")]
+    assert summary[0].startswith(
+        f"| tiny-bert | `bert` | {bert['text']['tokens']} | {len(bert['layers'])} | {recall:.3f} |"
+    )
+    assert "nearest-neighbour agreement" in summary[0] and "next-token agreement" in summary[1]
+    assert summary[1].startswith("| tiny-llama | `llama --k 8` |")
+    per_layer = lines[lines.index("## tiny-llama") :]
+    llama = json.loads((results / "tiny-llama.json").read_text())
+    assert sum(line.startswith("| 0 |") or line.startswith("| 1 |") for line in per_layer) == len(llama["layers"])
+    assert per_layer[2].startswith("backend ")
+
+
+def test_checkpoint_page_has_each_committed_models_recorded_run():
+    from bench import checkpoint_tables
+
+    lines = checkpoint_tables.page().splitlines()
+    for folder in sorted(checkpoint_tables.MODELS.iterdir()):
+        row = next(line for line in lines if line.startswith(f"| {folder.name} |"))
+        if (folder / "training.json").exists():
+            training = json.loads((folder / "training.json").read_text())
+            assert f"{training['step']} steps, {training['tokens_seen'] / 1e6:.2f} M tokens" in row
+        else:
+            report = json.loads((folder / "sparsify_report.json").read_text())
+            assert f"nearest-neighbour agreement {report['against_original']['neighbour_agreement']:.3f}" in row
+
+
 def test_speed_tables_render_what_the_benchmarks_wrote(tiny_stores, tmp_path):
     from bench import speed_tables
 
