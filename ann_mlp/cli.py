@@ -201,6 +201,11 @@ def evaluate(
     text: Path | None = typer.Option(
         None, help="Text file or folder [default: held-out Python standard library docstrings]."
     ),
+    shift_text: Path | None = typer.Option(
+        None,
+        help="A second text, of another kind: the store is evaluated on it too, and the change from "
+        "--text to it printed per layer and end to end (the JSON holds it under extra.text_shift).",
+    ),
     k: int | None = typer.Option(None, help="Keys retrieved per token [default: the store's k]."),
     backend: str | None = typer.Option(
         None, help="Evaluate another backend, built in memory and tuned like the store."
@@ -233,7 +238,7 @@ def evaluate(
     """Run exact and approximate model on real text; report recall and fidelity per layer and end to end."""
     from ann_mlp.approx_model import ApproxModel
     from ann_mlp.evaluate import evaluate as run_eval
-    from ann_mlp.report import table, write_json, write_plots
+    from ann_mlp.report import shift_table, table, write_json, write_plots
 
     model = ApproxModel.open(store, checkpoint)
     if backend is not None:
@@ -250,6 +255,13 @@ def evaluate(
     reference_checkpoint = load_checkpoint(reference) if reference is not None else None
     report = run_eval(model, config, text, progress=progress_bars(), reference=reference_checkpoint)
     typer.echo(table(report))
+    if shift_text is not None:
+        shifted = run_eval(model, config, shift_text, progress=progress_bars(), reference=reference_checkpoint)
+        typer.echo("")
+        typer.echo(table(shifted))
+        typer.echo("")
+        typer.echo(shift_table(report, shifted))
+        report.extra["text_shift"] = shifted.to_json()
     if json_out:
         write_json(report, json_out)
     if plots:

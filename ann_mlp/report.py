@@ -52,6 +52,29 @@ def table(report: Report) -> str:
     return "\n".join(rows)
 
 
+SHIFT_COLUMNS = ("recall_at_k", "mass_recall", "bytes_read_fraction", "rel_output_error")
+
+
+def shift_table(first: Report, second: Report) -> str:
+    """How a store's fidelity moves from one text to another, per layer and end to end: each
+    measure on the first text, on the second, and the change, so a user sees whether a store
+    calibrated on their text holds on another."""
+    rows = [f"text shift: {first.text['source']} -> {second.text['source']}"]
+    rows.append(f"{'layer':>5} " + " ".join(f"{c:>33}" for c in SHIFT_COLUMNS))
+    for before, after in zip(first.layers, second.layers):
+        cells = []
+        for c in SHIFT_COLUMNS:
+            a, b = getattr(before, c), getattr(after, c)
+            cells.append(f"{f'{a:.4f} -> {b:.4f} ({b - a:+.4f})':>33}")
+        rows.append(f"{before.layer:>5} " + " ".join(cells))
+    rows.append("end to end:")
+    for name, a in first.end_to_end.items():
+        if name in second.end_to_end and name != "positions":
+            b = second.end_to_end[name]
+            rows.append(f"  {name:<24} {a:.4f} -> {b:.4f} ({b - a:+.4f})")
+    return "\n".join(rows)
+
+
 def text_summary(text: dict) -> str:
     """How much text a report measured, in words: tokens, passages, how long ones were handled."""
     handled = f", {text['split']} split into windows" if text["split"] else ""

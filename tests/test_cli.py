@@ -103,6 +103,30 @@ def test_eval_another_backend_built_in_memory(minilm_store, tmp_path):
     assert all(layer["recall_at_k"] == 1.0 and layer["scanned_fraction"] == 1.0 for layer in report["layers"])
 
 
+def test_eval_on_two_texts_reports_the_shift_between_them(minilm_store, tmp_path):
+    """--shift-text evaluates the store on a second text in the same run and prints each measure on
+    the first, on the second and the change, as the JSON's two reports give them."""
+    first, second = tmp_path / "docstrings.txt", tmp_path / "prose.txt"
+    first.write_text(TEXT)
+    second.write_text(
+        "The river ran high after the spring rains, and the ferry waited on the far bank.\n\n"
+        "She counted the lanterns along the harbour wall, nine of them, one unlit.\n\n"
+        "By noon the market square was loud with carts, goats and the smell of bread.\n"
+    )
+    report_path = tmp_path / "r.json"
+    proc = run("eval", str(minilm_store), "--text", str(first), "--shift-text", str(second), "--json", str(report_path))
+    report = json.loads(report_path.read_text())
+    shifted = report["extra"]["text_shift"]
+    assert shifted["text"]["source"] != report["text"]["source"] and len(shifted["layers"]) == 6
+    shift = proc.stdout[proc.stdout.index("text shift:") :].splitlines()
+    for before, after in zip(report["layers"], shifted["layers"]):
+        line = next(row for row in shift[2:] if row.split()[0] == str(before["layer"]))
+        a, b = before["recall_at_k"], after["recall_at_k"]
+        assert f"{a:.4f} -> {b:.4f} ({b - a:+.4f})" in line
+    a, b = report["end_to_end"]["neighbour_agreement"], shifted["end_to_end"]["neighbour_agreement"]
+    assert any(row.split()[0] == "neighbour_agreement" and f"({b - a:+.4f})" in row for row in shift)
+
+
 def test_info_verifies_and_prints_the_manifest(minilm_store):
     manifest = json.loads(run("info", str(minilm_store)).stdout)
     assert manifest["family"] == "bert" and len(manifest["layers"]) == 6
