@@ -3,12 +3,14 @@
     python bench/side_by_side.py                       # the table, every row
     python bench/side_by_side.py --only relu-lm        # rows whose name contains "relu-lm"
     python bench/side_by_side.py --table-only          # re-print the table from results/
+    python bench/side_by_side.py --only topk-lm-lowrank --write lowrank-options   # docs/results/lowrank-options.md
 
 Each row is one store, built into indexes/<row> unless it exists (rows that differ
 only in eval options share the first one's store), evaluated on
 the held-out standard-library docstrings (text no checkpoint trained or
 calibrated on) into results/eval_<row>.json. The table prints per-layer means and
-the end-to-end metrics of each checkpoint's kind.
+the end-to-end metrics of each checkpoint's kind; `--write NAME` also writes it to
+docs/results/NAME.md with the command, commit, date and machine on top.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a file, `bench.*` imports still resolve
+from bench.pages import REPO, head  # noqa: E402
+
 # The rows reported before build fit linear tail maps by default, built as they were then.
 NO_MAP = ["--tail-map-rank", "0"]
 # Gated rows reported before build chose neurons by estimated contribution, built as they were then.
@@ -367,6 +371,7 @@ def main() -> int:
     )
     parser.add_argument("--results", type=Path, default=REPO / "results")
     parser.add_argument("--table-only", action="store_true")
+    parser.add_argument("--write", metavar="NAME", help="also write the table to docs/results/NAME.md")
     args = parser.parse_args()
     # A row's full name selects that row alone; any other string, the rows containing it.
     names = [
@@ -379,6 +384,26 @@ def main() -> int:
         for name in names:
             run_row(name, args.results)
     print(table(args.results, names))
+    if args.write:
+        page = REPO / "docs" / "results" / f"{args.write}.md"
+        command = "python bench/side_by_side.py " + " ".join(sys.argv[1:])
+        intro = [
+            "Each row one store, built by `ann-mlp build` with the row's options (below), evaluated by",
+            "`ann-mlp eval` on the held-out standard-library docstrings; per-layer means, and end to end",
+            "the approximate model against the exact one. Bytes read: the index's bytes per query as a",
+            "fraction of the dense layer's weights.",
+            "",
+        ]
+        options = ["", "| store | checkpoint | build options |", "| --- | --- | --- |"] + [
+            f"| {name} | {ROWS[name][0]} | `{' '.join(ROWS[name][1])}` |" for name in names
+        ]
+        page.write_text(
+            "\n".join(
+                [*head(f"Side by side: {args.write}", command.strip()), *intro, table(args.results, names), *options]
+            )
+            + "\n"
+        )
+        print(f"wrote {page}")
     return 0
 
 
