@@ -2,9 +2,9 @@
 
 Keys are factored as K ≈ A B, fit to the queries the model sends (low_rank_fit), A held as 8- or
 4-bit codes in a faiss flat scalar-quantizer index (the stored form; searches decode its memory in
-place). A search projects
-the query (q Bᵀ, r numbers), scores every key from its codes, and re-scores the best candidates
-from their full keys; what it reads is priced by low_rank_cost.bytes_per_query.
+place). A search projects the query (q Bᵀ, r numbers), scores every key from its codes, and
+re-scores the best candidates from their full keys; what it reads is priced by
+low_rank_cost.bytes_per_query.
 
 Each stage is one field of LowRankParams:
 - The projection: B's rows as 8-bit codes in a scalar-quantizer index of their own, so q Bᵀ reads
