@@ -11,15 +11,13 @@ invalidates the timings.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a file, `bench.*` imports still resolve
-from bench.pages import REPO, head  # noqa: E402
+from bench.pages import REPO, ann_mlp, current, head, store_tables_main  # noqa: E402
 
 PAGE = REPO / "docs" / "results" / "decode.md"
 # store -> (checkpoint, build options, bench decode options)
@@ -34,11 +32,6 @@ STORES = {
 BATCHES = (1, 4)
 # llama.cpp decodes GGUF stores' own files beside ann-mlp's rows (batch 1), when llama-cpp-python is installed
 LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
-
-
-def ann_mlp(*args: str) -> None:
-    print("+ ann-mlp", " ".join(args), flush=True)
-    subprocess.run([sys.executable, "-m", "ann_mlp", *args], check=True, cwd=REPO)
 
 
 def measure(results: Path, stores: list[str]) -> None:
@@ -65,16 +58,9 @@ def measure(results: Path, stores: list[str]) -> None:
             )
 
 
-def current(store: Path) -> bool:
-    """A store of this format version (an older one is rebuilt)."""
-    from ann_mlp.config import STORE_FORMAT_VERSION
-
-    manifest = store / "manifest.json"
-    return manifest.exists() and json.loads(manifest.read_text()).get("format_version") == STORE_FORMAT_VERSION
-
-
-def page(results: Path, command: str) -> str:
+def page(results: Path, stores: list[str], command: str) -> str:
     records = [json.loads(line) for line in (results / "bench_decode.jsonl").read_text().splitlines()]
+    records = [r for r in records if r["model"] in stores]
     rows = [
         *head("Decode: one new token per step", command, machine_note="; nothing else running."),
         "Greedy generation with a KV cache, every sequence `new tokens` long, prompts from the held-out",
@@ -134,20 +120,9 @@ def page(results: Path, command: str) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--table-only", action="store_true", help="rewrite the page from the last run's results")
-    parser.add_argument("--stores", nargs="+", default=list(STORES), choices=list(STORES))
-    parser.add_argument("--results", type=Path, default=REPO / "results" / "decode")
-    args = parser.parse_args()
-    command = "python bench/decode_tables.py" + (
-        "" if args.stores == list(STORES) else " --stores " + " ".join(args.stores)
+    return store_tables_main(
+        __doc__, "bench/decode_tables.py", list(STORES), REPO / "results" / "decode", PAGE, measure, page
     )
-    if not args.table_only:
-        measure(args.results, args.stores)
-    PAGE.parent.mkdir(parents=True, exist_ok=True)
-    PAGE.write_text(page(args.results, command))
-    print(f"wrote {PAGE}")
-    return 0
 
 
 if __name__ == "__main__":

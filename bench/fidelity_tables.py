@@ -12,15 +12,13 @@ Fidelity does not depend on timing, so it may run beside other work.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a file, `bench.*` imports still resolve
-from bench.pages import REPO, head  # noqa: E402
+from bench.pages import REPO, ann_mlp, current, end_to_end, head, store_tables_main  # noqa: E402
 
 PAGE = REPO / "docs" / "results" / "fidelity.md"
 # store -> (checkpoint, build options, eval options); the stores decode_tables.py builds share these options
@@ -42,19 +40,6 @@ LAYER_FIELDS = (
 )
 
 
-def ann_mlp(*args: str) -> None:
-    print("+ ann-mlp", " ".join(args), flush=True)
-    subprocess.run([sys.executable, "-m", "ann_mlp", *args], check=True, cwd=REPO)
-
-
-def current(store: Path) -> bool:
-    """A store of this format version (an older one is rebuilt)."""
-    from ann_mlp.config import STORE_FORMAT_VERSION
-
-    manifest = store / "manifest.json"
-    return manifest.exists() and json.loads(manifest.read_text()).get("format_version") == STORE_FORMAT_VERSION
-
-
 def measure(results: Path, stores: list[str]) -> None:
     results.mkdir(parents=True, exist_ok=True)
     for name in stores:
@@ -64,26 +49,6 @@ def measure(results: Path, stores: list[str]) -> None:
             ann_mlp("build", checkpoint, "--out", str(store), *build_args, "--force")
         (results / f"{name}.json").unlink(missing_ok=True)  # eval appends nothing: the report is the file
         ann_mlp("eval", str(store), "--json", str(results / f"{name}.json"), *eval_args)
-
-
-def end_to_end(report: dict) -> str:
-    e2e = report["end_to_end"]
-    if report["kind"] == "encoder":
-        text = (
-            f"embedding cosine {e2e['embedding_cosine_mean']:.3f} (min {e2e['embedding_cosine_min']:.3f}), "
-            f"nearest-neighbour agreement {e2e['neighbour_agreement']:.3f}"
-        )
-        original = report.get("extra", {}).get("approx_vs_reference")
-        if original:
-            text += (
-                f"; against {report['extra']['reference']}: cosine {original['embedding_cosine_mean']:.3f}, "
-                f"agreement {original['neighbour_agreement']:.3f}"
-            )
-        return text
-    return (
-        f"next-token agreement {e2e['next_token_agreement']:.3f}, KL {e2e['kl_mean']:.4f}, "
-        f"perplexity {e2e['perplexity_exact']:.1f} → {e2e['perplexity_approx']:.1f}"
-    )
 
 
 def build_line(store: Path) -> str:
@@ -133,20 +98,9 @@ def page(results: Path, stores: list[str], command: str, indexes: Path = REPO / 
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--table-only", action="store_true", help="rewrite the page from the last run's results")
-    parser.add_argument("--stores", nargs="+", default=list(STORES), choices=list(STORES))
-    parser.add_argument("--results", type=Path, default=REPO / "results" / "fidelity")
-    args = parser.parse_args()
-    command = "python bench/fidelity_tables.py" + (
-        "" if args.stores == list(STORES) else " --stores " + " ".join(args.stores)
+    return store_tables_main(
+        __doc__, "bench/fidelity_tables.py", list(STORES), REPO / "results" / "fidelity", PAGE, measure, page
     )
-    if not args.table_only:
-        measure(args.results, args.stores)
-    PAGE.parent.mkdir(parents=True, exist_ok=True)
-    PAGE.write_text(page(args.results, args.stores, command))
-    print(f"wrote {PAGE}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a file, `bench.*` imports still resolve
-from bench.pages import REPO, head  # noqa: E402
+from bench.pages import REPO, ann_mlp, end_to_end, head  # noqa: E402
 
 # The rows reported before build fit linear tail maps by default, built as they were then.
 NO_MAP = ["--tail-map-rank", "0"]
@@ -299,11 +298,6 @@ ROWS: dict[str, tuple[str, list[str], list[str]]] = {
 }
 
 
-def ann_mlp(*args: str) -> None:
-    print("+ ann-mlp", " ".join(args), flush=True)
-    subprocess.run([sys.executable, "-m", "ann_mlp", *args], check=True, cwd=REPO)
-
-
 def store_of(name: str) -> Path:
     """Rows with the same checkpoint and build options share one store: the first such row's."""
     checkpoint, build_args, _ = ROWS[name]
@@ -317,26 +311,6 @@ def run_row(name: str, results: Path) -> None:
     if not (store / "manifest.json").exists():
         ann_mlp("build", checkpoint, "--out", str(store), *build_args)
     ann_mlp("eval", str(store), "--json", str(results / f"eval_{name}.json"), *eval_args)
-
-
-def end_to_end(report: dict) -> str:
-    e2e = report["end_to_end"]
-    if report["kind"] == "encoder":
-        text = (
-            f"cosine {e2e['embedding_cosine_mean']:.3f} / {e2e['embedding_cosine_min']:.3f}, "
-            f"NN agreement {e2e['neighbour_agreement']:.3f}"
-        )
-        original = report.get("extra", {}).get("approx_vs_reference")
-        if original:
-            text += (
-                f"; vs {report['extra']['reference']}: cosine {original['embedding_cosine_mean']:.3f}, "
-                f"NN {original['neighbour_agreement']:.3f}"
-            )
-        return text
-    return (
-        f"next-token agreement {e2e['next_token_agreement']:.3f}, KL {e2e['kl_mean']:.3f}, "
-        f"perplexity {e2e['perplexity_exact']:.1f} → {e2e['perplexity_approx']:.1f}"
-    )
 
 
 def table(results: Path, names: list[str]) -> str:

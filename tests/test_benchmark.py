@@ -128,7 +128,7 @@ def test_side_by_side_table_reads_eval_reports(tiny_stores, tmp_path):
     assert len(rows) == 4  # header, rule, one row per report found
     bert = json.loads((tmp_path / "eval_tiny-bert.json").read_text())
     recall = sum(layer["recall_at_k"] for layer in bert["layers"]) / len(bert["layers"])
-    assert rows[2].startswith(f"| tiny-bert | 16 | {recall:.3f} |") and "NN agreement" in rows[2]
+    assert rows[2].startswith(f"| tiny-bert | 16 | {recall:.3f} |") and "nearest-neighbour agreement" in rows[2]
     assert rows[3].startswith("| tiny-llama |") and "next-token agreement" in rows[3]
 
 
