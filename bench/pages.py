@@ -29,7 +29,8 @@ def machine_line() -> str:
     from ann_mlp.planner import machine
 
     here = machine()
-    return f"{here['cpu']}, {here['cores']} cores, torch {here['torch']} on {here['torch_threads']} threads"
+    threads = here["torch_threads"]
+    return f"{here['cpu']}, {here['cores']} cores, torch {here['torch']} on {threads} thread{'s' * (threads != 1)}"
 
 
 def head(title: str, command: str, at_commit: str | None = None, machine_note: str = "") -> list[str]:
