@@ -113,14 +113,17 @@ def test_repo_model_missing_from_the_tree_is_a_clear_error(monkeypatch, tmp_path
         resolve_checkpoint("relu-lm")
 
 
-def test_builtin_topk_lm_fires_at_most_k_neurons():
-    from ann_mlp.config import TextConfig
+@pytest.mark.parametrize("name, topk, d_ff", [("topk-lm", 128, 4096), ("wide-lm", 512, 16384)])
+def test_builtin_top_k_lms_fire_at_most_k_neurons(name, topk, d_ff):
+    from ann_mlp.config import PRESET_BUILDS, TextConfig
     from ann_mlp.sparsity import measure_sparsity
 
-    checkpoint = load_checkpoint("topk-lm")
-    assert checkpoint.adapter.topk == 128 and checkpoint.adapter.mlp_weights(0).d_ff == 4096
+    checkpoint = load_checkpoint(name)
+    assert checkpoint.adapter.topk == topk and checkpoint.adapter.mlp_weights(0).d_ff == d_ff
     report = measure_sparsity(checkpoint, None, TextConfig(max_tokens=500), progress=False)
-    assert all(layer.per_token_pct_percentiles["p99"] <= 128 / 4096 * 100 + 1e-9 for layer in report.layers)
+    assert all(layer.per_token_pct_percentiles["p99"] <= topk / d_ff * 100 + 1e-9 for layer in report.layers)
+    if name == "wide-lm":  # its preset keeps the model's own k
+        assert PRESET_BUILDS[name].k == topk
 
 
 def test_builtin_minilm_sparse_fires_one_sixteenth():
