@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 from dataclasses import asdict
+from typing import TypeVar
 
 import torch
 
@@ -16,6 +17,8 @@ from server.engine import Engine, Knobs, Run, ServedModel
 from server.errors import InvalidRequest
 from server.schemas import RunInfo
 from server.settings import ServerSettings
+
+T = TypeVar("T")
 
 
 def tokenize(
@@ -86,9 +89,9 @@ def as_list(value) -> list:
     return list(value)
 
 
-def one_or_each(values: list[int]) -> int | list[int]:
-    """A per-layer setting as one number when every layer has it, else the list in layer order."""
-    return values[0] if len(set(values)) == 1 else values
+def one_or_each(values: list[T]) -> T | list[T]:
+    """A per-layer setting as one value when every layer has it, else the list in layer order."""
+    return values[0] if all(value == values[0] for value in values) else values
 
 
 def run_info(served: ServedModel, knobs: Knobs, run: Run) -> RunInfo:
@@ -96,7 +99,7 @@ def run_info(served: ServedModel, knobs: Knobs, run: Run) -> RunInfo:
         mode=knobs.mode,
         k=one_or_each(run.k),
         candidates=one_or_each(run.candidates),
-        search_params=run.search_params[0],
+        search_params=one_or_each(run.search_params),
         candidate_factor=knobs.candidate_factor,
         scanned_fraction=None if knobs.mode == "exact" else run.scanned_fraction,
         dense_fraction=run.dense_fraction if knobs.mode == "auto" else None,

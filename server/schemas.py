@@ -104,7 +104,7 @@ class RunInfo(BaseModel):
 
     mode: Mode
     k: int | list[int]  # one k, or one per layer when the store chose k per layer
-    search_params: dict[str, Any]
+    search_params: dict[str, Any] | list[dict[str, Any]]  # one for every layer, or one per layer
     candidate_factor: float | None  # neurons retrieved per kept neuron, as asked (None: as built)
     candidates: int | list[int]  # neurons retrieved per token, one number or one per layer
     scanned_fraction: float | None  # keys scored / keys of the dense MLP, planner's dense layers included

@@ -80,7 +80,11 @@ def test_mode_exact_and_full_k_agree(client):
     full = client.post("/v1/embeddings", json={**texts, "ann_mlp": {"k": 96, "effort": hi}}).json()
     np.testing.assert_allclose(full["data"][0]["embedding"], exact["data"][0]["embedding"], atol=1e-5)
     assert exact["ann_mlp"]["mode"] == "exact" and exact["ann_mlp"]["scanned_fraction"] is None
-    assert full["ann_mlp"]["k"] == 96
+    assert full["ann_mlp"]["k"] == 96 and full["ann_mlp"]["search_params"] == {"nprobe": hi}
+    # The store's own efforts, tuned per layer: one dict when the layers agree, else one per layer.
+    tuned = client.get("/v1/models").json()["data"][0]["ann_mlp"]["tuned_search_params"]
+    served = client.post("/v1/embeddings", json=texts).json()["ann_mlp"]["search_params"]
+    assert served == (tuned[0] if all(params == tuned[0] for params in tuned) else tuned)
     # candidates chosen by contribution: every neuron retrieved, all 96 kept, still exact
     chosen = client.post("/v1/embeddings", json={**texts, "ann_mlp": {"k": 96, "effort": hi, "candidate_factor": 2}})
     np.testing.assert_allclose(chosen.json()["data"][0]["embedding"], exact["data"][0]["embedding"], atol=1e-5)
