@@ -149,8 +149,6 @@ class ApproxMLP(nn.Module):
             self.map_in = self.map_in_bias = self.map_out = None
         self._query_buffer = np.ones((0, weights.d_model + 1), dtype=np.float32)
         self._bag_offsets, self._bag_width = torch.zeros(0, dtype=torch.int64), 0
-        # One token's rows cut into one bag per thread: (bags, rows) and where each bag starts.
-        self._split_shape, self._split_offsets = (0, 0), torch.zeros(0, dtype=torch.int64)
         # Planner: calls with more tokens than this run dense (None: always approximate).
         self.approx_up_to: int | None = None
         self.stats = SearchStats()
@@ -201,20 +199,15 @@ class ApproxMLP(nn.Module):
         """
         n, k = ids.shape
         parts = min(torch.get_num_threads(), k // MIN_ROWS_PER_BAG) if n == 1 else 1
-        if parts > 1:
-            if self._split_shape != (parts, k):
-                self._split_shape, self._split_offsets = (parts, k), torch.arange(parts) * -(-k // parts)
-            offsets = self._split_offsets
-        else:
-            if self._bag_offsets.shape[0] < n or self._bag_width != k:
-                self._bag_width = k
-                self._bag_offsets = torch.arange(0, max(n, 64) * k, k)  # (bags,): where each bag starts
-            offsets = self._bag_offsets[:n]
+        bags, width = (parts, -(-k // parts)) if parts > 1 else (n, k)  # the last part may be shorter
+        if self._bag_offsets.shape[0] < bags or self._bag_width != width:
+            self._bag_width = width
+            self._bag_offsets = torch.arange(0, max(bags, 64) * width, width)  # (bags,): where each bag starts
         sum_mode = 0
         sums = torch.embedding_bag(
             self.value_rows,
             ids.reshape(-1),
-            offsets,
+            self._bag_offsets[:bags],
             False,
             sum_mode,
             False,

@@ -62,17 +62,17 @@ def shift_table(first: Report, second: Report) -> str:
     rows = [f"text shift: {first.text['source']} -> {second.text['source']}"]
     rows.append(f"{'layer':>5} " + " ".join(f"{c:>33}" for c in SHIFT_COLUMNS))
     for before, after in zip(first.layers, second.layers):
-        cells = []
-        for c in SHIFT_COLUMNS:
-            a, b = getattr(before, c), getattr(after, c)
-            cells.append(f"{f'{a:.4f} -> {b:.4f} ({b - a:+.4f})':>33}")
+        cells = (f"{_change(getattr(before, c), getattr(after, c)):>33}" for c in SHIFT_COLUMNS)
         rows.append(f"{before.layer:>5} " + " ".join(cells))
     rows.append("end to end:")
-    for name, a in first.end_to_end.items():
+    for name, value in first.end_to_end.items():
         if name in second.end_to_end and name != "positions":
-            b = second.end_to_end[name]
-            rows.append(f"  {name:<24} {a:.4f} -> {b:.4f} ({b - a:+.4f})")
+            rows.append(f"  {name:<24} {_change(value, second.end_to_end[name])}")
     return "\n".join(rows)
+
+
+def _change(before: float, after: float) -> str:
+    return f"{before:.4f} -> {after:.4f} ({after - before:+.4f})"
 
 
 def text_summary(text: dict) -> str:
