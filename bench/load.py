@@ -86,12 +86,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(store: Path, port: int, log: Path) -> subprocess.Popen:
+def start_server(
+    store: Path, port: int, log: Path, args: tuple[str, ...] = (), env: dict[str, str] | None = None
+) -> subprocess.Popen:
+    """`ann-mlp serve STORE` on 127.0.0.1:port, with extra arguments and settings; once ready."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "serve", str(store), "--port", str(port)],
+        [sys.executable, "-m", "server", "serve", str(store), "--port", str(port), *args],
         stdout=open(log, "w"),
         stderr=subprocess.STDOUT,
         cwd=REPO,
+        env={**os.environ, **(env or {})},
     )
     deadline = time.monotonic() + 1800  # a first run builds the store
     while time.monotonic() < deadline:

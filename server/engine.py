@@ -1,11 +1,14 @@
-"""The engine: models with approximate MLPs, run one job at a time off the event loop.
+"""The engine: models with approximate MLPs, run off the event loop by one worker thread.
 
-One worker thread executes every job, and a job's k, search effort and candidate
-factor hold only inside it (`configured`), so they never leak into another.
-Jobs wait in a bounded queue: when it is full the caller gets 429 at once.
-A job's work ends with its request: a hook before every layer of every forward pass
-(prompt passes and decode steps alike) asks `check_job`, which stops it once the
-deadline has passed, the caller has disconnected, or a drain is about to end.
+One worker executes every job, and a job's k, search effort and candidate factor hold only
+inside it (`configured`), so they never leak into another. Requests of one model with the
+same knobs share the work (server/batching.py): forward passes are merged into one padded
+batch, and completions join a decode batch that advances one step per job, so other work
+runs between its steps. Requests wait in a bounded queue: when it is full the caller gets 429.
+A request's work ends with it: a hook before every layer of every forward pass asks
+`check_job`, which stops the pass once every request sharing it is past its deadline, has
+lost its caller, or cannot finish before a drain ends; a decode batch drops such a row
+between steps and the others go on.
 Shadow comparisons (exact vs approximate on a sampled request) run on the same
 worker, only when no request is waiting, and never hold a request up.
 """
@@ -30,6 +33,7 @@ from ann_mlp.capture import Batch, batch_from_ids, forward
 from ann_mlp.errors import AnnMlpError, DeadlineError
 from ann_mlp.evaluate import Comparison
 from ann_mlp.planner import replan_if_moved
+from server.batching import Batches
 from server.errors import (
     ClientGone,
     DeadlineExceeded,
@@ -92,6 +96,7 @@ class Run:
     k: list[int] = field(default_factory=list)
     candidates: list[int] = field(default_factory=list)
     search_params: list[dict[str, Any]] = field(default_factory=list)
+    batch_size: int = 1  # inputs in the forward passes this request shared (decoding: the most rows)
 
 
 @dataclass
@@ -143,8 +148,9 @@ class Engine:
         metrics.jobs.set_function(lambda: self._pending)  # read at scrape time
         self._random = random.Random(0)
         self.drain_deadline = float("inf")  # time.monotonic() by which a drain answers everything
-        # The running job, for work that stops between steps; one worker runs every job.
-        self._job: JobState | None = None
+        # The requests whose work runs now, for work that stops between layers; one worker runs every job.
+        self._running: list[JobState] = []
+        self.batches = Batches(self)
 
     # -- lifecycle ------------------------------------------------------------------
     def load(self) -> None:
@@ -195,16 +201,28 @@ class Engine:
             return ShuttingDown(f"the server is shutting down: {message}", self.settings.retry_after_s)
         return DeadlineExceeded(message)
 
-    def check_job(self) -> str | None:
-        """Before each layer of the running job: why it should stop now, or None."""
-        job = self._job
-        if job is None:
-            return None
+    def stop_reason(self, job: JobState) -> str | None:
+        """Why a request's work should stop now, or None."""
         if job.abandoned:
             return "the request was abandoned"
         if time.monotonic() > self._answer_by(job):
             return "the server is shutting down" if self.draining else "deadline passed"
         return None
+
+    def check_job(self) -> str | None:
+        """Before each layer of the running work: why it should stop now (every request sharing it
+        should), or None."""
+        reasons = [self.stop_reason(job) for job in self._running]
+        return reasons[0] if reasons and all(reasons) else None
+
+    @contextmanager
+    def running(self, jobs: list[JobState]) -> Iterator[None]:
+        """The requests whose work the worker runs within the block, for check_job."""
+        outer, self._running = self._running, jobs
+        try:
+            yield
+        finally:
+            self._running = outer
 
     def shutdown(self) -> None:
         self.ready = False
@@ -223,9 +241,8 @@ class Engine:
         except KeyError:
             raise UnknownModel(f"model {name!r} is not served; see GET /v1/models", param="model") from None
 
-    async def submit(self, job: Callable[[], T], disconnected: Callable[[], Awaitable[bool]] | None = None) -> T:
-        """Queue a job for the worker; wait for it until the request's deadline (or the drain's end),
-        giving it up, and stopping its work, if the caller disconnects (`disconnected`) meanwhile."""
+    def admit(self) -> JobState:
+        """Count a new request as pending, or refuse it: not ready, draining, or the queue is full."""
         if self.draining or not self.ready:
             if self.draining:
                 raise NotReady("the server is shutting down", self.settings.retry_after_s)
@@ -235,19 +252,38 @@ class Engine:
                 raise Overloaded(f"{self._pending} requests are waiting; retry later", self.settings.retry_after_s)
             self._pending += 1
             self.metrics.jobs_submitted.inc()
-        state = JobState(deadline=time.monotonic() + self.settings.request_timeout_s)
+        return JobState(deadline=time.monotonic() + self.settings.request_timeout_s)
+
+    def done_callback(self, future: Future) -> None:
+        """A pending request's work ended (answered, failed or stopped): it leaves the queue's count."""
+        future.add_done_callback(self._job_done)
+
+    def _job_done(self, _future: Future) -> None:
+        with self._pending_lock:
+            self._pending -= 1
+
+    def schedule(self, work: Callable[[], None]) -> None:
+        """Run `work` on the worker after the jobs queued before it."""
+        self._executor.submit(work)
+
+    async def submit(self, job: Callable[[], T], disconnected: Callable[[], Awaitable[bool]] | None = None) -> T:
+        """Queue a job for the worker, alone; wait for it until the request's deadline (or the
+        drain's end), giving it up, and stopping its work, if the caller disconnects meanwhile."""
+        state = self.admit()
 
         def run_if_wanted() -> T:
             if state.abandoned or time.monotonic() > self._answer_by(state):
                 raise self.stopped_error("the request's time passed while it was queued")
-            self._job = state
-            try:
+            with self.running([state]):
                 return job()
-            finally:
-                self._job = None
 
         future = self._executor.submit(run_if_wanted)
-        future.add_done_callback(self._job_done)
+        self.done_callback(future)
+        return await self.wait(future, state, disconnected)
+
+    async def wait(self, future: Future, state: JobState, disconnected: Callable[[], Awaitable[bool]] | None) -> T:
+        """A request's answer, or its end: at its deadline (or the drain's), or when its caller
+        disconnects, the request is marked abandoned, so its work stops at the next check."""
         answer = asyncio.wrap_future(future)
         while True:
             left = self._answer_by(state) - time.monotonic()
@@ -263,15 +299,12 @@ class Engine:
                 self.metrics.abandoned.labels("draining" if self.draining else "deadline").inc()
                 raise self.stopped_error(f"no answer within {self.settings.request_timeout_s:g} s")
 
-    def _job_done(self, _future: Future) -> None:
-        with self._pending_lock:
-            self._pending -= 1
-
     # -- work, on the worker thread -------------------------------------------------------
     def run(self, served: ServedModel, batch: Batch, knobs: Knobs) -> Run:
+        """One forward pass in the request's mode, then perhaps a shadow comparison of it."""
         run = self._run(served, batch, knobs, record=True)
         if knobs.mode in ("approx", "auto"):
-            self._maybe_shadow(served, batch, knobs)
+            self.maybe_shadow(served, batch, knobs)
         return run
 
     @contextmanager
@@ -310,8 +343,19 @@ class Engine:
                 }
         except DeadlineError as err:
             raise self.stopped_error(str(err)) from err
-        total = time.perf_counter() - start
-        mlps = approx.mlps.values()
+        return self.measured(served, output, batch, time.perf_counter() - start, report, record)
+
+    def measured(
+        self,
+        served: ServedModel,
+        output: Any,
+        batch: Batch,
+        seconds: float,
+        report: dict[str, Any] | None = None,
+        record: bool = True,
+    ) -> Run:
+        """A pass's Run from its output and the MLPs' counters since their last reset."""
+        mlps = served.approx.mlps.values()
         search = sum(m.stats.search_seconds for m in mlps)
         # A dense layer scores every key: counted, so planned runs compare honestly with approx ones.
         tokens = sum(m.stats.queries + m.stats.dense_tokens for m in mlps)
@@ -321,7 +365,7 @@ class Engine:
         dense = sum(m.stats.dense_tokens for m in mlps) / tokens if tokens else None
         if record and scanned is not None:
             self.metrics.scanned_fraction.labels(served.name).observe(scanned)
-        timing = Timing(total * 1e3, search * 1e3, (total - search) * 1e3)
+        timing = Timing(seconds * 1e3, search * 1e3, (seconds - search) * 1e3)
         return Run(
             output,
             batch,
@@ -332,9 +376,10 @@ class Engine:
             k=[m.k for m in mlps],
             candidates=[m.candidates for m in mlps],
             search_params=[dict(m.search_params) for m in mlps],
+            batch_size=len(batch.mask),
         )
 
-    def _maybe_shadow(self, served: ServedModel, batch: Batch, knobs: Knobs) -> None:
+    def maybe_shadow(self, served: ServedModel, batch: Batch, knobs: Knobs) -> None:
         if self.settings.shadow_rate <= 0 or self._random.random() >= self.settings.shadow_rate:
             return
         with self._pending_lock:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from contextlib import nullcontext
 from dataclasses import asdict
 from typing import TypeVar
 
@@ -104,6 +105,7 @@ def run_info(served: ServedModel, knobs: Knobs, run: Run) -> RunInfo:
         scanned_fraction=None if knobs.mode == "exact" else run.scanned_fraction,
         dense_fraction=run.dense_fraction if knobs.mode == "auto" else None,
         timing=asdict(run.timing),
+        batch_size=run.batch_size,
         report=run.report,
     )
 
@@ -135,30 +137,45 @@ def top_alternatives(served: ServedModel, logprobs: torch.Tensor, count: int) ->
     ]
 
 
-def generate(engine: Engine, served: ServedModel, prompt_ids: list[int], request, knobs: Knobs) -> dict:
-    """Sample or greedy-decode a continuation with the model in the request's mode. The engine's
-    check before every layer stops it (the prompt pass and each step alike) once the request's
-    deadline has passed or its caller has left."""
-    checkpoint = served.approx.checkpoint
-    run = engine.run(served, batch_from_ids(checkpoint, [prompt_ids]), knobs)  # the prompt pass: timing, report
+def sequences(served: ServedModel, prompts: list[list[int]], request) -> list[decode.Sequence]:
+    """A completion request's prompts as sequences to decode, each with the request's limits and
+    sampling, and its own generator when seeded (each decodes as it would alone)."""
     sampling = Sampling(temperature=request.temperature or 0.0, top_p=request.top_p or 1.0, seed=request.seed)
-    tokenizer = served.tokenizer
-    options = dict(
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=decode.pad_token_id(tokenizer),
-        sampling=sampling,
-        keep_logprobs=request.logprobs is not None,
-    )
+    return [
+        decode.Sequence(
+            ids,
+            request.max_tokens,
+            sampling,
+            keep_logprobs=request.logprobs is not None,
+            generator=None if sampling.seed is None else torch.Generator().manual_seed(sampling.seed),
+            eos_token_id=served.tokenizer.eos_token_id,
+        )
+        for ids in prompts
+    ]
+
+
+def generate(engine: Engine, served: ServedModel, sequence: decode.Sequence, knobs: Knobs) -> Run:
+    """Decode one sequence alone with the model in the request's mode (exact, compare), after a
+    prompt pass that gives the answer's timing and (compare) its report. The engine's check before
+    every layer stops it once the request's deadline has passed or its caller has left."""
+    checkpoint = served.approx.checkpoint
+    run = engine.run(served, batch_from_ids(checkpoint, [sequence.prompt]), knobs)
+    batch = decode.DecodeBatch(checkpoint.model, decode.pad_token_id(served.tokenizer))
+    exact = knobs.mode == "exact"
     try:
-        with engine.configured(served, knobs):
-            if knobs.mode == "exact":
-                (continuation,) = decode.generate(checkpoint.model, [prompt_ids], request.max_tokens, **options)
-            else:
-                with served.approx.approximate(planned=knobs.mode == "auto"):
-                    (continuation,) = decode.generate(checkpoint.model, [prompt_ids], request.max_tokens, **options)
+        with engine.configured(served, knobs), nullcontext() if exact else served.approx.approximate():
+            batch.join([sequence])
+            while batch.rows:
+                batch.step()
     except DeadlineError as err:
         raise engine.stopped_error(str(err)) from err
-    new_ids, step_logprobs, finish = continuation.tokens, continuation.logprobs, continuation.finish_reason
+    return run
+
+
+def completion(served: ServedModel, continuation: decode.Continuation, request) -> dict:
+    """One choice of a completion: its text cut at the first stop string, finish reason, logprobs."""
+    tokenizer = served.tokenizer
+    new_ids, finish = continuation.tokens, continuation.finish_reason
     text = tokenizer.decode(new_ids, skip_special_tokens=True)
     stops = [request.stop] if isinstance(request.stop, str) else (request.stop or [])
     for stop in stops:
@@ -173,18 +190,13 @@ def generate(engine: Engine, served: ServedModel, prompt_ids: list[int], request
             position += len(token)
         logprobs = {
             "tokens": tokens,
-            "token_logprobs": [float(lp[t]) for lp, t in zip(step_logprobs, new_ids)],
+            "token_logprobs": [float(lp[t]) for lp, t in zip(continuation.logprobs, new_ids)],
             "top_logprobs": [
                 {a["token"]: a["logprob"] for a in top_alternatives(served, lp, request.logprobs)}
-                for lp in step_logprobs
+                for lp in continuation.logprobs
             ]
             if request.logprobs > 0
             else None,
             "text_offset": offsets,
         }
-    return {"text": text, "finish_reason": finish, "logprobs": logprobs, "completion_tokens": len(new_ids), "run": run}
-
-
-def run_token_ids(engine: Engine, served: ServedModel, ids: list[list[int]], knobs: Knobs) -> Run:
-    """One forward pass over tokenized inputs in the request's mode."""
-    return engine.run(served, batch_from_ids(served.approx.checkpoint, ids), knobs)
+    return {"text": text, "finish_reason": finish, "logprobs": logprobs, "completion_tokens": len(new_ids)}

@@ -109,7 +109,8 @@ class RunInfo(BaseModel):
     candidates: int | list[int]  # neurons retrieved per token, one number or one per layer
     scanned_fraction: float | None  # keys scored / keys of the dense MLP, planner's dense layers included
     dense_fraction: float | None  # share of (layer, token) pairs the planner ran dense (mode auto)
-    timing: dict[str, float]  # total_ms, index_search_ms, rest_ms
+    timing: dict[str, float]  # total_ms, index_search_ms, rest_ms (of the shared pass, when merged)
+    batch_size: int  # inputs of the forward pass this request shared (completions: the most rows in a step)
     report: dict[str, Any] | None = None  # compare mode: per-layer and end-to-end metrics
 
 

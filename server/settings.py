@@ -25,7 +25,12 @@ class ServerSettings(BaseSettings):
     # A request's whole work: its input tokens plus the new tokens of each input, counted twice in
     # compare mode (the exact and the approximate model both run).
     max_request_tokens: int = Field(32_768, gt=0)
-    queue_size: int = Field(64, gt=0)  # jobs waiting for the engine before 429
+    queue_size: int = Field(64, gt=0)  # requests waiting for the engine before 429
+    # Compatible requests (one model, the same knobs, mode auto or approx) share the work: inputs
+    # merged into one forward pass, and rows decoded together, up to this many.
+    max_batch_inputs: int = Field(32, gt=0)
+    max_batch_tokens: int = Field(8192, gt=0)  # padded tokens (rows x longest input) of one merged pass
+    batch_wait_ms: float = Field(0.0, ge=0.0, le=1000.0)  # how long a forward pass waits for company
     request_timeout_s: float = Field(60.0, gt=0)  # deadline per request before 504
     drain_timeout_s: float = Field(30.0, gt=0)  # SIGTERM: how long in-flight requests may finish
     retry_after_s: int = Field(1, ge=0)

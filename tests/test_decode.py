@@ -11,7 +11,7 @@ import torch
 
 from ann_mlp.approx_model import ApproxModel
 from ann_mlp.checkpoint import load_checkpoint
-from ann_mlp.decode import Sampling, generate, left_padded, next_tokens, until
+from ann_mlp.decode import DecodeBatch, Sampling, Sequence, generate, left_padded, next_tokens, until
 from ann_mlp.decode_bench import agreement, bench_decode
 from ann_mlp.errors import DeadlineError, InputError
 
@@ -52,6 +52,37 @@ def test_a_batch_of_unequal_prompts_decodes_each_as_alone(causal):
         (alone,) = generate(causal.model, [prompt], 10, eos_token_id=None, pad_token_id=0, keep_logprobs=True)
         assert batched.tokens == alone.tokens
         torch.testing.assert_close(torch.stack(batched.logprobs), torch.stack(alone.logprobs), atol=1e-4, rtol=1e-4)
+
+
+def test_sequences_that_join_and_leave_between_steps_decode_each_as_alone(causal):
+    """A decode batch shared over time: rows join mid-generation (longer and shorter than the
+    batch's cache), one leaves early (its length), one is dropped (its caller left); every
+    finished row has the tokens it has alone, and logprobs equal up to summation order."""
+    lengths = {0: 9, 1: 3, 2: 8, 3: 6}
+    prompts = {0: PROMPTS[1], 1: PROMPTS[0], 2: [4] * 11, 3: PROMPTS[2]}
+    rows = {i: Sequence(prompts[i], lengths[i], keep_logprobs=True) for i in prompts}
+    batch = DecodeBatch(causal.model, pad_token_id=0)
+    batch.join([rows[0]])
+    batch.step()
+    batch.join([rows[1], rows[2]])  # a longer and a shorter prompt than the batch's length
+    batch.step()
+    batch.join([rows[3]])
+    dropped = Sequence(PROMPTS[0], 20)
+    batch.join([dropped])
+    batch.step()
+    batch.leave([dropped])
+    while batch.rows:
+        batch.step()
+    assert batch.cache is None and all(rows[i].done for i in rows)
+    for i, row in rows.items():
+        (alone,) = generate(
+            causal.model, [prompts[i]], lengths[i], eos_token_id=None, pad_token_id=0, keep_logprobs=True
+        )
+        assert row.continuation.tokens == alone.tokens
+        torch.testing.assert_close(
+            torch.stack(row.continuation.logprobs), torch.stack(alone.logprobs), atol=1e-4, rtol=1e-4
+        )
+    assert 0 < len(dropped.continuation.tokens) < 20
 
 
 def test_end_of_sequence_stops_one_sequence_and_is_not_returned(causal):

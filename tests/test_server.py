@@ -317,12 +317,16 @@ def test_a_forward_pass_stops_before_its_next_layer_once_its_job_should_end(tiny
     second_layer, _ = adapter.slot(adapter.mlp_input_path(1))
     second_layer.register_forward_pre_hook(lambda *_: entered.append(1))
     batch = batch_from_ids(served.approx.checkpoint, [[5, 6, 7, 8]])
-    engine._job = JobState(**job)
-    for mode in ("compare", "approx", "exact"):
-        with pytest.raises(DeadlineExceeded):
-            engine.run(served, batch, Knobs(mode=mode))
+    with engine.running([JobState(**job)]):
+        for mode in ("compare", "approx", "exact"):
+            with pytest.raises(DeadlineExceeded):
+                engine.run(served, batch, Knobs(mode=mode))
     assert entered == []  # stopped before the first layer, every time
-    engine._job = None
+    # A pass shared by several requests stops only when every one of them should.
+    with engine.running([JobState(**job), JobState(deadline=float("inf"))]):
+        engine.run(served, batch, Knobs(mode="approx"))
+    assert entered
+    entered.clear()
     engine.run(served, batch, Knobs(mode="compare"))  # no job to stop: the pass runs through
     assert entered
 

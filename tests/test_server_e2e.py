@@ -116,7 +116,9 @@ def test_openai_client_completions(server):
 
 
 def test_sixteen_concurrent_clients_are_isolated(server):
-    """Per-request k and mode must not leak: each answer equals the same request made alone."""
+    """Per-request k and mode must not leak: each answer equals the same request made alone,
+    bit for bit in modes exact and compare (never merged), and up to float32 summation order in
+    mode approx, whose requests with equal knobs may share one padded forward pass."""
     requests = [
         {
             "model": "tiny-llama",
@@ -140,7 +142,38 @@ def test_sixteen_concurrent_clients_are_isolated(server):
         assert response.status_code == 200, response.text
         body = response.json()
         assert body["k"] == request["k"] and body["mode"] == request["mode"]
-        assert body["outputs"][0]["top_logprobs"] == single["outputs"][0]["top_logprobs"]
+        got, want = body["outputs"][0]["top_logprobs"], single["outputs"][0]["top_logprobs"]
+        if request["mode"] == "approx":
+            assert [a["token_id"] for a in got] == [a["token_id"] for a in want]
+            assert [a["logprob"] for a in got] == pytest.approx([a["logprob"] for a in want], abs=1e-4)
+        else:
+            assert body["batch_size"] == 1 and got == want
+
+
+def test_concurrent_completions_of_the_openai_client_each_decode_as_alone(server):
+    """Completions in mode auto share decode steps when they meet: mixed prompts, lengths,
+    sampling and stop strings; each answer has the tokens of the same request made alone."""
+    requests = [
+        dict(
+            prompt=f"request {i} " * (1 + i % 4),
+            max_tokens=3 + 5 * (i % 4),
+            logprobs=1,
+            **({"temperature": 0.8, "seed": i} if i % 3 == 0 else {}),
+            **({"stop": ["zz"]} if i % 5 == 0 else {}),
+        )
+        for i in range(12)
+    ]
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    alone = [client.completions.create(model="tiny-llama", **r) for r in requests]
+    with ThreadPoolExecutor(12) as pool:
+        together = list(pool.map(lambda r: client.completions.create(model="tiny-llama", **r), requests))
+    for single, shared in zip(alone, together):
+        assert shared.choices[0].logprobs.tokens == single.choices[0].logprobs.tokens
+        assert shared.choices[0].text == single.choices[0].text
+        assert shared.choices[0].finish_reason == single.choices[0].finish_reason
+        assert shared.choices[0].logprobs.token_logprobs == pytest.approx(
+            single.choices[0].logprobs.token_logprobs, abs=1e-4
+        )
 
 
 def test_metrics_after_shadow_sampled_traffic(server):
@@ -222,8 +255,14 @@ def metric_value(url: str, sample: str) -> float:
     return 0.0
 
 
-# Far more decoding than any machine finishes in a few seconds: 64 prompts x 240 new tokens.
-LONG_COMPLETION = {"model": "tiny-llama", "prompt": [f"prompt {i}" for i in range(64)], "max_tokens": 240}
+# Far more decoding than any machine finishes in a few seconds: 64 prompts x 240 new tokens, each
+# decoded alone in turn (mode exact; a shared decode batch would take them 64 at a time).
+LONG_COMPLETION = {
+    "model": "tiny-llama",
+    "prompt": [f"prompt {i}" for i in range(64)],
+    "max_tokens": 240,
+    "ann_mlp": {"mode": "exact"},
+}
 
 
 def test_a_client_that_disconnects_frees_its_work(tiny_stores):

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Depends, Request
 from server import ops
 from server.deps import engine as get_engine
 from server.deps import require_api_key
-from server.engine import Engine, Knobs
+from server.engine import Engine, Knobs, Run
 from server.errors import InvalidRequest
 from server.schemas import AnnMlpOptions, InferRequest, InferResponse, error_responses
 
@@ -31,9 +31,10 @@ async def infer(request: InferRequest, http: Request, engine: Engine = Depends(g
     compare = request.mode == "compare"
     checked = ops.checked_token_ids(served, inputs, engine.settings, param, compare=compare)
 
-    def job():
-        ids = checked or ops.tokenize(served, inputs, engine.settings, param, compare=compare)
-        run = ops.run_token_ids(engine, served, ids, knobs)
+    def prepare() -> list[list[int]]:
+        return checked or ops.tokenize(served, inputs, engine.settings, param, compare=compare)
+
+    def finish(run: Run):
         if served.kind == "encoder":
             outputs = [{"embedding": v.tolist()} for v in ops.pooled_embeddings(run)]
         elif served.kind == "causal_lm":
@@ -54,13 +55,15 @@ async def infer(request: InferRequest, http: Request, engine: Engine = Depends(g
                 {"decoder_argmax_ids": row[mask].tolist()}
                 for row, mask in zip(run.output.logits.argmax(-1), run.batch.mask)
             ]
-        return ids, outputs, ops.run_info(served, knobs, run)
+        return run.batch.num_tokens, outputs, ops.run_info(served, knobs, run)
 
-    ids, outputs, info = await engine.submit(job, http.is_disconnected)
+    tokens, outputs, info = await engine.batches.forward(
+        served, knobs, len(inputs), prepare, finish, http.is_disconnected
+    )
     return {
         "model": served.name,
         "kind": served.kind,
         "outputs": outputs,
-        "tokens": sum(len(x) for x in ids),
+        "tokens": tokens,
         **info.model_dump(),
     }

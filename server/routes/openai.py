@@ -7,10 +7,12 @@ import uuid
 
 from fastapi import APIRouter, Depends, Request
 
+from ann_mlp.decode import Sequence
 from server import ops
+from server.batching import MERGED_MODES
 from server.deps import engine as get_engine
 from server.deps import require_api_key
-from server.engine import Engine, Knobs
+from server.engine import Engine, Knobs, Run
 from server.errors import InvalidRequest
 from server.schemas import (
     CompletionRequest,
@@ -48,13 +50,15 @@ async def embeddings(request: EmbeddingRequest, http: Request, engine: Engine = 
     compare = knobs.mode == "compare"
     checked = ops.checked_token_ids(served, inputs, engine.settings, "input", compare=compare)
 
-    def job():
-        ids = checked or ops.tokenize(served, inputs, engine.settings, "input", compare=compare)
-        run = ops.run_token_ids(engine, served, ids, knobs)
-        return ids, ops.pooled_embeddings(run), ops.run_info(served, knobs, run)
+    def prepare() -> list[list[int]]:
+        return checked or ops.tokenize(served, inputs, engine.settings, "input", compare=compare)
 
-    ids, vectors, info = await engine.submit(job, http.is_disconnected)
-    tokens = sum(len(x) for x in ids)
+    def finish(run: Run):
+        return run.batch.num_tokens, ops.pooled_embeddings(run), ops.run_info(served, knobs, run)
+
+    tokens, vectors, info = await engine.batches.forward(
+        served, knobs, len(inputs), prepare, finish, http.is_disconnected
+    )
     return {
         "object": "list",
         "model": served.name,
@@ -85,13 +89,29 @@ async def completions(request: CompletionRequest, http: Request, engine: Engine 
     limits = dict(new_tokens=request.max_tokens, compare=knobs.mode == "compare")
     checked = ops.checked_token_ids(served, inputs, engine.settings, "prompt", **limits)
 
-    def job():
+    def prepare() -> list[Sequence]:
         prompts = checked or ops.tokenize(served, inputs, engine.settings, "prompt", **limits)
-        results = [ops.generate(engine, served, ids, request, knobs) for ids in prompts]
-        return prompts, results, [ops.run_info(served, knobs, r["run"]).model_dump() for r in results]
+        return ops.sequences(served, prompts, request)
 
-    prompts, results, infos = await engine.submit(job, http.is_disconnected)
-    prompt_tokens = sum(len(x) for x in prompts)
+    def finish(sequences: list[Sequence], runs: list[Run]):
+        results = [ops.completion(served, s.continuation, request) for s in sequences]
+        infos = [ops.run_info(served, knobs, run).model_dump() for run in runs]
+        return sum(len(s.prompt) for s in sequences), results, infos
+
+    if knobs.mode in MERGED_MODES:  # decoded in a batch shared with compatible requests
+
+        def finish_shared(sequences: list[Sequence], run: Run):
+            return finish(sequences, [run] * len(sequences))
+
+        answer = engine.batches.generate(served, knobs, len(inputs), prepare, finish_shared, http.is_disconnected)
+    else:  # exact and compare decode alone: each prompt in turn, bit-identical to a request of its own
+
+        def job():
+            sequences = prepare()
+            return finish(sequences, [ops.generate(engine, served, s, knobs) for s in sequences])
+
+        answer = engine.submit(job, http.is_disconnected)
+    prompt_tokens, results, infos = await answer
     completion_tokens = sum(r["completion_tokens"] for r in results)
     return {
         "id": f"cmpl-{uuid.uuid4().hex}",

@@ -1,0 +1,166 @@
+"""Requests that share work, on an in-process engine: merged forward passes and decode batches.
+
+The worker is held on a job while requests queue (a state, not a sleep), so which requests
+meet in one batch is decided by the test, not by timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from ann_mlp.decode import Sequence
+from server.engine import Engine, Knobs
+from server.errors import DeadlineExceeded, InvalidRequest
+from server.metrics import Metrics
+from server.settings import ServerSettings
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_stores):
+    engine = Engine(
+        ServerSettings(stores=[tiny_stores["tiny-llama"], tiny_stores["tiny-bert"]], max_batch_tokens=4096), Metrics()
+    )
+    engine.load()
+    yield engine
+    engine.shutdown()
+
+
+class Held:
+    """The engine's worker held on a job until `release()`: what is queued meanwhile waits."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.started, self.released = threading.Event(), threading.Event()
+        engine.schedule(self._hold)
+        assert self.started.wait(60)
+
+    def _hold(self) -> None:
+        self.started.set()
+        self.released.wait(60)
+
+    def release(self) -> None:
+        self.released.set()
+
+
+async def queued(engine: Engine, count: int) -> None:
+    """Wait until `count` requests are pending on the engine."""
+    while engine.pending < count:
+        await asyncio.sleep(0)
+
+
+def forward(engine: Engine, model: str, ids: list[list[int]], knobs: Knobs):
+    served = engine.model(model)
+    return engine.batches.forward(served, knobs, len(ids), lambda: ids, lambda run: run)
+
+
+def generation(engine: Engine, prompt: list[int], max_tokens: int, knobs: Knobs):
+    served = engine.model("tiny-llama")
+
+    def prepare():
+        return [Sequence(prompt, max_tokens, keep_logprobs=True)]
+
+    def finish(sequences, run):
+        (sequence,) = sequences
+        return sequence.continuation.tokens, torch.stack(sequence.continuation.logprobs), run.batch_size
+
+    return engine.batches.generate(served, knobs, 1, prepare, finish)
+
+
+BERT_INPUTS = [[[5, 6, 7]], [[8, 9, 10, 11, 12, 13, 14]], [[15, 16], [17, 18, 19, 20]]]
+
+
+def test_compatible_passes_merge_and_each_gets_its_rows(engine):
+    approx, other_k, exact = Knobs(mode="approx"), Knobs(mode="approx", k=8), Knobs(mode="exact")
+
+    async def main():
+        alone = [await forward(engine, "tiny-bert", ids, approx) for ids in BERT_INPUTS]
+        held = Held(engine)
+        tasks = [asyncio.ensure_future(forward(engine, "tiny-bert", ids, approx)) for ids in BERT_INPUTS]
+        tasks.append(asyncio.ensure_future(forward(engine, "tiny-bert", BERT_INPUTS[0], other_k)))
+        tasks += [asyncio.ensure_future(forward(engine, "tiny-bert", ids, exact)) for ids in BERT_INPUTS[:2]]
+        await queued(engine, len(tasks))
+        held.release()
+        return alone, await asyncio.gather(*tasks)
+
+    alone, together = asyncio.run(main())
+    merged_rows = sum(len(ids) for ids in BERT_INPUTS)
+    for ids, single, run in zip(BERT_INPUTS, alone, together[:3]):
+        assert single.batch_size == len(ids) and run.batch_size == merged_rows
+        assert run.batch.mask.sum(1).tolist() == [len(x) for x in ids]
+        width = single.output.last_hidden_state.shape[1]
+        torch.testing.assert_close(
+            run.output.last_hidden_state[:, :width][run.batch.mask[:, :width]],
+            single.output.last_hidden_state[single.batch.mask],
+            atol=1e-4,
+            rtol=1e-4,
+        )
+    assert together[3].batch_size == 1 and together[3].k == [8] * len(together[3].k)  # other knobs: own pass
+    assert [run.batch_size for run in together[4:]] == [1, 1]  # exact is never merged
+
+
+def test_decode_rows_join_and_leave_between_steps_and_one_requests_end_spares_the_others(engine):
+    knobs = Knobs(mode="approx")
+    prompts = {"a": [5, 6], "b": [7, 8, 9, 10, 11, 12], "c": [13], "late": [14, 15, 16, 17]}
+    lengths = {"a": 6, "b": 12, "c": 40, "late": 5}
+
+    async def main():
+        alone = {name: await generation(engine, prompts[name], lengths[name], knobs) for name in ("a", "b", "late")}
+        held = Held(engine)
+        tasks = {name: asyncio.ensure_future(generation(engine, prompts[name], lengths[name], knobs)) for name in "abc"}
+        expired = asyncio.ensure_future(generation(engine, [3, 4], 40, knobs))
+        await queued(engine, 4)
+        held.release()
+        # Hold the worker again between two steps: a request joins mid-generation, one request's
+        # caller leaves and another's deadline passes, while the batch is parked.
+        while not tasks["a"].done():
+            held = Held(engine)
+            (group,) = engine.batches._decoding.values()
+            if group.running and all(len(s.continuation.tokens) >= 2 for g in group.running for s in g.sequences):
+                break
+            held.release()
+            await asyncio.sleep(0)
+        running = {g.sequences[0].prompt[0]: g for g in group.running}
+        running[13].state.abandoned = True  # "c"
+        running[3].state.deadline = 0.0
+        tasks["late"] = asyncio.ensure_future(generation(engine, prompts["late"], lengths["late"], knobs))
+        while not group.waiting:
+            await asyncio.sleep(0)
+        held.release()
+        results = {}
+        for name, task in tasks.items():
+            try:
+                results[name] = await task
+            except DeadlineExceeded as err:
+                results[name] = err
+        with pytest.raises(DeadlineExceeded):
+            await expired
+        return alone, results, running
+
+    alone, results, running = asyncio.run(main())
+    assert isinstance(results["c"], DeadlineExceeded) and "abandoned" in str(results["c"])
+    assert len(running[13].sequences[0].continuation.tokens) < lengths["c"]  # its work stopped
+    for name in ("a", "b", "late"):
+        tokens, logprobs, rows = results[name]
+        alone_tokens, alone_logprobs, alone_rows = alone[name]
+        assert alone_rows == 1 and rows > 1
+        assert tokens == alone_tokens
+        torch.testing.assert_close(logprobs, alone_logprobs, atol=1e-4, rtol=1e-4)
+    assert engine.batches._decoding == {} and engine.pending == 0
+
+
+def test_knobs_a_store_cannot_take_fail_their_group_only(engine):
+    async def main():
+        held = Held(engine)
+        bad = asyncio.ensure_future(generation(engine, [5, 6], 4, Knobs(mode="approx", k=10**6)))
+        good = asyncio.ensure_future(generation(engine, [5, 6], 4, Knobs(mode="approx")))
+        await queued(engine, 2)
+        held.release()
+        with pytest.raises(InvalidRequest):
+            await bad
+        return await good
+
+    tokens, _, _ = asyncio.run(main())
+    assert len(tokens) == 4
