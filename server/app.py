@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -137,7 +138,13 @@ class UnexpectedErrors:
             await error_response(500, "internal error", "server_error", "internal_error")(scope, receive, send)
 
 
-def create_app(settings: ServerSettings) -> FastAPI:
+async def one_replica() -> int:
+    return 1
+
+
+def create_app(settings: ServerSettings, replica_count: Callable[[], Awaitable[int]] = one_replica) -> FastAPI:
+    """The app of one engine. `replica_count` gives the live replicas the health and model routes
+    report: 1 for a plain process, Ray Serve's count when the app is one of its replicas."""
     metrics = Metrics()
     engine = Engine(settings, metrics)
 
@@ -151,6 +158,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="ann-mlp", version="0.1.0", lifespan=lifespan)
     app.state.engine = engine
     app.state.settings = settings
+    app.state.replica_count = replica_count
     for router in (openai.router, native.router, system.router):
         app.include_router(router)
 

@@ -6,6 +6,7 @@ other command works without the server extra installed.
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -46,6 +47,17 @@ def serve(
     shadow_rate: float | None = typer.Option(
         None, help="Share of requests re-run exactly, off the request path, for live recall."
     ),
+    replicas: int | None = typer.Option(
+        None, help="Serve N replicas, each with its own engine, on Ray Serve [one plain process]."
+    ),
+    ray_address: str | None = typer.Option(
+        None, help="With --replicas: an existing Ray cluster ('auto', HOST:6379) [a local Ray on 127.0.0.1]."
+    ),
+    min_replicas: int | None = typer.Option(None, help="With --replicas: autoscale down to this many."),
+    max_replicas: int | None = typer.Option(None, help="With --replicas: autoscale up to this many."),
+    target_ongoing_requests: float | None = typer.Option(
+        None, help="With autoscaling: requests in progress per replica to aim at [8]."
+    ),
 ) -> None:
     """Serve approximate-MLP inference over HTTP (OpenAI-compatible and native routes)."""
     try:
@@ -58,18 +70,32 @@ def serve(
             f"serving needs the server extra ({err.name} is missing): pip install 'ann-mlp[server]'"
         ) from err
 
-    overrides = {
-        name: value
-        for name, value in {"stores": stores or None, "host": host, "port": port, "shadow_rate": shadow_rate}.items()
-        if value is not None
+    given = {
+        "stores": stores or None,
+        "host": host,
+        "port": port,
+        "shadow_rate": shadow_rate,
+        "replicas": replicas,
+        "ray_address": ray_address,
+        "min_replicas": min_replicas,
+        "max_replicas": max_replicas,
+        "target_ongoing_requests": target_ongoing_requests,
     }
     try:
-        settings = ServerSettings(**overrides)
+        settings = ServerSettings(**{name: value for name, value in given.items() if value is not None})
+        if settings.replicas is not None and "torch_threads" not in settings.model_fields_set:
+            # Replicas share this machine's cores, unless a cluster spreads them.
+            share = max(1, (os.cpu_count() or 1) // settings.replicas)
+            settings = settings.model_copy(update={"torch_threads": share})
     except ValueError as err:
         raise AnnMlpError(str(err).replace("\n", " ")) from err
+    if settings.ray_address is not None and settings.replicas is None:
+        raise AnnMlpError("--ray-address needs --replicas")
     from ann_mlp.store import Store
 
     sock = bound_socket(settings.host, settings.port)
+    if settings.replicas is not None:
+        sock.close()  # Ray Serve's proxy listens there; the check above gave a taken port its one line
     for path in settings.stores:  # fail fast, with one line, before the server starts
         if not (path / "manifest.json").exists() and path.parent == DEFAULT_STORE_ROOT and path.name in PRESET_BUILDS:
             from ann_mlp.build import build_store
@@ -77,6 +103,11 @@ def serve(
             typer.echo(f"building the store {path} (first run)", err=True)
             build_store(path.name, path, PRESET_BUILDS[path.name], progress=progress_bars())
         Store.open(path)
+    if settings.replicas is not None:
+        from server.ray_serve import serve_replicas
+
+        serve_replicas(settings)
+        return
     app_ = create_app(settings)
     engine = app_.state.engine
 

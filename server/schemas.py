@@ -162,8 +162,10 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+    replicas: int  # live replicas serving these models (1: a single process)
 
 
 class Health(BaseModel):
     status: Literal["alive", "ready", "draining", "loading"]
     models: list[str] | None = None
+    replicas: int | None = None  # live replicas (ready only)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ann_mlp.config import DEFAULT_SERVED, DEFAULT_STORE_ROOT
@@ -34,7 +34,13 @@ class ServerSettings(BaseSettings):
     request_timeout_s: float = Field(60.0, gt=0)  # deadline per request before 504
     drain_timeout_s: float = Field(30.0, gt=0)  # SIGTERM: how long in-flight requests may finish
     retry_after_s: int = Field(1, ge=0)
-    torch_threads: int = Field(2, gt=0)
+    torch_threads: int = Field(2, gt=0)  # per engine (with replicas: per replica)
+    # Replicas on Ray Serve (server/ray_serve.py); None: one plain uvicorn process, Ray never imported.
+    replicas: int | None = Field(None, gt=0)  # replicas to start with (a fixed count without autoscaling)
+    ray_address: str | None = None  # an existing cluster ("auto", "HOST:6379"); None: a local Ray on this machine
+    min_replicas: int | None = Field(None, ge=0)  # autoscaling bounds: set either to autoscale
+    max_replicas: int | None = Field(None, gt=0)
+    target_ongoing_requests: float = Field(8.0, gt=0)  # autoscaling aims at this many requests per replica
 
     @field_validator("api_key")
     @classmethod
@@ -42,6 +48,17 @@ class ServerSettings(BaseSettings):
         if key is not None and not key.get_secret_value().strip():
             raise ValueError("api_key is empty: set a key, or unset ANN_MLP_API_KEY to serve without one")
         return key
+
+    @model_validator(mode="after")
+    def _replica_bounds(self) -> ServerSettings:
+        autoscaled = self.min_replicas is not None or self.max_replicas is not None
+        if autoscaled and self.replicas is None:
+            raise ValueError("min_replicas and max_replicas need replicas (the count to start with)")
+        low = self.min_replicas if self.min_replicas is not None else 1
+        high = self.max_replicas if self.max_replicas is not None else max(low, self.replicas or 1)
+        if autoscaled and not low <= self.replicas <= high:
+            raise ValueError(f"replicas {self.replicas} must lie within min_replicas {low} and max_replicas {high}")
+        return self
 
     @field_validator("stores")
     @classmethod

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,7 +29,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(stores: list[Path], *args: str, env: dict | None = None):
+def running_server(
+    stores: list[Path], *args: str, env: dict | None = None, stop: Callable[[subprocess.Popen], None] | None = None
+):
+    """`ann-mlp serve` in a process of its own, once ready; killed afterwards (or `stop`ped)."""
     port = free_port()
     log = open(Path(stores[0]).parent / f"server-{port}.log", "w+")
     proc = subprocess.Popen(
@@ -53,7 +57,7 @@ def running_server(stores: list[Path], *args: str, env: dict | None = None):
         yield url, proc, Path(log.name)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            (stop or subprocess.Popen.kill)(proc)
         proc.wait()
         log.close()
 

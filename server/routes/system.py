@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -25,9 +25,10 @@ async def live() -> dict:
     response_model_exclude_none=True,
     responses={503: {"model": Health, "description": "Loading or draining"}},
 )
-async def ready(engine: Engine = Depends(get_engine)) -> JSONResponse:
+async def ready(http: Request, engine: Engine = Depends(get_engine)) -> JSONResponse:
     if engine.ready and not engine.draining:
-        return JSONResponse({"status": "ready", "models": list(engine.models)})
+        replicas = await http.app.state.replica_count()
+        return JSONResponse({"status": "ready", "models": list(engine.models), "replicas": replicas})
     status = "draining" if engine.draining else "loading"
     return JSONResponse({"status": status}, status_code=503)
 
@@ -62,8 +63,9 @@ def model_card(served: ServedModel) -> dict:
 @router.get(
     "/v1/models", dependencies=[Depends(require_api_key)], response_model=ModelList, responses=error_responses(401)
 )
-async def models(engine: Engine = Depends(get_engine)) -> dict:
-    return {"object": "list", "data": [model_card(served) for served in engine.models.values()]}
+async def models(http: Request, engine: Engine = Depends(get_engine)) -> dict:
+    cards = [model_card(served) for served in engine.models.values()]
+    return {"object": "list", "data": cards, "replicas": await http.app.state.replica_count()}
 
 
 @router.get(
