@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a file, `bench.*` imports still resolve
@@ -49,13 +50,23 @@ class Setup:
     name: str
     args: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
+    replicas: int = 1
+    clients: int | None = None  # None: --clients
 
 
 WORKLOADS = {
     "embeddings": Workload("minilm embeddings, one sentence each", "minilm", 0),
     "completions": Workload("relu-lm completions, 32 new tokens", "relu-lm", 32),
 }
-SETUPS = [Setup("serial", env=(("ANN_MLP_MAX_BATCH_INPUTS", "1"),)), Setup("batched")]
+
+
+def setups(replica_clients: int) -> list[Setup]:
+    return [
+        Setup("serial", env=(("ANN_MLP_MAX_BATCH_INPUTS", "1"),)),
+        Setup("batched"),
+        Setup("Ray Serve, 1 replica", ("--replicas", "1"), clients=replica_clients),
+        Setup("Ray Serve, 2 replicas", ("--replicas", "2"), replicas=2, clients=replica_clients),
+    ]
 
 
 async def drive(url: str, model: str, workload: Workload, clients: int, seconds: float) -> tuple[list[float], int]:
@@ -92,6 +103,8 @@ def measure(workload: Workload, setup: Setup, clients: int, seconds: float) -> d
     log = Path(os.environ.get("TMPDIR", "/tmp")) / f"ann-mlp-throughput-{port}.log"
     proc = start_server(REPO / "indexes" / workload.store, port, log, setup.args, dict(setup.env))
     try:
+        while httpx.get(f"{url}/health/ready", timeout=30).json().get("replicas") != setup.replicas:
+            time.sleep(0.5)  # every replica up before the clock starts
         asyncio.run(drive(url, workload.store, workload, clients, min(5.0, seconds)))  # warm up
         latencies, failures = asyncio.run(drive(url, workload.store, workload, clients, seconds))
     finally:
@@ -111,6 +124,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
     parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--replica-clients", type=int, default=32, help="clients for the Ray Serve rows")
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--write", action="store_true", help=f"rewrite {PAGE.relative_to(REPO)}")
     args = parser.parse_args()
@@ -119,12 +133,13 @@ def main() -> int:
     for key in args.workloads:
         workload = WORKLOADS[key]
         serial = None
-        for setup in SETUPS:
-            result = measure(workload, setup, args.clients, args.seconds)
+        for setup in setups(args.replica_clients):
+            clients = setup.clients or args.clients
+            result = measure(workload, setup, clients, args.seconds)
             serial = serial or result
             failures += result["failures"]
             rows.append(
-                f"| {workload.name} | {setup.name} | {result['requests']} | {result['requests_per_s']:.1f} | "
+                f"| {workload.name} | {setup.name} | {clients} | {result['requests']} | {result['requests_per_s']:.1f} | "
                 f"{result['requests_per_s'] / serial['requests_per_s']:.2f}× | {result['p50_ms']:.0f} | "
                 f"{result['p99_ms']:.0f} | {result['failures']} |"
             )
@@ -135,14 +150,16 @@ def main() -> int:
             "\n".join(
                 [
                     *head("Throughput: serial against batched serving", command.strip(), started_at),
-                    f"{args.clients} closed-loop clients of the official `AsyncOpenAI` client for {args.seconds:g} s "
-                    "per row, after a warm-up; each configuration a real `ann-mlp serve` process, started in "
-                    "turn. serial: `ANN_MLP_MAX_BATCH_INPUTS=1` (each request's own forward pass, one completion "
-                    "decoding at a time); batched: the default (compatible requests share passes and decode "
-                    "steps). Mode auto throughout.",
+                    f"Closed-loop clients of the official `AsyncOpenAI` client for {args.seconds:g} s per row, after "
+                    "a warm-up; each configuration a real `ann-mlp serve` process, started in turn. serial: "
+                    "`ANN_MLP_MAX_BATCH_INPUTS=1` (each request's own forward pass, one completion decoding at a "
+                    "time); batched: the default (compatible requests share passes and decode steps); Ray Serve: "
+                    "`--replicas N` on a local Ray instance, each replica batching, on cores // N torch threads. "
+                    "Mode auto throughout. On 2 cores two replicas share the cores one process already uses: "
+                    "the cores, not the code, bound what a second replica adds here.",
                     "",
-                    "| workload | serving | requests | requests/s | vs serial | p50 ms | p99 ms | failed |",
-                    "| --- | --- | --- | --- | --- | --- | --- | --- |",
+                    "| workload | serving | clients | requests | requests/s | vs serial | p50 ms | p99 ms | failed |",
+                    "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
                     *rows,
                     "",
                 ]

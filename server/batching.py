@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 MERGED_MODES = ("auto", "approx")
+MAX_PADDING = 0.25  # padded positions a merged pass may add, as a share of its real tokens
 
 
 @dataclass(eq=False)
@@ -137,8 +138,7 @@ class Batches:
             timer.start()
 
     def _run_passes(self, key: tuple[str, Knobs], group: PassGroup) -> None:
-        """On the worker: close the group, then run its live requests in passes of at most
-        max_batch_tokens padded tokens (a request larger than that runs alone)."""
+        """On the worker: close the group, then run its live requests in passes of similar lengths."""
         engine = self.engine
         with self._lock:
             if self._open_passes.get(key) is group:
@@ -308,18 +308,21 @@ class Batches:
 
 
 def _chunks(requests: list[PassRequest], max_tokens: int) -> list[list[PassRequest]]:
-    """Consecutive requests in passes whose padded size (rows x longest) stays within max_tokens."""
+    """Requests in passes by length: a pass's padded size (rows x longest) stays within max_tokens
+    and within MAX_PADDING of its real tokens, since every padded position costs a real one in
+    every layer. A request's inputs stay in one pass; a request over the limits runs alone."""
     chunks: list[list[PassRequest]] = []
-    rows = longest = 0
-    for request in requests:
-        request_longest = max(len(x) for x in request.ids)
-        grown = (rows + len(request.ids)) * max(longest, request_longest)
-        if chunks and grown <= max_tokens:
+    rows = real = 0
+    for request in sorted(requests, key=lambda r: max(len(x) for x in r.ids)):
+        longest = max(len(x) for x in request.ids)  # the pass's longest: requests come shortest first
+        grown_rows, grown_real = rows + len(request.ids), real + sum(len(x) for x in request.ids)
+        padded = grown_rows * longest
+        if chunks and padded <= max_tokens and padded <= (1 + MAX_PADDING) * grown_real:
             chunks[-1].append(request)
-            rows, longest = rows + len(request.ids), max(longest, request_longest)
+            rows, real = grown_rows, grown_real
         else:
             chunks.append([request])
-            rows, longest = len(request.ids), request_longest
+            rows, real = len(request.ids), sum(len(x) for x in request.ids)
     return chunks
 
 

@@ -71,6 +71,8 @@ def deployment_options(settings: ServerSettings) -> dict:
         backpressure_config=BackpressureConfig(status_code=429, retry_after_s=settings.retry_after_s),
         ray_actor_options={"num_cpus": settings.torch_threads},
         graceful_shutdown_timeout_s=settings.drain_timeout_s,
+        # A log line per request costs a busy replica more than its routing: the app's metrics count them.
+        logging_config={"enable_access_log": False},
         health_check_timeout_s=max(30.0, settings.request_timeout_s),
     )
     if settings.min_replicas is None and settings.max_replicas is None:

@@ -69,7 +69,9 @@ def generation(engine: Engine, prompt: list[int], max_tokens: int, knobs: Knobs)
     return engine.batches.generate(served, knobs, 1, prepare, finish)
 
 
-BERT_INPUTS = [[[5, 6, 7]], [[8, 9, 10, 11, 12, 13, 14]], [[15, 16], [17, 18, 19, 20]]]
+# Lengths close enough to share a pass (12 padded positions for 11 tokens), and one far longer.
+BERT_INPUTS = [[[5, 6, 7]], [[8, 9, 10]], [[15, 16], [17, 18, 19]]]
+LONG_INPUT = [list(range(30, 40))]
 
 
 def test_compatible_passes_merge_and_each_gets_its_rows(engine):
@@ -80,6 +82,7 @@ def test_compatible_passes_merge_and_each_gets_its_rows(engine):
         held = Held(engine)
         tasks = [asyncio.ensure_future(forward(engine, "tiny-bert", ids, approx)) for ids in BERT_INPUTS]
         tasks.append(asyncio.ensure_future(forward(engine, "tiny-bert", BERT_INPUTS[0], other_k)))
+        tasks.append(asyncio.ensure_future(forward(engine, "tiny-bert", LONG_INPUT, approx)))
         tasks += [asyncio.ensure_future(forward(engine, "tiny-bert", ids, exact)) for ids in BERT_INPUTS[:2]]
         await queued(engine, len(tasks))
         held.release()
@@ -98,7 +101,8 @@ def test_compatible_passes_merge_and_each_gets_its_rows(engine):
             rtol=1e-4,
         )
     assert together[3].batch_size == 1 and together[3].k == [8] * len(together[3].k)  # other knobs: own pass
-    assert [run.batch_size for run in together[4:]] == [1, 1]  # exact is never merged
+    assert together[4].batch_size == 1  # its padding would cost more than its company saves: own pass
+    assert [run.batch_size for run in together[5:]] == [1, 1]  # exact is never merged
 
 
 def test_decode_rows_join_and_leave_between_steps_and_one_requests_end_spares_the_others(engine):
