@@ -17,7 +17,7 @@ from server.app import create_app
 from server.settings import ServerSettings
 from tests.test_server_e2e import running_server
 
-QUEUE = 4  # per replica: small, so that a burst fills both
+QUEUE = 8  # per replica: room for the concurrency test (8 at a time), small enough for a burst to fill
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +88,8 @@ def test_a_burst_beyond_every_replicas_queue_gets_429_with_retry_after(replicas)
         with httpx.Client(timeout=120) as client:
             return client.post(f"{replicas}/v1/completions", json=slow)
 
-    with ThreadPoolExecutor(40) as pool:
-        responses = list(pool.map(send, range(40)))
+    with ThreadPoolExecutor(64) as pool:
+        responses = list(pool.map(send, range(64)))
     statuses = sorted(r.status_code for r in responses)
     assert set(statuses) <= {200, 429} and statuses[0] == 200 and statuses[-1] == 429, statuses
     for refused in (r for r in responses if r.status_code == 429):
