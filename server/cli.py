@@ -11,6 +11,7 @@ import socket
 from pathlib import Path
 
 import typer
+from pydantic import ValidationError
 
 from ann_mlp.cli import app, progress_bars
 from ann_mlp.cli import main as run_cli
@@ -35,6 +36,21 @@ def bound_socket(host: str, port: int) -> socket.socket:
             f"cannot listen on {host}:{port}: {err.strerror} (another server may hold it; choose one with --port)"
         ) from None
     return sock
+
+
+def settings_problems(err: ValidationError, flags: set[str]) -> str:
+    """A settings error in one line: each field, as its flag (`flags` have one) or ANN_MLP_ variable,
+    and what is wrong with it."""
+    problems = []
+    for problem in err.errors():
+        field = str(problem["loc"][0]) if problem["loc"] else ""
+        message = problem["msg"].removeprefix("Value error, ")
+        if not field:
+            problems.append(message)
+            continue
+        named = f"--{field.replace('_', '-')} or " if field in flags else ""
+        problems.append(f"{named}ANN_MLP_{field.upper()}: {message}")
+    return "invalid settings: " + "; ".join(problems)
 
 
 @app.command()
@@ -87,8 +103,8 @@ def serve(
             # Replicas share this machine's cores, unless a cluster spreads them.
             share = max(1, (os.cpu_count() or 1) // settings.replicas)
             settings = settings.model_copy(update={"torch_threads": share})
-    except ValueError as err:
-        raise AnnMlpError(str(err).replace("\n", " ")) from err
+    except ValidationError as err:
+        raise AnnMlpError(settings_problems(err, set(given))) from err
     if settings.ray_address is not None and settings.replicas is None:
         raise AnnMlpError("--ray-address needs --replicas")
     from ann_mlp.store import Store

@@ -90,7 +90,8 @@ def deployment_options(settings: ServerSettings) -> dict:
 
 def serve_replicas(settings: ServerSettings) -> None:
     """Start (or join) Ray, deploy the replicas behind Ray Serve's proxy on HOST:PORT, and serve
-    until SIGTERM or SIGINT; then shut the deployment down, replicas draining as a plain server does."""
+    until SIGTERM or SIGINT; then take the deployment down, replicas draining as a plain server
+    does (and a local Ray with it)."""
     try:
         import ray
         from ray import serve
@@ -123,6 +124,8 @@ def serve_replicas(settings: ServerSettings) -> None:
         log.warning("serving on http://%s:%d with %d replica(s)", settings.host, settings.port, running_replicas())
         stop.wait()
     finally:
-        serve.shutdown()
         if local:
+            serve.shutdown()
             ray.shutdown()
+        else:  # a shared cluster: take down this deployment only, not the other applications on it
+            serve.delete(APP_NAME)
