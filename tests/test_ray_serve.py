@@ -1,5 +1,6 @@
-"""`ann-mlp serve --replicas 2` on a real local Ray instance (started once for this module):
-the official openai client, live replica counts, and 429 once every replica is full."""
+"""Ray Serve on a real local Ray instance, started once for this module by the test process:
+`ann-mlp serve --replicas 2 --ray-address` joining it (the official openai client, live replica
+counts, 429 once every replica is full), and a model served as layer groups on it."""
 
 from __future__ import annotations
 
@@ -21,10 +22,24 @@ QUEUE = 8  # per replica: room for the concurrency test (8 at a time), small eno
 
 
 @pytest.fixture(scope="module")
-def replicas(tiny_stores):
+def cluster():
+    """A local Ray head on 127.0.0.1 (4 logical CPUs: two replicas and two layer groups fit)."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING")
+    yield ray.get_runtime_context().gcs_address
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def replicas(cluster, tiny_stores):
     stores = [tiny_stores["tiny-llama"], tiny_stores["tiny-bert"]]
     settings = {"ANN_MLP_QUEUE_SIZE": str(QUEUE), "ANN_MLP_TORCH_THREADS": "1"}
-    with running_server(stores, "--replicas", "2", env=settings, stop=stop_gracefully) as (url, _proc, _log):
+    args = ("--replicas", "2", "--ray-address", cluster)
+    with running_server(stores, *args, env=settings, stop=stop_gracefully) as (url, _proc, _log):
         deadline = time.monotonic() + 120
         while httpx.get(f"{url}/health/ready", timeout=10).json().get("replicas") != 2:
             assert time.monotonic() < deadline, "the second replica never came up"
@@ -94,3 +109,24 @@ def test_a_burst_beyond_every_replicas_queue_gets_429_with_retry_after(replicas)
     assert set(statuses) <= {200, 429} and statuses[0] == 200 and statuses[-1] == 429, statuses
     for refused in (r for r in responses if r.status_code == 429):
         assert refused.headers["retry-after"] == "1"  # Ray's refusal: every replica's queue is full
+
+
+def test_a_model_in_two_layer_groups_decodes_as_one_process(replicas, tiny_stores):
+    """Each group a Ray Serve application of its own beside the replicas (the server keeps its
+    own application only); the pipeline's greedy tokens equal the whole model's."""
+    from ann_mlp.approx_model import ApproxModel
+    from ann_mlp.decode import generate
+    from ann_mlp.layer_groups import pipeline_generate
+    from server.layer_groups import deploy_groups, remove_groups
+
+    store = tiny_stores["tiny-llama"]
+    prompt = [5, 9, 14, 20]
+    approx = ApproxModel.open(store)
+    with approx.approximate():
+        (whole,) = generate(approx.checkpoint.model, [prompt], 8, eos_token_id=None, pad_token_id=0)
+    groups = deploy_groups(store, 2, mode="approx", cpus_per_group=0.5)
+    try:
+        assert pipeline_generate(groups, prompt, 8) == whole.tokens
+    finally:
+        remove_groups(store, 2)
+    assert httpx.get(f"{replicas}/health/ready", timeout=10).json()["replicas"] == 2  # the replicas carry on
