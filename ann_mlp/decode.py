@@ -146,11 +146,16 @@ class Sequence:
     # Draws for this sequence; sequences of one request may share one (as a batch drawn together).
     generator: torch.Generator | None = None
     eos_token_id: int | None = None
+    # Texts that end the sequence once its decoded continuation contains one (the caller cuts the
+    # text there), with the tokens -> text function to look with; no stops: none is decoded.
+    stops: tuple[str, ...] = ()
+    text_of: Callable[[list[int]], str] | None = None
     continuation: Continuation = field(default_factory=Continuation)
     done: bool = False
 
     def take(self, token: int, logprobs: torch.Tensor | None) -> None:
-        """Record the token chosen at one step; the sequence is done at its end token or length."""
+        """Record the token chosen at one step; the sequence is done at its end token, a stop
+        text or its length."""
         if token == self.eos_token_id:
             self.continuation.finish_reason = "stop"
             self.done = True
@@ -158,6 +163,12 @@ class Sequence:
         self.continuation.tokens.append(token)
         if self.keep_logprobs:
             self.continuation.logprobs.append(logprobs)
+        if self.stops and self.text_of is not None:
+            text = self.text_of(self.continuation.tokens)
+            if any(stop in text for stop in self.stops):
+                self.continuation.finish_reason = "stop"
+                self.done = True
+                return
         self.done = len(self.continuation.tokens) >= self.max_new_tokens
 
 

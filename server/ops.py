@@ -138,9 +138,10 @@ def top_alternatives(served: ServedModel, logprobs: torch.Tensor, count: int) ->
 
 
 def sequences(served: ServedModel, prompts: list[list[int]], request) -> list[decode.Sequence]:
-    """A completion request's prompts as sequences to decode, each with the request's limits and
-    sampling, and its own generator when seeded (each decodes as it would alone)."""
+    """A completion request's prompts as sequences to decode, each with the request's limits,
+    stop texts and sampling, and its own generator when seeded (each decodes as it would alone)."""
     sampling = Sampling(temperature=request.temperature or 0.0, top_p=request.top_p or 1.0, seed=request.seed)
+    tokenizer = served.tokenizer
     return [
         decode.Sequence(
             ids,
@@ -148,10 +149,16 @@ def sequences(served: ServedModel, prompts: list[list[int]], request) -> list[de
             sampling,
             keep_logprobs=request.logprobs is not None,
             generator=None if sampling.seed is None else torch.Generator().manual_seed(sampling.seed),
-            eos_token_id=served.tokenizer.eos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            stops=tuple(stop for stop in stop_texts(request) if stop),
+            text_of=lambda tokens: tokenizer.decode(tokens, skip_special_tokens=True),
         )
         for ids in prompts
     ]
+
+
+def stop_texts(request) -> list[str]:
+    return [request.stop] if isinstance(request.stop, str) else (request.stop or [])
 
 
 def generate(engine: Engine, served: ServedModel, sequence: decode.Sequence, knobs: Knobs) -> Run:
@@ -177,8 +184,7 @@ def completion(served: ServedModel, continuation: decode.Continuation, request) 
     tokenizer = served.tokenizer
     new_ids, finish = continuation.tokens, continuation.finish_reason
     text = tokenizer.decode(new_ids, skip_special_tokens=True)
-    stops = [request.stop] if isinstance(request.stop, str) else (request.stop or [])
-    for stop in stops:
+    for stop in stop_texts(request):
         if stop and stop in text:
             text, finish = text[: text.index(stop)], "stop"
     logprobs = None

@@ -137,6 +137,20 @@ def test_completions_greedy_is_deterministic_and_reports_logprobs(client):
     )
 
 
+@pytest.mark.parametrize("mode", ["auto", "exact"])  # decoded in a shared batch, and alone
+def test_a_stop_text_ends_decoding_where_it_appears(client, mode):
+    body = {"model": "tiny-llama", "prompt": "Once upon", "max_tokens": 24, "ann_mlp": {"mode": mode}}
+    free = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    stop = free[len(free) // 3 : len(free) // 3 + 2]
+    assert stop, free
+    stopped = client.post("/v1/completions", json={**body, "stop": [stop], "logprobs": 0}).json()
+    choice = stopped["choices"][0]
+    assert choice["finish_reason"] == "stop" and choice["text"] == free[: free.index(stop)]
+    # Decoding ended with the token that completed the stop text, not at max_tokens.
+    assert stopped["usage"]["completion_tokens"] < 24
+    assert stop in "".join(choice["logprobs"]["tokens"])
+
+
 def test_shadow_sampling_feeds_metrics_and_models(client):
     client.post("/v1/infer", json={"model": "tiny-bert", "texts": ["shadow me please"]})
     for _ in range(50):  # the shadow runs after the answer, on the worker
