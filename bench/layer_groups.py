@@ -21,15 +21,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a file, `bench.*` imports still resolve
+from bench.load import PROMPTS  # noqa: E402
 from bench.pages import REPO, commit, head  # noqa: E402
 
 PAGE = REPO / "docs" / "results" / "layer-groups.md"
-PROMPTS = [
-    "The scheduler picks the next task to run on each",
-    "A page fault happens when a process touches memory that",
-    "To build the kernel, first configure it with",
-    "Interrupt handlers must not sleep, because",
-]
 
 
 def per_token_ms(decode, prompts: list[list[int]], new_tokens: int, turns: int) -> tuple[float, list[list[int]]]:

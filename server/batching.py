@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -268,24 +267,15 @@ class Batches:
                 continue
             try:
                 generation.sequences = generation.prepare()
-                approx = group.served.approx
-                approx.reset_stats()
-                start = time.perf_counter()
                 with engine.running([generation.state]):
-                    group.batch.join(generation.sequences)
-                prompts = batch_from_ids(approx.checkpoint, [s.prompt for s in generation.sequences])
-                generation.run = engine.measured(group.served, None, prompts, time.perf_counter() - start)
-            except DeadlineError as err:
+                    generation.run = engine.measured_join(group.served, group.batch, generation.sequences)
+            except Exception as err:  # its own failure (deadline, input): the other rows go on
                 group.batch.leave(generation.sequences)
-                _fail(generation.future, engine.stopped_error(str(err)))
-                continue
-            except Exception as err:
-                group.batch.leave(generation.sequences)
-                _fail(generation.future, err)
+                _fail(generation.future, engine.stopped_error(str(err)) if isinstance(err, DeadlineError) else err)
                 continue
             generation.most_rows = len(generation.sequences)
             group.running.append(generation)
-            engine.maybe_shadow(group.served, prompts, group.knobs)
+            engine.maybe_shadow(group.served, generation.run.batch, group.knobs)
         self._answer_done(group)
 
     def _answer_done(self, group: DecodeGroup) -> None:

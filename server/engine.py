@@ -30,6 +30,7 @@ import torch
 
 from ann_mlp.approx_model import ApproxModel
 from ann_mlp.capture import Batch, batch_from_ids, forward
+from ann_mlp.decode import DecodeBatch, Sequence
 from ann_mlp.errors import AnnMlpError, DeadlineError
 from ann_mlp.evaluate import Comparison
 from ann_mlp.planner import replan_if_moved
@@ -344,6 +345,14 @@ class Engine:
         except DeadlineError as err:
             raise self.stopped_error(str(err)) from err
         return self.measured(served, output, batch, time.perf_counter() - start, report, record)
+
+    def measured_join(self, served: ServedModel, decoding: DecodeBatch, sequences: list[Sequence]) -> Run:
+        """The sequences' prompt pass, joining them to `decoding`, as a Run: its timing and costs."""
+        served.approx.reset_stats()
+        start = time.perf_counter()
+        decoding.join(sequences)
+        prompts = batch_from_ids(served.approx.checkpoint, [s.prompt for s in sequences])
+        return self.measured(served, None, prompts, time.perf_counter() - start)
 
     def measured(
         self,

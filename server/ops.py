@@ -162,21 +162,24 @@ def stop_texts(request) -> list[str]:
 
 
 def generate(engine: Engine, served: ServedModel, sequence: decode.Sequence, knobs: Knobs) -> Run:
-    """Decode one sequence alone with the model in the request's mode (exact, compare), after a
-    prompt pass that gives the answer's timing and (compare) its report. The engine's check before
-    every layer stops it once the request's deadline has passed or its caller has left."""
+    """Decode one sequence alone with the model in the request's mode (exact, compare). Its prompt
+    pass gives the answer's timing; compare first runs the prompt through both models, for its
+    report. The engine's check before every layer stops the work once the request's deadline has
+    passed or its caller has left."""
     checkpoint = served.approx.checkpoint
-    run = engine.run(served, batch_from_ids(checkpoint, [sequence.prompt]), knobs)
+    compared = (
+        engine.run(served, batch_from_ids(checkpoint, [sequence.prompt]), knobs) if knobs.mode == "compare" else None
+    )
     batch = decode.DecodeBatch(checkpoint.model, decode.pad_token_id(served.tokenizer))
     exact = knobs.mode == "exact"
     try:
         with engine.configured(served, knobs), nullcontext() if exact else served.approx.approximate():
-            batch.join([sequence])
+            run = engine.measured_join(served, batch, [sequence])
             while batch.rows:
                 batch.step()
     except DeadlineError as err:
         raise engine.stopped_error(str(err)) from err
-    return run
+    return compared or run
 
 
 def completion(served: ServedModel, continuation: decode.Continuation, request) -> dict:

@@ -75,16 +75,16 @@ def deployment_options(settings: ServerSettings) -> dict:
         logging_config={"enable_access_log": False},
         health_check_timeout_s=max(30.0, settings.request_timeout_s),
     )
-    if settings.min_replicas is None and settings.max_replicas is None:
-        options["num_replicas"] = settings.replicas
-    else:
-        low = settings.min_replicas if settings.min_replicas is not None else 1
+    if settings.autoscaled:
+        low, high = settings.replica_bounds
         options["autoscaling_config"] = AutoscalingConfig(
             min_replicas=low,
             initial_replicas=settings.replicas,
-            max_replicas=settings.max_replicas if settings.max_replicas is not None else max(low, settings.replicas),
+            max_replicas=high,
             target_ongoing_requests=settings.target_ongoing_requests,
         )
+    else:
+        options["num_replicas"] = settings.replicas
     return options
 
 

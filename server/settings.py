@@ -51,14 +51,23 @@ class ServerSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _replica_bounds(self) -> ServerSettings:
-        autoscaled = self.min_replicas is not None or self.max_replicas is not None
-        if autoscaled and self.replicas is None:
-            raise ValueError("min_replicas and max_replicas need replicas (the count to start with)")
-        low = self.min_replicas if self.min_replicas is not None else 1
-        high = self.max_replicas if self.max_replicas is not None else max(low, self.replicas or 1)
-        if autoscaled and not low <= self.replicas <= high:
-            raise ValueError(f"replicas {self.replicas} must lie within min_replicas {low} and max_replicas {high}")
+        if self.autoscaled:
+            if self.replicas is None:
+                raise ValueError("min_replicas and max_replicas need replicas (the count to start with)")
+            low, high = self.replica_bounds
+            if not low <= self.replicas <= high:
+                raise ValueError(f"replicas {self.replicas} must lie within min_replicas {low} and max_replicas {high}")
         return self
+
+    @property
+    def autoscaled(self) -> bool:
+        return self.min_replicas is not None or self.max_replicas is not None
+
+    @property
+    def replica_bounds(self) -> tuple[int, int]:
+        """(min, max) replicas of autoscaling: an unset min is 1, an unset max the larger of min and replicas."""
+        low = self.min_replicas if self.min_replicas is not None else 1
+        return low, self.max_replicas if self.max_replicas is not None else max(low, self.replicas or 1)
 
     @field_validator("stores")
     @classmethod
