@@ -77,10 +77,13 @@ def serve(
 ) -> None:
     """Serve approximate-MLP inference over HTTP (OpenAI-compatible and native routes)."""
     try:
+        from server.settings import SERVING_ENV, ServerSettings
+
+        for name, value in SERVING_ENV.items():  # before anything imports torch
+            os.environ.setdefault(name, value)
         import uvicorn
 
         from server.app import create_app
-        from server.settings import ServerSettings
     except ImportError as err:
         raise AnnMlpError(
             f"serving needs the server extra ({err.name} is missing): pip install 'ann-mlp[server]'"

@@ -23,7 +23,7 @@ import signal
 import threading
 
 from ann_mlp.errors import AnnMlpError
-from server.settings import ServerSettings
+from server.settings import SERVING_ENV, ServerSettings
 
 log = logging.getLogger(__name__)
 APP_NAME = "ann-mlp"
@@ -69,7 +69,10 @@ def deployment_options(settings: ServerSettings) -> dict:
         max_ongoing_requests=settings.queue_size,
         max_queued_requests=settings.queue_size,
         backpressure_config=BackpressureConfig(status_code=429, retry_after_s=settings.retry_after_s),
-        ray_actor_options={"num_cpus": settings.torch_threads},
+        ray_actor_options={
+            "num_cpus": settings.torch_threads,
+            "runtime_env": {"env_vars": {name: os.environ.get(name, value) for name, value in SERVING_ENV.items()}},
+        },
         graceful_shutdown_timeout_s=settings.drain_timeout_s,
         # A log line per request costs a busy replica more than its routing: the app's metrics count them.
         logging_config={"enable_access_log": False},

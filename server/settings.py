@@ -9,6 +9,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ann_mlp.config import DEFAULT_SERVED, DEFAULT_STORE_ROOT
 
+# The environment a serving process needs before torch loads. Torch's OpenMP threads spin while
+# they wait for work, by default; in a server they share the cores with the event loop (and, on one
+# machine, the clients), which spinning starves between passes. libgomp reads this once, when torch
+# is imported, so it cannot be a setting applied later. A value already in the environment wins.
+SERVING_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+
 
 class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ANN_MLP_", frozen=True)

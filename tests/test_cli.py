@@ -268,3 +268,39 @@ def test_low_rank_margin_build_and_eval_by_margin(tiny_checkpoints, tmp_path):
     for least, most in zip(reports["0"], reports["2000"]):
         assert least["bytes_read_fraction"] < most["bytes_read_fraction"]
         assert least["recall_at_k"] <= most["recall_at_k"] and most["recall_at_k"] > 0.99
+
+
+def test_serve_sets_the_passive_wait_policy_before_torch_loads(tmp_path):
+    """libgomp reads OMP_WAIT_POLICY once, when torch is imported: serve must set it first,
+    and leave a value the user gave alone."""
+    probe = (
+        "import os, sys\n"
+        "from unittest import mock\n"
+        "seen = []\n"
+        "import importlib.machinery\n"
+        "class WatchTorch:  # the policy in force when torch's module runs\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name != 'torch':\n"
+        "            return None\n"
+        "        spec = importlib.machinery.PathFinder.find_spec(name, path)\n"
+        "        run = spec.loader.exec_module\n"
+        "        def exec_module(module):\n"
+        "            seen.append(os.environ.get('OMP_WAIT_POLICY'))\n"
+        "            run(module)\n"
+        "        spec.loader.exec_module = exec_module\n"
+        "        return spec\n"
+        "sys.meta_path.insert(0, WatchTorch())\n"
+        "from server.cli import main\n"
+        f"with mock.patch.object(sys, 'argv', ['ann-mlp', 'serve', {str(tmp_path / 'missing')!r}]):\n"
+        "    try:\n"
+        "        main()\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print(*seen)\n"
+    )
+    for given, expected in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
+        env = {name: value for name, value in os.environ.items() if name != "OMP_WAIT_POLICY"}
+        if given:
+            env["OMP_WAIT_POLICY"] = given
+        proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300)
+        assert proc.stdout.split() == [expected], proc.stderr[-2000:]
