@@ -22,6 +22,7 @@ from ann_mlp.config import (
     TextConfig,
 )
 from ann_mlp.errors import AnnMlpError
+from ann_mlp.text import DEFAULT_MIX, HELD_OUT_SOURCE, SOURCES
 
 app = typer.Typer(
     add_completion=False,
@@ -112,7 +113,8 @@ def build(
     ),
     calib_text: list[str] = typer.Option(
         [],
-        help="Calibration text: a file, a folder of .txt/.rst/.md files, or 'stdlib' (the standard library's calibration docstrings); repeat to mix kinds of text, passages taken in turn from each [default: stdlib].",
+        help="Calibration text, repeatable, mixed in turn: a file, a folder of .txt/.rst/.md files, or a named "
+        f"source ({', '.join(SOURCES)}; their calibration split) [default: {' + '.join(DEFAULT_MIX)}].",
     ),
     calib_tokens: int = typer.Option(TextConfig.max_tokens, help="Calibration tokens to run through the model."),
     split: str = SPLIT,
@@ -331,12 +333,16 @@ def sparsify(
         SparsifyConfig.threshold, help="fatrelu: pre-activations at or below it do not fire."
     ),
     l1: float = typer.Option(SparsifyConfig.l1, help="Weight of an L1 push on the activations."),
-    text: list[Path] = typer.Option(
+    text: list[str] = typer.Option(
         [],
-        help="Training text file or folder (repeatable) [default: Python standard library docstrings, calibration split].",
+        help="Training text, repeatable, mixed in turn: a file, a folder, or a named source "
+        f"({', '.join(SOURCES)}); training takes three passages in four, the report the rest "
+        f"[default: {' + '.join(DEFAULT_MIX)}].",
     ),
-    report_text: Path | None = typer.Option(
-        None, help="Held-out text for the report [default: the standard library's evaluation split]."
+    held_out_text: str | None = typer.Option(
+        None,
+        help="A kind of text left out of training, reported beside the in-domain figures: a file, "
+        f"a folder or a named source [default: {HELD_OUT_SOURCE}, when training did not use it].",
     ),
     split: str = SPLIT,
     jsonl_field: str | None = JSONL_FIELD,
@@ -370,7 +376,7 @@ def sparsify(
         text=replace(SparsifyConfig.text, **read),
         report_text=replace(SparsifyConfig.report_text, **read),
     )
-    report = run_sparsify(checkpoint, out, config, text, report_text, resume, force, progress_bars())
+    report = run_sparsify(checkpoint, out, config, text, held_out_text, resume, force, progress_bars())
     typer.echo(report_table(report))
     typer.echo(f"wrote {out}")
 

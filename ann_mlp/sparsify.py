@@ -23,7 +23,9 @@ import math
 import random
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -43,14 +45,22 @@ from ann_mlp.config import SparsifyConfig, TextConfig
 from ann_mlp.errors import InputError
 from ann_mlp.evaluate import OutputAgreement
 from ann_mlp.linalg import mean_pool
-from ann_mlp.sparsity import measure_sparsity
-from ann_mlp.text import corpus_passages, describe, passages, stdlib_passages
+from ann_mlp.text import (
+    HELD_OUT_SOURCE,
+    available_sources,
+    default_mix,
+    describe_mix,
+    is_named,
+    mixed_passages,
+)
 from ann_mlp.training_state import load_state, save_state
 
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "sparsify_report.json"
 LOG_FILE = "sparsify_log.jsonl"
+# Training draws its batches from this many passages, taken in turn from each source.
+MAX_TRAINING_PASSAGES = 60_000
 
 
 @dataclass
@@ -63,10 +73,13 @@ class SparsifyReport:
     tokens_seen: int
     train_seconds: float
     train_text: list[str]
-    report_text: str
-    against_original: dict[str, float]  # the sparsified model, exact MLPs, vs the original
-    nonzero_pct: list[float]  # per layer, sparsified model, held-out text
-    original_positive_pct: list[float]  # per layer, original model: positive pre-activations
+    report_text: str  # the training kinds' evaluation split: in-domain, never trained on
+    against_original: dict[str, float]  # the sparsified model, exact MLPs, vs the original, in-domain
+    nonzero_pct: list[float]  # per layer, sparsified model, in-domain
+    original_positive_pct: list[float]  # per layer, original model: positive pre-activations, in-domain
+    held_out_text: str | None  # a kind of text left out of training
+    held_out_against_original: dict[str, float] | None
+    held_out_nonzero_pct: list[float] | None
     config: dict[str, Any]
 
     def to_json(self) -> dict[str, Any]:
@@ -138,34 +151,53 @@ def _lr(step: int, progress: float, config: SparsifyConfig) -> float:
     return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def _training_passages(text: list[Path], fmt: TextConfig) -> tuple[list[str], list[str]]:
-    if text:
-        return corpus_passages(text, fmt), [describe(p, "calibration", fmt) for p in text]
-    return list(stdlib_passages("calibration")), [describe(None, "calibration")]
+def _training_passages(text: list[str | Path], fmt: TextConfig) -> list[str]:
+    return list(islice(mixed_passages(text, "calibration", fmt, split_files=True), MAX_TRAINING_PASSAGES))
+
+
+def held_out_kind(text: list[str | Path], given: str | Path | None) -> str | Path | None:
+    """The kind of text the report holds out: the one given, else `licenses` when this machine has
+    it and training did not use it."""
+    if given is not None:
+        return given
+    trained = [str(source) for source in text] or default_mix()
+    if HELD_OUT_SOURCE not in trained and available_sources([HELD_OUT_SOURCE], "evaluation"):
+        return HELD_OUT_SOURCE
+    return None
 
 
 def sparsify(
     spec: str,
     out: Path,
     config: SparsifyConfig,
-    text: list[Path] | None = None,
-    report_text: Path | None = None,
+    text: list[str | Path] | None = None,
+    held_out_text: str | Path | None = None,
     resume: bool = False,
     force: bool = False,
     progress: bool = True,
 ) -> SparsifyReport:
-    """Train (or resume) the sparse student, write it to `out` with its report, return the report."""
+    """Train (or resume) the sparse student, write it to `out` with its report, return the report.
+
+    `text`: named sources, files or folders, mixed in turn [the default mix]; training takes their
+    calibration split (files: three passages in four), the report their evaluation split and,
+    beside it, `held_out_text`, a kind of text left out of training."""
     out = Path(out)
     state_dir = state_dir_for(out)
     if out.exists() and not (resume or force):
         raise InputError(f"{out} exists; pass --resume to continue its run or --force to start over")
     if resume and not (state_dir / "meta.json").is_file():
         raise InputError(f"nothing to resume: {state_dir} holds no training state")
-    if report_text is not None:
-        corpus_passages([report_text], config.report_text)  # fail now, not after the training
+    text = list(text or [])
+    held_out = held_out_kind(text, held_out_text)
+    # Fail now, not after the training: a source without text, or too little to hold a quarter out.
+    if next(mixed_passages(text, "evaluation", config.report_text, split_files=True), None) is None:
+        raise InputError("the training text is too short to hold out passages for the report")
+    if held_out is not None:
+        next(mixed_passages([held_out], "evaluation", config.report_text), None)
     source = resolve_checkpoint(spec)
     teacher = load_checkpoint(source)
-    train_passages, train_names = _training_passages(list(text or []), config.text)
+    train_passages = _training_passages(text, config.text)
+    train_names = describe_mix(text, "calibration", config.text).split(" + ")
     activation, topk, threshold = _student_activation(teacher, config)
     student = load_checkpoint(source)
     student.adapter.set_activation(activation, topk, threshold)
@@ -192,7 +224,7 @@ def sparsify(
         log.info("resumed at step %d (%.2f h trained)", meta["step"], meta["train_seconds"] / 3600)
 
     _train(teacher, student, optimizer, train_passages, config, meta, state_dir, progress)
-    report = _report(teacher, student, config, meta, report_text, progress)
+    report = _report(teacher, student, config, meta, text, held_out, progress)
     _write(student, out, config, report, meta["log"])
     return report
 
@@ -280,22 +312,49 @@ def _train(
         bar.close()
 
 
+def _compare(
+    teacher: Checkpoint, student: Checkpoint, texts: Iterator[str], fmt: TextConfig, progress: bool
+) -> tuple[dict[str, float], list[float], list[float]]:
+    """The student (exact MLPs) against the teacher on `texts`: output agreement, and per layer the
+    student's non-zero share and the teacher's positive share (% of real tokens' activations)."""
+    agreement = OutputAgreement(teacher.kind)
+    student_acts, student_hooks = _activation_outputs(student)
+    teacher_acts, teacher_hooks = _activation_outputs(teacher)
+    fired = torch.zeros(student.num_layers)
+    positive = torch.zeros(teacher.num_layers)
+    tokens = 0
+    try:
+        with torch.inference_mode():
+            for batch in tqdm(batches(teacher, texts, fmt), desc="report batches", disable=not progress):
+                agreement.add(batch, teacher.model(**batch.inputs), student.model(**batch.inputs))
+                for layer in range(student.num_layers):
+                    fired[layer] += (_real_tokens(student_acts[layer], batch.mask) != 0).float().mean(1).sum()
+                    positive[layer] += (_real_tokens(teacher_acts[layer], batch.mask) > 0).float().mean(1).sum()
+                tokens += int(batch.mask.sum())
+    finally:
+        for handle in student_hooks + teacher_hooks:
+            handle.remove()
+    share = [round(float(x) / max(tokens, 1) * 100, 3) for x in fired]
+    return agreement.report(), share, [round(float(x) / max(tokens, 1) * 100, 3) for x in positive]
+
+
 def _report(
     teacher: Checkpoint,
     student: Checkpoint,
     config: SparsifyConfig,
     meta: dict,
-    report_text: Path | None,
+    text: list[str | Path],
+    held_out: str | Path | None,
     progress: bool,
 ) -> SparsifyReport:
-    """The sparsified model (exact MLPs) against the original on held-out text."""
-    agreement = OutputAgreement(teacher.kind)
-    stream = batches(teacher, passages(report_text, "evaluation", config.report_text), config.report_text)
-    with torch.inference_mode():
-        for batch in tqdm(stream, desc="report batches", disable=not progress):
-            agreement.add(batch, teacher.model(**batch.inputs), student.model(**batch.inputs))
-    sparse = measure_sparsity(student, report_text, config.report_text, progress=False)
-    original = measure_sparsity(teacher, report_text, config.report_text, progress=False)
+    """The sparsified model (exact MLPs) against the original, in-domain and on the held-out kind."""
+    fmt = config.report_text
+    in_domain = mixed_passages(text, "evaluation", fmt, split_files=True)
+    against, nonzero, positive = _compare(teacher, student, in_domain, fmt, progress)
+    held_against = held_nonzero = None
+    if held_out is not None:
+        held_passages = mixed_passages([held_out], "evaluation", fmt)
+        held_against, held_nonzero, _ = _compare(teacher, student, held_passages, fmt, progress)
     adapter = student.adapter
     return SparsifyReport(
         original=meta["original"],
@@ -306,10 +365,15 @@ def _report(
         tokens_seen=meta["tokens_seen"],
         train_seconds=round(meta["train_seconds"], 1),
         train_text=meta["train_text"],
-        report_text=describe(report_text, "evaluation", config.report_text),
-        against_original=agreement.report(),
-        nonzero_pct=[round(layer.nonzero_pct, 3) for layer in sparse.layers],
-        original_positive_pct=[round(layer.nonzero_pct, 3) for layer in original.layers],
+        report_text=describe_mix(text, "evaluation", fmt),
+        against_original=against,
+        nonzero_pct=nonzero,
+        original_positive_pct=positive,
+        held_out_text=describe_mix([held_out], "evaluation" if is_named(held_out) else "calibration", fmt)
+        if held_out is not None
+        else None,
+        held_out_against_original=held_against,
+        held_out_nonzero_pct=held_nonzero,
         config=asdict(config),
     )
 
@@ -334,12 +398,18 @@ def report_table(report: SparsifyReport) -> str:
         + (f" k={report.k}" if report.k else "")
         + (f" threshold={report.threshold}" if report.threshold else "")
         + f": {report.steps} steps, {report.tokens_seen} tokens, {report.train_seconds / 3600:.2f} h",
-        f"against the original on {report.report_text}:",
+        f"trained on {' + '.join(report.train_text)}",
     ]
-    rows += [f"  {name:<24} {value:.4f}" for name, value in report.against_original.items()]
-    rows.append(f"{'layer':>5} {'% non-zero':>11} {'original % positive':>20}")
+    compared = [("in-domain", report.report_text, report.against_original)]
+    if report.held_out_text is not None:
+        compared.append(("held out", report.held_out_text, report.held_out_against_original))
+    for label, text, against in compared:
+        rows.append(f"against the original, {label} ({text}):")
+        rows += [f"  {name:<24} {value:.4f}" for name, value in against.items()]
+    held = report.held_out_nonzero_pct or [float("nan")] * len(report.nonzero_pct)
+    rows.append(f"{'layer':>5} {'% non-zero':>11} {'held out':>9} {'original % positive':>20}")
     rows += [
-        f"{layer:>5} {nz:>11.2f} {orig:>20.2f}"
-        for layer, (nz, orig) in enumerate(zip(report.nonzero_pct, report.original_positive_pct))
+        f"{layer:>5} {nz:>11.2f} {h:>9.2f} {orig:>20.2f}"
+        for layer, (nz, h, orig) in enumerate(zip(report.nonzero_pct, held, report.original_positive_pct))
     ]
     return "\n".join(rows)

@@ -1,18 +1,27 @@
-"""Real text available offline: Python standard library docstrings, or any text file.
+"""Real text available offline: named sources found on the machine, or any text file.
 
-The standard library is split by module file into a calibration part and an
-evaluation part, so that `eval` by default measures on text the tuner never saw.
+Named sources (`SOURCES`), each split by file into a calibration part and an evaluation part
+(one file in four), so that what is measured by default is text the tuner never saw:
+- `stdlib`: the Python standard library's docstrings (program documentation, in code);
+- `man`: the manual pages under /usr/share/man, from their roff source (terse command reference);
+- `package-docs`: the descriptions of the installed Python distributions (READMEs, in prose);
+- `licenses`: the licence texts under /usr/share/common-licenses (legal prose).
+Calibrating and distilling on several unlike kinds (`DEFAULT_MIX`) makes what is tuned or
+learned hold on kinds of text it never saw; `licenses`, left out of the mix, is the default
+kind a report holds out.
 """
 
 from __future__ import annotations
 
 import ast
+import gzip
 import hashlib
+import importlib.metadata
 import inspect
 import json
 import re
 import sysconfig
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -20,7 +29,7 @@ from ann_mlp.config import TextConfig
 from ann_mlp.errors import InputError
 
 Split = Literal["calibration", "evaluation"]
-STDLIB_SOURCE = "stdlib"  # a calibration source naming the standard library's calibration split
+STDLIB_SOURCE = "stdlib"
 MIN_PASSAGE_CHARS = 40
 TEXT_SUFFIXES = {".txt", ".rst", ".md"}
 _SKIP_DIRS = {"test", "tests", "site-packages", "idle_test", "__pycache__"}
@@ -61,6 +70,176 @@ def stdlib_passages(split: Split) -> Iterator[str]:
             if len(doc) >= MIN_PASSAGE_CHARS and doc not in seen:
                 seen.add(doc)
                 yield doc
+
+
+MAN_ROOT = Path("/usr/share/man")
+LICENSE_ROOT = Path("/usr/share/common-licenses")
+# A passage is prose when letters and spaces make most of it: option tables, code and URLs are not.
+MIN_PROSE_SHARE = 0.8
+
+
+def _is_prose(passage: str) -> bool:
+    return len(passage) >= MIN_PASSAGE_CHARS and sum(c.isalpha() or c == " " for c in passage) >= MIN_PROSE_SHARE * len(
+        passage
+    )
+
+
+def _in_fixed_order(names: Sequence[str]) -> list[str]:
+    return sorted(names, key=lambda n: hashlib.sha1(n.encode()).hexdigest())
+
+
+def _split_prose(passages: Iterator[str], split: Split) -> Iterator[str]:
+    """The prose passages of `split`, each once. Split by passage, not by file: pages and
+    READMEs share boilerplate paragraphs, which a split by file would put in both."""
+    seen: set[str] = set()
+    for passage in passages:
+        if passage not in seen and _is_prose(passage) and _file_split(passage) == split:
+            seen.add(passage)
+            yield passage
+
+
+# roff: font and size changes, named characters and strings, and the escapes that print nothing.
+_ROFF_CHARACTERS = {"em": "—", "en": "–", "aq": "'", "dq": '"', "lq": '"', "rq": '"', "oq": "'", "cq": "'", "bu": "•"}
+_ROFF_ESCAPE = re.compile(
+    r"\\(?:f(?:\[[^\]]*\]|\(..|.)|s[+-]?\d+|\*(?:\[[^\]]*\]|\(..|.)|\((..)|\[([^\]]*)\]|([-e &%c|^~0:]))"
+)
+_ROFF_BREAKS = {"SH", "SS", "PP", "LP", "P", "TP", "IP", "HP", "sp", "br", "TH", "RS", "RE", "nf", "fi", "EX", "EE"}
+_ROFF_FONT_LINES = {"B", "I", "R", "SM", "SB", "BR", "BI", "IB", "IR", "RB", "RI"}
+
+
+def _roff_escape(match: re.Match) -> str:
+    named, bracketed, plain = match.group(1), match.group(2), match.group(3)
+    if named or bracketed:
+        return _ROFF_CHARACTERS.get(named or bracketed, "")
+    return {"-": "-", "e": "\\", " ": " ", "~": " ", "0": " "}.get(plain or "", "")
+
+
+def roff_passages(source: str) -> list[str]:
+    """The paragraphs of a manual page's roff source as plain text: sections, paragraphs and
+    displays break passages, font macros keep their words, every other request is dropped."""
+    found: list[str] = []
+    current: list[str] = []
+
+    def flush() -> None:
+        if current:
+            found.append(_clean(" ".join(current)))
+            current.clear()
+
+    def text(line: str) -> str:
+        return re.sub(r"\\.", "", _ROFF_ESCAPE.sub(_roff_escape, line))  # then escapes that print nothing known
+
+    skipping_until = None  # inside a table (.TS ... .TE) or a macro definition (.de ... ..)
+    for line in source.splitlines():
+        if skipping_until is not None:
+            if line.strip() == skipping_until:
+                skipping_until = None
+            continue
+        if line.startswith((".", "'")):
+            request, _, arguments = line[1:].strip().partition(" ")
+            if request in ("TS", "de", "de1", "am"):
+                flush()
+                skipping_until = ".TE" if request == "TS" else ".."
+            elif request in _ROFF_BREAKS:
+                flush()
+            elif request in _ROFF_FONT_LINES:
+                current.append(text(arguments.replace('"', "")))
+            continue
+        if not line.strip():
+            flush()
+            continue
+        current.append(text(line))
+    flush()
+    return found
+
+
+def _families_in_turn(names: list[str]) -> list[str]:
+    """Manual pages ordered so that every family (`git`, `git-commit`, `git-log`, ... are one) gives
+    its first page before any gives its second: one large suite must not make a whole mix."""
+    rank: dict[str, int] = {}
+    keyed = []
+    for name in names:  # already in a fixed pseudo-random order
+        family = re.split(r"[._-]", Path(name).name, maxsplit=1)[0]
+        keyed.append((rank.get(family, 0), len(keyed), name))
+        rank[family] = rank.get(family, 0) + 1
+    return [name for *_, name in sorted(keyed)]
+
+
+def man_passages(split: Split, root: Path = MAN_ROOT) -> Iterator[str]:
+    """Prose paragraphs of the English manual pages under `root` (man1 ... man8), in a fixed order;
+    a page that only points to another (`.so`) is skipped."""
+    pages = {p.relative_to(root).as_posix(): p for p in root.glob("man[1-8]/*") if p.is_file()} if root.is_dir() else {}
+    return _split_prose(_man_page_passages(pages), split)
+
+
+def _man_page_passages(pages: dict[str, Path]) -> Iterator[str]:
+    for name in _families_in_turn(_in_fixed_order(list(pages))):
+        path = pages[name]
+        try:
+            raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+            source = raw.decode("utf-8", errors="replace")
+        except (OSError, EOFError, gzip.BadGzipFile):
+            continue
+        if source.lstrip().startswith(".so "):
+            continue
+        yield from roff_passages(source)
+
+
+def package_doc_passages(split: Split) -> Iterator[str]:
+    """Prose paragraphs of the installed Python distributions' descriptions (their READMEs)."""
+    descriptions: dict[str, str] = {}
+    for dist in importlib.metadata.distributions():
+        name = (dist.metadata["Name"] or "").lower()
+        body = dist.metadata.get_payload() or dist.metadata["Description"] or ""
+        if name and isinstance(body, str) and name not in descriptions:
+            descriptions[name] = body
+    return _split_prose(_markdown_paragraphs(descriptions[n] for n in _in_fixed_order(list(descriptions))), split)
+
+
+def _markdown_paragraphs(documents: Iterable[str]) -> Iterator[str]:
+    for document in documents:
+        for paragraph in re.split(r"\n\s*\n", document):
+            paragraph = re.sub(r"<[^>]*>|https?://\S+", " ", paragraph)  # HTML tags, addresses
+            paragraph = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", paragraph)  # [text](link): the text
+            yield _clean(re.sub(r"[#*`>|=_~\[\]]+", " ", paragraph))  # markup characters
+
+
+def license_passages(split: Split, root: Path = LICENSE_ROOT) -> Iterator[str]:
+    """Prose paragraphs of the licence texts under `root`."""
+    files = sorted(p for p in root.iterdir() if p.is_file()) if root.is_dir() else []
+    texts = (path.read_text(encoding="utf-8", errors="replace") for path in files)
+    return _split_prose((_clean(p) for text in texts for p in re.split(r"\n\s*\n", text)), split)
+
+
+SOURCES: dict[str, Callable[[Split], Iterator[str]]] = {
+    STDLIB_SOURCE: stdlib_passages,
+    "man": man_passages,
+    "package-docs": package_doc_passages,
+    "licenses": license_passages,
+}
+SOURCE_NAMES = {
+    STDLIB_SOURCE: "python-stdlib-docstrings",
+    "man": "man-pages",
+    "package-docs": "python-package-docs",
+    "licenses": "licenses",
+}
+# Three unlike kinds: documentation in code, command reference, project prose.
+DEFAULT_MIX = (STDLIB_SOURCE, "man", "package-docs")
+HELD_OUT_SOURCE = "licenses"  # the kind no default calibration or training uses
+
+
+def source_passages(name: str, split: Split) -> Iterator[str]:
+    """A named source's passages in `split`; an error when this machine has none of it."""
+    stream = SOURCES[name](split)
+    first = next(stream, None)
+    if first is None:
+        raise InputError(f"the text source {name!r} has no {split} passages on this machine")
+    yield first
+    yield from stream
+
+
+def available_sources(names: Sequence[str], split: Split = "calibration") -> list[str]:
+    """The named sources this machine has text of (a default mix uses what it finds)."""
+    return [name for name in names if next(SOURCES[name](split), None) is not None]
 
 
 JSONL_SUFFIXES = {".jsonl", ".ndjson"}
@@ -147,24 +326,36 @@ def passages(path: Path | None, split: Split, fmt: TextConfig = TextConfig()) ->
     return iter(corpus_passages([path], fmt)) if path is not None else stdlib_passages(split)
 
 
-def calibration_passages(sources: Sequence[str | Path], fmt: TextConfig = TextConfig()) -> Iterator[str]:
+def mixed_passages(
+    sources: Sequence[str | Path], split: Split, fmt: TextConfig = TextConfig(), split_files: bool = False
+) -> Iterator[str]:
     """Passages taken in turn from each source, so that a token budget covers every source alike:
-    `stdlib` (the standard library's calibration split), a text file, or a folder of them. No
-    sources: the standard library's.
+    a named source (SOURCES) in `split`, a text file, or a folder of them (whole, or with
+    `split_files` their passages in `split`, one in four to evaluation). No sources: the default
+    mix, of what this machine has.
 
     Calibrating on several kinds of text makes an index's tuned recall hold on text of other
     kinds (README, "Fidelity frontier")."""
-    if not sources:
-        return stdlib_passages("calibration")
-    streams = [
-        stdlib_passages("calibration") if _is_stdlib(source) else iter(corpus_passages([Path(source)], fmt))
-        for source in sources
-    ]
+    streams = []
+    for source in list(sources) or default_mix():
+        if is_named(source):
+            streams.append(source_passages(str(source), split))
+            continue
+        found = corpus_passages([Path(source)], fmt)
+        streams.append(iter([p for p in found if _file_split(p) == split] if split_files else found))
     return _in_turn(streams)
 
 
-def _is_stdlib(source: str | Path) -> bool:
-    return str(source) == STDLIB_SOURCE
+def calibration_passages(sources: Sequence[str | Path], fmt: TextConfig = TextConfig()) -> Iterator[str]:
+    return mixed_passages(sources, "calibration", fmt)
+
+
+def default_mix() -> list[str]:
+    return available_sources(DEFAULT_MIX)
+
+
+def is_named(source: str | Path) -> bool:
+    return isinstance(source, str) and source in SOURCES
 
 
 def _in_turn(streams: list[Iterator[str]]) -> Iterator[str]:
@@ -177,16 +368,22 @@ def _in_turn(streams: list[Iterator[str]]) -> Iterator[str]:
                 yield passage
 
 
-def describe_calibration(sources: Sequence[str | Path], fmt: TextConfig = TextConfig()) -> str:
+def describe_mix(sources: Sequence[str | Path], split: Split, fmt: TextConfig = TextConfig()) -> str:
     return " + ".join(
-        describe(None if _is_stdlib(source) else Path(source), "calibration", fmt)
-        for source in sources or [STDLIB_SOURCE]
+        f"{SOURCE_NAMES[source]}:{split}" if is_named(source) else describe(Path(source), split, fmt)
+        for source in list(sources) or default_mix()
     )
 
 
+def describe_calibration(sources: Sequence[str | Path], fmt: TextConfig = TextConfig()) -> str:
+    return describe_mix(sources, "calibration", fmt)
+
+
 def recorded_sources(sources: Sequence[str | Path]) -> list[str]:
-    """The sources as a manifest records them: `stdlib`, or absolute paths (a rebuild may run elsewhere)."""
-    return [STDLIB_SOURCE if _is_stdlib(source) else str(Path(source).resolve()) for source in sources]
+    """The sources as a manifest records them: names, or absolute paths (a rebuild may run elsewhere)."""
+    return [
+        str(source) if is_named(source) else str(Path(source).resolve()) for source in list(sources) or default_mix()
+    ]
 
 
 def describe(path: Path | None, split: Split, fmt: TextConfig = TextConfig()) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from itertools import islice
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from ann_mlp.errors import InputError
 from ann_mlp.index import build_index
 from ann_mlp.patch import patched
 from ann_mlp.sparsify import REPORT_FILE, distillation_loss, sparsify, state_dir_for
+from ann_mlp.text import stdlib_passages
 from tests.test_cli import TEXT, assert_one_line_error, run
 from tests.tiny_checkpoints import D_FF
 
@@ -32,8 +34,9 @@ SMALL = dict(
 
 @pytest.fixture
 def text_file(tmp_path):
+    """Enough passages that a quarter of them, held out for the report, is never empty."""
     path = tmp_path / "train.txt"
-    path.write_text(TEXT)
+    path.write_text(TEXT + "\n\n" + "\n\n".join(islice(stdlib_passages("evaluation"), 40)))
     return path
 
 

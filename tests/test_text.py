@@ -9,12 +9,17 @@ from ann_mlp.checkpoint import load_checkpoint
 from ann_mlp.config import EvalConfig, TextConfig
 from ann_mlp.errors import InputError
 from ann_mlp.text import (
+    DEFAULT_MIX,
+    SOURCES,
     calibration_passages,
     corpus_passages,
     describe,
     describe_calibration,
     file_passages,
+    man_passages,
+    mixed_passages,
     read_file,
+    roff_passages,
     stdlib_passages,
 )
 
@@ -62,8 +67,12 @@ def test_calibration_sources_are_taken_in_turn(tmp_path):
         first_stdlib[1],
         "Note two.",
     ]
-    assert list(islice(calibration_passages([]), 2)) == first_stdlib
-    assert describe_calibration([]) == "python-stdlib-docstrings:calibration"
+    mix = [next(SOURCES[name]("calibration")) for name in DEFAULT_MIX]
+    assert list(islice(calibration_passages([]), len(mix))) == mix  # the default: one passage of each in turn
+    assert (
+        describe_calibration([])
+        == "python-stdlib-docstrings:calibration + man-pages:calibration + python-package-docs:calibration"
+    )
     assert (
         describe_calibration(["stdlib", notes])
         == f"python-stdlib-docstrings:calibration + {notes} (one passage per paragraph)"
@@ -155,3 +164,71 @@ def test_eval_reports_how_much_of_a_one_line_per_entry_file_it_measured(tiny_sto
     assert f"{text['tokens']} tokens in 300 passages" in table(report)
     short = evaluate(model, EvalConfig(text=TextConfig(max_tokens=50)), entries, progress=False)
     assert "warning: only" in table(short) and not short.text["whole_text"]
+
+
+MAN_PAGE = r""".\\" a comment
+.TH GREP 1 2024 "GNU" "User Commands"
+.SH NAME
+grep \- print lines that match patterns
+.SH DESCRIPTION
+.B grep
+searches for
+.I PATTERNS
+in each
+\fIFILE\fR, and prints each line that matches a pattern \(em the \f[B]whole\f[] line.
+.TS
+allbox;
+l l.
+not	prose
+.TE
+.de XX
+.ft B
+..
+.PP
+Typically \*(lqPATTERNS\*(rq should be quoted when grep is used in a shell command\&.
+"""
+
+
+def test_roff_pages_become_plain_paragraphs():
+    """Sections and paragraphs break passages; font macros keep their words; escapes print what
+    they stand for or nothing; tables and macro definitions are dropped."""
+    assert roff_passages(MAN_PAGE) == [
+        "grep - print lines that match patterns",
+        "grep searches for PATTERNS in each FILE, and prints each line that matches a pattern — the whole line.",
+        "Typically PATTERNS should be quoted when grep is used in a shell command.",
+    ]
+
+
+def test_man_pages_split_by_page_and_take_families_in_turn(tmp_path):
+    """A page goes whole to one split; a page that only includes another (.so) gives nothing; every
+    family gives its first page before any gives its second."""
+    import gzip
+
+    (tmp_path / "man1").mkdir()
+    (tmp_path / "man7").mkdir()
+    body = "\n.PP\nThe {name} command does something useful for people who run it every day.\n"
+    names = [f"suite-{i}" for i in range(12)] + ["alpha", "beta", "gamma", "delta"]
+    for name in names:
+        (tmp_path / "man1" / f"{name}.1.gz").write_bytes(gzip.compress(body.format(name=name).encode()))
+    (tmp_path / "man7" / "alias.7").write_text(".so man1/alpha.1\n")
+    calibration = list(man_passages("calibration", tmp_path))
+    evaluation = list(man_passages("evaluation", tmp_path))
+    assert sorted(calibration + evaluation) == sorted(body.format(name=n).split("\n")[2] for n in names)
+    assert not set(calibration) & set(evaluation)
+    others = {p.split()[1] for p in calibration if not p.split()[1].startswith("suite")}
+    first_suite = next(i for i, p in enumerate(calibration) if p.split()[1].startswith("suite"))
+    assert first_suite <= len(others)  # one suite page among the families' first pages, not ahead of them all
+    assert list(man_passages("calibration", tmp_path / "none")) == []
+
+
+def test_named_sources_have_disjoint_splits_and_a_missing_one_is_an_error(monkeypatch):
+    for name, source in SOURCES.items():
+        calibration = list(islice(source("calibration"), 200))
+        evaluation = list(islice(source("evaluation"), 200))
+        assert calibration and evaluation, name
+        assert not set(calibration) & set(evaluation), name
+        assert all(len(p) >= 40 for p in calibration + evaluation), name
+    monkeypatch.setitem(SOURCES, "man", lambda split: iter(()))  # a machine without manual pages
+    with pytest.raises(InputError, match="'man' has no calibration passages"):
+        next(mixed_passages(["man"], "calibration"))
+    assert describe_calibration([]) == "python-stdlib-docstrings:calibration + python-package-docs:calibration"
