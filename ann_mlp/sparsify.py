@@ -152,7 +152,9 @@ def _lr(step: int, progress: float, config: SparsifyConfig) -> float:
 
 
 def _training_passages(text: list[str | Path], fmt: TextConfig) -> list[str]:
-    return list(islice(mixed_passages(text, "calibration", fmt, split_files=True), MAX_TRAINING_PASSAGES))
+    # Balanced: the training draws each kind alike, however much more text one source has.
+    mixed = mixed_passages(text, "calibration", fmt, split_files=True, balanced=True)
+    return list(islice(mixed, MAX_TRAINING_PASSAGES))
 
 
 def held_out_kind(text: list[str | Path], given: str | Path | None) -> str | Path | None:

@@ -327,12 +327,16 @@ def passages(path: Path | None, split: Split, fmt: TextConfig = TextConfig()) ->
 
 
 def mixed_passages(
-    sources: Sequence[str | Path], split: Split, fmt: TextConfig = TextConfig(), split_files: bool = False
+    sources: Sequence[str | Path],
+    split: Split,
+    fmt: TextConfig = TextConfig(),
+    split_files: bool = False,
+    balanced: bool = False,
 ) -> Iterator[str]:
     """Passages taken in turn from each source, so that a token budget covers every source alike:
     a named source (SOURCES) in `split`, a text file, or a folder of them (whole, or with
     `split_files` their passages in `split`, one in four to evaluation). No sources: the default
-    mix, of what this machine has.
+    mix, of what this machine has. `balanced`: the mix ends with its shortest source.
 
     Calibrating on several kinds of text makes an index's tuned recall hold on text of other
     kinds (README, "Fidelity frontier")."""
@@ -343,7 +347,7 @@ def mixed_passages(
             continue
         found = corpus_passages([Path(source)], fmt)
         streams.append(iter([p for p in found if _file_split(p) == split] if split_files else found))
-    return _in_turn(streams)
+    return _in_turn(streams, balanced)
 
 
 def calibration_passages(sources: Sequence[str | Path], fmt: TextConfig = TextConfig()) -> Iterator[str]:
@@ -358,10 +362,14 @@ def is_named(source: str | Path) -> bool:
     return isinstance(source, str) and source in SOURCES
 
 
-def _in_turn(streams: list[Iterator[str]]) -> Iterator[str]:
+def _in_turn(streams: list[Iterator[str]], balanced: bool = False) -> Iterator[str]:
+    """One passage of each stream in turn; a stream that ends drops out, or with `balanced` the
+    whole mix ends there, so that every source gives as many passages as the others."""
     while streams:
         for stream in list(streams):
             passage = next(stream, None)
+            if passage is None and balanced:
+                return
             if passage is None:
                 streams.remove(stream)
             else:
