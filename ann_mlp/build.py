@@ -18,7 +18,7 @@ from ann_mlp.approx_mlp import ApproxMLP, augmented_keys, augmented_queries, den
 from ann_mlp.approx_model import ApproxModel
 from ann_mlp.capture import TextStats, batches, forward_capturing
 from ann_mlp.checkpoint import Checkpoint, MlpWeights, load_checkpoint
-from ann_mlp.config import BuildConfig
+from ann_mlp.config import DEFAULT_K, BuildConfig
 from ann_mlp.errors import InputError
 from ann_mlp.index import MipsIndex, backend_class, build_index
 from ann_mlp.linalg import RowCodes, round_up_16
@@ -94,6 +94,22 @@ def _sample(x: torch.Tensor, limit: int, seed: int) -> torch.Tensor:
     return x[torch.randperm(len(x), generator=generator)[:limit]]
 
 
+def sparse_activation(weights: MlpWeights) -> bool:
+    """Whether the layer's activation leaves exact zeros: ReLU-like, Top-k or thresholded."""
+    return weights.activation in ZERO_TAIL_ACTIVATIONS or bool(weights.topk) or weights.threshold is not None
+
+
+def layer_k(config: BuildConfig, weights: MlpWeights, calibration: LayerCalibration) -> int:
+    """The layer's k: the one given; else, for a sparse activation, the smallest k keeping
+    config.mass_target of its activation mass (at most half of d_ff: beyond, search cannot pay);
+    else DEFAULT_K, since every neuron of a dense activation carries some of the output."""
+    if config.k is not None:
+        return config.k
+    if sparse_activation(weights):
+        return k_for_mass(calibration, config.mass_target, weights.d_ff // 2)
+    return min(DEFAULT_K, weights.d_ff)
+
+
 def tail_correction_pays(weights: MlpWeights) -> bool:
     """Whether the layer's dropped neurons carry a tail worth standing in for, by default.
 
@@ -103,8 +119,7 @@ def tail_correction_pays(weights: MlpWeights) -> bool:
     chosen by gate score, but choosing them by contribution does far better alone (0.87)
     and the correction, fit to the score top-k, then hurts (0.61).
     """
-    zero_tail = weights.activation in ZERO_TAIL_ACTIVATIONS or weights.topk or weights.threshold is not None
-    return not zero_tail and not weights.gated
+    return not sparse_activation(weights) and not weights.gated
 
 
 def dropped_mean(calibration: LayerCalibration, k: int) -> torch.Tensor:
@@ -263,9 +278,9 @@ def build_layer(
         learn_q, inputs = augmented_queries(inputs[:cut]), inputs[cut:]
     tune = LayerCalibration(weights, _sample(inputs, MAX_TUNING_QUERIES, config.seed))  # (n, d_model)
     tune_q = augmented_queries(tune.x)
-    k = config.k if config.mass_target is None else k_for_mass(tune, config.mass_target, config.k)
+    k = layer_k(config, weights, tune)
     index = build_index(
-        backend.name, keys, queries=learn_q, k=k, target_recall=config.target_recall, **config.build_params
+        backend.name, keys, queries=learn_q, k=k, target_recall=config.target_recall, **config.index_params
     )
     holdout = LayerCalibration(weights, _sample(holdout_inputs, MAX_TUNING_QUERIES, config.seed))
     holdout_q = augmented_queries(holdout.x)
@@ -295,7 +310,7 @@ def build_layer(
         search_params=index.search_params,
         effort_param=index.effort_param,
         effort_range=list(index.effort_range(k)),
-        k=k if config.mass_target is not None else None,
+        k=k,
         files=files,
         tail_map_error=tail_map_error,
         candidates=selection.get("candidates"),
@@ -321,7 +336,7 @@ def build_indexes(
     calib_sources: text.calibration_passages' sources; `writer` persists each layer as it is built."""
     backend = backend_class(config.backend)
     d_ffs = [checkpoint.adapter.mlp_weights(layer).d_ff for layer in range(checkpoint.num_layers)]
-    if config.k > min(d_ffs):
+    if config.k is not None and config.k > min(d_ffs):
         raise InputError(f"k={config.k} exceeds d_ff={min(d_ffs)} of {checkpoint.source.spec}")
     tune_inputs, holdout_inputs, text_stats = capture_calibration(checkpoint, config, calib_sources, progress)
     entries, indexes, layer_arrays = [], {}, {}
@@ -335,7 +350,7 @@ def build_indexes(
         family=checkpoint.family,
         kind=checkpoint.kind,
         backend=backend.name,
-        k=config.k,
+        k=config.k or max(entry.k for entry in entries),
         target_recall=config.target_recall,
         source=checkpoint.source.to_json(),
         build=config.to_json(),

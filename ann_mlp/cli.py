@@ -12,7 +12,9 @@ import typer
 
 from ann_mlp.config import (
     DEFAULT_BACKEND,
+    DEFAULT_BUILD_PARAMS,
     DEFAULT_K,
+    DEFAULT_MASS_TARGET,
     DEFAULT_STORE_ROOT,
     DEFAULT_TARGET_RECALL,
     PRESET_BUILDS,
@@ -104,12 +106,16 @@ def build(
     backend: str = typer.Option(
         DEFAULT_BACKEND, help="exact | ivf | hnsw | pq | scann | cells | lowrank | dejavu | teal"
     ),
-    k: int = typer.Option(DEFAULT_K, help="Keys retrieved per token."),
+    k: int | None = typer.Option(
+        None,
+        help=f"Keys retrieved per token, every layer [default: per layer: for sparse activations (ReLU, Top-k) "
+        f"the smallest k keeping --mass-target of the activation mass, for dense ones {DEFAULT_K}].",
+    ),
     target_recall: float = typer.Option(
         DEFAULT_TARGET_RECALL, help="Tune each layer's search effort to this recall@k; 0 to skip tuning."
     ),
-    mass_target: float | None = typer.Option(
-        None, help="Per layer, the smallest k (<= --k) whose exact top-k keeps this share of activation mass."
+    mass_target: float = typer.Option(
+        DEFAULT_MASS_TARGET, help="Without --k: the share of a sparse layer's activation mass its k keeps."
     ),
     calib_text: list[str] = typer.Option(
         [],
@@ -121,7 +127,12 @@ def build(
     jsonl_field: str | None = JSONL_FIELD,
     long_passages: str = LONG_PASSAGES,
     passage_tokens: int = PASSAGE_TOKENS,
-    param: list[str] = typer.Option([], "--param", help="Backend build parameter NAME=VALUE (repeatable)."),
+    param: list[str] = typer.Option(
+        [],
+        "--param",
+        help="Backend build parameter NAME=VALUE (repeatable), over the backend's defaults "
+        f"({'; '.join(f'{b}: ' + ', '.join(f'{n}={v}' for n, v in p.items()) for b, p in DEFAULT_BUILD_PARAMS.items())}).",
+    ),
     plan: bool = typer.Option(True, help="Time dense vs approximate per layer and batch size for serving mode auto."),
     tail_correction: bool | None = typer.Option(
         None,
@@ -138,7 +149,7 @@ def build(
     ),
     preset: bool = typer.Option(
         False,
-        help=f"Use the recommended settings of a built-in checkpoint ({', '.join(PRESET_BUILDS)}) instead of the options above.",
+        help=f"Use the tuned settings of a built-in checkpoint ({', '.join(PRESET_BUILDS)}) instead of the options above.",
     ),
     force: bool = typer.Option(False, help="Replace an existing store."),
 ) -> None:
@@ -200,13 +211,16 @@ def _plan_words(plan: dict | None) -> str:
 @app.command("eval")
 def evaluate(
     store: Path = typer.Argument(..., help="Index store folder written by `ann-mlp build`."),
-    text: Path | None = typer.Option(
-        None, help="Text file or folder [default: held-out Python standard library docstrings]."
-    ),
-    shift_text: Path | None = typer.Option(
+    text: str | None = typer.Option(
         None,
-        help="A second text, of another kind: the store is evaluated on it too, and the change from "
-        "--text to it printed per layer and end to end (the JSON holds it under extra.text_shift).",
+        help=f"Text file or folder, or a named source ({', '.join(SOURCES)}; its evaluation split) "
+        "[default: held-out Python standard library docstrings].",
+    ),
+    shift_text: str | None = typer.Option(
+        None,
+        help="A second text, of another kind (file, folder or named source): the store is evaluated on "
+        "it too, and the change from --text to it printed per layer and end to end (the JSON holds it "
+        "under extra.text_shift).",
     ),
     k: int | None = typer.Option(None, help="Keys retrieved per token [default: the store's k]."),
     backend: str | None = typer.Option(

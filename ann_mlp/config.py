@@ -12,11 +12,24 @@ from ann_mlp.errors import InputError
 # and a checksum of itself.
 STORE_FORMAT_VERSION = 3
 DEFAULT_STORE_ROOT = Path("indexes")
+# Keys per token where no activation mass picks k: dense activations (GELU, SiLU), whose every
+# neuron carries some of the output.
 DEFAULT_K = 128
+# Sparse activations (ReLU, Top-k, thresholds): per layer, the smallest k whose exact top-k keeps
+# this share of the activation mass, at most half of d_ff. Layers of one model differ widely
+# (relu-lm: a quarter of layer 0's neurons fire, 3-5 % of the others'), so no one k fits them.
+DEFAULT_MASS_TARGET = 0.98
 # Fewest bytes read at recall 0.95 on every checkpoint measured (held-out text: topk-lm 0.10 vs IVF's
 # 0.61, relu-lm 0.11 vs 0.60, minilm 0.32 vs 0.88, minilm-sparse 0.30 vs 0.89), keys held once.
 DEFAULT_BACKEND = "lowrank"
-DEFAULT_TARGET_RECALL = 0.95
+DEFAULT_TARGET_RECALL = 0.99
+# lowrank re-ranks every key within a per-query margin of the k-th approximate score, the margin
+# from 16 error directions: how many are re-ranked adapts to each query, so the tuned recall holds
+# on text of other kinds, where a fixed re-rank count tuned on calibration falls. It re-ranks, and
+# scores the k it keeps, from 8-bit codes of the keys (scores within about 1 %): a quarter of the
+# bytes of float32 keys, which a layer firing a quarter of its neurons (relu-lm's layer 0) would
+# otherwise read whole. The codes hold a quarter of the keys' memory again.
+DEFAULT_BUILD_PARAMS = {"lowrank": {"margin_rank": 16, "rerank_bits": 8, "kept_bits": 8}}
 
 
 TEXT_SPLITS = ("auto", "paragraphs", "lines")
@@ -55,11 +68,13 @@ class BuildConfig:
     """Everything `ann-mlp build` needs besides the checkpoint."""
 
     backend: str = DEFAULT_BACKEND
-    k: int = DEFAULT_K
+    # Keys per token, every layer. None: chosen per layer (build.layer_k), from the activation
+    # mass for sparse activations, DEFAULT_K for dense ones.
+    k: int | None = None
     target_recall: float | None = DEFAULT_TARGET_RECALL
-    # When set, each layer gets the smallest k whose exact top-k keeps this share of
-    # the activation mass on calibration tokens (`k` is then the largest allowed).
-    mass_target: float | None = None
+    # With k None, sparse layers keep this share of the activation mass on calibration tokens.
+    mass_target: float = DEFAULT_MASS_TARGET
+    # Backend build parameters, over DEFAULT_BUILD_PARAMS (see `index_params`).
     build_params: dict = field(default_factory=dict)
     calibration: TextConfig = TextConfig()
     # Share of calibration tokens kept apart to report build-time recall on
@@ -82,11 +97,11 @@ class BuildConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.k < 1:
+        if self.k is not None and self.k < 1:
             raise InputError(f"k must be >= 1, got {self.k}")
         if self.target_recall is not None and not 0.0 < self.target_recall <= 1.0:
             raise InputError(f"target recall must be in (0, 1], got {self.target_recall}")
-        if self.mass_target is not None and not 0.0 < self.mass_target <= 1.0:
+        if not 0.0 < self.mass_target <= 1.0:
             raise InputError(f"mass target must be in (0, 1], got {self.mass_target}")
         if not 0.0 < self.holdout_fraction < 1.0:
             raise InputError("holdout fraction must be in (0, 1)")
@@ -95,6 +110,15 @@ class BuildConfig:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def index_params(self) -> dict:
+        """The backend's build parameters: the given ones over the backend's defaults. A low-rank
+        index given a fixed re-rank parameter (refine_rank) keeps no default margin."""
+        defaults = dict(DEFAULT_BUILD_PARAMS.get(self.backend, {}))
+        if "refine_rank" in self.build_params:
+            defaults.pop("margin_rank", None)
+        return {**defaults, **self.build_params}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> BuildConfig:
@@ -109,19 +133,14 @@ class BuildConfig:
 # Recommended builds of built-in checkpoints (`ann-mlp build NAME --preset`); `ann-mlp serve`
 # builds indexes/<name> with them on first run.
 PRESET_BUILDS: dict[str, BuildConfig] = {
+    # The defaults hold for these: k from the activation mass per layer (relu-lm's layer 0 fires
+    # ~25% of its neurons, the others 3-5%), a per-query margin, mixed calibration text.
     "minilm": BuildConfig(),
-    # Layer 0 of relu-lm fires ~25% of its neurons, the others ~3-5%: a per-layer k keeping
-    # 98% of the activation mass; low-rank pre-scoring with a per-query re-rank margin, which
-    # keeps the tuned recall on text of other kinds, and tail maps. The re-rank reads the
-    # model's own float32 keys: 8-bit key codes would read half the bytes but hold a quarter
-    # of the keys' memory again.
-    "relu-lm": BuildConfig(
-        backend="lowrank", k=2048, mass_target=0.98, target_recall=0.99, build_params={"margin_rank": 16}
-    ),
+    "relu-lm": BuildConfig(),
     # wide-lm keeps its Top-512 of 16,384 by construction: k is the model's own. A fixed re-rank count
     # tuned to recall 0.99, not a per-query margin: at one token per call the margin's wider
     # candidate sets cost more than the MLP's remaining work.
-    "wide-lm": BuildConfig(backend="lowrank", k=512, target_recall=0.99),
+    "wide-lm": BuildConfig(k=512, build_params={"margin_rank": 0, "rerank_bits": 32, "kept_bits": 32}),
 }
 # What the README's main job serves: the checkpoint where the method holds up end to end.
 DEFAULT_SERVED = "relu-lm"

@@ -195,7 +195,7 @@ class Comparison:
 def evaluate(
     model: ApproxModel,
     config: EvalConfig,
-    text: Path | None = None,
+    text: str | Path | None = None,
     progress: bool = True,
     reference: Checkpoint | None = None,
 ) -> Report:
@@ -207,7 +207,7 @@ def evaluate(
 
 
 def _evaluate(
-    model: ApproxModel, config: EvalConfig, text: Path | None, progress: bool, reference: Checkpoint | None
+    model: ApproxModel, config: EvalConfig, text: str | Path | None, progress: bool, reference: Checkpoint | None
 ) -> Report:
     checkpoint = model.checkpoint
     against: dict[str, OutputAgreement] = {}

@@ -321,9 +321,11 @@ def corpus_passages(paths: list[Path], fmt: TextConfig = TextConfig()) -> list[s
     return found
 
 
-def passages(path: Path | None, split: Split, fmt: TextConfig = TextConfig()) -> Iterator[str]:
-    """The user's file or folder when given, else the standard library split."""
-    return iter(corpus_passages([path], fmt)) if path is not None else stdlib_passages(split)
+def passages(source: str | Path | None, split: Split, fmt: TextConfig = TextConfig()) -> Iterator[str]:
+    """A named source's `split`, the user's file or folder, or by default the standard library's split."""
+    if source is None:
+        return stdlib_passages(split)
+    return source_passages(str(source), split) if is_named(source) else iter(corpus_passages([Path(source)], fmt))
 
 
 def mixed_passages(
@@ -377,10 +379,7 @@ def _in_turn(streams: list[Iterator[str]], balanced: bool = False) -> Iterator[s
 
 
 def describe_mix(sources: Sequence[str | Path], split: Split, fmt: TextConfig = TextConfig()) -> str:
-    return " + ".join(
-        f"{SOURCE_NAMES[source]}:{split}" if is_named(source) else describe(Path(source), split, fmt)
-        for source in list(sources) or default_mix()
-    )
+    return " + ".join(describe(source, split, fmt) for source in list(sources) or default_mix())
 
 
 def describe_calibration(sources: Sequence[str | Path], fmt: TextConfig = TextConfig()) -> str:
@@ -394,11 +393,12 @@ def recorded_sources(sources: Sequence[str | Path]) -> list[str]:
     ]
 
 
-def describe(path: Path | None, split: Split, fmt: TextConfig = TextConfig()) -> str:
-    """The text's name as reports give it: the file and how it was read, a folder and its file count."""
-    if path is None:
-        return f"python-stdlib-docstrings:{split}"
-    path = Path(path)
+def describe(source: str | Path | None, split: Split, fmt: TextConfig = TextConfig()) -> str:
+    """The text's name as reports give it: a named source and its split, the file and how it was
+    read, a folder and its file count."""
+    if source is None or is_named(source):
+        return f"{SOURCE_NAMES[str(source or STDLIB_SOURCE)]}:{split}"
+    path = Path(source)
     if path.is_dir():
         return f"{path} ({len(text_files(path))} files)"
     try:

@@ -23,8 +23,8 @@ PAGE = REPO / "docs" / "results" / "decode.md"
 # store -> (checkpoint, build options, bench decode options)
 STORES = {
     # a few ms per token: more turns, so that the machine's noise averages out of the ratios
-    "relu-lm": ("relu-lm", ["--preset"], ["--turns", "10"]),
-    "topk-lm": ("topk-lm", ["--target-recall", "0.99"], ["--turns", "10"]),
+    "relu-lm": ("relu-lm", [], ["--turns", "10"]),
+    "topk-lm": ("topk-lm", [], ["--turns", "10"]),
     "wide-lm": ("wide-lm", ["--preset"], []),
     # 30 layers at ~20 tokens/s: fewer prompts and tokens keep the run within minutes
     "smollm2": ("smollm2", [], ["--num-prompts", "4", "--new-tokens", "32", "--turns", "2"]),

@@ -77,10 +77,9 @@ def serve(
 ) -> None:
     """Serve approximate-MLP inference over HTTP (OpenAI-compatible and native routes)."""
     try:
-        from server.settings import SERVING_ENV, ServerSettings
+        from server.settings import ServerSettings, apply_serving_env
 
-        for name, value in SERVING_ENV.items():  # before anything imports torch
-            os.environ.setdefault(name, value)
+        apply_serving_env()  # before anything imports torch
         import uvicorn
 
         from server.app import create_app

@@ -23,7 +23,7 @@ import signal
 import threading
 
 from ann_mlp.errors import AnnMlpError
-from server.settings import SERVING_ENV, ServerSettings
+from server.settings import ServerSettings, apply_serving_env
 
 log = logging.getLogger(__name__)
 APP_NAME = "ann-mlp"
@@ -32,6 +32,7 @@ DEPLOYMENT = "AnnMlpReplica"
 
 def build_replica_app(settings_json: str):
     """On a replica: the app of one engine, reporting Ray Serve's live replica count."""
+    apply_serving_env()  # a Ray worker has not imported torch yet
     from server.app import create_app
 
     return create_app(ServerSettings.model_validate_json(settings_json), replica_count=live_replicas)
@@ -69,10 +70,7 @@ def deployment_options(settings: ServerSettings) -> dict:
         max_ongoing_requests=settings.queue_size,
         max_queued_requests=settings.queue_size,
         backpressure_config=BackpressureConfig(status_code=429, retry_after_s=settings.retry_after_s),
-        ray_actor_options={
-            "num_cpus": settings.torch_threads,
-            "runtime_env": {"env_vars": {name: os.environ.get(name, value) for name, value in SERVING_ENV.items()}},
-        },
+        ray_actor_options={"num_cpus": settings.torch_threads},
         graceful_shutdown_timeout_s=settings.drain_timeout_s,
         # A log line per request costs a busy replica more than its routing: the app's metrics count them.
         logging_config={"enable_access_log": False},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -14,6 +15,12 @@ from ann_mlp.config import DEFAULT_SERVED, DEFAULT_STORE_ROOT
 # machine, the clients), which spinning starves between passes. libgomp reads this once, when torch
 # is imported, so it cannot be a setting applied later. A value already in the environment wins.
 SERVING_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def apply_serving_env() -> None:
+    """SERVING_ENV into this process's environment, before anything imports torch."""
+    for name, value in SERVING_ENV.items():
+        os.environ.setdefault(name, value)
 
 
 class ServerSettings(BaseSettings):

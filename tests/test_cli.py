@@ -126,6 +126,10 @@ def test_eval_on_two_texts_reports_the_shift_between_them(minilm_store, tmp_path
     a, b = report["end_to_end"]["neighbour_agreement"], shifted["end_to_end"]["neighbour_agreement"]
     assert any(row.split()[0] == "neighbour_agreement" and f"({b - a:+.4f})" in row for row in shift)
 
+    # A named source stands for its evaluation split.
+    run("eval", str(minilm_store), "--text", "licenses", "--max-tokens", "300", "--json", str(report_path))
+    assert json.loads(report_path.read_text())["text"]["source"] == "licenses:evaluation"
+
 
 def test_info_verifies_and_prints_the_manifest(minilm_store):
     manifest = json.loads(run("info", str(minilm_store)).stdout)
@@ -206,7 +210,8 @@ def test_bad_input_gives_one_line_errors(minilm_store, tiny_checkpoints, tmp_pat
 
 def test_build_defaults_to_the_low_rank_backend(tiny_checkpoints, tmp_path):
     """With no --backend, build picks lowrank (the fewest bytes at the target recall on every
-    checkpoint measured) and stores no copy of the keys, only its projection and codes."""
+    checkpoint measured) with a per-query margin and 8-bit re-ranking, tuned to recall 0.99, and
+    stores no float32 copy of the keys, only its projection and codes."""
     out = tmp_path / "store"
     notes = tmp_path / "notes.txt"
     notes.write_text("A calibration text of another kind, mixed in turn with the docstrings.\n")
@@ -230,13 +235,18 @@ def test_build_defaults_to_the_low_rank_backend(tiny_checkpoints, tmp_path):
         manifest["calibration"]["text"]
         == f"python-stdlib-docstrings:calibration + {notes} (one passage per line (no blank lines))"
     )
-    assert manifest["backend"] == "lowrank"
+    assert manifest["backend"] == "lowrank" and manifest["target_recall"] == 0.99
     assert all(
-        layer["effort_param"] == "rerank" and layer["build_params"]["rerank_bits"] == 32 for layer in manifest["layers"]
+        layer["effort_param"] == "margin"
+        and {name: layer["build_params"][name] for name in ("margin_rank", "rerank_bits", "kept_bits")}
+        == {"margin_rank": 16, "rerank_bits": 8, "kept_bits": 8}
+        and layer["k"] == 8
+        for layer in manifest["layers"]
     )
     stored = sorted(p.name for p in out.rglob("*") if p.is_file())
     assert any(name.endswith(".projection.faiss") for name in stored)
-    assert not any("keys" in name for name in stored)
+    assert any("key_codes" in name for name in stored)  # 8-bit codes, not a float32 copy of the keys
+    assert not any("keys" in name and "key_codes" not in name for name in stored)
 
 
 def test_low_rank_margin_build_and_eval_by_margin(tiny_checkpoints, tmp_path):
@@ -255,6 +265,10 @@ def test_low_rank_margin_build_and_eval_by_margin(tiny_checkpoints, tmp_path):
         "400",
         "--param",
         "margin_rank=8",
+        "--param",  # candidates re-ranked from the float32 keys: recall grows with the margin alone
+        "rerank_bits=32",
+        "--param",
+        "kept_bits=32",
     )
     manifest = json.loads((out / "manifest.json").read_text())
     for layer in manifest["layers"]:

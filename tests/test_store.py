@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -8,13 +9,14 @@ import pytest
 import torch
 
 from ann_mlp.approx_model import ApproxModel
-from ann_mlp.build import build_store
+from ann_mlp.build import build_indexes, build_store
 from ann_mlp.capture import forward, make_batch
 from ann_mlp.checkpoint import load_checkpoint
-from ann_mlp.config import STORE_FORMAT_VERSION, BuildConfig, TextConfig
+from ann_mlp.config import DEFAULT_K, STORE_FORMAT_VERSION, BuildConfig, TextConfig
 from ann_mlp.errors import CheckpointError, InputError, StoreError
 from ann_mlp.planner import machine
 from ann_mlp.store import Store, manifest_checksum
+from tests.tiny_checkpoints import D_FF, LAYERS
 
 CONFIG = BuildConfig(backend="ivf", k=16, target_recall=0.9, calibration=TextConfig(max_tokens=600, batch_size=8))
 
@@ -170,19 +172,30 @@ def _empty(tmp_path):
     return path
 
 
-def test_mass_target_chooses_k_per_layer(tiny_checkpoints, tmp_path):
-    config = BuildConfig(
-        backend="exact", k=96, target_recall=None, mass_target=0.9, calibration=TextConfig(max_tokens=600, batch_size=8)
-    )
+def test_k_is_chosen_per_layer_from_the_activation_mass(tiny_checkpoints, tmp_path):
+    """With no k, a sparse (ReLU) layer gets the smallest k keeping mass_target of its activation
+    mass, at most half of d_ff; a dense (GELU) one DEFAULT_K (here all of its d_ff); a given k
+    applies to every layer."""
+    calibration = TextConfig(max_tokens=600, batch_size=8)
+    config = BuildConfig(backend="exact", target_recall=None, mass_target=0.9, calibration=calibration)
     store = build_store(str(tiny_checkpoints["opt"]), tmp_path / "mass", config, progress=False)
     manifest = Store.open(store).manifest
     assert BuildConfig.from_json(manifest.build) == config and manifest.extra == {"plan_machine": machine()}
     for entry in manifest.layers:
-        assert entry.k is not None and entry.k % 16 == 0 and 16 <= entry.k <= 96
+        assert entry.k is not None and entry.k % 16 == 0 and 16 <= entry.k <= D_FF // 2
+    assert manifest.k == max(entry.k for entry in manifest.layers)
     model = ApproxModel.open(store)
     assert [mlp.k for mlp in model.mlps.values()] == [e.k for e in manifest.layers]
     model.configure(k=32)  # an explicit k still applies to every layer
     assert {mlp.k for mlp in model.mlps.values()} == {32}
+
+    dense = build_store(str(tiny_checkpoints["bert"]), tmp_path / "dense", config, progress=False)
+    assert [entry.k for entry in Store.open(dense).manifest.layers] == [min(DEFAULT_K, D_FF)] * LAYERS
+    fixed = replace(config, k=48)
+    assert [
+        entry.k
+        for entry in build_indexes(load_checkpoint(str(tiny_checkpoints["opt"])), fixed, progress=False)[0].layers
+    ] == [48] * LAYERS
     with pytest.raises(InputError, match="mass target"):
         BuildConfig(mass_target=1.5)
 
@@ -256,7 +269,12 @@ def test_model_and_index_hold_the_weights_once(tiny_checkpoints, tmp_path, famil
     ApproxMLP's table; the model's parameters are views of them (GPT-2 stores keys transposed,
     LLaMA and BERT values). Under IVF the model's neurons take the lists' order: the same
     model, summed in another order."""
-    config = BuildConfig(backend=backend, k=16, target_recall=0.9, calibration=TextConfig(max_tokens=600))
+    # lowrank scores the kept keys from float32 (kept_bits 32), not its default 8-bit codes, so that
+    # at k = d_ff and full effort the approximate MLP is the exact one.
+    build_params = {"kept_bits": 32} if backend == "lowrank" else {}
+    config = BuildConfig(
+        backend=backend, k=16, target_recall=0.9, build_params=build_params, calibration=TextConfig(max_tokens=600)
+    )
     store = build_store(str(tiny_checkpoints[family]), tmp_path / family, config, progress=False)
     plain = load_checkpoint(str(tiny_checkpoints[family]))
     model = ApproxModel.open(store)
