@@ -43,7 +43,9 @@ def running_server(
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
+        # A guard against a hang, not a timing: replicas that plan their stores again on their own
+        # thread count take minutes on a busy machine.
+        deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             assert proc.poll() is None, open(log.name).read()[-3000:]
             try:
@@ -329,7 +331,9 @@ def test_an_unexpected_error_is_a_json_500_on_a_connection_that_stays_open(tiny_
     thread.start()
     try:
         url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        deadline = time.monotonic() + 120
+        # A guard against a hang, not a timing: replicas that plan their stores again on their own
+        # thread count take minutes on a busy machine.
+        deadline = time.monotonic() + 600
         while not server.started and time.monotonic() < deadline:
             time.sleep(0.05)
         connection = http.client.HTTPConnection("127.0.0.1", sock.getsockname()[1], timeout=30)

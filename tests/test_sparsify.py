@@ -52,6 +52,11 @@ def test_topk_student_fires_at_most_k_and_is_reported_against_the_original(tiny_
     assert all(pct > 20 for pct in report.original_positive_pct)  # random GELU: about half positive
     agreement = report.against_original
     assert -1 <= agreement["embedding_cosine_min"] <= agreement["embedding_cosine_mean"] <= 1
+    # in-domain: the training file's held-out quarter; beside it the held-out kind, here the whole file
+    assert report.report_text.startswith(str(text_file)) and report.held_out_text.startswith(str(text_file))
+    held = report.held_out_against_original
+    assert -1 <= held["embedding_cosine_min"] <= held["embedding_cosine_mean"] <= 1
+    assert all(0 < pct <= 6 / D_FF * 100 + 1e-9 for pct in report.held_out_nonzero_pct)
     assert json.loads((out / REPORT_FILE).read_text())["nonzero_pct"] == report.nonzero_pct
     logged = [json.loads(line) for line in (out / "sparsify_log.jsonl").read_text().splitlines()]
     assert [record["step"] for record in logged] == [2, 3]  # every save_every=2 steps, and at the end

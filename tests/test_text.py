@@ -232,3 +232,11 @@ def test_named_sources_have_disjoint_splits_and_a_missing_one_is_an_error(monkey
     with pytest.raises(InputError, match="'man' has no calibration passages"):
         next(mixed_passages(["man"], "calibration"))
     assert describe_calibration([]) == "python-stdlib-docstrings:calibration + python-package-docs:calibration"
+
+
+def test_a_balanced_mix_ends_with_its_shortest_source(tmp_path):
+    short, long = tmp_path / "short.txt", tmp_path / "long.txt"
+    short.write_text("S one.\n\nS two.\n")
+    long.write_text("L one.\n\nL two.\n\nL three.\n\nL four.\n")
+    assert list(mixed_passages([short, long], "calibration", balanced=True)) == ["S one.", "L one.", "S two.", "L two."]
+    assert len(list(mixed_passages([short, long], "calibration"))) == 6
