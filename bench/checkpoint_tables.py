@@ -49,7 +49,19 @@ def sparsified_row(name: str, folder: Path) -> str:
         f"{report['steps']} steps, {report['tokens_seen'] / 1e6:.2f} M tokens, {report['train_seconds'] / 3600:.2f} h, "
         f"on {', '.join(report['train_text'])} | against {report['original']} on {report['report_text']}: "
         f"embedding cosine {against['embedding_cosine_mean']:.3f} (min {against['embedding_cosine_min']:.3f}), "
-        f"nearest-neighbour agreement {against['neighbour_agreement']:.3f} | {percents(report['nonzero_pct'])} |"
+        f"nearest-neighbour agreement {against['neighbour_agreement']:.3f}{held_out(report)} | "
+        f"{percents(report['nonzero_pct'])} |"
+    )
+
+
+def held_out(report: dict) -> str:
+    """The report's figures on the kind of text left out of training, when it has them."""
+    if not report.get("held_out_text"):
+        return ""
+    against = report["held_out_against_original"]
+    return (
+        f"; on {report['held_out_text']}, a kind left out of training: cosine {against['embedding_cosine_mean']:.3f} "
+        f"(min {against['embedding_cosine_min']:.3f}), agreement {against['neighbour_agreement']:.3f}"
     )
 
 

@@ -185,6 +185,10 @@ def test_checkpoint_page_has_each_committed_models_recorded_run():
         else:
             report = json.loads((folder / "sparsify_report.json").read_text())
             assert f"nearest-neighbour agreement {report['against_original']['neighbour_agreement']:.3f}" in row
+            if report.get("held_out_text"):
+                held = report["held_out_against_original"]
+                assert f"on {report['held_out_text']}, a kind left out of training: cosine " in row
+                assert f"agreement {held['neighbour_agreement']:.3f}" in row
 
 
 def test_speed_tables_render_what_the_benchmarks_wrote(tiny_stores, tmp_path):
