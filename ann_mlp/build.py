@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,15 @@ from ann_mlp.linalg import RowCodes, round_up_16
 from ann_mlp.metrics import total_relative_error
 from ann_mlp.planner import machine, plan_model
 from ann_mlp.store import LAYER_ARRAYS, LayerEntry, Manifest, StoreWriter
-from ann_mlp.text import calibration_passages, describe_calibration, recorded_sources
+from ann_mlp.text import (
+    available_sources,
+    calibration_passages,
+    describe,
+    describe_calibration,
+    is_named,
+    passages,
+    recorded_sources,
+)
 from ann_mlp.tuning import measure, tune_effort
 
 log = logging.getLogger(__name__)
@@ -44,8 +53,7 @@ def capture_calibration(
     every = max(2, round(1 / config.holdout_fraction))
     stats = TextStats()
     stream = batches(checkpoint, calibration_passages(sources, config.calibration), config.calibration, stats)
-    for i, batch in enumerate(tqdm(stream, desc="calibration batches", disable=not progress)):
-        _, captured = forward_capturing(checkpoint, batch, layers)
+    for i, captured in enumerate(_captured(checkpoint, stream, "calibration batches", progress)):
         side = holdout if i % every == every - 1 else tune
         for layer in layers:
             side[layer].append(captured[layer])
@@ -55,6 +63,39 @@ def capture_calibration(
             cut = max(1, int(len(x) * (1 - config.holdout_fraction)))
             tune[layer], holdout[layer] = [x[:cut]], [x[cut:]]
     return [torch.cat(t) for t in tune], [torch.cat(h) for h in holdout], stats
+
+
+def _captured(checkpoint: Checkpoint, stream, desc: str, progress: bool):
+    """Each batch's MLP inputs, {layer: (n_tokens, d_model)}."""
+    layers = range(checkpoint.num_layers)
+    for batch in tqdm(stream, desc=desc, disable=not progress):
+        yield forward_capturing(checkpoint, batch, layers)[1]
+
+
+def check_text_in_use(config: BuildConfig, sources: Sequence[str | Path]) -> str | None:
+    """The other kind of text build-time recall is checked on: config.check_text unless the
+    calibration uses it, or it is a named source this machine lacks."""
+    check = config.check_text
+    if check is None or check in [str(source) for source in sources]:
+        return None
+    if is_named(check) and not available_sources([check], "evaluation"):
+        return None
+    return check
+
+
+def capture_check(
+    checkpoint: Checkpoint, config: BuildConfig, check: str, progress: bool
+) -> tuple[list[torch.Tensor], TextStats]:
+    """MLP inputs per layer on the check text (its evaluation split), up to config.check_tokens."""
+    fmt = replace(config.calibration, max_tokens=config.check_tokens)
+    stats = TextStats()
+    per_layer: list[list[torch.Tensor]] = [[] for _ in range(checkpoint.num_layers)]
+    for captured in _captured(
+        checkpoint, batches(checkpoint, passages(check, "evaluation", fmt), fmt, stats), "check batches", progress
+    ):
+        for layer, x in captured.items():
+            per_layer[layer].append(x)
+    return [torch.cat(x) for x in per_layer], stats
 
 
 class LayerCalibration:
@@ -261,6 +302,7 @@ def build_layer(
     inputs: torch.Tensor,
     holdout_inputs: torch.Tensor,
     writer: StoreWriter | None = None,
+    check_inputs: torch.Tensor | None = None,
 ) -> tuple[LayerEntry, MipsIndex, dict[str, np.ndarray]]:
     """One layer's index, tuned to the target recall on calibration inputs and measured on held-out
     ones, with the arrays beside it; written through `writer` when given.
@@ -289,6 +331,10 @@ def build_layer(
         point = tune_effort(index, tune_q, torch.from_numpy(tune_q) @ key_t.T, k, config.target_recall)
         index.search_params = {index.effort_param: point.effort}
     held = measure(index, holdout_q, torch.from_numpy(holdout_q) @ key_t.T, k)
+    check_recall = None
+    if check_inputs is not None:
+        check_q = augmented_queries(_sample(check_inputs, MAX_TUNING_QUERIES, config.seed))
+        check_recall = round(measure(index, check_q, torch.from_numpy(check_q) @ key_t.T, k).recall, 6)
     log.info("layer %d: %s recall@%d=%.3f scanned=%.3f", layer, index, k, held.recall, held.scanned_fraction)
     files = writer.add_layer(layer, index) if writer else {}
     selection = gated_selection(config, tune, k)
@@ -317,6 +363,7 @@ def build_layer(
         **{f"{part}_file": name for part, name in array_files.items()},
         build_recall=round(held.recall, 6),
         build_scanned_fraction=round(held.scanned_fraction, 6),
+        check_recall=check_recall,
         build_seconds=round(time.perf_counter() - start, 3),
     )
     return entry, index, arrays
@@ -339,10 +386,18 @@ def build_indexes(
     if config.k is not None and config.k > min(d_ffs):
         raise InputError(f"k={config.k} exceeds d_ff={min(d_ffs)} of {checkpoint.source.spec}")
     tune_inputs, holdout_inputs, text_stats = capture_calibration(checkpoint, config, calib_sources, progress)
+    check = check_text_in_use(config, calib_sources)
+    check_inputs, check_stats = capture_check(checkpoint, config, check, progress) if check else (None, None)
     entries, indexes, layer_arrays = [], {}, {}
     for layer in tqdm(range(checkpoint.num_layers), desc="layers", disable=not progress):
         entry, indexes[layer], layer_arrays[layer] = build_layer(
-            checkpoint.adapter.mlp_weights(layer), layer, config, tune_inputs[layer], holdout_inputs[layer], writer
+            checkpoint.adapter.mlp_weights(layer),
+            layer,
+            config,
+            tune_inputs[layer],
+            holdout_inputs[layer],
+            writer,
+            check_inputs[layer] if check_inputs else None,
         )
         entries.append(entry)
     manifest = Manifest(
@@ -364,6 +419,8 @@ def build_indexes(
             "tune_queries": int(min(len(tune_inputs[0]), MAX_TUNING_QUERIES)),
             "holdout_queries": int(min(len(holdout_inputs[0]), MAX_TUNING_QUERIES)),
             "seed": config.seed,
+            "check_text": describe(check, "evaluation", config.calibration) if check else None,
+            "check_tokens": check_stats.tokens if check_stats else 0,
         },
         layers=entries,
     )

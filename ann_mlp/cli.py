@@ -123,6 +123,11 @@ def build(
         f"source ({', '.join(SOURCES)}; their calibration split) [default: {' + '.join(DEFAULT_MIX)}].",
     ),
     calib_tokens: int = typer.Option(TextConfig.max_tokens, help="Calibration tokens to run through the model."),
+    check_text: str = typer.Option(
+        BuildConfig.check_text,
+        help="A kind of text other than the calibration's (file, folder or named source) on which build-time "
+        "recall is reported too; 'none' to skip.",
+    ),
     split: str = SPLIT,
     jsonl_field: str | None = JSONL_FIELD,
     long_passages: str = LONG_PASSAGES,
@@ -174,6 +179,7 @@ def build(
             tail_map_rank=tail_map_rank,
             gated_selection=gated_selection,
             calibration=_text(calib_tokens, split, jsonl_field, long_passages, passage_tokens),
+            check_text=None if check_text == "none" else check_text,
         )
     )
     out = out or DEFAULT_STORE_ROOT / Path(checkpoint.rstrip("/")).stem
@@ -184,11 +190,13 @@ def build(
     typer.echo(
         f"built {path}: {manifest.family}, {len(manifest.layers)} layers, backend={manifest.backend}, k={manifest.k}"
     )
+    check_text = manifest.calibration.get("check_text")
     for entry in manifest.layers:
         ranking = "gate " if entry.gated else ""  # gated layers are searched by their gate rows
+        check = f" (on {check_text}: {entry.check_recall:.3f})" if entry.check_recall is not None else ""
         typer.echo(
             f"  layer {entry.layer:>3}: {entry.search_params} {ranking}recall@{entry.k or manifest.k}"
-            f"={entry.build_recall:.3f} "
+            f"={entry.build_recall:.3f}{check} "
             f"scanned={entry.build_scanned_fraction:.3f} ({entry.build_seconds:.1f}s){_plan_words(entry.plan)}"
         )
 

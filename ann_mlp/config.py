@@ -80,6 +80,12 @@ class BuildConfig:
     # Share of calibration tokens kept apart to report build-time recall on
     # queries the tuner did not see.
     holdout_fraction: float = 0.25
+    # A kind of text other than the calibration's (a file, folder or named source: text.SOURCES),
+    # on which build-time recall is measured too, so a build shows at once whether its tuning
+    # holds beyond its own kind. The default, the licence texts, is in no default mix; a machine
+    # without it, or None, skips the check.
+    check_text: str | None = "licenses"
+    check_tokens: int = 2048
     # Time dense vs approximate per layer and batch size, for the run-time planner (mode "auto").
     plan: bool = True
     # Stand in for the neurons not retrieved with their mean activation on the calibration tokens

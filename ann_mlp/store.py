@@ -50,6 +50,8 @@ class LayerEntry:
     build_recall: float | None  # recall@k on held-out calibration tokens at search_params
     build_scanned_fraction: float | None
     build_seconds: float
+    # recall@k at search_params on a kind of text other than the calibration's (BuildConfig.check_text)
+    check_recall: float | None = None
     k: int | None = None  # this layer's k when chosen per layer (None: the store's k)
     plan: dict[str, Any] | None = None  # planner.plan_layer: where approximation pays (None: not measured)
     tail_mean_file: str | None = None  # (d_ff,) float32 .npy: build.dropped_mean, for the tail correction

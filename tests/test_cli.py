@@ -215,7 +215,7 @@ def test_build_defaults_to_the_low_rank_backend(tiny_checkpoints, tmp_path):
     out = tmp_path / "store"
     notes = tmp_path / "notes.txt"
     notes.write_text("A calibration text of another kind, mixed in turn with the docstrings.\n")
-    run(
+    built = run(
         "build",
         str(tiny_checkpoints["gpt2"]),
         "--out",
@@ -247,6 +247,18 @@ def test_build_defaults_to_the_low_rank_backend(tiny_checkpoints, tmp_path):
     assert any(name.endswith(".projection.faiss") for name in stored)
     assert any("key_codes" in name for name in stored)  # 8-bit codes, not a float32 copy of the keys
     assert not any("keys" in name and "key_codes" not in name for name in stored)
+    # build-time recall on another kind of text beside the calibration's held-out tokens
+    assert manifest["calibration"]["check_text"] == "licenses:evaluation"
+    assert manifest["calibration"]["check_tokens"] > 0
+    assert all(0 <= layer["check_recall"] <= 1 for layer in manifest["layers"])
+    first = manifest["layers"][0]
+    assert f"={first['build_recall']:.3f} (on licenses:evaluation: {first['check_recall']:.3f})" in built.stdout
+    unchecked = tmp_path / "unchecked"
+    run("build", str(tiny_checkpoints["gpt2"]), "--out", str(unchecked), "--k", "8", "--calib-tokens", "400",
+        "--check-text", "none", "--no-plan")  # fmt: skip
+    manifest = json.loads((unchecked / "manifest.json").read_text())
+    assert manifest["calibration"]["check_text"] is None
+    assert all(layer["check_recall"] is None for layer in manifest["layers"])
 
 
 def test_low_rank_margin_build_and_eval_by_margin(tiny_checkpoints, tmp_path):
