@@ -1,7 +1,8 @@
 """Real text available offline: named sources found on the machine, or any text file.
 
-Named sources (`SOURCES`), each split by file into a calibration part and an evaluation part
-(one file in four), so that what is measured by default is text the tuner never saw:
+Named sources (`SOURCES`), each split into a calibration part and an evaluation part (one in
+four: module files for the standard library, passages for the others), so that what is measured
+by default is text the tuner never saw:
 - `stdlib`: the Python standard library's docstrings (program documentation, in code);
 - `man`: the manual pages under /usr/share/man, from their roff source (terse command reference);
 - `package-docs`: the descriptions of the installed Python distributions (READMEs, in prose);
@@ -39,9 +40,9 @@ def _clean(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-def _file_split(relative: str) -> Split:
-    # One module in four goes to evaluation; stable across machines and versions.
-    return "evaluation" if hashlib.sha1(relative.encode()).digest()[0] % 4 == 0 else "calibration"
+def _split_of(key: str) -> Split:
+    # One module file (or passage) in four goes to evaluation; stable across machines and versions.
+    return "evaluation" if hashlib.sha1(key.encode()).digest()[0] % 4 == 0 else "calibration"
 
 
 def _docstrings(path: Path) -> Iterator[str]:
@@ -64,7 +65,7 @@ def stdlib_passages(split: Split) -> Iterator[str]:
     ordered = sorted(files, key=lambda p: hashlib.sha1(relative[p].encode()).hexdigest())
     seen: set[str] = set()
     for path in ordered:
-        if _file_split(relative[path]) != split:
+        if _split_of(relative[path]) != split:
             continue
         for doc in _docstrings(path):
             if len(doc) >= MIN_PASSAGE_CHARS and doc not in seen:
@@ -93,7 +94,7 @@ def _split_prose(passages: Iterator[str], split: Split) -> Iterator[str]:
     READMEs share boilerplate paragraphs, which a split by file would put in both."""
     seen: set[str] = set()
     for passage in passages:
-        if passage not in seen and _is_prose(passage) and _file_split(passage) == split:
+        if passage not in seen and _is_prose(passage) and _split_of(passage) == split:
             seen.add(passage)
             yield passage
 
@@ -348,7 +349,7 @@ def mixed_passages(
             streams.append(source_passages(str(source), split))
             continue
         found = corpus_passages([Path(source)], fmt)
-        streams.append(iter([p for p in found if _file_split(p) == split] if split_files else found))
+        streams.append(iter([p for p in found if _split_of(p) == split] if split_files else found))
     return _in_turn(streams, balanced)
 
 
