@@ -49,8 +49,8 @@ from ann_mlp.text import (
     HELD_OUT_SOURCE,
     available_sources,
     default_mix,
+    describe,
     describe_mix,
-    is_named,
     mixed_passages,
 )
 from ann_mlp.training_state import load_state, save_state
@@ -199,7 +199,7 @@ def sparsify(
     source = resolve_checkpoint(spec)
     teacher = load_checkpoint(source)
     train_passages = _training_passages(text, config.text)
-    train_names = describe_mix(text, "calibration", config.text).split(" + ")
+    train_names = [describe(source, "calibration", config.text) for source in text or default_mix()]
     activation, topk, threshold = _student_activation(teacher, config)
     student = load_checkpoint(source)
     student.adapter.set_activation(activation, topk, threshold)
@@ -371,9 +371,7 @@ def _report(
         against_original=against,
         nonzero_pct=nonzero,
         original_positive_pct=positive,
-        held_out_text=describe_mix([held_out], "evaluation" if is_named(held_out) else "calibration", fmt)
-        if held_out is not None
-        else None,
+        held_out_text=describe(held_out, "evaluation", fmt) if held_out is not None else None,
         held_out_against_original=held_against,
         held_out_nonzero_pct=held_nonzero,
         config=asdict(config),
