@@ -100,7 +100,8 @@ def test_a_burst_beyond_every_replicas_queue_gets_429_with_retry_after(replicas)
     slow = {"model": "tiny-llama", "prompt": "x", "max_tokens": 200, "ann_mlp": {"mode": "exact"}}
 
     def send(_):
-        with httpx.Client(timeout=120) as client:
+        # A guard against a hang: the accepted requests decode one after another, minutes on a busy machine.
+        with httpx.Client(timeout=600) as client:
             return client.post(f"{replicas}/v1/completions", json=slow)
 
     with ThreadPoolExecutor(64) as pool:
