@@ -15,6 +15,7 @@ kind a report holds out.
 from __future__ import annotations
 
 import ast
+import functools
 import gzip
 import hashlib
 import importlib.metadata
@@ -22,6 +23,7 @@ import inspect
 import json
 import re
 import sysconfig
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal
@@ -34,6 +36,48 @@ STDLIB_SOURCE = "stdlib"
 MIN_PASSAGE_CHARS = 40
 TEXT_SUFFIXES = {".txt", ".rst", ".md"}
 _SKIP_DIRS = {"test", "tests", "site-packages", "idle_test", "__pycache__"}
+
+
+class _Replay:
+    """A passage stream read once and replayed: every iteration yields what was read so far, then
+    reads on. Passages are read lazily, so a caller that takes a few of a large source reads few."""
+
+    def __init__(self, stream: Iterator[str]):
+        self._stream: Iterator[str] | None = stream
+        self._read: list[str] = []
+        self._lock = threading.Lock()
+
+    def __iter__(self) -> Iterator[str]:
+        position = 0
+        while True:
+            with self._lock:
+                if position == len(self._read):
+                    passage = next(self._stream, None) if self._stream is not None else None
+                    if passage is None:
+                        self._stream = None
+                        return
+                    self._read.append(passage)
+                passage = self._read[position]
+            position += 1
+            yield passage
+
+
+def _read_once(reader: Callable[..., Iterator[str]]) -> Callable[..., Iterator[str]]:
+    """A source reader whose passages are read from disk once per process. One build or sparsify
+    asks for the same source several times (which sources the machine has, the calibration text,
+    the check text), and reading the manual pages or parsing the standard library takes seconds."""
+    replays: dict[tuple, _Replay] = {}
+    lock = threading.Lock()
+
+    @functools.wraps(reader)
+    def replayed(*args) -> Iterator[str]:
+        with lock:
+            if args not in replays:
+                replays[args] = _Replay(reader(*args))
+            replay = replays[args]
+        return iter(replay)
+
+    return replayed
 
 
 def _clean(text: str) -> str:
@@ -57,6 +101,7 @@ def _docstrings(path: Path) -> Iterator[str]:
                 yield _clean(inspect.cleandoc(doc))
 
 
+@_read_once
 def stdlib_passages(split: Split) -> Iterator[str]:
     """Docstrings of the standard library's modules in `split`, in a fixed pseudo-random module order."""
     root = Path(sysconfig.get_paths()["stdlib"])
@@ -165,6 +210,7 @@ def _families_in_turn(names: list[str]) -> list[str]:
     return [name for *_, name in sorted(keyed)]
 
 
+@_read_once
 def man_passages(split: Split, root: Path = MAN_ROOT) -> Iterator[str]:
     """Prose paragraphs of the English manual pages under `root` (man1 ... man8), in a fixed order;
     a page that only points to another (`.so`) is skipped."""
@@ -185,6 +231,7 @@ def _man_page_passages(pages: dict[str, Path]) -> Iterator[str]:
         yield from roff_passages(source)
 
 
+@_read_once
 def package_doc_passages(split: Split) -> Iterator[str]:
     """Prose paragraphs of the installed Python distributions' descriptions (their READMEs)."""
     descriptions: dict[str, str] = {}
@@ -204,6 +251,7 @@ def _markdown_paragraphs(documents: Iterable[str]) -> Iterator[str]:
             yield _clean(re.sub(r"[#*`>|=_~\[\]]+", " ", paragraph))  # markup characters
 
 
+@_read_once
 def license_passages(split: Split, root: Path = LICENSE_ROOT) -> Iterator[str]:
     """Prose paragraphs of the licence texts under `root`."""
     files = sorted(p for p in root.iterdir() if p.is_file()) if root.is_dir() else []

@@ -11,6 +11,7 @@ from ann_mlp.errors import InputError
 from ann_mlp.text import (
     DEFAULT_MIX,
     SOURCES,
+    _read_once,
     calibration_passages,
     corpus_passages,
     describe,
@@ -240,3 +241,19 @@ def test_a_balanced_mix_ends_with_its_shortest_source(tmp_path):
     long.write_text("L one.\n\nL two.\n\nL three.\n\nL four.\n")
     assert list(mixed_passages([short, long], "calibration", balanced=True)) == ["S one.", "L one.", "S two.", "L two."]
     assert len(list(mixed_passages([short, long], "calibration"))) == 6
+
+
+def test_a_source_is_read_from_disk_once_and_replayed_alike():
+    reads = []
+
+    @_read_once
+    def counted(split):
+        reads.append(split)
+        yield from (f"{split} passage {i}" for i in range(5))
+
+    first = counted("calibration")
+    assert [next(first), next(first)] == ["calibration passage 0", "calibration passage 1"]
+    assert list(counted("calibration")) == [f"calibration passage {i}" for i in range(5)]  # replays, then reads on
+    assert list(first) == [f"calibration passage {i}" for i in range(2, 5)]
+    assert list(counted("evaluation"))[0] == "evaluation passage 0"
+    assert reads == ["calibration", "evaluation"]
