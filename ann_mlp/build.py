@@ -29,6 +29,7 @@ from ann_mlp.store import LAYER_ARRAYS, LayerEntry, Manifest, StoreWriter
 from ann_mlp.text import (
     available_sources,
     calibration_passages,
+    corpus_passages,
     describe,
     describe_calibration,
     is_named,
@@ -74,13 +75,15 @@ def _captured(checkpoint: Checkpoint, stream, desc: str, progress: bool):
 
 def check_text_in_use(config: BuildConfig, sources: Sequence[str | Path]) -> str | None:
     """The other kind of text build-time recall is checked on: config.check_text unless the
-    calibration uses it, or it is a named source this machine lacks."""
+    calibration uses it, or it is a named source this machine lacks. A file or folder that holds
+    no readable text is an error before anything is captured."""
     check = config.check_text
     if check is None or check in [str(source) for source in sources]:
         return None
-    if is_named(check) and not available_sources([check], "evaluation"):
-        return None
-    return check
+    if not is_named(check):
+        corpus_passages([Path(check)], config.calibration)
+        return check
+    return check if available_sources([check], "evaluation") else None
 
 
 def capture_check(
@@ -385,8 +388,8 @@ def build_indexes(
     d_ffs = [checkpoint.adapter.mlp_weights(layer).d_ff for layer in range(checkpoint.num_layers)]
     if config.k is not None and config.k > min(d_ffs):
         raise InputError(f"k={config.k} exceeds d_ff={min(d_ffs)} of {checkpoint.source.spec}")
-    tune_inputs, holdout_inputs, text_stats = capture_calibration(checkpoint, config, calib_sources, progress)
     check = check_text_in_use(config, calib_sources)
+    tune_inputs, holdout_inputs, text_stats = capture_calibration(checkpoint, config, calib_sources, progress)
     check_inputs, check_stats = capture_check(checkpoint, config, check, progress) if check else (None, None)
     entries, indexes, layer_arrays = [], {}, {}
     for layer in tqdm(range(checkpoint.num_layers), desc="layers", disable=not progress):

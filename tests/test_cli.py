@@ -187,6 +187,11 @@ def test_bad_input_gives_one_line_errors(minilm_store, tiny_checkpoints, tmp_pat
             ),
             "cannot read",
         ),
+        (
+            ("build", str(tiny_checkpoints["opt"]), "--out", str(out), "--check-text", str(tmp_path / "none.txt")),
+            "cannot read",
+        ),
+        (("eval", str(minilm_store), "--text", "nosuchsource"), "cannot read"),
         (("eval", str(minilm_store), "--text", str(empty)), "empty"),
         (("eval", str(minilm_store), "--k", "5000"), "k must be in"),
         (("eval", str(minilm_store), "--candidate-factor", "0.5"), "candidate factor"),
