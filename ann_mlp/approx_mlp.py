@@ -125,13 +125,13 @@ class ApproxMLP(nn.Module):
         # The activation module's forward, called directly: Module.__call__'s hook handling cost
         # a third of the glue at batch 1.
         self.act = ACT2FN[weights.activation].forward
-        # embedding_bag gathers rows of a contiguous (d_ff, d_model) table.
-        self.value_rows = weights.values.float().contiguous()  # (d_ff, d_model)
+        # embedding_bag gathers rows of a contiguous (d_ff, d_model) table, in the model's dtype.
+        self.value_rows = weights.values.contiguous()  # (d_ff, d_model)
         self.dense_act = activation_module(weights.activation, weights.topk, weights.threshold)
         # Tail correction: neurons not retrieved contribute their mean when not in the top k (build.dropped_mean),
         # y = sum_retrieved (h_i - m_i) v_i + sum_all m_i v_i; exact when all are retrieved.
         self.tail_mean = None if tail_mean is None else tail_mean.float()  # (d_ff,)
-        tail_sum = None if tail_mean is None else self.tail_mean @ self.value_rows  # (d_model,)
+        tail_sum = None if tail_mean is None else self.tail_mean @ self.value_rows.float()  # (d_model,)
         # What is added to every output row: the output bias and the tail's mean contribution, summed once.
         terms = [t.float() for t in (weights.out_bias, tail_sum) if t is not None]
         self.out_sum = None if not terms else sum(terms)  # (d_model,)
@@ -162,10 +162,11 @@ class ApproxMLP(nn.Module):
         return self.forward_with_selection(hidden_states)[0]
 
     def dense_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """The exact MLP over all d_ff neurons: the planner's path where search does not pay."""
+        """The exact MLP over all d_ff neurons, in the model's dtype: the planner's path where
+        search does not pay."""
         w = self.weights
         shape = hidden_states.shape
-        x = hidden_states.reshape(-1, w.d_model).float()  # (N, d_model)
+        x = hidden_states.reshape(-1, w.d_model).to(w.keys.dtype)  # (N, d_model)
         h = self.dense_act(F.linear(x, w.keys, w.key_bias))  # (N, d_ff)
         if w.gated:
             h = h * F.linear(x, w.up, w.up_bias)
@@ -194,6 +195,7 @@ class ApproxMLP(nn.Module):
 
         One fused gather-and-sum (embedding_bag with per-sample weights), called through
         torch.embedding_bag: the functional wrapper's checks cost as much as the kernel at batch 1.
+        A bfloat16 or float16 table is summed in its dtype, as the model's own second layer is.
         embedding_bag shares out bags, not rows, among threads: a single token's sum is cut into
         one bag per thread and the partial sums added (512 rows of 1024: 105 vs 40 µs on 2 threads).
         """
@@ -211,10 +213,10 @@ class ApproxMLP(nn.Module):
             False,
             sum_mode,
             False,
-            weights.reshape(-1),
+            weights.reshape(-1).to(self.value_rows.dtype),
             False,
             None,
-        )[0]  # (bags, d_model)
+        )[0].float()  # (bags, d_model)
         return sums.sum(0, keepdim=True) if parts > 1 else sums
 
     def up_scores(self, ids: torch.Tensor, x: torch.Tensor, codes: RowCodes | None = None) -> torch.Tensor:

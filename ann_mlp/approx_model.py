@@ -188,15 +188,21 @@ def share_layer_tables(
     model's key and bias parameters at views of it and its value parameters at a contiguous
     (d_ff, d_model) table (a transposed view where the family stores the matrix the other way
     round), so the dense model, the index and ApproxMLP read the same memory and the old
-    tensors are freed. With an order, every per-neuron parameter (values, up rows and bias)
+    tensors are freed. A bfloat16 or float16 model keeps its keys in its dtype: pointing them at a
+    float32 table would double them, and its dense path computes in its own dtype. With an order, every per-neuron parameter (values, up rows and bias)
     is put in it too: a permutation of an MLP's neurons leaves its output unchanged.
     """
-    table = torch.from_numpy(key_table)
-    _repoint(model, weights.keys, table[:, : weights.d_model])
-    if weights.key_bias is not None:
-        _repoint(model, weights.key_bias, table[:, weights.d_model])
     rows = slice(None) if order is None else torch.from_numpy(order)
-    _repoint(model, weights.values, weights.values.float()[rows].contiguous())
+    if weights.keys.dtype == torch.float32:
+        table = torch.from_numpy(key_table)
+        _repoint(model, weights.keys, table[:, : weights.d_model])
+        if weights.key_bias is not None:
+            _repoint(model, weights.key_bias, table[:, weights.d_model])
+    elif order is not None:  # a bfloat16 or float16 model keeps its own keys, in the table's order
+        for per_neuron in (weights.keys, weights.key_bias):
+            if per_neuron is not None:
+                _repoint(model, per_neuron, per_neuron[rows].contiguous())
+    _repoint(model, weights.values, weights.values[rows].contiguous())
     if order is not None:
         for per_neuron in (weights.up, weights.up_bias):
             if per_neuron is not None:

@@ -84,10 +84,11 @@ class LayerTotals:
         scores, activations = dense_activations(mlp.weights, x)  # (n, d_ff) each
         # Error is measured on the neurons' contribution: the output bias is
         # reproduced exactly and would only dilute it.
-        exact = activations @ mlp.value_rows  # (n, d_model)
+        exact = activations @ mlp.value_rows.float()  # (n, d_model)
         approx, retrieved, result = mlp.forward_with_selection(x)
+        approx = approx.float()
         if mlp.weights.out_bias is not None:
-            approx = approx - mlp.weights.out_bias
+            approx = approx - mlp.weights.out_bias.float()
         self.tokens += len(x)
         self.recall += float(recall_at_k(scores, retrieved, mlp.k).sum())
         self.contribution_recall += float(recall_at_k(activations.abs(), retrieved, mlp.k).sum())

@@ -13,6 +13,24 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
     return {family: write_tiny_checkpoint(family, root / family) for family in FAMILIES}
 
 
+# Families whose tiny checkpoints are also written in bfloat16 and float16: an encoder, a
+# non-gated causal LM and a gated one.
+HALF_FAMILIES = ("bert", "gpt2", "llama")
+
+
+@pytest.fixture(scope="session")
+def half_checkpoints(tmp_path_factory) -> dict[tuple[str, str], Path]:
+    """{(family, "bfloat16" | "float16"): folder} of tiny checkpoints stored in that dtype."""
+    import torch
+
+    root = tmp_path_factory.mktemp("half-checkpoints")
+    return {
+        (family, dtype): write_tiny_checkpoint(family, root / f"{family}-{dtype}", dtype=getattr(torch, dtype))
+        for family in HALF_FAMILIES
+        for dtype in ("bfloat16", "float16")
+    }
+
+
 @pytest.fixture(params=FAMILIES)
 def tiny_checkpoint(request, tiny_checkpoints) -> Path:
     return tiny_checkpoints[request.param]

@@ -41,6 +41,32 @@ def test_full_k_exhaustive_equals_exact_model(tiny_checkpoint, backend):
     torch.testing.assert_close(_output(forward(checkpoint, batch)), exact, rtol=0, atol=0)
 
 
+# Relative error allowed at k = d_ff against the model's own forward in its dtype: 4 units of
+# rounding of the dtype (bfloat16 keeps 8 significant bits, float16 11). The approximate path
+# scores in float32 and sums values in the model's dtype; the dense model rounds at every step.
+HALF_TOLERANCE = {"bfloat16": 4 * 2**-8, "float16": 4 * 2**-11}
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+def test_full_k_equals_a_half_precision_model_within_its_rounding(half_checkpoints, family, dtype):
+    """A bfloat16 or float16 checkpoint runs in its dtype, and k = d_ff with an exhaustive search
+    reproduces it to the dtype's rounding."""
+    checkpoint = load_checkpoint(str(half_checkpoints[family, dtype]))
+    batch = make_batch(checkpoint, TEXTS, 64)
+    exact = _output(forward(checkpoint, batch))
+    assert exact.dtype == getattr(torch, dtype)
+    mlps = {}
+    for layer in range(checkpoint.num_layers):
+        weights = checkpoint.adapter.mlp_weights(layer)
+        mlps[layer] = ApproxMLP(weights, build_index("exact", augmented_keys(weights)), k=weights.d_ff)
+        assert mlps[layer].value_rows.dtype == getattr(torch, dtype)  # no float32 copy of the values
+    with patched(checkpoint.adapter, mlps):
+        approx = _output(forward(checkpoint, batch))
+    assert approx.dtype == exact.dtype
+    assert _rel(approx.float(), exact.float()) < HALF_TOLERANCE[dtype]
+
+
 def test_layer_output_matches_the_family_module(tiny_checkpoints):
     """One ApproxMLP against the model's own MLP module on the same input (gated and not)."""
     for family in ("gpt2", "llama"):

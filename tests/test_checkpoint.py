@@ -130,3 +130,13 @@ def test_builtin_minilm_sparse_fires_one_sixteenth():
     checkpoint = load_checkpoint("minilm-sparse")
     assert checkpoint.family == "bert" and checkpoint.adapter.topk == 96
     assert checkpoint.adapter.mlp_weights(0).d_ff == 1536 and checkpoint.adapter.mlp_weights(0).activation == "gelu"
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_checkpoints_load_in_their_dtype(half_checkpoints, dtype):
+    """bfloat16 and float16 safetensors load as they are stored: no float32 copy of any weight."""
+    for (family, stored), folder in half_checkpoints.items():
+        if stored != dtype:
+            continue
+        checkpoint = load_checkpoint(str(folder))
+        assert {p.dtype for p in checkpoint.model.parameters()} == {getattr(torch, dtype)}, family

@@ -46,6 +46,15 @@ def test_greedy_tokens_equal_transformers_generate(causal):
         assert continuation.finish_reason == "length"
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_bfloat16_greedy_tokens_equal_transformers_generate(half_checkpoints, family):
+    """A bfloat16 checkpoint decodes in its dtype with the tokens of generate() on the same model."""
+    checkpoint = load_checkpoint(str(half_checkpoints[family, "bfloat16"]))
+    for prompt in PROMPTS:
+        (continuation,) = generate(checkpoint.model, [prompt], 12, eos_token_id=None, pad_token_id=0)
+        assert continuation.tokens == reference(checkpoint, prompt, 12)
+
+
 def test_a_batch_of_unequal_prompts_decodes_each_as_alone(causal):
     together = generate(causal.model, PROMPTS, 10, eos_token_id=None, pad_token_id=0, keep_logprobs=True)
     for prompt, batched in zip(PROMPTS, together):

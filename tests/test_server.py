@@ -359,3 +359,30 @@ def test_the_schema_declares_responses_and_metrics_as_text(client):
         assert responses["200"]["content"]["application/json"]["schema"]["$ref"].endswith("Response")
     metrics = spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
     assert "application/json" not in metrics and any(kind.startswith("text/plain") for kind in metrics)
+
+
+def test_bfloat16_stores_serve_embeddings_and_completions(half_checkpoints, tmp_path):
+    """A bfloat16 encoder and causal LM, served in their dtype: float32 embeddings of unit norm,
+    completions exact and approximate (test_decode checks bfloat16 tokens against generate())."""
+    from ann_mlp.build import build_store
+    from ann_mlp.config import BuildConfig, TextConfig
+
+    config = BuildConfig(k=16, calibration=TextConfig(max_tokens=600), plan=False)
+    stores = [
+        build_store(str(half_checkpoints[family, "bfloat16"]), tmp_path / name, config, progress=False)
+        for family, name in (("bert", "bf16-bert"), ("llama", "bf16-llama"))
+    ]
+    with TestClient(create_app(ServerSettings(stores=stores))) as client:
+        body = {"model": "bf16-bert", "input": ["hello there"], "encoding_format": "base64"}
+        encoded = client.post("/v1/embeddings", json=body).json()["data"][0]["embedding"]
+        assert abs(np.linalg.norm(np.frombuffer(base64.b64decode(encoded), dtype="<f4")) - 1) < 1e-3
+        completions = {
+            mode: client.post(
+                "/v1/completions",
+                json={"model": "bf16-llama", "prompt": "Weights", "max_tokens": 6, "temperature": 0, "mode": mode},
+            )
+            for mode in ("exact", "approx")
+        }
+        for response in completions.values():
+            assert response.status_code == 200, response.text
+            assert response.json()["usage"]["completion_tokens"] >= 1

@@ -513,3 +513,34 @@ def test_settings_given_to_a_block_end_with_it(store):
     with pytest.raises(InputError, match="k must be in"), model.configured(k=10**6):
         pass
     assert settings() == before
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_bfloat16_store_serves_in_bfloat16_without_float32_keys(half_checkpoints, tmp_path, family):
+    """A default build of a bfloat16 checkpoint: the served model keeps every weight in bfloat16
+    (the low-rank index's 8-bit codes stand in for float32 keys, which it does not hold), its
+    parameters take no more bytes than the checkpoint's, and the approximate model runs in bfloat16."""
+    folder = half_checkpoints[family, "bfloat16"]
+    store = build_store(
+        str(folder), tmp_path / family, BuildConfig(calibration=TextConfig(max_tokens=600)), progress=False
+    )
+    plain = load_checkpoint(str(folder))
+    model = ApproxModel.open(store)
+    parameters = list(model.checkpoint.model.parameters())
+    assert {p.dtype for p in parameters} == {torch.bfloat16}
+    assert sum(p.numel() * p.element_size() for p in parameters) == sum(
+        p.numel() * p.element_size() for p in plain.model.parameters()
+    )
+    for mlp in model.mlps.values():
+        assert mlp.index.key_table() is None and mlp.index.keys is None
+        assert mlp.value_rows.dtype == torch.bfloat16
+    batch = make_batch(model.checkpoint, ["Weights stay in the dtype they came in."], 16)
+    exact = forward(plain, batch).logits
+    assert torch.equal(forward(model.checkpoint, batch).logits, exact)  # the dense path is the model's own
+    with model.approximate():
+        approx = forward(model.checkpoint, batch).logits
+    # Every neuron is kept (the default k of a dense activation exceeds the tiny d_ff), so what
+    # differs is the 8-bit scoring of the kept keys and bfloat16's rounding.
+    assert all(entry.k == D_FF for entry in model.manifest.layers)
+    assert approx.dtype == torch.bfloat16
+    assert float((approx.float() - exact.float()).norm() / exact.float().norm()) < 2e-2

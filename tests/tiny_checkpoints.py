@@ -84,7 +84,7 @@ def _config(family: str):
 FAMILIES = ("bert", "gpt2", "opt", "t5", "llama", "mistral", "qwen2")
 
 
-def write_tiny_checkpoint(family: str, folder: Path, seed: int = 0) -> Path:
+def write_tiny_checkpoint(family: str, folder: Path, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
     torch.manual_seed(seed)
     config = _config(family)
     auto = {"bert": transformers.AutoModel, "t5": transformers.AutoModelForSeq2SeqLM}.get(
@@ -96,6 +96,6 @@ def write_tiny_checkpoint(family: str, folder: Path, seed: int = 0) -> Path:
         for name, param in model.named_parameters():
             if name.endswith("bias"):
                 param.normal_(0, 0.5)
-    model.save_pretrained(folder)
+    model.to(dtype).save_pretrained(folder)
     byte_tokenizer().save_pretrained(folder)
     return folder

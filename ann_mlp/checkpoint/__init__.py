@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,8 +146,32 @@ def _model_type(source: CheckpointSource) -> str:
     return AutoConfig.from_pretrained(source.folder, gguf_file=source.gguf_file).model_type
 
 
+# Weight dtypes served as they are stored; others (and GGUF, which transformers de-quantizes) load as float32.
+SERVED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def stored_dtype(source: CheckpointSource) -> torch.dtype:
+    """The dtype most of a safetensors checkpoint's floating-point weights are stored in, read from the
+    files' headers: a bf16 or fp16 checkpoint is served in its dtype, never copied to float32."""
+    if source.gguf_file is not None:
+        return torch.float32
+    from safetensors import safe_open
+
+    elements_by_dtype: dict[str, int] = {}
+    for name in source.weight_files:
+        with safe_open(source.folder / name, "pt") as weights:
+            for key in weights.keys():
+                tensor = weights.get_slice(key)
+                dtype = tensor.get_dtype()
+                if dtype.startswith(("F", "BF")):
+                    elements_by_dtype[dtype] = elements_by_dtype.get(dtype, 0) + math.prod(tensor.get_shape())
+    most = max(elements_by_dtype, key=elements_by_dtype.__getitem__, default="F32")
+    return SERVED_DTYPES.get(most, torch.float32)
+
+
 def load_checkpoint(spec: str | CheckpointSource) -> Checkpoint:
-    """Load weights (fp32, eval mode) and tokenizer; pick the family adapter by model_type."""
+    """Load weights in their stored dtype (float32, bfloat16 or float16; GGUF as float32), in eval
+    mode, and the tokenizer; pick the family adapter by model_type."""
     import transformers
 
     source = spec if isinstance(spec, CheckpointSource) else resolve_checkpoint(spec)
@@ -169,7 +194,7 @@ def load_checkpoint(spec: str | CheckpointSource) -> Checkpoint:
     weights = gguf or {"use_safetensors": True}
     log.info("loading %s (%s) from %s", source.spec, family, source.folder)
     try:
-        model = auto.from_pretrained(source.folder, dtype=torch.float32, **weights)
+        model = auto.from_pretrained(source.folder, dtype=stored_dtype(source), **weights)
         tokenizer = transformers.AutoTokenizer.from_pretrained(source.folder, **gguf)
     except (OSError, ValueError) as err:
         raise CheckpointError(f"cannot load {source.spec}: {err}".splitlines()[0]) from err
@@ -184,7 +209,8 @@ def load_checkpoint(spec: str | CheckpointSource) -> Checkpoint:
 
 
 def _own_memory(model: torch.nn.Module) -> None:
-    """Copy every tensor out of the weight file's memory map (transformers maps fp32 safetensors).
+    """Copy every tensor out of the weight file's memory map (transformers maps safetensors stored
+    in the dtype it loads).
 
     A served model must not change, or fault, when its files are rewritten on disk;
     and memory the model owns is what resident-memory figures can count.

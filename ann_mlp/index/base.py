@@ -141,10 +141,19 @@ class KeyRowsIndex(MipsIndex):
 
     def __init__(self, keys: np.ndarray, build_params: dict[str, Any], search_params: dict[str, Any]) -> None:
         super().__init__(keys.shape[0], keys.shape[1], build_params, search_params)
-        self.keys = torch.from_numpy(np.ascontiguousarray(keys, dtype=np.float32))  # (n, D), not copied if float32
+        # (n, D), not copied if float32; None when no search reads them (the index's codes suffice).
+        self.keys = (
+            torch.from_numpy(np.ascontiguousarray(keys, dtype=np.float32)) if self.reads_keys(build_params) else None
+        )
 
-    def key_table(self) -> np.ndarray:
-        return self.keys.numpy()
+    @classmethod
+    def reads_keys(cls, build_params: dict[str, Any]) -> bool:
+        """Whether searches with these build parameters read the float32 key rows. An index that
+        does not holds no reference to them: a bfloat16 model then keeps no float32 copy of its keys."""
+        return True
+
+    def key_table(self) -> np.ndarray | None:
+        return None if self.keys is None else self.keys.numpy()
 
     def effort_range(self, k: int) -> tuple[int, int]:
         """By default the effort is how many candidates are re-scored exactly: from k to every key."""

@@ -147,6 +147,11 @@ class LowRankIndex(KeyRowsIndex):
         return LowRankParams().to_build_params()
 
     @classmethod
+    def reads_keys(cls, build_params: dict[str, Any]) -> bool:
+        params = LowRankParams.from_build_params(build_params)
+        return params.rerank_bits == 32 or params.kept_bits == 32
+
+    @classmethod
     def build(
         cls,
         keys: np.ndarray,
