@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -14,12 +16,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ann_mlp import __version__
 from ann_mlp.activations import activation_module
 from ann_mlp.approx_mlp import ApproxMLP, augmented_keys, augmented_queries, dense_activations, values_output
 from ann_mlp.approx_model import ApproxModel
 from ann_mlp.capture import TextStats, batches, forward_capturing
-from ann_mlp.checkpoint import Checkpoint, MlpWeights, load_checkpoint
-from ann_mlp.config import DEFAULT_K, BuildConfig
+from ann_mlp.checkpoint import Checkpoint, CheckpointSource, MlpWeights, load_checkpoint, resolve_checkpoint
+from ann_mlp.config import DEFAULT_K, STORE_FORMAT_VERSION, BuildConfig
 from ann_mlp.errors import InputError
 from ann_mlp.index import MipsIndex, backend_class, build_index
 from ann_mlp.linalg import RowCodes, round_up_16
@@ -393,15 +396,23 @@ def build_indexes(
     check_inputs, check_stats = capture_check(checkpoint, config, check, progress) if check else (None, None)
     entries, indexes, layer_arrays = [], {}, {}
     for layer in tqdm(range(checkpoint.num_layers), desc="layers", disable=not progress):
-        entry, indexes[layer], layer_arrays[layer] = build_layer(
-            checkpoint.adapter.mlp_weights(layer),
-            layer,
-            config,
-            tune_inputs[layer],
-            holdout_inputs[layer],
-            writer,
-            check_inputs[layer] if check_inputs else None,
-        )
+        weights = checkpoint.adapter.mlp_weights(layer)
+        entry = writer.finished_layer(layer) if writer else None
+        if entry is not None:  # finished by an earlier build that stopped
+            log.info("layer %d: taken from the stopped build's %s", layer, writer.tmp.name)
+            indexes[layer], layer_arrays[layer] = writer.load_finished(entry, augmented_keys(weights))
+        else:
+            entry, indexes[layer], layer_arrays[layer] = build_layer(
+                weights,
+                layer,
+                config,
+                tune_inputs[layer],
+                holdout_inputs[layer],
+                writer,
+                check_inputs[layer] if check_inputs else None,
+            )
+            if writer:
+                writer.finish_layer(entry)
         entries.append(entry)
     manifest = Manifest(
         name=name,
@@ -445,7 +456,21 @@ def build_store(
     progress: bool = True,
 ) -> Path:
     backend_class(config.backend)  # an unknown backend fails before the model loads
-    with StoreWriter(out, overwrite=overwrite) as writer:
-        checkpoint = load_checkpoint(spec)
+    source = resolve_checkpoint(spec)
+    with StoreWriter(out, overwrite=overwrite, resume_key=resume_key(source, config, calib_sources)) as writer:
+        checkpoint = load_checkpoint(source)
         manifest, _, _ = build_indexes(checkpoint, config, calib_sources, progress, writer=writer, name=Path(out).name)
         return writer.commit(manifest)
+
+
+def resume_key(source: CheckpointSource, config: BuildConfig, calib_sources: Sequence[str | Path]) -> str:
+    """What a build's layers depend on: the weights, every setting, the calibration text and the
+    code's version. A stopped build resumes only into a build of the same key."""
+    built = {
+        "weights": source.weight_files,
+        "config": config.to_json(),
+        "text": recorded_sources(calib_sources),
+        "format": STORE_FORMAT_VERSION,
+        "version": __version__,
+    }
+    return hashlib.sha256(json.dumps(built, sort_keys=True, default=str).encode()).hexdigest()

@@ -153,23 +153,76 @@ def manifest_checksum(data: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-class StoreWriter:
-    """Write a store atomically: `with StoreWriter(dest) as w: w.add_layer(...); w.commit(manifest)`."""
+RESUME_KEY = "resume-key"  # in a resumable build's folder: the fingerprint of what it builds
 
-    def __init__(self, dest: Path, overwrite: bool = False) -> None:
+
+ENTRY_PATTERN = "layer_*.entry.json"  # a finished layer's entry, in a resumable build's folder
+
+
+def _entry_file(layer: int) -> str:
+    return f"layer_{layer:03d}.entry.json"
+
+
+class StoreWriter:
+    """Write a store atomically: `with StoreWriter(dest) as w: w.add_layer(...); w.commit(manifest)`.
+
+    A resumable writer (`resume_key`: a fingerprint of the checkpoint, the settings and the text)
+    works in `.<name>.partial` beside the destination and keeps that folder when the build stops
+    before its commit, once a layer is finished: the next build of the same fingerprint takes
+    every finished layer from it (`finished_layer`) instead of building it again. A layer counts
+    as finished only once its files and then its entry are written, the entry last and by rename.
+    """
+
+    def __init__(self, dest: Path, overwrite: bool = False, resume_key: str | None = None) -> None:
         self.dest = Path(dest)
         if self.dest.exists() and not overwrite:
             raise StoreError(f"{self.dest} already exists (use --force to replace it)")
         self.dest.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.tmp-", dir=self.dest.parent))
+        self.resumable = resume_key is not None
+        if resume_key is None:
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.tmp-", dir=self.dest.parent))
+        else:
+            self.tmp = self.dest.with_name(f".{self.dest.name}.partial")
+            key_file = self.tmp / RESUME_KEY
+            if self.tmp.exists() and not (key_file.is_file() and key_file.read_text() == resume_key):
+                shutil.rmtree(self.tmp)  # another build's layers: of no use to this one
+            self.tmp.mkdir(exist_ok=True)
+            key_file.write_text(resume_key)
         self.committed = False
 
     def __enter__(self) -> StoreWriter:
         return self
 
     def __exit__(self, *exc) -> None:
-        if not self.committed:
+        if not self.committed and not (self.resumable and any(self.tmp.glob(ENTRY_PATTERN))):
             shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def finished_layer(self, layer: int) -> LayerEntry | None:
+        """The entry of a layer an earlier, stopped build of the same fingerprint finished, every
+        file of it present and intact; None when there is none."""
+        path = self.tmp / _entry_file(layer)
+        if not self.resumable or not path.is_file():
+            return None
+        try:
+            entry = TypeAdapter(LayerEntry).validate_json(path.read_text())
+        except ValidationError:
+            return None
+        intact = all(
+            (self.tmp / name).is_file() and sha256_file(self.tmp / name) == sha for name, sha in entry.files.items()
+        )
+        return entry if intact and entry.layer == layer else None
+
+    def finish_layer(self, entry: LayerEntry) -> None:
+        """Record a layer whose files are written as finished (resumable writers only)."""
+        if self.resumable:
+            path = self.tmp / _entry_file(entry.layer)
+            partial = path.with_suffix(".tmp")
+            partial.write_text(json.dumps(asdict(entry)))
+            os.replace(partial, path)
+
+    def load_finished(self, entry: LayerEntry, keys: np.ndarray) -> tuple[MipsIndex, dict[str, np.ndarray]]:
+        """A finished layer's index and the arrays beside it, as a store loads them."""
+        return load_layer_index(self.tmp, entry, keys), load_layer_arrays(self.tmp, entry)
 
     def add_layer(self, layer: int, index: MipsIndex) -> dict[str, str]:
         """Save one layer's index; return its files with checksums."""
@@ -183,6 +236,8 @@ class StoreWriter:
         return {name: sha256_file(self.tmp / name)}
 
     def commit(self, manifest: Manifest) -> Path:
+        for record in [self.tmp / RESUME_KEY, *self.tmp.glob(ENTRY_PATTERN)]:
+            record.unlink(missing_ok=True)  # what a resumed build needed; not part of a store
         path = self.tmp / MANIFEST
         with open(path, "w") as f:
             json.dump(manifest.to_json(), f, indent=2)
@@ -233,21 +288,10 @@ class Store:
 
     def load_index(self, layer: int, keys: np.ndarray) -> MipsIndex:
         """keys: the layer's augmented keys (d_ff, d_model + 1) from the verified checkpoint."""
-        entry = self.manifest.layers[layer]
-        if keys.shape != (entry.d_ff, entry.d_model + 1):
-            raise StoreError(
-                f"store {self.path}: layer {layer} was built for {entry.d_ff}x{entry.d_model} keys, "
-                f"the checkpoint's are {keys.shape[0]}x{keys.shape[1] - 1}"
-            )
-        return backend_class(entry.backend).load(
-            self.path, f"layer_{layer:03d}", keys, entry.build_params, entry.search_params
-        )
+        return load_layer_index(self.path, self.manifest.layers[layer], keys)
 
     def load_layer_arrays(self, layer: int) -> dict[str, np.ndarray]:
-        """The arrays beside the layer's index, those it has: its tail correction {"tail_mean": (d_ff,),
-        "tail_map": (r, 2 d_model + 1)} and up codes {"up_codes": (d_ff, d_model), "up_ranges": (2, d_model)}."""
-        files = self.manifest.layers[layer].array_files()
-        return {part: np.load(self.path / name, allow_pickle=False) for part, name in files.items()}
+        return load_layer_arrays(self.path, self.manifest.layers[layer])
 
     def verify_source(self, source: CheckpointSource) -> None:
         """Refuse a checkpoint whose weights are not the ones this store was built from."""
@@ -256,3 +300,21 @@ class Store:
             raise CheckpointError(
                 f"store {self.path} was built from other weights ({self.manifest.source['spec']}), not {source.spec}"
             )
+
+
+def load_layer_index(folder: Path, entry: LayerEntry, keys: np.ndarray) -> MipsIndex:
+    """A layer's index from `folder`; keys: its augmented keys (d_ff, d_model + 1) from the checkpoint."""
+    if keys.shape != (entry.d_ff, entry.d_model + 1):
+        raise StoreError(
+            f"store {folder}: layer {entry.layer} was built for {entry.d_ff}x{entry.d_model} keys, "
+            f"the checkpoint's are {keys.shape[0]}x{keys.shape[1] - 1}"
+        )
+    return backend_class(entry.backend).load(
+        folder, f"layer_{entry.layer:03d}", keys, entry.build_params, entry.search_params
+    )
+
+
+def load_layer_arrays(folder: Path, entry: LayerEntry) -> dict[str, np.ndarray]:
+    """The arrays beside a layer's index, those it has: its tail correction {"tail_mean": (d_ff,),
+    "tail_map": (r, 2 d_model + 1)} and up codes {"up_codes": (d_ff, d_model), "up_ranges": (2, d_model)}."""
+    return {part: np.load(folder / name, allow_pickle=False) for part, name in entry.array_files().items()}

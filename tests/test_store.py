@@ -544,3 +544,51 @@ def test_a_bfloat16_store_serves_in_bfloat16_without_float32_keys(half_checkpoin
     assert all(entry.k == D_FF for entry in model.manifest.layers)
     assert approx.dtype == torch.bfloat16
     assert float((approx.float() - exact.float()).norm() / exact.float().norm()) < 2e-2
+
+
+class _Stopped(Exception):
+    """Stands for a build killed part-way (an interrupt, a crash)."""
+
+
+def test_a_stopped_build_resumes_from_its_finished_layers(tiny_checkpoints, tmp_path, monkeypatch):
+    """A build stopped after layer 0 leaves no store but its finished layer, which the next build
+    of the same checkpoint and settings takes instead of building it again: the store is the one
+    an uninterrupted build writes. A build of other settings starts afresh."""
+    from ann_mlp import build
+
+    spec = str(tiny_checkpoints["llama"])
+    config = BuildConfig(k=16, target_recall=0.9, calibration=TextConfig(max_tokens=600), plan=False)
+    whole = Store.open(build_store(spec, tmp_path / "whole", config, progress=False)).manifest
+    built_layers = []
+    build_layer = build.build_layer
+
+    def stopping_at(stop: int | None):
+        def build_one(weights, layer, *args):
+            if layer == stop:
+                raise _Stopped
+            built_layers.append(layer)
+            return build_layer(weights, layer, *args)
+
+        return build_one
+
+    out = tmp_path / "store"
+    monkeypatch.setattr(build, "build_layer", stopping_at(1))
+    with pytest.raises(_Stopped):
+        build_store(spec, out, config, progress=False)
+    assert not out.exists() and built_layers == [0]
+    assert (tmp_path / ".store.partial" / "layer_000.entry.json").is_file()
+
+    monkeypatch.setattr(build, "build_layer", stopping_at(None))
+    built_layers.clear()
+    resumed = Store.open(build_store(spec, out, config, progress=False)).manifest
+    assert built_layers == [1] and not (tmp_path / ".store.partial").exists()
+    assert [entry.files for entry in resumed.layers] == [entry.files for entry in whole.layers]
+    assert [entry.search_params for entry in resumed.layers] == [entry.search_params for entry in whole.layers]
+
+    monkeypatch.setattr(build, "build_layer", stopping_at(1))
+    with pytest.raises(_Stopped):
+        build_store(spec, tmp_path / "other", config, progress=False)
+    monkeypatch.setattr(build, "build_layer", stopping_at(None))
+    built_layers.clear()
+    build_store(spec, tmp_path / "other", replace(config, k=8), progress=False)
+    assert built_layers == [0, 1]  # another k: nothing of the stopped build is taken
