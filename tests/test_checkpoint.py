@@ -8,7 +8,7 @@ import torch
 
 from ann_mlp.checkpoint import load_checkpoint, resolve_checkpoint
 from ann_mlp.errors import CheckpointError
-from tests.tiny_checkpoints import D_FF, D_MODEL, LAYERS
+from tests.tiny_checkpoints import D_FF, D_MODEL, LAYERS, write_tiny_checkpoint
 
 
 def test_adapter_yields_weights_of_every_layer(tiny_checkpoint):
@@ -132,11 +132,62 @@ def test_builtin_minilm_sparse_fires_one_sixteenth():
     assert checkpoint.adapter.mlp_weights(0).d_ff == 1536 and checkpoint.adapter.mlp_weights(0).activation == "gelu"
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_half_precision_checkpoints_load_in_their_dtype(half_checkpoints, dtype):
-    """bfloat16 and float16 safetensors load as they are stored: no float32 copy of any weight."""
+@pytest.mark.parametrize("float16_arithmetic", [True, False])
+def test_half_precision_checkpoints_load_in_their_dtype(half_checkpoints, monkeypatch, float16_arithmetic):
+    """bfloat16 safetensors load as they are stored: no float32 copy of any weight. float16 ones
+    too where the CPU computes in float16, and in float32 where torch would emulate it."""
+    from ann_mlp import checkpoint as checkpoints
+
+    monkeypatch.setattr(checkpoints, "cpu_has_float16_arithmetic", lambda: float16_arithmetic)
     for (family, stored), folder in half_checkpoints.items():
-        if stored != dtype:
-            continue
+        expected = torch.float32 if stored == "float16" and not float16_arithmetic else getattr(torch, stored)
         checkpoint = load_checkpoint(str(folder))
-        assert {p.dtype for p in checkpoint.model.parameters()} == {getattr(torch, dtype)}, family
+        assert {p.dtype for p in checkpoint.model.parameters()} == {expected}, (family, stored)
+
+
+def _resident_bytes_of_mapping(path: str) -> int:
+    """Resident bytes of this process's memory maps of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:  # a mapping's header line
+            inside = len(fields) == 6 and fields[5] == path
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1]) * 1024
+    return total
+
+
+def test_copied_weights_release_the_pages_of_their_file_map_and_nothing_else():
+    """What keeps a load at the model's size plus one tensor: once a tensor is copied, the pages it
+    read from a weight file's map leave memory; memory outside such a map is left alone."""
+    import mmap
+
+    from ann_mlp.checkpoint import _release_mapped_pages
+
+    path = str(resolve_checkpoint("relu-lm").folder / "model.safetensors")
+    with open(path, "rb") as file:
+        mapping = mmap.mmap(file.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    mapped = torch.frombuffer(mapping, dtype=torch.uint8)
+    checksum = int(mapped.sum())  # reads every page
+    assert _resident_bytes_of_mapping(path) > 0.9 * len(mapping)
+    start = mapped.data_ptr()
+    _release_mapped_pages(mapped, [(start, start + len(mapping))])
+    assert _resident_bytes_of_mapping(path) < 0.01 * len(mapping)
+    assert int(mapped.sum()) == checksum  # read back from the file, unchanged
+    owned = torch.arange(1 << 20, dtype=torch.float32)
+    _release_mapped_pages(owned, [(start, start + len(mapping))])
+    assert torch.equal(owned, torch.arange(1 << 20, dtype=torch.float32))
+    del mapped
+    mapping.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_loaded_model_owns_its_weights(tmp_path, dtype):
+    """A weight file rewritten in place after loading cannot change the model."""
+    write_tiny_checkpoint("llama", tmp_path, dtype=dtype)
+    checkpoint = load_checkpoint(str(tmp_path))
+    assert {p.dtype for p in checkpoint.model.parameters()} == {dtype}
+    before = [p.clone() for p in checkpoint.model.parameters()]
+    size = (tmp_path / "model.safetensors").stat().st_size
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * size)
+    assert all(torch.equal(p, q) for p, q in zip(checkpoint.model.parameters(), before))
