@@ -188,9 +188,10 @@ def share_layer_tables(
     model's key and bias parameters at views of it and its value parameters at a contiguous
     (d_ff, d_model) table (a transposed view where the family stores the matrix the other way
     round), so the dense model, the index and ApproxMLP read the same memory and the old
-    tensors are freed. A bfloat16 or float16 model keeps its keys in its dtype: pointing them at a
-    float32 table would double them, and its dense path computes in its own dtype. With an order, every per-neuron parameter (values, up rows and bias)
-    is put in it too: a permutation of an MLP's neurons leaves its output unchanged.
+    tensors are freed. A bfloat16 or float16 model keeps its keys in its dtype: pointing them at
+    a float32 table would double them, and its dense path computes in its own dtype. With an
+    order, every per-neuron parameter (values, up rows and bias) is put in it too: a
+    permutation of an MLP's neurons leaves its output unchanged.
     """
     rows = slice(None) if order is None else torch.from_numpy(order)
     if weights.keys.dtype == torch.float32:
