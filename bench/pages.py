@@ -46,6 +46,29 @@ def head(title: str, command: str, at_commit: str | None = None, machine_note: s
     ]
 
 
+def write_table_page(
+    page: Path, title: str, started_at: str, description: str, columns: list[str], rows: list[str]
+) -> None:
+    """Rewrite `page` whole: its head (this script's command line, the commit the run started
+    at), a paragraph saying what was measured and how, and the table of `rows`."""
+    script = Path(sys.argv[0]).resolve().relative_to(REPO)
+    command = " ".join(["python", str(script), *sys.argv[1:]])
+    page.write_text(
+        "\n".join(
+            [
+                *head(title, command, started_at),
+                description,
+                "",
+                "| " + " | ".join(columns) + " |",
+                "| " + " | ".join("---" for _ in columns) + " |",
+                *rows,
+                "",
+            ]
+        )
+    )
+    print(f"wrote {page}")
+
+
 def ann_mlp(*args: str) -> None:
     """Run the real CLI, as a user would, echoing the command."""
     print("+ ann-mlp", " ".join(args), flush=True)

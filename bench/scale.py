@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a file, `bench.*` imports still resolve
 from bench.load import free_port, start_server  # noqa: E402
-from bench.pages import REPO, commit, head  # noqa: E402
+from bench.pages import REPO, commit, write_table_page  # noqa: E402
 
 PAGE = REPO / "docs" / "results" / "scale.md"
 BF16_BYTES = 2
@@ -178,30 +178,25 @@ def main() -> int:
         )
         print(rows[-1], flush=True)
     if args.write:
-        command = "python bench/scale.py " + " ".join(sys.argv[1:])
-        PAGE.write_text(
-            "\n".join(
-                [
-                    *head("Scale: LLaMA-shaped bfloat16 checkpoints", command.strip(), started_at),
-                    "Randomly initialised LLaMA-shaped checkpoints in bfloat16 (`save_pretrained`), served in "
-                    "their dtype. Build: `ann-mlp build` at k = d_ff/16, target recall 0.9, "
-                    f"{args.calib_tokens} calibration tokens, no planning, in its own process (peak resident "
-                    "memory from ru_maxrss). Serve: a real `ann-mlp serve`, resident memory once ready "
-                    "(Python, torch and the server included). Decode: `ann-mlp bench decode`, batch 1, "
-                    "16 new tokens, exact and approximate in the same turns. MB/token: the MLP bytes one "
-                    "token reads, exact (every MLP weight) and approximate (the index's bytes as "
-                    "`ann-mlp eval` counts them, plus the k kept up and value rows). Random weights have no "
-                    "activation sparsity: decode and bytes are cost only, not the method's recall.",
-                    "",
-                    "| shape | params (B) | file GB | build s | build peak GB | serve GB | k | exact tok/s | "
-                    "approx tok/s | approx vs exact | exact MB/token | approx MB/token |",
-                    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-                    *rows,
-                    "",
-                ]
-            )
-        )
-        print(f"wrote {PAGE}")
+        write_table_page(
+            PAGE,
+            "Scale: LLaMA-shaped bfloat16 checkpoints",
+            started_at,
+            "Randomly initialised LLaMA-shaped checkpoints in bfloat16 (`save_pretrained`), served in "
+            "their dtype. Build: `ann-mlp build` at k = d_ff/16, target recall 0.9, "
+            f"{args.calib_tokens} calibration tokens, no planning, in its own process (peak resident "
+            "memory from ru_maxrss). Serve: a real `ann-mlp serve`, resident memory once ready "
+            "(Python, torch and the server included). Decode: `ann-mlp bench decode`, batch 1, "
+            "16 new tokens, exact and approximate in the same turns. MB/token: the MLP bytes one "
+            "token reads, exact (every MLP weight) and approximate (the index's bytes as "
+            "`ann-mlp eval` counts them, plus the k kept up and value rows). Random weights have no "
+            "activation sparsity: decode and bytes are cost only, not the method's recall.",
+            [
+                "shape", "params (B)", "file GB", "build s", "build peak GB", "serve GB", "k", "exact tok/s",
+                "approx tok/s", "approx vs exact", "exact MB/token", "approx MB/token",
+            ],
+            rows,
+        )  # fmt: skip
     return 0
 
 

@@ -27,7 +27,7 @@ import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a file, `bench.*` imports still resolve
 from bench.load import free_port, start_server  # noqa: E402
-from bench.pages import REPO, commit, head  # noqa: E402
+from bench.pages import REPO, commit, write_table_page  # noqa: E402
 
 PAGE = REPO / "docs" / "results" / "throughput.md"
 SENTENCES = [
@@ -145,27 +145,20 @@ def main() -> int:
             )
             print(rows[-1], flush=True)
     if args.write:
-        command = "python bench/throughput.py " + " ".join(sys.argv[1:])
-        PAGE.write_text(
-            "\n".join(
-                [
-                    *head("Throughput: serial against batched serving", command.strip(), started_at),
-                    f"Closed-loop clients of the official `AsyncOpenAI` client for {args.seconds:g} s per row, after "
-                    "a warm-up; each configuration a real `ann-mlp serve` process, started in turn. serial: "
-                    "`ANN_MLP_MAX_BATCH_INPUTS=1` (each request's own forward pass, one completion decoding at a "
-                    "time); batched: the default (compatible requests share passes and decode steps); Ray Serve: "
-                    "`--replicas N` on a local Ray instance, each replica batching, on cores // N torch threads. "
-                    "Mode auto throughout. On 2 cores two replicas share the cores one process already uses: "
-                    "the cores, not the code, bound what a second replica adds here.",
-                    "",
-                    "| workload | serving | clients | requests | requests/s | vs serial | p50 ms | p99 ms | failed |",
-                    "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-                    *rows,
-                    "",
-                ]
-            )
+        write_table_page(
+            PAGE,
+            "Throughput: serial against batched serving",
+            started_at,
+            f"Closed-loop clients of the official `AsyncOpenAI` client for {args.seconds:g} s per row, after "
+            "a warm-up; each configuration a real `ann-mlp serve` process, started in turn. serial: "
+            "`ANN_MLP_MAX_BATCH_INPUTS=1` (each request's own forward pass, one completion decoding at a "
+            "time); batched: the default (compatible requests share passes and decode steps); Ray Serve: "
+            "`--replicas N` on a local Ray instance, each replica batching, on cores // N torch threads. "
+            "Mode auto throughout. On 2 cores two replicas share the cores one process already uses: "
+            "the cores, not the code, bound what a second replica adds here.",
+            ["workload", "serving", "clients", "requests", "requests/s", "vs serial", "p50 ms", "p99 ms", "failed"],
+            rows,
         )
-        print(f"wrote {PAGE}")
     return 1 if failures else 0
 
 
