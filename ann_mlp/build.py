@@ -22,7 +22,7 @@ from ann_mlp.approx_mlp import ApproxMLP, augmented_keys, augmented_queries, den
 from ann_mlp.approx_model import ApproxModel
 from ann_mlp.capture import TextStats, batches, forward_capturing
 from ann_mlp.checkpoint import Checkpoint, CheckpointSource, MlpWeights, load_checkpoint, resolve_checkpoint
-from ann_mlp.config import DEFAULT_K, STORE_FORMAT_VERSION, BuildConfig
+from ann_mlp.config import DEFAULT_BUILD_PARAMS, DEFAULT_K, STORE_FORMAT_VERSION, BuildConfig
 from ann_mlp.errors import InputError
 from ann_mlp.index import MipsIndex, backend_class, build_index
 from ann_mlp.linalg import RowCodes, round_up_16
@@ -328,7 +328,12 @@ def build_layer(
     tune_q = augmented_queries(tune.x)
     k = layer_k(config, weights, tune)
     index = build_index(
-        backend.name, keys, queries=learn_q, k=k, target_recall=config.target_recall, **config.index_params
+        backend.name,
+        keys,
+        queries=learn_q,
+        k=k,
+        target_recall=config.target_recall,
+        **backend.over_defaults(DEFAULT_BUILD_PARAMS.get(backend.name, {}), config.build_params),
     )
     holdout = LayerCalibration(weights, _sample(holdout_inputs, MAX_TUNING_QUERIES, config.seed))
     holdout_q = augmented_queries(holdout.x)

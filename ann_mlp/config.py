@@ -74,7 +74,7 @@ class BuildConfig:
     target_recall: float | None = DEFAULT_TARGET_RECALL
     # With k None, sparse layers keep this share of the activation mass on calibration tokens.
     mass_target: float = DEFAULT_MASS_TARGET
-    # Backend build parameters, over DEFAULT_BUILD_PARAMS (see `index_params`).
+    # Backend build parameters, over DEFAULT_BUILD_PARAMS (MipsIndex.over_defaults).
     build_params: dict = field(default_factory=dict)
     calibration: TextConfig = TextConfig()
     # Share of calibration tokens kept apart to report build-time recall on
@@ -116,15 +116,6 @@ class BuildConfig:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
-
-    @property
-    def index_params(self) -> dict:
-        """The backend's build parameters: the given ones over the backend's defaults. A low-rank
-        index given a fixed re-rank parameter (refine_rank) keeps no default margin."""
-        defaults = dict(DEFAULT_BUILD_PARAMS.get(self.backend, {}))
-        if "refine_rank" in self.build_params:
-            defaults.pop("margin_rank", None)
-        return {**defaults, **self.build_params}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> BuildConfig:

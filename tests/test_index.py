@@ -684,3 +684,18 @@ def test_low_rank_refinement_reorders_the_first_pass_with_more_columns(tmp_path)
         build_index("lowrank", keys, queries=calibration, k=K, refine_rank=8)  # the smallest rank tried is 8
     with pytest.raises(BackendError, match="refine_factor"):
         build_index("lowrank", keys, queries=calibration, k=K, rank=8, refine_rank=16, refine_factor=0.5)
+
+
+def test_given_build_parameters_go_over_a_builds_defaults():
+    """A refine_rank the user gives replaces the default per-query margin (the two exclude each
+    other); every other given parameter simply overrides its default."""
+    from ann_mlp.config import DEFAULT_BUILD_PARAMS
+    from ann_mlp.index import backend_class
+
+    lowrank, defaults = backend_class("lowrank"), DEFAULT_BUILD_PARAMS["lowrank"]
+    assert lowrank.over_defaults(defaults, {}) == defaults
+    refined = lowrank.over_defaults(defaults, {"refine_rank": 16})
+    assert "margin_rank" not in refined and refined["refine_rank"] == 16
+    assert refined["rerank_bits"] == defaults["rerank_bits"]
+    assert lowrank.over_defaults(defaults, {"margin_rank": 4})["margin_rank"] == 4
+    assert backend_class("ivf").over_defaults({"nlist": 8}, {"nlist": 16, "x": 1}) == {"nlist": 16, "x": 1}

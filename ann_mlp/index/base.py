@@ -46,6 +46,11 @@ class MipsIndex(ABC):
 
     # -- construction -------------------------------------------------------
     @classmethod
+    def over_defaults(cls, defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+        """The build parameters a user gave over a build's defaults (config.DEFAULT_BUILD_PARAMS)."""
+        return {**defaults, **given}
+
+    @classmethod
     def default_build_params(cls, num_keys: int, dim: int) -> dict[str, Any]:
         """Build parameters as a pure function of the data's size."""
         return {}

@@ -147,6 +147,14 @@ class LowRankIndex(KeyRowsIndex):
         return LowRankParams().to_build_params()
 
     @classmethod
+    def over_defaults(cls, defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+        # A refinement stage and a per-query margin exclude each other: a refine_rank the user
+        # gives replaces the default margin rather than conflicting with it.
+        if "refine_rank" in given:
+            defaults = {name: value for name, value in defaults.items() if name != "margin_rank"}
+        return super().over_defaults(defaults, given)
+
+    @classmethod
     def reads_keys(cls, build_params: dict[str, Any]) -> bool:
         params = LowRankParams.from_build_params(build_params)
         return params.rerank_bits == 32 or params.kept_bits == 32
