@@ -11,6 +11,7 @@ have to reproduce the defaults older builds used, the very branches a version re
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -163,6 +164,18 @@ def _entry_file(layer: int) -> str:
     return f"layer_{layer:03d}.entry.json"
 
 
+def _locked_folder(folder: Path, dest: Path) -> int:
+    """An open descriptor of `folder` holding its exclusive lock, which ends when it is closed (or
+    the process ends): two builds of one store at once would write over each other's layers."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise StoreError(f"another build is writing {dest} (its layers are in {folder})") from None
+    return descriptor
+
+
 class StoreWriter:
     """Write a store atomically: `with StoreWriter(dest) as w: w.add_layer(...); w.commit(manifest)`.
 
@@ -183,10 +196,12 @@ class StoreWriter:
             self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.tmp-", dir=self.dest.parent))
         else:
             self.tmp = self.dest.with_name(f".{self.dest.name}.partial")
-            key_file = self.tmp / RESUME_KEY
-            if self.tmp.exists() and not (key_file.is_file() and key_file.read_text() == resume_key):
-                shutil.rmtree(self.tmp)  # another build's layers: of no use to this one
             self.tmp.mkdir(exist_ok=True)
+            self._lock = _locked_folder(self.tmp, self.dest)
+            key_file = self.tmp / RESUME_KEY
+            if not (key_file.is_file() and key_file.read_text() == resume_key):
+                for stale in self.tmp.iterdir():  # another build's layers: of no use to this one
+                    shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
             key_file.write_text(resume_key)
         self.committed = False
 
@@ -196,6 +211,8 @@ class StoreWriter:
     def __exit__(self, *exc) -> None:
         if not self.committed and not (self.resumable and any(self.tmp.glob(ENTRY_PATTERN))):
             shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.resumable:
+            os.close(self._lock)
 
     def finished_layer(self, layer: int) -> LayerEntry | None:
         """The entry of a layer an earlier, stopped build of the same fingerprint finished, every

@@ -592,3 +592,18 @@ def test_a_stopped_build_resumes_from_its_finished_layers(tiny_checkpoints, tmp_
     built_layers.clear()
     build_store(spec, tmp_path / "other", replace(config, k=8), progress=False)
     assert built_layers == [0, 1]  # another k: nothing of the stopped build is taken
+
+
+def test_a_second_build_of_a_store_being_built_is_refused(tmp_path):
+    """Two builds of one store at once would write over each other's layers: the second is an
+    error naming the first's folder, and once the first ends a build may start."""
+    from ann_mlp.store import StoreWriter
+
+    out = tmp_path / "store"
+    with StoreWriter(out, resume_key="a"):
+        with pytest.raises(StoreError, match="another build is writing"):
+            StoreWriter(out, resume_key="b")
+        assert (tmp_path / ".store.partial" / "resume-key").read_text() == "a"
+    with StoreWriter(out, resume_key="b") as writer:
+        assert (writer.tmp / "resume-key").read_text() == "b"
+    assert not (tmp_path / ".store.partial").exists()
