@@ -32,7 +32,6 @@ from ann_mlp.store import LAYER_ARRAYS, LayerEntry, Manifest, StoreWriter
 from ann_mlp.text import (
     available_sources,
     calibration_passages,
-    corpus_passages,
     describe,
     describe_calibration,
     is_named,
@@ -78,15 +77,13 @@ def _captured(checkpoint: Checkpoint, stream, desc: str, progress: bool):
 
 def check_text_in_use(config: BuildConfig, sources: Sequence[str | Path]) -> str | None:
     """The other kind of text build-time recall is checked on: config.check_text unless the
-    calibration uses it, or it is a named source this machine lacks. A file or folder that holds
-    no readable text is an error before anything is captured."""
+    calibration uses it, or it is a named source this machine lacks."""
     check = config.check_text
     if check is None or check in [str(source) for source in sources]:
         return None
-    if not is_named(check):
-        corpus_passages([Path(check)], config.calibration)
-        return check
-    return check if available_sources([check], "evaluation") else None
+    if is_named(check) and not available_sources([check], "evaluation"):
+        return None
+    return check
 
 
 def capture_check(
@@ -397,8 +394,9 @@ def build_indexes(
     if config.k is not None and config.k > min(d_ffs):
         raise InputError(f"k={config.k} exceeds d_ff={min(d_ffs)} of {checkpoint.source.spec}")
     check = check_text_in_use(config, calib_sources)
-    tune_inputs, holdout_inputs, text_stats = capture_calibration(checkpoint, config, calib_sources, progress)
+    # The check text first: it is the smaller, and a file without text fails before the long capture.
     check_inputs, check_stats = capture_check(checkpoint, config, check, progress) if check else (None, None)
+    tune_inputs, holdout_inputs, text_stats = capture_calibration(checkpoint, config, calib_sources, progress)
     entries, indexes, layer_arrays = [], {}, {}
     for layer in tqdm(range(checkpoint.num_layers), desc="layers", disable=not progress):
         weights = checkpoint.adapter.mlp_weights(layer)

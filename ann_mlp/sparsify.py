@@ -199,7 +199,7 @@ def sparsify(
     source = resolve_checkpoint(spec)
     teacher = load_checkpoint(source)
     train_passages = _training_passages(text, config.text)
-    train_names = [describe(source, "calibration", config.text) for source in text or default_mix()]
+    train_names = [describe(kind, "calibration", config.text) for kind in text or default_mix()]
     activation, topk, threshold = _student_activation(teacher, config)
     student = load_checkpoint(source)
     student.adapter.set_activation(activation, topk, threshold)

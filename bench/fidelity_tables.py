@@ -19,11 +19,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a file, `bench.*` imports still resolve
+from ann_mlp.text import HELD_OUT_SOURCE  # noqa: E402  (a kind no built-in was trained or calibrated on)
 from bench.pages import REPO, ann_mlp, current, end_to_end, head, store_tables_main  # noqa: E402
 
 PAGE = REPO / "docs" / "results" / "fidelity.md"
-# A kind of text no built-in was trained, distilled or calibrated on (text.HELD_OUT_SOURCE).
-HELD_OUT = "licenses"
 # store -> (checkpoint, build options, eval options); the stores decode_tables.py builds share these options
 STORES: dict[str, tuple[str, list[str], list[str]]] = {
     "relu-lm": ("relu-lm", [], []),
@@ -51,7 +50,9 @@ def measure(results: Path, stores: list[str]) -> None:
         if not current(store):
             ann_mlp("build", checkpoint, "--out", str(store), *build_args, "--force")
         (results / f"{name}.json").unlink(missing_ok=True)  # eval appends nothing: the report is the file
-        ann_mlp("eval", str(store), "--json", str(results / f"{name}.json"), "--shift-text", HELD_OUT, *eval_args)
+        ann_mlp(
+            "eval", str(store), "--json", str(results / f"{name}.json"), "--shift-text", HELD_OUT_SOURCE, *eval_args
+        )
 
 
 def build_line(store: Path) -> str:
