@@ -192,6 +192,18 @@ def test_rows_dot_scores_each_querys_own_rows(n_queries, selected):
     torch.testing.assert_close(rows_dot(rows, ids, x), (x @ rows.T).gather(1, ids), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("max_gathered", [1 << 22, 7 * 12, 1])
+def test_rows_dot_gathers_16_bit_rows_a_chunk_of_queries_at_a_time(max_gathered):
+    """bfloat16 rows, gathered for one query at a time (7 rows of 12), a few, or all at once: the
+    float32 inner products of the same rows."""
+    from ann_mlp.linalg import rows_dot
+
+    rows, x = torch.randn(50, 12).bfloat16(), torch.randn(9, 12)
+    ids = torch.stack([torch.randperm(50)[:7] for _ in range(9)])  # (9, 7)
+    expected = (x @ rows.float().T).gather(1, ids)
+    torch.testing.assert_close(rows_dot(rows, ids, x, max_gathered), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_row_codes_score_selected_rows_within_their_rounding():
     """8-bit codes of a table's rows score each query's own rows as their decoded rows do (gathered
     for a few selections, decoded once for many), within half a code step per dimension of the exact
