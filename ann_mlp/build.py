@@ -6,7 +6,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
@@ -20,9 +20,9 @@ from ann_mlp import __version__
 from ann_mlp.activations import activation_module
 from ann_mlp.approx_mlp import ApproxMLP, augmented_keys, augmented_queries, dense_activations, values_output
 from ann_mlp.approx_model import ApproxModel
-from ann_mlp.capture import TextStats, batches, forward_capturing
+from ann_mlp.capture import Batch, LayerByLayer, TextStats, batches
 from ann_mlp.checkpoint import Checkpoint, CheckpointSource, MlpWeights, load_checkpoint, resolve_checkpoint
-from ann_mlp.config import DEFAULT_BUILD_PARAMS, DEFAULT_K, STORE_FORMAT_VERSION, BuildConfig
+from ann_mlp.config import DEFAULT_BUILD_PARAMS, DEFAULT_K, STORE_FORMAT_VERSION, BuildConfig, TextConfig
 from ann_mlp.errors import InputError
 from ann_mlp.index import MipsIndex, backend_class, build_index
 from ann_mlp.linalg import RowCodes, round_up_16
@@ -45,34 +45,40 @@ ZERO_TAIL_ACTIVATIONS = frozenset({"relu", "relu2", "relu6"})  # negative scores
 MAX_TUNING_QUERIES = 4096
 
 
-def capture_calibration(
-    checkpoint: Checkpoint, config: BuildConfig, sources: Sequence[str | Path], progress: bool
-) -> tuple[list[torch.Tensor], list[torch.Tensor], TextStats]:
-    """MLP inputs per layer on calibration text, split into (tune, holdout) by batch, and how much
-    text that was."""
-    layers = range(checkpoint.num_layers)
-    tune: list[list[torch.Tensor]] = [[] for _ in layers]
-    holdout: list[list[torch.Tensor]] = [[] for _ in layers]
-    every = max(2, round(1 / config.holdout_fraction))
+def calibration_batches(
+    checkpoint: Checkpoint, text: TextConfig, passage_stream: Iterable[str]
+) -> tuple[list[Batch], TextStats]:
+    """The batches a build runs (an error if the text is empty), and how much text they hold.
+    Token ids only: reading them all up front costs little and fails before any forward pass."""
     stats = TextStats()
-    stream = batches(checkpoint, calibration_passages(sources, config.calibration), config.calibration, stats)
-    for i, captured in enumerate(_captured(checkpoint, stream, "calibration batches", progress)):
-        side = holdout if i % every == every - 1 else tune
-        for layer in layers:
-            side[layer].append(captured[layer])
-    if not holdout[0]:  # a single batch: hold out the last part of its tokens
-        for layer in layers:
-            x = tune[layer].pop()
-            cut = max(1, int(len(x) * (1 - config.holdout_fraction)))
-            tune[layer], holdout[layer] = [x[:cut]], [x[cut:]]
-    return [torch.cat(t) for t in tune], [torch.cat(h) for h in holdout], stats
+    return list(batches(checkpoint, passage_stream, text, stats)), stats
 
 
-def _captured(checkpoint: Checkpoint, stream, desc: str, progress: bool):
-    """Each batch's MLP inputs, {layer: (n_tokens, d_model)}."""
-    layers = range(checkpoint.num_layers)
-    for batch in tqdm(stream, desc=desc, disable=not progress):
-        yield forward_capturing(checkpoint, batch, layers)[1]
+def split_holdout(per_batch: list[torch.Tensor], holdout_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's calibration inputs, per batch (n_b, d_model), split into (tune, holdout) by
+    batch (every round(1 / fraction)-th batch is held out); a single batch by its last tokens."""
+    every = max(2, round(1 / holdout_fraction))
+    holdout = [x for i, x in enumerate(per_batch) if i % every == every - 1]
+    if not holdout:
+        x = torch.cat(per_batch)
+        cut = max(1, int(len(x) * (1 - holdout_fraction)))
+        return x[:cut], x[cut:]
+    return torch.cat([x for i, x in enumerate(per_batch) if i % every != every - 1]), torch.cat(holdout)
+
+
+def capture_calibration(
+    checkpoint: Checkpoint, config: BuildConfig, sources: Sequence[str | Path]
+) -> tuple[list[torch.Tensor], list[torch.Tensor], TextStats]:
+    """Every layer's calibration inputs at once, split into (tune, holdout): for measuring peers
+    on what a build tunes on. A build itself holds one layer's at a time (`build_indexes`)."""
+    calib, stats = calibration_batches(
+        checkpoint, config.calibration, calibration_passages(sources, config.calibration)
+    )
+    stream = LayerByLayer(checkpoint, calib)
+    tune, holdout = zip(
+        *(split_holdout(stream.next_layer(), config.holdout_fraction) for _ in range(checkpoint.num_layers))
+    )
+    return list(tune), list(holdout), stats
 
 
 def check_text_in_use(config: BuildConfig, sources: Sequence[str | Path]) -> str | None:
@@ -84,21 +90,6 @@ def check_text_in_use(config: BuildConfig, sources: Sequence[str | Path]) -> str
     if is_named(check) and not available_sources([check], "evaluation"):
         return None
     return check
-
-
-def capture_check(
-    checkpoint: Checkpoint, config: BuildConfig, check: str, progress: bool
-) -> tuple[list[torch.Tensor], TextStats]:
-    """MLP inputs per layer on the check text (its evaluation split), up to config.check_tokens."""
-    fmt = replace(config.calibration, max_tokens=config.check_tokens)
-    stats = TextStats()
-    per_layer: list[list[torch.Tensor]] = [[] for _ in range(checkpoint.num_layers)]
-    for captured in _captured(
-        checkpoint, batches(checkpoint, passages(check, "evaluation", fmt), fmt, stats), "check batches", progress
-    ):
-        for layer, x in captured.items():
-            per_layer[layer].append(x)
-    return [torch.cat(x) for x in per_layer], stats
 
 
 class LayerCalibration:
@@ -394,11 +385,23 @@ def build_indexes(
     if config.k is not None and config.k > min(d_ffs):
         raise InputError(f"k={config.k} exceeds d_ff={min(d_ffs)} of {checkpoint.source.spec}")
     check = check_text_in_use(config, calib_sources)
-    # The check text first: it is the smaller, and a file without text fails before the long capture.
-    check_inputs, check_stats = capture_check(checkpoint, config, check, progress) if check else (None, None)
-    tune_inputs, holdout_inputs, text_stats = capture_calibration(checkpoint, config, calib_sources, progress)
-    entries, indexes, layer_arrays = [], {}, {}
+    check_format = replace(config.calibration, max_tokens=config.check_tokens)
+    # The check text first: it is the smaller, and a file without text fails before the long calibration.
+    check_batches, check_stats = (
+        calibration_batches(checkpoint, check_format, passages(check, "evaluation", check_format))
+        if check
+        else ([], None)
+    )
+    calib_batches, text_stats = calibration_batches(
+        checkpoint, config.calibration, calibration_passages(calib_sources, config.calibration)
+    )
+    stream = LayerByLayer(checkpoint, calib_batches + check_batches)
+    entries, indexes, layer_arrays, queries = [], {}, {}, {}
     for layer in tqdm(range(checkpoint.num_layers), desc="layers", disable=not progress):
+        per_batch = stream.next_layer()  # (n_b, d_model) per batch: calibration, then check
+        tune_inputs, holdout_inputs = split_holdout(per_batch[: len(calib_batches)], config.holdout_fraction)
+        queries.setdefault("tune", len(tune_inputs))
+        queries.setdefault("holdout", len(holdout_inputs))
         weights = checkpoint.adapter.mlp_weights(layer)
         entry = writer.finished_layer(layer) if writer else None
         if entry is not None:  # finished by an earlier build that stopped
@@ -409,14 +412,16 @@ def build_indexes(
                 weights,
                 layer,
                 config,
-                tune_inputs[layer],
-                holdout_inputs[layer],
+                tune_inputs,
+                holdout_inputs,
                 writer,
-                check_inputs[layer] if check_inputs else None,
+                torch.cat(per_batch[len(calib_batches) :]) if check_batches else None,
             )
             if writer:
                 writer.finish_layer(entry)
         entries.append(entry)
+        del per_batch, tune_inputs, holdout_inputs, weights
+        stream.release(layer)
     manifest = Manifest(
         name=name,
         family=checkpoint.family,
@@ -433,8 +438,8 @@ def build_indexes(
             "passages": text_stats.passages,
             "split_passages": text_stats.split,
             "cut_passages": text_stats.truncated,
-            "tune_queries": int(min(len(tune_inputs[0]), MAX_TUNING_QUERIES)),
-            "holdout_queries": int(min(len(holdout_inputs[0]), MAX_TUNING_QUERIES)),
+            "tune_queries": min(queries["tune"], MAX_TUNING_QUERIES),
+            "holdout_queries": min(queries["holdout"], MAX_TUNING_QUERIES),
             "seed": config.seed,
             "check_text": describe(check, "evaluation", config.calibration) if check else None,
             "check_tokens": check_stats.tokens if check_stats else 0,
@@ -461,7 +466,7 @@ def build_store(
     backend_class(config.backend)  # an unknown backend fails before the model loads
     source = resolve_checkpoint(spec)
     with StoreWriter(out, overwrite=overwrite, resume_key=resume_key(source, config, calib_sources)) as writer:
-        checkpoint = load_checkpoint(source)
+        checkpoint = load_checkpoint(source, own_memory=False)  # read a layer at a time
         manifest, _, _ = build_indexes(checkpoint, config, calib_sources, progress, writer=writer, name=Path(out).name)
         return writer.commit(manifest)
 

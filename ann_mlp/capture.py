@@ -8,7 +8,7 @@ from itertools import islice
 
 import torch
 
-from ann_mlp.checkpoint import Checkpoint
+from ann_mlp.checkpoint import Checkpoint, release_mapped_weights
 from ann_mlp.config import TextConfig
 from ann_mlp.errors import InputError
 
@@ -146,18 +146,93 @@ def forward_capturing(checkpoint: Checkpoint, batch: Batch, layers: Iterable[int
     """One forward pass; returns (model output, {layer: MLP inputs of real tokens (n_tokens, d_model)})."""
     captured: dict[int, torch.Tensor] = {}
     token_mask = batch.mask.reshape(-1)  # (B*T,)
-    handles = []
-    for layer in layers:
-        module = checkpoint.model.get_submodule(checkpoint.adapter.mlp_input_path(layer))
-
-        def hook(_module, args, layer=layer):
-            x = args[0]
-            captured[layer] = x.reshape(-1, x.shape[-1])[token_mask].float().clone()  # (n_tokens, d_model)
-
-        handles.append(module.register_forward_pre_hook(hook))
+    handles = [_capture_mlp_input(checkpoint, layer, token_mask, captured) for layer in layers]
     try:
         output = forward(checkpoint, batch)
     finally:
         for handle in handles:
             handle.remove()
     return output, captured
+
+
+def _capture_mlp_input(checkpoint: Checkpoint, layer: int, token_mask: torch.Tensor, captured: dict):
+    """Hook the layer's MLP to put its input's real tokens, (n_tokens, d_model) float32, in captured[layer]."""
+    module = checkpoint.model.get_submodule(checkpoint.adapter.mlp_input_path(layer))
+
+    def hook(_module, args) -> None:
+        x = args[0]
+        captured[layer] = x.reshape(-1, x.shape[-1])[token_mask].float().clone()
+
+    return module.register_forward_pre_hook(hook)
+
+
+class _FirstBlockReached(Exception):
+    """Ends a forward pass once the first transformer block's inputs are captured."""
+
+
+class LayerByLayer:
+    """Each layer's MLP inputs over a fixed list of batches, one layer at a time, in order.
+
+    Where the family's blocks run one after another on a hidden state (adapter.blocks_path),
+    one block runs over every batch at a time, and only each batch's hidden state is kept
+    between blocks: memory holds one layer's MLP inputs, not every layer's (16K tokens of a
+    1B LLaMA's 22 layers are 2.9 GB in float32), and a block's weights are read only while
+    it runs. The inputs equal a whole forward pass's bit for bit: each block gets the very
+    arguments the model's forward gives the first one (masks, positions, rotary tables).
+    Elsewhere (T5) one forward pass per batch captures every layer at once.
+    """
+
+    def __init__(self, checkpoint: Checkpoint, batches: list[Batch]) -> None:
+        self.checkpoint, self.batches = checkpoint, batches
+        self.layer = 0  # the next layer to run
+        self.token_masks = [batch.mask.reshape(-1) for batch in batches]  # (B*T,) each
+        path = checkpoint.adapter.blocks_path
+        self.blocks = None if path is None else checkpoint.model.get_submodule(path)
+        if self.blocks is None:
+            layers = range(checkpoint.num_layers)
+            self.captured = [forward_capturing(checkpoint, batch, layers)[1] for batch in batches]
+        else:
+            # Per batch: [hidden state (B, T, d_model), the first block's other arguments, its keywords].
+            self.block_inputs = [self._first_block_inputs(batch) for batch in batches]
+
+    def _first_block_inputs(self, batch: Batch) -> list:
+        found: dict = {}
+
+        def hook(_module, args, kwargs):
+            found.update(args=args, kwargs=dict(kwargs))
+            raise _FirstBlockReached
+
+        handle = self.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            with torch.inference_mode():
+                self.checkpoint.model(**batch.inputs, use_cache=False)
+        except _FirstBlockReached:
+            pass
+        finally:
+            handle.remove()
+        args, kwargs = found["args"], found["kwargs"]
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        return [hidden, args[1:], kwargs]
+
+    def next_layer(self) -> list[torch.Tensor]:
+        """The next layer's MLP inputs of real tokens, per batch: (n_tokens, d_model) float32 each."""
+        layer, self.layer = self.layer, self.layer + 1
+        if self.blocks is None:
+            return [captured.pop(layer) for captured in self.captured]
+        block, inputs = self.blocks[layer], []
+        for state, token_mask in zip(self.block_inputs, self.token_masks):
+            captured: dict[int, torch.Tensor] = {}
+            handle = _capture_mlp_input(self.checkpoint, layer, token_mask, captured)
+            try:
+                with torch.inference_mode():
+                    output = block(state[0], *state[1], **state[2])
+            finally:
+                handle.remove()
+            state[0] = output[0] if isinstance(output, tuple) else output  # (B, T, d_model)
+            inputs.append(captured[layer])
+        return inputs
+
+    def release(self, layer: int) -> None:
+        """Give back the pages of a finished layer's block still mapped from the weight files."""
+        if self.blocks is not None:
+            release_mapped_weights(self.blocks[layer])

@@ -84,7 +84,7 @@ def run_model(
     """Sweep every backend on every layer of checkpoint `name`; records also go to out/peers_<name>.jsonl."""
     checkpoint = load_checkpoint(name)
     config = BuildConfig(calibration=TextConfig(max_tokens=calibration_tokens))
-    tune, _, _ = capture_calibration(checkpoint, config, (), progress=False)
+    tune, _, _ = capture_calibration(checkpoint, config, ())
     held_out = held_out_inputs(checkpoint, eval_tokens)
     records = []
     for layer in range(checkpoint.num_layers):

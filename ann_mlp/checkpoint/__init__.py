@@ -34,6 +34,7 @@ __all__ = [
     "ModelKind",
     "install_activations",
     "load_checkpoint",
+    "release_mapped_weights",
     "resolve_checkpoint",
     "sha256_file",
 ]
@@ -196,9 +197,15 @@ def stored_dtype(source: CheckpointSource) -> torch.dtype:
     return SERVED_DTYPES.get(most, torch.float32)
 
 
-def load_checkpoint(spec: str | CheckpointSource) -> Checkpoint:
+def load_checkpoint(spec: str | CheckpointSource, own_memory: bool = True) -> Checkpoint:
     """Load weights in their serving dtype (`serving_dtype`), in eval mode, and the tokenizer; pick
-    the family adapter by model_type."""
+    the family adapter by model_type.
+
+    own_memory=False leaves weights stored in the dtype they load in memory-mapped from their
+    files: a build, which reads one layer at a time, then holds only the pages it reads and can
+    give them back (`release_mapped_weights`). A build's store records the files' checksums, so a
+    file rewritten meanwhile makes the store refuse to load, not serve other weights.
+    """
     import transformers
 
     source = spec if isinstance(spec, CheckpointSource) else resolve_checkpoint(spec)
@@ -226,7 +233,8 @@ def load_checkpoint(spec: str | CheckpointSource) -> Checkpoint:
     except (OSError, ValueError) as err:
         raise CheckpointError(f"cannot load {source.spec}: {err}".splitlines()[0]) from err
     model.eval()
-    _own_memory(model)
+    if own_memory:
+        _own_memory(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     adapter = adapter_cls(model)
@@ -250,6 +258,14 @@ def _own_memory(model: torch.nn.Module) -> None:
             old = tensor.data
             tensor.data = old.clone()
             _release_mapped_pages(old, mapped)
+
+
+def release_mapped_weights(module: nn.Module) -> None:
+    """Give back the resident pages of the module's weights that are memory-mapped from their files
+    (see `_release_mapped_pages`); a touched page is read back from the file."""
+    mapped = _weight_file_mappings()
+    for tensor in (*module.parameters(), *module.buffers()):
+        _release_mapped_pages(tensor.data, mapped)
 
 
 MADV_DONTNEED = 4

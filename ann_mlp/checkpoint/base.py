@@ -63,6 +63,10 @@ class FamilyAdapter(ABC):
     model_types: ClassVar[tuple[str, ...]]
     kind: ClassVar[ModelKind]
     activation_setting: ClassVar[str]  # the config attribute naming the MLP activation
+    # The module list of transformer blocks that run one after another on a hidden state, block i
+    # holding layer i's MLP: what a build runs block by block (capture.LayerByLayer). None where
+    # blocks need more than the first block's inputs (T5's blocks pass each other a position bias).
+    blocks_path: ClassVar[str | None] = None
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

@@ -15,6 +15,7 @@ class BertAdapter(FamilyAdapter):
     model_types = ("bert", "roberta")
     kind = "encoder"
     activation_setting = "hidden_act"
+    blocks_path = "encoder.layer"
 
     def num_layers(self) -> int:
         return len(self.model.encoder.layer)

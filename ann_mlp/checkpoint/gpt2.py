@@ -9,6 +9,7 @@ class Gpt2Adapter(FamilyAdapter):
     model_types = ("gpt2",)
     kind = "causal_lm"
     activation_setting = "activation_function"
+    blocks_path = "transformer.h"
 
     def num_layers(self) -> int:
         return len(self.model.transformer.h)

@@ -15,6 +15,7 @@ class LlamaAdapter(FamilyAdapter):
     model_types = ("llama", "mistral", "qwen2")
     kind = "causal_lm"
     activation_setting = "hidden_act"
+    blocks_path = "model.layers"
 
     def num_layers(self) -> int:
         return len(self.model.model.layers)

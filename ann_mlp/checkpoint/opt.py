@@ -13,6 +13,7 @@ class OptAdapter(FamilyAdapter):
     model_types = ("opt",)
     kind = "causal_lm"
     activation_setting = "activation_function"
+    blocks_path = "model.decoder.layers"
 
     def num_layers(self) -> int:
         return len(self.model.model.decoder.layers)
