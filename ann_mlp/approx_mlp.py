@@ -271,7 +271,7 @@ class ApproxMLP(nn.Module):
                 per_token = (
                     self.candidates * w.d_model
                     if by_codes
-                    else (self.candidates - self.k) * w.d_model * BYTES_PER_FLOAT
+                    else (self.candidates - self.k) * w.d_model * w.up.element_size()
                 )
                 result = replace(result, bytes_read=result.bytes_read + len(x) * per_token)
         if by_codes:

@@ -80,8 +80,9 @@ class ApproxModel:
             weights = checkpoint.adapter.mlp_weights(entry.layer)
             keys = augmented_keys(weights)  # (d_ff, d_model + 1)
             index = indexes[entry.layer] = store.load_index(entry.layer, keys)
+            index.hold_keys_in(weights.keys.dtype)
             held, order = index.key_table(), index.table_order()
-            share_layer_tables(checkpoint.model, weights, keys if held is None else held, order)
+            share_layer_tables(checkpoint.model, weights, torch.from_numpy(keys) if held is None else held, order)
             if order is not None:
                 orders[entry.layer] = order
         arrays = {entry.layer: store.load_layer_arrays(entry.layer) for entry in store.manifest.layers}
@@ -178,27 +179,27 @@ class ApproxModel:
 
 
 def share_layer_tables(
-    model: nn.Module, weights: MlpWeights, key_table: np.ndarray, order: np.ndarray | None = None
+    model: nn.Module, weights: MlpWeights, key_table: torch.Tensor, order: np.ndarray | None = None
 ) -> None:
     """Hold one layer's MLP weights once, in the layouts the approximate path reads.
 
-    key_table: (d_ff, >= d_model + 1) float32, the augmented keys [k_i; b_i] (the index's
-    own when it holds them), columns past d_model + 1 ignored; order: (d_ff,) the neuron in
-    each of its rows, when not in the model's order (MipsIndex.table_order). Points the
-    model's key and bias parameters at views of it and its value parameters at a contiguous
-    (d_ff, d_model) table (a transposed view where the family stores the matrix the other way
-    round), so the dense model, the index and ApproxMLP read the same memory and the old
-    tensors are freed. A bfloat16 or float16 model keeps its keys in its dtype: pointing them at
-    a float32 table would double them, and its dense path computes in its own dtype. With an
-    order, every per-neuron parameter (values, up rows and bias) is put in it too: a
-    permutation of an MLP's neurons leaves its output unchanged.
+    key_table: (d_ff, >= d_model + 1), the augmented keys [k_i; b_i] (the index's own when it
+    holds them), columns past d_model + 1 ignored; order: (d_ff,) the neuron in each of its
+    rows, when not in the model's order (MipsIndex.table_order). When the table is in the
+    model's dtype, points the model's key and bias parameters at views of it; always its value
+    parameters at a contiguous (d_ff, d_model) table (a transposed view where the family stores
+    the matrix the other way round), so the dense model, the index and ApproxMLP read the same
+    memory and the old tensors are freed. A bfloat16 or float16 model whose index holds float32
+    keys (faiss, ScaNN) keeps its own: pointing them at a float32 table would double them, and
+    its dense path computes in its own dtype. With an order, every per-neuron parameter
+    (values, up rows and bias) is put in it too: a permutation of an MLP's neurons leaves its
+    output unchanged.
     """
     rows = slice(None) if order is None else torch.from_numpy(order)
-    if weights.keys.dtype == torch.float32:
-        table = torch.from_numpy(key_table)
-        _repoint(model, weights.keys, table[:, : weights.d_model])
+    if key_table.dtype == weights.keys.dtype:
+        _repoint(model, weights.keys, key_table[:, : weights.d_model])
         if weights.key_bias is not None:
-            _repoint(model, weights.key_bias, table[:, weights.d_model])
+            _repoint(model, weights.key_bias, key_table[:, weights.d_model])
     elif order is not None:  # a bfloat16 or float16 model keeps its own keys, in the table's order
         for per_neuron in (weights.keys, weights.key_bias):
             if per_neuron is not None:

@@ -22,7 +22,14 @@ from ann_mlp.approx_mlp import ApproxMLP, augmented_keys, augmented_queries, den
 from ann_mlp.approx_model import ApproxModel
 from ann_mlp.capture import Batch, LayerByLayer, TextStats, batches
 from ann_mlp.checkpoint import Checkpoint, CheckpointSource, MlpWeights, load_checkpoint, resolve_checkpoint
-from ann_mlp.config import DEFAULT_BUILD_PARAMS, DEFAULT_K, STORE_FORMAT_VERSION, BuildConfig, TextConfig
+from ann_mlp.config import (
+    DEFAULT_BUILD_PARAMS,
+    DEFAULT_BUILD_PARAMS_16_BIT,
+    DEFAULT_K,
+    STORE_FORMAT_VERSION,
+    BuildConfig,
+    TextConfig,
+)
 from ann_mlp.errors import InputError
 from ann_mlp.index import MipsIndex, backend_class, build_index
 from ann_mlp.linalg import RowCodes, round_up_16
@@ -211,11 +218,11 @@ def fit_tail_map(mlp: ApproxMLP, calibration: LayerCalibration, rank: int) -> to
     return torch.cat([(full @ out.T).T, out], dim=1).float()  # (r, D + d_model)
 
 
-def tune_candidates(calibration: LayerCalibration, codes: RowCodes, k: int, slack: float = 0.01) -> int:
+def tune_candidates(calibration: LayerCalibration, codes: RowCodes | None, k: int, slack: float = 0.01) -> int:
     """Gated layers: the fewest candidates by gate score (k, then steps of k/4 in multiples of 16, up to
-    d_ff) among which keeping the k largest |act(gate) * up|, up estimated from its 8-bit codes, keeps
-    within `slack` of the |contribution| mass that choosing among all d_ff neurons keeps, on average
-    over (at most 1024 of) the calibration inputs.
+    d_ff) among which keeping the k largest |act(gate) * up|, up estimated from its 8-bit codes (exact
+    without codes), keeps within `slack` of the |contribution| mass that choosing among all d_ff
+    neurons keeps, on average over (at most 1024 of) the calibration inputs.
 
     The gate alone ranks the contributions poorly: on SmolLM2 at k = 768 of 1536 (held-out
     docstrings, layers 0/8/16/24/29) the top k by gate keep 0.46-0.86 of the mass, the top k by
@@ -225,7 +232,7 @@ def tune_candidates(calibration: LayerCalibration, codes: RowCodes, k: int, slac
     weights, tokens = calibration.weights, slice(0, 1024)
     x = calibration.x[tokens]  # (n, d_model)
     scores, activations = (part[tokens] for part in calibration.dense)  # (n, d_ff) each
-    up_estimate = x @ codes.decode().T  # (n, d_ff)
+    up_estimate = x @ (weights.up.float() if codes is None else codes.decode()).T  # (n, d_ff)
     if weights.up_bias is not None:
         up_estimate = up_estimate + weights.up_bias.float()
     gate = activation_module(weights.activation, weights.topk, weights.threshold)(scores)  # (n, d_ff)
@@ -249,13 +256,21 @@ def tune_candidates(calibration: LayerCalibration, codes: RowCodes, k: int, slac
 def gated_selection(config: BuildConfig, tune: LayerCalibration, k: int) -> dict[str, Any]:
     """ApproxMLP's selection options for a gated layer: {"candidates": c, "up_codes": (d_ff, d_model),
     "up_ranges": (2, d_model)}; none when the layer is not gated, the config turns it off, or the top k
-    by gate score already keep (within the slack) what choosing among more would."""
+    by gate score already keep (within the slack) what choosing among more would.
+
+    A float32 model's candidates are chosen by 8-bit codes of its up rows, a quarter of their
+    bytes; a bfloat16 or float16 model's by its own up rows, 2 bytes per element read, which
+    cost no memory beside the model's (codes would add half the up rows' bytes).
+    """
     if not (tune.weights.gated and config.gated_selection):
         return {}
-    codes = RowCodes.encode(tune.weights.up.float().numpy())
+    up = tune.weights.up
+    codes = RowCodes.encode(up.numpy()) if up.dtype == torch.float32 else None
     candidates = tune_candidates(tune, codes, k)
     if candidates == k:
         return {}
+    if codes is None:
+        return {"candidates": candidates}
     return {"candidates": candidates, "up_codes": codes.codes, "up_ranges": torch.from_numpy(codes.ranges)}
 
 
@@ -287,6 +302,16 @@ def corrected_mlp(
     if errors[1] >= errors[0]:  # kept only where it helps on tokens it was not fit on
         return mlp, tail, errors
     return mapped, {**tail, "tail_map": tail_map}, errors
+
+
+def default_build_params(backend: str, weights: MlpWeights) -> dict[str, Any]:
+    """A build's backend parameters before the user's: DEFAULT_BUILD_PARAMS, and for a 16-bit
+    model DEFAULT_BUILD_PARAMS_16_BIT over them."""
+    sixteen_bit = weights.keys.dtype in (torch.bfloat16, torch.float16)
+    return {
+        **DEFAULT_BUILD_PARAMS.get(backend, {}),
+        **(DEFAULT_BUILD_PARAMS_16_BIT.get(backend, {}) if sixteen_bit else {}),
+    }
 
 
 def build_layer(
@@ -321,8 +346,9 @@ def build_layer(
         queries=learn_q,
         k=k,
         target_recall=config.target_recall,
-        **backend.over_defaults(DEFAULT_BUILD_PARAMS.get(backend.name, {}), config.build_params),
+        **backend.over_defaults(default_build_params(backend.name, weights), config.build_params),
     )
+    index.hold_keys_in(weights.keys.dtype)  # tuned on the rows it will serve from
     holdout = LayerCalibration(weights, _sample(holdout_inputs, MAX_TUNING_QUERIES, config.seed))
     holdout_q = augmented_queries(holdout.x)
     key_t = torch.from_numpy(keys)
@@ -407,6 +433,7 @@ def build_indexes(
         if entry is not None:  # finished by an earlier build that stopped
             log.info("layer %d: taken from the stopped build's %s", layer, writer.tmp.name)
             indexes[layer], layer_arrays[layer] = writer.load_finished(entry, augmented_keys(weights))
+            indexes[layer].hold_keys_in(weights.keys.dtype)
         else:
             entry, indexes[layer], layer_arrays[layer] = build_layer(
                 weights,
@@ -477,6 +504,7 @@ def resume_key(source: CheckpointSource, config: BuildConfig, calib_sources: Seq
     built = {
         "weights": source.weight_files,
         "config": config.to_json(),
+        "defaults": [DEFAULT_BUILD_PARAMS, DEFAULT_BUILD_PARAMS_16_BIT],
         "text": recorded_sources(calib_sources),
         "format": STORE_FORMAT_VERSION,
         "version": __version__,

@@ -146,7 +146,7 @@ def test_faiss_flat_storage_is_lent_as_the_key_table(data, name, tmp_path):
     index = build_index(name, keys)
     index.save(tmp_path, "layer_000")
     owner = weakref.ref(index.index)
-    table = index.key_table()  # (n, >= DIM), PQ's padded with zero columns
+    table = index.key_table().numpy()  # (n, >= DIM), PQ's padded with zero columns
     np.testing.assert_array_equal(table[:, :DIM], keys)
     assert not table[:, DIM:].any()
     del index
@@ -171,7 +171,7 @@ def test_ivf_lists_are_views_of_one_table_in_list_order(data, tmp_path):
 
     keys, queries = data[0], data[1]
     index = build_index("ivf", keys)
-    table, order = index.key_table(), index.table_order()  # (n, DIM) in list order, (n,)
+    table, order = index.key_table().numpy(), index.table_order()  # (n, DIM) in list order, (n,)
     assert table.flags.c_contiguous and sorted(order) == list(range(len(keys)))
     np.testing.assert_array_equal(table, keys[order])
     lists = faiss.downcast_InvertedLists(index.ivf.invlists)
@@ -612,7 +612,7 @@ def test_scann_int8_reorder_scores_the_k_found_from_the_models_keys(data, tmp_pa
     index.save(tmp_path, "int8")
     held = keys.copy()
     loaded = backend_class("scann").load(tmp_path, "int8", held, index.build_params, {})
-    assert loaded.key_table().ctypes.data == held.ctypes.data
+    assert loaded.key_table().data_ptr() == held.ctypes.data
     np.testing.assert_array_equal(
         loaded.search(queries, K, leaves_to_search=2).ids, index.search(queries, K, leaves_to_search=2).ids
     )
@@ -699,3 +699,30 @@ def test_given_build_parameters_go_over_a_builds_defaults():
     assert refined["rerank_bits"] == defaults["rerank_bits"]
     assert lowrank.over_defaults(defaults, {"margin_rank": 4})["margin_rank"] == 4
     assert backend_class("ivf").over_defaults({"nlist": 8}, {"nlist": 16, "x": 1}) == {"nlist": 16, "x": 1}
+
+
+KEY_ROWS_BACKENDS = [
+    (name, params)
+    for name, params in [(name, {}) for name in BACKENDS] + [("lowrank", {"rerank_bits": 32, "kept_bits": 32})]
+    if issubclass(BACKENDS[name], KeyRowsIndex) and BACKENDS[name].reads_keys(params)
+]
+
+
+@pytest.mark.parametrize(("name", "params"), KEY_ROWS_BACKENDS, ids=[f"{n}{p or ''}" for n, p in KEY_ROWS_BACKENDS])
+def test_key_rows_held_in_bfloat16_search_as_the_same_values_in_float32(data, name, params):
+    """What a bfloat16 model's index does (hold_keys_in): it re-scores from a bfloat16 table, the
+    model's own, and finds what it finds from those values in float32, reading 2 bytes per key
+    element where it read 4 (its own structures, such as codes, count as before)."""
+    _require_backend(name)
+    keys, queries, _, calibration = data
+    rounded = torch.from_numpy(keys).bfloat16().float().numpy()  # the values a bfloat16 model holds
+    wide = build_index(name, rounded, queries=calibration, k=K, **params)
+    narrow = build_index(name, rounded, queries=calibration, k=K, **params)
+    narrow.hold_keys_in(torch.bfloat16)
+    assert narrow.key_table().dtype == torch.bfloat16 and wide.key_table().dtype == torch.float32
+    effort = {wide.effort_param: wide.resolve_effort(K, {})}
+    found, expected = narrow.search(queries, K, **effort), wide.search(queries, K, **effort)
+    agree = (np.sort(found.ids, axis=1) == np.sort(expected.ids, axis=1)).mean()
+    assert agree >= 0.99  # a near-tie may order differently: products summed in another order
+    np.testing.assert_allclose(np.sort(found.scores, axis=1), np.sort(expected.scores, axis=1), rtol=1e-4, atol=1e-4)
+    assert found.keys_scored == expected.keys_scored and 0 < found.bytes_read < expected.bytes_read

@@ -291,7 +291,7 @@ def test_model_and_index_hold_the_weights_once(tiny_checkpoints, tmp_path, famil
     adapter = model.checkpoint.adapter
     for layer, mlp in model.mlps.items():
         weights = adapter.mlp_weights(layer)
-        table = torch.from_numpy(mlp.index.key_table())  # (d_ff, >= d_model + 1)
+        table = mlp.index.key_table()  # (d_ff, >= d_model + 1)
         order = mlp.index.table_order()
         assert (order is None) == (backend != "ivf")
         if order is not None:  # row p of every per-neuron tensor is the checkpoint's neuron order[p]
@@ -517,9 +517,11 @@ def test_settings_given_to_a_block_end_with_it(store):
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_a_bfloat16_store_serves_in_bfloat16_without_float32_keys(half_checkpoints, tmp_path, family):
-    """A default build of a bfloat16 checkpoint: the served model keeps every weight in bfloat16
-    (the low-rank index's 8-bit codes stand in for float32 keys, which it does not hold), its
-    parameters take no more bytes than the checkpoint's, and the approximate model runs in bfloat16."""
+    """A default build of a bfloat16 checkpoint: the served model keeps every weight in bfloat16,
+    its parameters take no more bytes than the checkpoint's, the low-rank index re-ranks from the
+    model's own bfloat16 key rows (one table, shared; no float32 or 8-bit copy), gated layers
+    choose their neurons by the model's own up rows (no up codes), and the approximate model runs
+    in bfloat16."""
     folder = half_checkpoints[family, "bfloat16"]
     store = build_store(
         str(folder), tmp_path / family, BuildConfig(calibration=TextConfig(max_tokens=600)), progress=False
@@ -531,8 +533,11 @@ def test_a_bfloat16_store_serves_in_bfloat16_without_float32_keys(half_checkpoin
     assert sum(p.numel() * p.element_size() for p in parameters) == sum(
         p.numel() * p.element_size() for p in plain.model.parameters()
     )
-    for mlp in model.mlps.values():
-        assert mlp.index.key_table() is None and mlp.index.keys is None
+    for layer, mlp in model.mlps.items():
+        table = mlp.index.key_table()  # (d_ff, d_model + 1)
+        assert table.dtype == torch.bfloat16 and mlp.index.build_params["rerank_bits"] == 32
+        assert model.checkpoint.adapter.mlp_weights(layer).keys.data_ptr() == table.data_ptr()
+        assert mlp.up_codes is None and not any("up" in part for part in model.manifest.layers[layer].files)
         assert mlp.value_rows.dtype == torch.bfloat16
     batch = make_batch(model.checkpoint, ["Weights stay in the dtype they came in."], 16)
     exact = forward(plain, batch).logits
@@ -540,10 +545,34 @@ def test_a_bfloat16_store_serves_in_bfloat16_without_float32_keys(half_checkpoin
     with model.approximate():
         approx = forward(model.checkpoint, batch).logits
     # Every neuron is kept (the default k of a dense activation exceeds the tiny d_ff), so what
-    # differs is the 8-bit scoring of the kept keys and bfloat16's rounding.
+    # differs is bfloat16's rounding: the dense path computes in it, the approximate one in float32.
     assert all(entry.k == D_FF for entry in model.manifest.layers)
     assert approx.dtype == torch.bfloat16
     assert float((approx.float() - exact.float()).norm() / exact.float().norm()) < 2e-2
+
+
+def test_a_bfloat16_gated_store_chooses_its_neurons_by_the_models_own_up_rows(half_checkpoints, tmp_path):
+    """At k below d_ff, a gated bfloat16 layer retrieves more candidates than k and keeps the k
+    largest |act(gate) * up| scored from the model's bfloat16 up rows: the store holds no up codes,
+    and the served output is the one of choosing among the same candidates by exact contributions."""
+    folder = half_checkpoints["llama", "bfloat16"]
+    config = BuildConfig(k=16, target_recall=0.9, calibration=TextConfig(max_tokens=600), plan=False)
+    model = ApproxModel.open(build_store(str(folder), tmp_path / "store", config, progress=False))
+    chosen = [entry for entry in model.manifest.layers if entry.candidates]
+    assert chosen and all(entry.candidates > entry.k and entry.up_codes_file is None for entry in chosen)
+    x = torch.randn(5, model.mlps[chosen[0].layer].weights.d_model).bfloat16()
+    mlp = model.mlps[chosen[0].layer]
+    assert mlp.up_codes is None
+    with torch.inference_mode():
+        y, kept, result = mlp.forward_with_selection(x)
+    weights = mlp.weights
+    # The candidates by gate score as the index found them, then the k largest exact contributions.
+    gate, up = x.float() @ weights.keys.float().T, x.float() @ weights.up.float().T  # (5, d_ff) each
+    contribution = torch.nn.functional.silu(gate) * up
+    for row in range(5):
+        candidates = torch.from_numpy(result.ids[row])
+        expected = candidates[contribution[row, candidates].abs().topk(mlp.k).indices]
+        assert sorted(kept[row].tolist()) == sorted(expected.tolist())
 
 
 class _Stopped(Exception):

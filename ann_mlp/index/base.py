@@ -105,13 +105,21 @@ class MipsIndex(ABC):
         them keep this array itself, not a copy.
         """
 
-    def key_table(self) -> np.ndarray | None:
-        """The augmented keys as this index holds them in memory: (num_keys, >= dim) float32, rows
-        in table_order(), columns past `dim` zero padding; None when it holds no such table.
+    def key_table(self) -> torch.Tensor | None:
+        """The augmented keys as this index holds them in memory: (num_keys, >= dim), float32 or
+        the model's dtype (hold_keys_in), rows in table_order(), columns past `dim` zero padding;
+        None when it holds no such table.
 
-        ApproxModel points the model's key parameters into this table, so a backend holding
-        the keys anyway does not cost a second copy of them.
+        ApproxModel points the model's key parameters into this table when it is in the
+        model's dtype, so a backend holding the keys anyway does not cost a second copy of them.
         """
+        return None
+
+    def hold_keys_in(self, dtype: torch.dtype) -> None:
+        """Hold the key rows this index re-scores from in the model's dtype, where the backend
+        can: a bfloat16 model's index then re-scores the very rows the model holds (shared by
+        ApproxModel.open), not a float32 copy of them twice their size. faiss and ScaNN keep
+        float32 keys inside their own structures."""
         return None
 
     def table_order(self) -> np.ndarray | None:
@@ -146,7 +154,8 @@ class KeyRowsIndex(MipsIndex):
 
     def __init__(self, keys: np.ndarray, build_params: dict[str, Any], search_params: dict[str, Any]) -> None:
         super().__init__(keys.shape[0], keys.shape[1], build_params, search_params)
-        # (n, D), not copied if float32; None when no search reads them (the index's codes suffice).
+        # (n, D), not copied if float32 (hold_keys_in: the model's dtype); None when no search
+        # reads them (the index's codes suffice).
         self.keys = (
             torch.from_numpy(np.ascontiguousarray(keys, dtype=np.float32)) if self.reads_keys(build_params) else None
         )
@@ -157,8 +166,12 @@ class KeyRowsIndex(MipsIndex):
         does not holds no reference to them: a bfloat16 model then keeps no float32 copy of its keys."""
         return True
 
-    def key_table(self) -> np.ndarray | None:
-        return None if self.keys is None else self.keys.numpy()
+    def key_table(self) -> torch.Tensor | None:
+        return self.keys
+
+    def hold_keys_in(self, dtype: torch.dtype) -> None:
+        if self.keys is not None:
+            self.keys = self.keys.to(dtype)
 
     def effort_range(self, k: int) -> tuple[int, int]:
         """By default the effort is how many candidates are re-scored exactly: from k to every key."""

@@ -8,6 +8,7 @@ from typing import Any
 
 import faiss
 import numpy as np
+import torch
 
 from ann_mlp.errors import BackendError
 from ann_mlp.index.base import MipsIndex
@@ -22,12 +23,12 @@ class FaissIndex(MipsIndex):
         """The flat index inside this one that holds every key at full precision, in key order."""
         return None
 
-    def key_table(self) -> np.ndarray | None:
+    def key_table(self) -> torch.Tensor | None:
         storage = self.flat_storage()
         if storage is None:
             return None
         view = faiss.rev_swig_ptr(storage.get_xb(), storage.ntotal * storage.d)  # faiss' memory, not a copy
-        return np.asarray(_KeptAlive(view.reshape(storage.ntotal, storage.d), self.index))
+        return torch.from_numpy(np.asarray(_KeptAlive(view.reshape(storage.ntotal, storage.d), self.index)))
 
     def save(self, folder: Path, stem: str) -> list[str]:
         name = f"{stem}.faiss"
@@ -42,7 +43,9 @@ class FaissIndex(MipsIndex):
         loaded = cls(index, build_params, search_params)
         held, order = loaded.key_table(), loaded.table_order()
         # The model will run on these keys: they must be the checkpoint's, bit for bit.
-        if held is not None and not np.array_equal(held[:, : keys.shape[1]], keys if order is None else keys[order]):
+        if held is not None and not np.array_equal(
+            held[:, : keys.shape[1]].numpy(), keys if order is None else keys[order]
+        ):
             raise BackendError(f"{stem}: the keys inside the index are not the checkpoint's")
         return loaded
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import faiss
 import numpy as np
+import torch
 
 from ann_mlp.index.base import BYTES_PER_FLOAT, SearchResult
 from ann_mlp.index.faiss_base import FaissIndex
@@ -47,8 +48,8 @@ class IvfIndex(FaissIndex):
     def effort_range(self, k: int) -> tuple[int, int]:
         return (1, self.ivf.nlist)
 
-    def key_table(self) -> np.ndarray:
-        return self._table
+    def key_table(self) -> torch.Tensor:
+        return torch.from_numpy(self._table)
 
     def table_order(self) -> np.ndarray:
         return self._order

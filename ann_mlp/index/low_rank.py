@@ -15,8 +15,10 @@ Each stage is one field of LowRankParams:
   candidates with the fit's next r2 − r columns (the fit is nested, so that is the rank-r2 fit).
   It saves bytes but gathers columns per candidate, so it is off by default.
 - `rerank_bits=8`: candidates re-ranked from 8-bit codes of the full keys (scores within about 1 %
-  of exact), only the k kept scored from the float32 keys, none with `kept_bits=8` as well (the
-  activations then see the approximate scores: `exact_scores` is false).
+  of exact), only the k kept scored from the full keys, none with `kept_bits=8` as well (the
+  activations then see the approximate scores: `exact_scores` is false). At 32, the full keys as
+  the model holds them: float32, or a bfloat16/float16 model's own rows (`hold_keys_in`), which
+  then cost no memory beside the model's.
 - `margin_rank` t > 0: how many are re-ranked adapts to each query. Every key whose approximate
   score is within `margin` (the effort, in hundredths of σ_q) of the query's k-th best is a
   candidate; σ_q is the typical error of that query's approximate scores: σ_q² = ||E q||², E (t, D)
@@ -42,8 +44,14 @@ import numpy as np
 import torch
 
 from ann_mlp.errors import BackendError
-from ann_mlp.index.base import KeyRowsIndex, SearchResult
-from ann_mlp.index.low_rank_cost import LowRankParams, bytes_per_query, refined_candidates, simd_padded
+from ann_mlp.index.base import BYTES_PER_FLOAT, KeyRowsIndex, SearchResult
+from ann_mlp.index.low_rank_cost import (
+    LowRankParams,
+    bytes_per_query,
+    refined_candidates,
+    rerank_bytes,
+    simd_padded,
+)
 from ann_mlp.index.low_rank_fit import (
     candidate_ranks,
     cheapest_ranks,
@@ -246,12 +254,13 @@ class LowRankIndex(KeyRowsIndex):
             values, ids = best_candidates(self.keys, candidates, q_t, k, valid)
         else:
             values, ids = self._best_by_key_codes(candidates, q_t, k, valid)
-        per_query = bytes_per_query(self.params, self.num_keys, self.dim, rerank, k)
+        key_bytes = BYTES_PER_FLOAT if self.keys is None else self.keys.element_size()
+        per_query = bytes_per_query(self.params, self.num_keys, self.dim, rerank, k, key_bytes)
         return SearchResult(
             values.numpy(),
             ids.numpy(),
             keys_scored=len(q) * self.num_keys,
-            bytes_read=len(q) * per_query + within_margin * self.dim * self.params.rerank_bits // 8,
+            bytes_read=len(q) * per_query + within_margin * self.dim * rerank_bytes(self.params, key_bytes),
         )
 
     def _project(self, q: np.ndarray) -> np.ndarray:

@@ -81,20 +81,28 @@ def refined_candidates(num_keys: int, rerank: int, refine_factor: float) -> int:
     return min(num_keys, math.ceil(refine_factor * rerank))
 
 
-def bytes_per_query(params: LowRankParams, num_keys: int, dim: int, rerank: int, k: int) -> int:
+def bytes_per_query(
+    params: LowRankParams, num_keys: int, dim: int, rerank: int, k: int, key_bytes: int = BYTES_PER_FLOAT
+) -> int:
     """Index bytes one query reads at resolved `params` (integer rank and refine_rank):
 
     the 8-bit projection (r·D' bytes, D' = D padded for SIMD; r2 rows with a
     refinement stage) + the codes (a byte, or half of one at 4 bits, per key and rank) + the refined
-    candidates' r2 − r further code bytes + the `rerank` re-ranked full keys at rerank_bits + for
-    8-bit re-ranking the k kept keys re-scored in float32 unless kept_bits = 8 + the error basis
-    (t·D floats, or bytes at 8 bits) with a margin. A margin search adds its candidates' keys,
-    which only the search knows.
+    candidates' r2 − r further code bytes + the `rerank` re-ranked full keys (a byte per element
+    at rerank_bits = 8, else `key_bytes`: 4 for float32 keys, 2 for a 16-bit model's own) + for
+    8-bit re-ranking the k kept keys re-scored at full precision unless kept_bits = 8 + the error
+    basis (t·D floats, or bytes at 8 bits) with a margin. A margin search adds its candidates'
+    keys, which only the search knows.
     """
     rank, refine_rank = params.rank, params.refine_rank
-    kept = k * dim * BYTES_PER_FLOAT if params.rerank_bits == 8 and params.kept_bits == 32 else 0
+    kept = k * dim * key_bytes if params.rerank_bits == 8 and params.kept_bits == 32 else 0
     projection = max(rank, refine_rank) * simd_padded(dim)
     codes = num_keys * math.ceil(rank * params.code_bits / 8)
     refine = refined_candidates(num_keys, rerank, params.refine_factor) * (refine_rank - rank) if refine_rank else 0
     error_basis = params.margin_rank * dim * params.error_basis_bits // 8
-    return projection + codes + refine + rerank * dim * params.rerank_bits // 8 + kept + error_basis
+    return projection + codes + refine + rerank * dim * rerank_bytes(params, key_bytes) + kept + error_basis
+
+
+def rerank_bytes(params: LowRankParams, key_bytes: int = BYTES_PER_FLOAT) -> int:
+    """Bytes read per element of a re-ranked key: its 8-bit code, or the key as held."""
+    return 1 if params.rerank_bits == 8 else key_bytes

@@ -88,7 +88,7 @@ class NeuronPredictorIndex(KeyRowsIndex):
             values.numpy(),
             ids.numpy(),
             keys_scored=len(q) * self.num_keys,
-            bytes_read=len(q) * (predictor_bytes + rerank * self.dim * BYTES_PER_FLOAT),
+            bytes_read=len(q) * (predictor_bytes + rerank * self.dim * self.keys.element_size()),
         )
 
     def arrays(self) -> dict[str, np.ndarray]:

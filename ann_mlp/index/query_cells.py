@@ -84,12 +84,9 @@ class QueryCellsIndex(KeyRowsIndex):
         candidates = self.ranking[cell, :budget]  # (N, budget)
         values, ids = best_candidates(self.keys, candidates, q, k)
         n_queries = len(q)
-        vectors_read = n_queries * (len(self.centroids) + budget)
+        per_query = (len(self.centroids) * BYTES_PER_FLOAT + budget * self.keys.element_size()) * self.dim
         return SearchResult(
-            values.numpy(),
-            ids.numpy(),
-            keys_scored=n_queries * budget,
-            bytes_read=vectors_read * self.dim * BYTES_PER_FLOAT,
+            values.numpy(), ids.numpy(), keys_scored=n_queries * budget, bytes_read=n_queries * per_query
         )
 
     def arrays(self) -> dict[str, np.ndarray]:

@@ -19,6 +19,7 @@ from typing import Any
 
 import faiss
 import numpy as np
+import torch
 
 from ann_mlp.errors import BackendError
 from ann_mlp.index.base import BYTES_PER_FLOAT, MipsIndex, SearchResult
@@ -86,8 +87,8 @@ class ScannIndex(MipsIndex):
     def reorder_bits(self) -> int:
         return 32 if self.keys is None else 8
 
-    def key_table(self) -> np.ndarray | None:
-        return self.keys
+    def key_table(self) -> torch.Tensor | None:
+        return None if self.keys is None else torch.from_numpy(self.keys)
 
     def search(self, queries: np.ndarray, k: int, **search_params: Any) -> SearchResult:
         leaves = self.resolve_effort(k, search_params)

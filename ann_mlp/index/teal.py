@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ann_mlp.index.base import BYTES_PER_FLOAT, KeyRowsIndex, SearchResult
+from ann_mlp.index.base import KeyRowsIndex, SearchResult
 from ann_mlp.linalg import best_candidates
 
 
@@ -37,9 +37,10 @@ class InputSparsityIndex(KeyRowsIndex):
         magnitude[:, -1] = torch.inf  # the bias column [b_i] · 1 is always read
         dropped = magnitude.topk(self.dim - kept, dim=1, largest=False).indices  # (N, D - kept)
         sparse_q = q.scatter(1, dropped, 0.0)  # (N, D)
-        candidates = (sparse_q @ self.keys.T).topk(min(k, self.num_keys), dim=1).indices  # (N, k)
+        first_pass = sparse_q @ self.keys.float().T  # (N, n); a 16-bit table in float32 for the call
+        candidates = first_pass.topk(min(k, self.num_keys), dim=1).indices  # (N, k)
         values, ids = best_candidates(self.keys, candidates, q, k)
-        per_query = (self.num_keys * kept + ids.shape[1] * self.dim) * BYTES_PER_FLOAT
+        per_query = (self.num_keys * kept + ids.shape[1] * self.dim) * self.keys.element_size()
         return SearchResult(
             values.numpy(), ids.numpy(), keys_scored=len(q) * self.num_keys, bytes_read=len(q) * per_query
         )
