@@ -7,7 +7,8 @@
 Per shape, a randomly initialised LLaMA-shaped checkpoint is written with transformers
 (`save_pretrained`, bfloat16, SmolLM2's tokenizer), once: a later run reuses it. Then, each in
 its own process:
-- build: `ann-mlp build` at k = d_ff/16, its wall time and peak resident memory (ru_maxrss);
+- build: `ann-mlp build` at k = d_ff/16 (planned, as by default), its wall time and peak resident
+  memory (ru_maxrss);
 - serve: `ann-mlp serve` on 127.0.0.1, its resident memory once ready, against the checkpoint's
   size in its own dtype;
 - decode: `ann-mlp bench decode` at batch 1, exact and approximate tokens/s in the same turns;
@@ -131,7 +132,7 @@ def measure(name: str, shape: Shape, work: Path, tokens: int) -> dict:
     k = shape.intermediate // 16
     build_s, build_peak = run_measured(
         "build", str(checkpoint), "--out", str(store), "--k", str(k), "--target-recall", "0.9",
-        "--calib-tokens", str(tokens), "--check-text", "none", "--no-plan", "--force",
+        "--calib-tokens", str(tokens), "--check-text", "none", "--force",
     )  # fmt: skip
     serve_gb = served_rss_gb(store)
     decode_json, eval_json = work / f"{name}-decode.jsonl", work / f"{name}-eval.json"
@@ -184,8 +185,8 @@ def main() -> int:
             started_at,
             "Randomly initialised LLaMA-shaped checkpoints in bfloat16 (`save_pretrained`), served in "
             "their dtype. Build: `ann-mlp build` at k = d_ff/16, target recall 0.9, "
-            f"{args.calib_tokens} calibration tokens, no planning, in its own process (peak resident "
-            "memory from ru_maxrss). Serve: a real `ann-mlp serve`, resident memory once ready "
+            f"{args.calib_tokens} calibration tokens, planned as by default, in its own process (peak "
+            "resident memory from ru_maxrss). Serve: a real `ann-mlp serve`, resident memory once ready "
             "(Python, torch and the server included). Decode: `ann-mlp bench decode`, batch 1, "
             "16 new tokens, exact and approximate in the same turns. MB/token: the MLP bytes one "
             "token reads, exact (every MLP weight) and approximate (the index's bytes as "
