@@ -17,6 +17,7 @@ from ann_mlp.checkpoint import (
     BUILTIN_CHECKPOINTS,
     Checkpoint,
     load_checkpoint,
+    release_mapped_weights,
     resolve_checkpoint,
 )
 from ann_mlp.checkpoint.base import MlpWeights
@@ -75,16 +76,12 @@ class ApproxModel:
             raise StoreError(
                 f"store {store.path} has {len(store.manifest.layers)} layers, its checkpoint {checkpoint.num_layers}"
             )
-        indexes, orders = {}, {}
+        indexes = {}
         for entry in store.manifest.layers:
             weights = checkpoint.adapter.mlp_weights(entry.layer)
-            keys = augmented_keys(weights)  # (d_ff, d_model + 1)
-            index = indexes[entry.layer] = store.load_index(entry.layer, keys)
-            index.hold_keys_in(weights.keys.dtype)
-            held, order = index.key_table(), index.table_order()
-            share_layer_tables(checkpoint.model, weights, torch.from_numpy(keys) if held is None else held, order)
-            if order is not None:
-                orders[entry.layer] = order
+            indexes[entry.layer] = store.load_index(entry.layer, augmented_keys(weights))  # (d_ff, d_model + 1)
+            indexes[entry.layer].hold_keys_in(weights.keys.dtype)
+        orders = share_model_tables(checkpoint, indexes)
         arrays = {entry.layer: store.load_layer_arrays(entry.layer) for entry in store.manifest.layers}
         return cls(store.manifest, checkpoint, indexes, layer_arrays=arrays, neuron_orders=orders, **options)
 
@@ -176,6 +173,22 @@ class ApproxModel:
     def reset_stats(self) -> None:
         for mlp in self.mlps.values():
             mlp.stats.reset()
+
+
+def share_model_tables(checkpoint: Checkpoint, indexes: dict[int, MipsIndex]) -> dict[int, np.ndarray]:
+    """share_layer_tables for every indexed layer; returns the neuron order of each layer whose
+    neurons were put in its index's table order (ApproxModel's neuron_orders). A weight the model
+    no longer holds gives back its pages if it was memory-mapped from its file."""
+    orders = {}
+    for layer, index in indexes.items():
+        weights = checkpoint.adapter.mlp_weights(layer)
+        held, order = index.key_table(), index.table_order()
+        table = torch.from_numpy(augmented_keys(weights)) if held is None else held  # (d_ff, >= d_model + 1)
+        share_layer_tables(checkpoint.model, weights, table, order)
+        release_mapped_weights([weights.keys, weights.key_bias, weights.values, weights.up, weights.up_bias])
+        if order is not None:
+            orders[layer] = order
+    return orders
 
 
 def share_layer_tables(

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ann_mlp import __version__
 from ann_mlp.activations import activation_module
 from ann_mlp.approx_mlp import ApproxMLP, augmented_keys, augmented_queries, dense_activations, values_output
-from ann_mlp.approx_model import ApproxModel
+from ann_mlp.approx_model import ApproxModel, share_model_tables
 from ann_mlp.capture import Batch, LayerByLayer, TextStats, batches
 from ann_mlp.checkpoint import Checkpoint, CheckpointSource, MlpWeights, load_checkpoint, resolve_checkpoint
 from ann_mlp.config import (
@@ -474,9 +474,11 @@ def build_indexes(
         layers=entries,
     )
     if config.plan:
-        for entry, plan in zip(
-            entries, plan_model(ApproxModel(manifest, checkpoint, indexes, layer_arrays=layer_arrays)).values()
-        ):
+        # The model reads the tables the indexes hold, as when served: no second copy while planning.
+        # Not where that would put the caller's model in another neuron order (IVF's lists).
+        share_model_tables(checkpoint, {layer: i for layer, i in indexes.items() if i.table_order() is None})
+        planned = ApproxModel(manifest, checkpoint, indexes, layer_arrays=layer_arrays)
+        for entry, plan in zip(entries, plan_model(planned).values()):
             entry.plan = plan
         manifest.extra["plan_machine"] = machine()
     return manifest, indexes, layer_arrays

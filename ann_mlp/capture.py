@@ -235,4 +235,5 @@ class LayerByLayer:
     def release(self, layer: int) -> None:
         """Give back the pages of a finished layer's block still mapped from the weight files."""
         if self.blocks is not None:
-            release_mapped_weights(self.blocks[layer])
+            block = self.blocks[layer]
+            release_mapped_weights([*block.parameters(), *block.buffers()])

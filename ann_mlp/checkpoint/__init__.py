@@ -10,6 +10,7 @@ import logging
 import math
 import mmap
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -260,12 +261,13 @@ def _own_memory(model: torch.nn.Module) -> None:
             _release_mapped_pages(old, mapped)
 
 
-def release_mapped_weights(module: nn.Module) -> None:
-    """Give back the resident pages of the module's weights that are memory-mapped from their files
+def release_mapped_weights(tensors: Iterable[torch.Tensor | None]) -> None:
+    """Give back the resident pages of those tensors that are memory-mapped from weight files
     (see `_release_mapped_pages`); a touched page is read back from the file."""
     mapped = _weight_file_mappings()
-    for tensor in (*module.parameters(), *module.buffers()):
-        _release_mapped_pages(tensor.data, mapped)
+    for tensor in tensors:
+        if tensor is not None:
+            _release_mapped_pages(tensor.data, mapped)
 
 
 MADV_DONTNEED = 4
