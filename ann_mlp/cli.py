@@ -186,9 +186,13 @@ def build(
     path = build_store(checkpoint, out, config, calib_text, overwrite=force, progress=progress_bars())
     from ann_mlp.store import Store
 
-    manifest = Store.open(path).manifest
+    built = Store.open(path)
+    manifest = built.manifest
+    weights = sum((Path(manifest.source["path"]) / name).stat().st_size for name in manifest.source["weight_files"])
     typer.echo(
-        f"built {path}: {manifest.family}, {len(manifest.layers)} layers, backend={manifest.backend}, k={manifest.k}"
+        f"built {path}: {manifest.family}, {len(manifest.layers)} layers, backend={manifest.backend}, k={manifest.k}; "
+        f"its files add {built.file_bytes() / 2**20:.1f} MB to the checkpoint's {weights / 2**20:.1f} MB "
+        f"({built.file_bytes() / weights:.1%})"
     )
     check_text = manifest.calibration.get("check_text")
     for entry in manifest.layers:

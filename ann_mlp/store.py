@@ -303,6 +303,11 @@ class Store:
                 raise StoreError(f"store {path}: {name} is corrupted (sha256 mismatch)")
         return cls(path, manifest)
 
+    def file_bytes(self) -> int:
+        """Bytes of the store's layer files: what serving holds beside the model, less any keys
+        an index shares with it (an IVF's float32 lists, which the model then reads)."""
+        return sum((self.path / name).stat().st_size for entry in self.manifest.layers for name in entry.files)
+
     def load_index(self, layer: int, keys: np.ndarray) -> MipsIndex:
         """keys: the layer's augmented keys (d_ff, d_model + 1) from the verified checkpoint."""
         return load_layer_index(self.path, self.manifest.layers[layer], keys)

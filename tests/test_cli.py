@@ -258,6 +258,9 @@ def test_build_defaults_to_the_low_rank_backend(tiny_checkpoints, tmp_path):
     assert all(0 <= layer["check_recall"] <= 1 for layer in manifest["layers"])
     first = manifest["layers"][0]
     assert f"={first['build_recall']:.3f} (on licenses:evaluation: {first['check_recall']:.3f})" in built.stdout
+    added = sum(p.stat().st_size for p in out.iterdir() if p.name != "manifest.json")
+    weights = (tiny_checkpoints["gpt2"] / "model.safetensors").stat().st_size
+    assert f"its files add {added / 2**20:.1f} MB to the checkpoint's {weights / 2**20:.1f} MB" in built.stdout
     unchecked = tmp_path / "unchecked"
     run("build", str(tiny_checkpoints["gpt2"]), "--out", str(unchecked), "--k", "8", "--calib-tokens", "400",
         "--check-text", "none", "--no-plan")  # fmt: skip
