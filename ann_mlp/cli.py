@@ -150,7 +150,7 @@ def build(
     ),
     gated_selection: bool = typer.Option(
         True,
-        help="Gated layers: retrieve more candidates than k by gate score (how many is tuned per layer) and keep the k largest |act(gate)*up|, estimated from 8-bit codes of the up rows.",
+        help="Gated layers: retrieve more candidates than k by gate score (how many is tuned per layer) and keep the k largest |act(gate)*up|, estimated from 8-bit codes of the up rows (a bfloat16/float16 model: its own up rows).",
     ),
     preset: bool = typer.Option(
         False,
