@@ -76,12 +76,13 @@ class ApproxModel:
             raise StoreError(
                 f"store {store.path} has {len(store.manifest.layers)} layers, its checkpoint {checkpoint.num_layers}"
             )
-        indexes = {}
+        indexes, keys = {}, {}
         for entry in store.manifest.layers:
             weights = checkpoint.adapter.mlp_weights(entry.layer)
-            indexes[entry.layer] = store.load_index(entry.layer, augmented_keys(weights))  # (d_ff, d_model + 1)
+            keys[entry.layer] = augmented_keys(weights)  # (d_ff, d_model + 1)
+            indexes[entry.layer] = store.load_index(entry.layer, keys[entry.layer])
             indexes[entry.layer].hold_keys_in(weights.keys.dtype)
-        orders = share_model_tables(checkpoint, indexes)
+        orders = share_model_tables(checkpoint, indexes, keys)
         arrays = {entry.layer: store.load_layer_arrays(entry.layer) for entry in store.manifest.layers}
         return cls(store.manifest, checkpoint, indexes, layer_arrays=arrays, neuron_orders=orders, **options)
 
@@ -175,16 +176,20 @@ class ApproxModel:
             mlp.stats.reset()
 
 
-def share_model_tables(checkpoint: Checkpoint, indexes: dict[int, MipsIndex]) -> dict[int, np.ndarray]:
+def share_model_tables(
+    checkpoint: Checkpoint, indexes: dict[int, MipsIndex], keys: dict[int, np.ndarray] | None = None
+) -> dict[int, np.ndarray]:
     """share_layer_tables for every indexed layer; returns the neuron order of each layer whose
     neurons were put in its index's table order (ApproxModel's neuron_orders). A weight the model
-    no longer holds gives back its pages if it was memory-mapped from its file."""
+    no longer holds gives back its pages if it was memory-mapped from its file. keys: each layer's
+    augmented keys where the caller has them already (computed here otherwise, when needed)."""
     orders = {}
     for layer, index in indexes.items():
         weights = checkpoint.adapter.mlp_weights(layer)
         held, order = index.key_table(), index.table_order()
-        table = torch.from_numpy(augmented_keys(weights)) if held is None else held  # (d_ff, >= d_model + 1)
-        share_layer_tables(checkpoint.model, weights, table, order)
+        if held is None:  # the model's own keys, augmented: (d_ff, d_model + 1)
+            held = torch.from_numpy(keys[layer] if keys else augmented_keys(weights))
+        share_layer_tables(checkpoint.model, weights, held, order)  # held (d_ff, >= d_model + 1)
         release_mapped_weights([weights.keys, weights.key_bias, weights.values, weights.up, weights.up_bias])
         if order is not None:
             orders[layer] = order

@@ -183,7 +183,7 @@ class LayerByLayer:
     """
 
     def __init__(self, checkpoint: Checkpoint, batches: list[Batch]) -> None:
-        self.checkpoint, self.batches = checkpoint, batches
+        self.checkpoint = checkpoint
         self.layer = 0  # the next layer to run
         self.token_masks = [batch.mask.reshape(-1) for batch in batches]  # (B*T,) each
         path = checkpoint.adapter.blocks_path
