@@ -21,7 +21,14 @@ from ann_mlp.activations import activation_module
 from ann_mlp.approx_mlp import ApproxMLP, augmented_keys, augmented_queries, dense_activations, values_output
 from ann_mlp.approx_model import ApproxModel, share_model_tables
 from ann_mlp.capture import Batch, LayerByLayer, TextStats, batches
-from ann_mlp.checkpoint import Checkpoint, CheckpointSource, MlpWeights, load_checkpoint, resolve_checkpoint
+from ann_mlp.checkpoint import (
+    Checkpoint,
+    CheckpointSource,
+    MlpWeights,
+    load_checkpoint,
+    resolve_checkpoint,
+    return_free_heap,
+)
 from ann_mlp.config import (
     DEFAULT_BUILD_PARAMS,
     DEFAULT_BUILD_PARAMS_16_BIT,
@@ -453,6 +460,11 @@ def build_indexes(
         entries.append(entry)
         del per_batch, tune_inputs, holdout_inputs, weights
         stream.release(layer)
+        return_free_heap()  # what the layer's temporaries left free, before the next layer's
+    # The last block's outputs go back before planning runs the whole model, which brings its
+    # weights back into memory.
+    del stream, calib_batches, check_batches
+    return_free_heap()
     manifest = Manifest(
         name=name,
         family=checkpoint.family,
