@@ -27,6 +27,7 @@ from ann_mlp.checkpoint.base import MlpWeights
 from ann_mlp.errors import InputError
 from ann_mlp.index.base import BYTES_PER_FLOAT, MipsIndex, SearchResult
 from ann_mlp.linalg import RowCodes, rows_dot, search_threads
+from ann_mlp.quantized import QuantizedMatrix, quantized_linear
 
 # Rows per partial bag below which one token's value sum is not shared out among threads.
 MIN_ROWS_PER_BAG = 128
@@ -113,6 +114,7 @@ class ApproxMLP(nn.Module):
             tail_mean = None if tail_mean is None else tail_mean[neuron_order]
             up_codes = None if up_codes is None else up_codes[neuron_order]
         self.weights = weights
+        self.quantized = isinstance(weights.values, QuantizedMatrix)
         self.index = index
         self.k = k
         # Neurons retrieved by key score per token; when above k, the k with the largest
@@ -125,8 +127,9 @@ class ApproxMLP(nn.Module):
         # The activation module's forward, called directly: Module.__call__'s hook handling cost
         # a third of the glue at batch 1.
         self.act = ACT2FN[weights.activation].forward
-        # embedding_bag gathers rows of a contiguous (d_ff, d_model) table, in the model's dtype.
-        self.value_rows = weights.values.contiguous()  # (d_ff, d_model)
+        # embedding_bag gathers rows of a contiguous (d_ff, d_model) table, in the model's dtype;
+        # a GGUF model's value rows stay columns of its quantized down matrix.
+        self.value_rows = weights.values if self.quantized else weights.values.contiguous()  # (d_ff, d_model)
         self.dense_act = activation_module(weights.activation, weights.topk, weights.threshold)
         # Tail correction: neurons not retrieved contribute their mean when not in the top k (build.dropped_mean),
         # y = sum_retrieved (h_i - m_i) v_i + sum_all m_i v_i; exact when all are retrieved.
@@ -166,11 +169,12 @@ class ApproxMLP(nn.Module):
         search does not pay."""
         w = self.weights
         shape = hidden_states.shape
-        x = hidden_states.reshape(-1, w.d_model).to(w.keys.dtype)  # (N, d_model)
-        h = self.dense_act(F.linear(x, w.keys, w.key_bias))  # (N, d_ff)
+        dtype = torch.float32 if self.quantized else w.keys.dtype  # GGUF blocks compute in float32
+        x = hidden_states.reshape(-1, w.d_model).to(dtype)  # (N, d_model)
+        h = self.dense_act(quantized_linear(x, w.keys, w.key_bias))  # (N, d_ff)
         if w.gated:
-            h = h * F.linear(x, w.up, w.up_bias)
-        y = h @ self.value_rows  # (N, d_model)
+            h = h * quantized_linear(x, w.up, w.up_bias)
+        y = self.value_rows.right_multiply(h) if self.quantized else h @ self.value_rows  # (N, d_model)
         if w.out_bias is not None:
             y = y + w.out_bias
         self.stats.dense_tokens += x.shape[0]
@@ -199,6 +203,8 @@ class ApproxMLP(nn.Module):
         embedding_bag shares out bags, not rows, among threads: a single token's sum is cut into
         one bag per thread and the partial sums added (512 rows of 1024: 105 vs 40 µs on 2 threads).
         """
+        if self.quantized:  # each kept value row de-quantized from the down matrix's blocks
+            return self.value_rows.weighted_rows_sum(ids, weights)
         n, k = ids.shape
         parts = min(torch.get_num_threads(), k // MIN_ROWS_PER_BAG) if n == 1 else 1
         bags, width = (parts, -(-k // parts)) if parts > 1 else (n, k)  # the last part may be shorter
@@ -271,7 +277,7 @@ class ApproxMLP(nn.Module):
                 per_token = (
                     self.candidates * w.d_model
                     if by_codes
-                    else (self.candidates - self.k) * w.d_model * w.up.element_size()
+                    else round((self.candidates - self.k) * w.d_model * w.up.element_size())
                 )
                 result = replace(result, bytes_read=result.bytes_read + len(x) * per_token)
         if by_codes:

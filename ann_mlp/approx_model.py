@@ -24,6 +24,7 @@ from ann_mlp.checkpoint.base import MlpWeights
 from ann_mlp.errors import InputError, StoreError
 from ann_mlp.index import MipsIndex
 from ann_mlp.patch import patched
+from ann_mlp.quantized import QuantizedMatrix
 from ann_mlp.store import Manifest, Store
 
 
@@ -79,9 +80,11 @@ class ApproxModel:
         indexes, keys = {}, {}
         for entry in store.manifest.layers:
             weights = checkpoint.adapter.mlp_weights(entry.layer)
-            keys[entry.layer] = augmented_keys(weights)  # (d_ff, d_model + 1)
-            indexes[entry.layer] = store.load_index(entry.layer, keys[entry.layer])
-            indexes[entry.layer].hold_keys_in(weights.keys.dtype)
+            layer_keys = augmented_keys(weights)  # (d_ff, d_model + 1)
+            indexes[entry.layer] = store.load_index(entry.layer, layer_keys)
+            indexes[entry.layer].hold_keys_like(weights.keys)
+            if not isinstance(weights.keys, QuantizedMatrix):  # quantized layers share no tables
+                keys[entry.layer] = layer_keys
         orders = share_model_tables(checkpoint, indexes, keys)
         arrays = {entry.layer: store.load_layer_arrays(entry.layer) for entry in store.manifest.layers}
         return cls(store.manifest, checkpoint, indexes, layer_arrays=arrays, neuron_orders=orders, **options)
@@ -186,6 +189,8 @@ def share_model_tables(
     orders = {}
     for layer, index in indexes.items():
         weights = checkpoint.adapter.mlp_weights(layer)
+        if isinstance(weights.keys, QuantizedMatrix):  # the index and ApproxMLP read the model's blocks
+            continue
         held, order = index.key_table(), index.table_order()
         if held is None:  # the model's own keys, augmented: (d_ff, d_model + 1)
             held = torch.from_numpy(keys[layer] if keys else augmented_keys(weights))

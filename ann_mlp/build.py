@@ -31,7 +31,7 @@ from ann_mlp.checkpoint import (
 )
 from ann_mlp.config import (
     DEFAULT_BUILD_PARAMS,
-    DEFAULT_BUILD_PARAMS_16_BIT,
+    DEFAULT_BUILD_PARAMS_NARROW_ROWS,
     DEFAULT_K,
     STORE_FORMAT_VERSION,
     BuildConfig,
@@ -273,13 +273,14 @@ def gated_selection(config: BuildConfig, tune: LayerCalibration, k: int) -> dict
     by gate score already keep (within the slack) what choosing among more would.
 
     A float32 model's candidates are chosen by 8-bit codes of its up rows, a quarter of their
-    bytes; a bfloat16 or float16 model's by its own up rows, 2 bytes per element read, which
-    cost no memory beside the model's (codes would add half the up rows' bytes).
+    bytes; a bfloat16, float16 or GGUF model's by its own up rows (2 bytes per element read, or
+    its blocks' 0.56-1.06), which cost no memory beside the model's (codes would add half the
+    up rows' bytes, or more than the blocks).
     """
     if not (tune.weights.gated and config.gated_selection):
         return {}
     up = tune.weights.up
-    codes = RowCodes.encode(up.numpy()) if up.dtype == torch.float32 else None
+    codes = None if tune.weights.narrow_rows else RowCodes.encode(up.numpy())
     candidates = tune_candidates(tune, codes, k)
     if candidates == k:
         return {}
@@ -316,12 +317,11 @@ def corrected_mlp(
 
 
 def default_build_params(backend: str, weights: MlpWeights) -> dict[str, Any]:
-    """A build's backend parameters before the user's: DEFAULT_BUILD_PARAMS, and for a 16-bit
-    model DEFAULT_BUILD_PARAMS_16_BIT over them."""
-    sixteen_bit = weights.keys.dtype in (torch.bfloat16, torch.float16)
+    """A build's backend parameters before the user's: DEFAULT_BUILD_PARAMS, and for a model
+    holding narrow rows (16-bit, GGUF blocks) DEFAULT_BUILD_PARAMS_NARROW_ROWS over them."""
     return {
         **DEFAULT_BUILD_PARAMS.get(backend, {}),
-        **(DEFAULT_BUILD_PARAMS_16_BIT.get(backend, {}) if sixteen_bit else {}),
+        **(DEFAULT_BUILD_PARAMS_NARROW_ROWS.get(backend, {}) if weights.narrow_rows else {}),
     }
 
 
@@ -359,7 +359,7 @@ def build_layer(
         target_recall=config.target_recall,
         **backend.over_defaults(default_build_params(backend.name, weights), config.build_params),
     )
-    index.hold_keys_in(weights.keys.dtype)  # tuned on the rows it will serve from
+    index.hold_keys_like(weights.keys)  # tuned on the rows it will serve from
     holdout = LayerCalibration(weights, _sample(holdout_inputs, MAX_TUNING_QUERIES, config.seed))
     holdout_q = augmented_queries(holdout.x)
     key_t = torch.from_numpy(keys)
@@ -444,7 +444,7 @@ def build_indexes(
         if entry is not None:  # finished by an earlier build that stopped
             log.info("layer %d: taken from the stopped build's %s", layer, writer.tmp.name)
             indexes[layer], layer_arrays[layer] = writer.load_finished(entry, augmented_keys(weights))
-            indexes[layer].hold_keys_in(weights.keys.dtype)
+            indexes[layer].hold_keys_like(weights.keys)
         else:
             entry, indexes[layer], layer_arrays[layer] = build_layer(
                 weights,
@@ -522,7 +522,7 @@ def resume_key(source: CheckpointSource, config: BuildConfig, calib_sources: Seq
     built = {
         "weights": source.weight_files,
         "config": config.to_json(),
-        "defaults": [DEFAULT_BUILD_PARAMS, DEFAULT_BUILD_PARAMS_16_BIT],
+        "defaults": [DEFAULT_BUILD_PARAMS, DEFAULT_BUILD_PARAMS_NARROW_ROWS],
         "text": recorded_sources(calib_sources),
         "format": STORE_FORMAT_VERSION,
         "version": __version__,

@@ -30,10 +30,11 @@ DEFAULT_TARGET_RECALL = 0.99
 # bytes of float32 keys, which a layer firing a quarter of its neurons (relu-lm's layer 0) would
 # otherwise read whole. The codes hold a quarter of the keys' memory again.
 DEFAULT_BUILD_PARAMS = {"lowrank": {"margin_rank": 16, "rerank_bits": 8, "kept_bits": 8}}
-# Over those, for a bfloat16 or float16 model: re-rank from the model's own rows, which the index
-# then shares (MipsIndex.hold_keys_in), so the store holds no copy of the keys beside the model;
-# 8-bit codes would add half the gate's bytes. Each re-ranked key reads 2 bytes per element, not 1.
-DEFAULT_BUILD_PARAMS_16_BIT = {"lowrank": {"rerank_bits": 32, "kept_bits": 32}}
+# Over those, for a bfloat16, float16 or GGUF model: re-rank from the model's own rows, which the
+# index then shares (MipsIndex.hold_keys_like), so the store holds no copy of the keys beside the
+# model; 8-bit codes would add half the gate's bytes (more than Q4 blocks hold). Each re-ranked
+# key reads 2 bytes per element (16-bit) or its blocks' 0.56-1.06, not 1.
+DEFAULT_BUILD_PARAMS_NARROW_ROWS = {"lowrank": {"rerank_bits": 32, "kept_bits": 32}}
 
 
 TEXT_SPLITS = ("auto", "paragraphs", "lines")

@@ -9,6 +9,8 @@ import faiss
 import numpy as np
 import torch
 
+from ann_mlp.quantized import QuantizedMatrix
+
 # Below this many queries faiss searches on one thread. A parallel region over a few queries
 # gains nothing, and inside a decode step faiss' OpenMP pool, spinning beside torch's own, fought
 # it for the cores: an approximate one-token call took several times as long as on one thread.
@@ -29,12 +31,14 @@ def search_threads(n_queries: int) -> Iterator[None]:
         faiss.omp_set_num_threads(previous)
 
 
-def rows_dot(rows: torch.Tensor, ids: torch.Tensor, x: torch.Tensor, max_gathered: int = 1 << 22) -> torch.Tensor:
+def rows_dot(
+    rows: torch.Tensor | QuantizedMatrix, ids: torch.Tensor, x: torch.Tensor, max_gathered: int = 1 << 22
+) -> torch.Tensor:
     """Inner products of each query with its own selected rows.
 
-    rows (n, d) float32, bfloat16 or float16, ids (N, k), x (N, d) -> (N, k) float32. faiss
-    scores float32 rows in place, without gathering copies of them (20x faster than gather +
-    einsum at one query); 16-bit rows are gathered, each selected row once.
+    rows (n, d) float32, bfloat16, float16 or GGUF blocks, ids (N, k), x (N, d) -> (N, k) float32.
+    faiss scores float32 rows in place, without gathering copies of them (20x faster than gather +
+    einsum at one query); 16-bit rows are gathered and GGUF rows de-quantized, each selected row once.
     Only when each query selects 40 % of the rows or more, in a batch of 8 or more, is one
     matmul per chunk of queries (then a gather) faster: it computes every row for every
     query, and its fixed cost is some 80 µs. Measured on 2 cores, random selections, in place
@@ -43,7 +47,14 @@ def rows_dot(rows: torch.Tensor, ids: torch.Tensor, x: torch.Tensor, max_gathere
     64 queries of 512 rows 16 vs 80 ms.
     """
     n_queries, k = ids.shape
-    if 5 * k >= 2 * rows.shape[0] and n_queries >= 8:
+    quantized = isinstance(rows, QuantizedMatrix)
+    if quantized:
+        # An index's augmented query [x; 1] meets a quantized key matrix, which has no bias
+        # (KeyRowsIndex.hold_keys_like), with its rows' zero last coordinate.
+        x = x[:, : rows.shape[1]]
+    # GGUF blocks: de-quantizing a row costs more than the products with it, so the whole table
+    # is de-quantized once as soon as the selections together outnumber its rows.
+    if (quantized and n_queries * k > rows.shape[0]) or (5 * k >= 2 * rows.shape[0] and n_queries >= 8):
         chunk = max(1, max_gathered // rows.shape[0])  # the (chunk, n) scores stay bounded
         table = rows.float()
         out = torch.empty(n_queries, k, dtype=torch.float32)
@@ -51,6 +62,8 @@ def rows_dot(rows: torch.Tensor, ids: torch.Tensor, x: torch.Tensor, max_gathere
             stop = start + chunk
             out[start:stop] = (x[start:stop].float() @ table.T).gather(1, ids[start:stop])
         return out
+    if isinstance(rows, QuantizedMatrix):  # GGUF blocks: only the selected rows, de-quantized
+        return rows.rows_dot(ids, x)
     if rows.dtype != torch.float32:  # bfloat16 or float16: only the selected rows, each once in float32
         return _gathered_rows_dot(rows, ids, x, max_gathered)
     table = rows.detach().contiguous().numpy()  # (n, d), no copy for a float32 parameter

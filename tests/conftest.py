@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.tiny_checkpoints import FAMILIES, write_tiny_checkpoint
+from tests.tiny_checkpoints import FAMILIES, write_tiny_checkpoint, write_tiny_gguf
 
 
 @pytest.fixture(scope="session")
@@ -29,6 +29,17 @@ def half_checkpoints(tmp_path_factory) -> dict[tuple[str, str], Path]:
         for family in HALF_FAMILIES
         for dtype in ("bfloat16", "float16")
     }
+
+
+# GGUF block types a tiny LLaMA is also written in (tests.tiny_checkpoints.write_tiny_gguf).
+GGUF_TYPES = ("Q8_0", "Q4_0", "Q4_1")
+
+
+@pytest.fixture(scope="session")
+def tiny_ggufs(tmp_path_factory) -> dict[str, str]:
+    """{block type: path} of tiny LLaMA GGUF files."""
+    root = tmp_path_factory.mktemp("gguf")
+    return {qtype: str(write_tiny_gguf(root / f"tiny-{qtype}.gguf", qtype)) for qtype in GGUF_TYPES}
 
 
 @pytest.fixture(params=FAMILIES)

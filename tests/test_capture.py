@@ -43,13 +43,16 @@ def test_layer_by_layer_gives_a_whole_forward_passes_mlp_inputs(tiny_checkpoints
             assert all(torch.equal(x, captured[layer]) for x, captured in zip(inputs, whole)), (folder.name, layer)
 
 
-def test_a_block_by_block_build_writes_the_store_of_a_whole_pass_build(tiny_checkpoints, tmp_path, monkeypatch):
-    """The same layer files, byte for byte, whether the build runs block by block from mapped
-    weights or captures every layer in whole forward passes."""
+@pytest.mark.parametrize("weights", ["safetensors", "gguf"])
+def test_a_block_by_block_build_writes_the_store_of_a_whole_pass_build(
+    tiny_checkpoints, tiny_ggufs, tmp_path, monkeypatch, weights
+):
+    """The same layer files, byte for byte, whether the build runs block by block (from mapped
+    weights, or from a GGUF model's quantized blocks) or captures every layer in whole forward passes."""
     from ann_mlp.checkpoint.llama import LlamaAdapter
 
     config = BuildConfig(k=16, target_recall=0.9, calibration=TextConfig(max_tokens=600), plan=False)
-    spec = str(tiny_checkpoints["llama"])
+    spec = str(tiny_checkpoints["llama"]) if weights == "safetensors" else tiny_ggufs["Q4_1"]
     streamed = Store.open(build_store(spec, tmp_path / "streamed", config, progress=False)).manifest
     monkeypatch.setattr(LlamaAdapter, "blocks_path", None)
     whole = Store.open(build_store(spec, tmp_path / "whole", config, progress=False)).manifest

@@ -710,7 +710,7 @@ KEY_ROWS_BACKENDS = [
 
 @pytest.mark.parametrize(("name", "params"), KEY_ROWS_BACKENDS, ids=[f"{n}{p or ''}" for n, p in KEY_ROWS_BACKENDS])
 def test_key_rows_held_in_bfloat16_search_as_the_same_values_in_float32(data, name, params):
-    """What a bfloat16 model's index does (hold_keys_in): it re-scores from a bfloat16 table, the
+    """What a bfloat16 model's index does (hold_keys_like): it re-scores from a bfloat16 table, the
     model's own, and finds what it finds from those values in float32, reading 2 bytes per key
     element where it read 4 (its own structures, such as codes, count as before)."""
     _require_backend(name)
@@ -718,7 +718,7 @@ def test_key_rows_held_in_bfloat16_search_as_the_same_values_in_float32(data, na
     rounded = torch.from_numpy(keys).bfloat16().float().numpy()  # the values a bfloat16 model holds
     wide = build_index(name, rounded, queries=calibration, k=K, **params)
     narrow = build_index(name, rounded, queries=calibration, k=K, **params)
-    narrow.hold_keys_in(torch.bfloat16)
+    narrow.hold_keys_like(torch.from_numpy(rounded[:, :-1]).bfloat16())  # the model's keys, without bias
     assert narrow.key_table().dtype == torch.bfloat16 and wide.key_table().dtype == torch.float32
     effort = {wide.effort_param: wide.resolve_effort(K, {})}
     found, expected = narrow.search(queries, K, **effort), wide.search(queries, K, **effort)

@@ -579,13 +579,15 @@ class _Stopped(Exception):
     """Stands for a build killed part-way (an interrupt, a crash)."""
 
 
-def test_a_stopped_build_resumes_from_its_finished_layers(tiny_checkpoints, tmp_path, monkeypatch):
+@pytest.mark.parametrize("weights", ["safetensors", "gguf"])
+def test_a_stopped_build_resumes_from_its_finished_layers(tiny_checkpoints, tiny_ggufs, tmp_path, monkeypatch, weights):
     """A build stopped after layer 0 leaves no store but its finished layer, which the next build
     of the same checkpoint and settings takes instead of building it again: the store is the one
-    an uninterrupted build writes. A build of other settings starts afresh."""
+    an uninterrupted build writes. A build of other settings starts afresh. Also for a GGUF
+    model kept in its blocks."""
     from ann_mlp import build
 
-    spec = str(tiny_checkpoints["llama"])
+    spec = str(tiny_checkpoints["llama"]) if weights == "safetensors" else tiny_ggufs["Q4_1"]
     config = BuildConfig(k=16, target_recall=0.9, calibration=TextConfig(max_tokens=600), plan=False)
     whole = Store.open(build_store(spec, tmp_path / "whole", config, progress=False)).manifest
     built_layers = []

@@ -99,3 +99,64 @@ def write_tiny_checkpoint(family: str, folder: Path, seed: int = 0, dtype: torch
     model.to(dtype).save_pretrained(folder)
     byte_tokenizer().save_pretrained(folder)
     return folder
+
+
+def write_tiny_gguf(path: Path, qtype_name: str, seed: int = 0) -> Path:
+    """A tiny random LLaMA as a GGUF file written with the `gguf` package: every matrix (the tied
+    embedding too) in blocks of `qtype_name` (Q8_0, Q4_0, Q4_1), norms in float32, and the byte
+    tokenizer's vocabulary as a GPT-2 style tokenizer without merges. Query and key rows are
+    permuted as llama.cpp's converter does, which transformers' GGUF loader undoes."""
+    import numpy as np
+    from gguf import MODEL_ARCH, GGMLQuantizationType, GGUFWriter, TokenType, get_tensor_name_map
+    from gguf.quants import quantize
+
+    qtype = GGMLQuantizationType[qtype_name]
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=D_MODEL,
+        intermediate_size=D_FF,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    model = transformers.LlamaForCausalLM(config)
+    writer = GGUFWriter(path, "llama")
+    writer.add_name("tiny-llama")
+    writer.add_block_count(LAYERS)
+    writer.add_context_length(256)
+    writer.add_embedding_length(D_MODEL)
+    writer.add_feed_forward_length(D_FF)
+    writer.add_head_count(HEADS)
+    writer.add_head_count_kv(2)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    tokens = SPECIALS + sorted(pre_tokenizers.ByteLevel.alphabet())
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([TokenType.CONTROL] * len(SPECIALS) + [TokenType.NORMAL] * (len(tokens) - len(SPECIALS)))
+    writer.add_token_scores([0.0] * len(tokens))  # no merges: transformers derives none from single bytes
+    writer.add_pad_token_id(0)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(3)
+    names = get_tensor_name_map(MODEL_ARCH.LLAMA, LAYERS)
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight":  # tied: the file has the embedding only
+            continue
+        base, suffix = name.rsplit(".", 1)
+        weights = tensor.detach().float().numpy()
+        heads = {"q_proj": HEADS, "k_proj": 2}.get(base.rsplit(".", 1)[-1])
+        if heads:  # llama.cpp's permute of rotary rows
+            weights = weights.reshape(heads, 2, -1, weights.shape[1]).swapaxes(1, 2).reshape(weights.shape)
+        if weights.ndim == 2:
+            writer.add_tensor(f"{names.get_name(base)}.{suffix}", quantize(weights, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(f"{names.get_name(base)}.{suffix}", np.ascontiguousarray(weights, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

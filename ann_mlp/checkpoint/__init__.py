@@ -21,6 +21,7 @@ from ann_mlp.activations import activation_module
 from ann_mlp.checkpoint.base import FamilyAdapter, MlpWeights, ModelKind
 from ann_mlp.checkpoint.bert import BertAdapter
 from ann_mlp.checkpoint.builtin import BUILTIN_CHECKPOINTS, resolve_builtin
+from ann_mlp.checkpoint.gguf import load_quantized
 from ann_mlp.checkpoint.gpt2 import Gpt2Adapter
 from ann_mlp.checkpoint.llama import LlamaAdapter
 from ann_mlp.checkpoint.opt import OptAdapter
@@ -151,7 +152,7 @@ def _model_type(source: CheckpointSource) -> str:
     return AutoConfig.from_pretrained(source.folder, gguf_file=source.gguf_file).model_type
 
 
-# Weight dtypes served as they are stored; others (and GGUF, which transformers de-quantizes) load as float32.
+# Weight dtypes served as they are stored; others load as float32.
 SERVED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
@@ -172,7 +173,7 @@ def cpu_has_float16_arithmetic() -> bool:
 def serving_dtype(source: CheckpointSource) -> torch.dtype:
     """The dtype the model is loaded and computed in: the one its weights are stored in (no
     float32 copy of a bfloat16 model), except float16 on a CPU without float16 arithmetic,
-    which is computed in float32; GGUF, which transformers de-quantizes, in float32."""
+    which is computed in float32; GGUF in float32 (its blocks are de-quantized as they are read)."""
     stored = stored_dtype(source)
     if stored == torch.float16 and not cpu_has_float16_arithmetic():
         return torch.float32
@@ -229,19 +230,30 @@ def load_checkpoint(spec: str | CheckpointSource, own_memory: bool = True) -> Ch
     weights = gguf or {"use_safetensors": True}
     log.info("loading %s (%s) from %s", source.spec, family, source.folder)
     try:
-        model = auto.from_pretrained(source.folder, dtype=serving_dtype(source), **weights)
+        model = _load_quantized(source, auto) if source.gguf_file else None
+        if model is None:
+            model = auto.from_pretrained(source.folder, dtype=serving_dtype(source), **weights)
+            if own_memory:
+                _own_memory(model)
         tokenizer = transformers.AutoTokenizer.from_pretrained(source.folder, **gguf)
     except (OSError, ValueError) as err:
         raise CheckpointError(f"cannot load {source.spec}: {err}".splitlines()[0]) from err
     model.eval()
-    if own_memory:
-        _own_memory(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     adapter = adapter_cls(model)
     if adapter.sparse_activation:  # the stock module tree knows only the plain activation
         install_activations(adapter)
     return Checkpoint(model=model, tokenizer=tokenizer, adapter=adapter, family=family, source=source)
+
+
+def _load_quantized(source: CheckpointSource, auto: type) -> torch.nn.Module | None:
+    """A GGUF model with its Q8_0 / Q4_0 / Q4_1 matrices kept in their blocks (checkpoint.gguf),
+    already in memory of its own; None for an architecture that loader does not map."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source.folder, gguf_file=source.gguf_file)
+    return load_quantized(str(source.folder / source.gguf_file), auto, config)
 
 
 def _own_memory(model: torch.nn.Module) -> None:
@@ -261,12 +273,12 @@ def _own_memory(model: torch.nn.Module) -> None:
             _release_mapped_pages(old, mapped)
 
 
-def release_mapped_weights(tensors: Iterable[torch.Tensor | None]) -> None:
+def release_mapped_weights(tensors: Iterable[object]) -> None:
     """Give back the resident pages of those tensors that are memory-mapped from weight files
     (see `_release_mapped_pages`); a touched page is read back from the file."""
     mapped = _weight_file_mappings()
     for tensor in tensors:
-        if tensor is not None:
+        if isinstance(tensor, torch.Tensor):  # not GGUF blocks, which are copied out of their file
             _release_mapped_pages(tensor.data, mapped)
 
 

@@ -9,6 +9,8 @@ from typing import ClassVar, Literal
 import torch
 from torch import nn
 
+from ann_mlp.quantized import QuantizedMatrix
+
 ModelKind = Literal["encoder", "causal_lm", "seq2seq"]
 
 
@@ -18,15 +20,16 @@ class MlpWeights:
 
     Gated MLPs (SwiGLU, GEGLU) compute act(keys x) * (up x); `keys` then holds
     the gate rows, which are what the index retrieves by.
-    All tensors are views of the model's own parameters where the layout allows.
+    All tensors are views of the model's own parameters where the layout allows; a GGUF
+    model's quantized matrices are QuantizedMatrix views of its blocks.
     """
 
-    keys: torch.Tensor  # (d_ff, d_model)
+    keys: torch.Tensor | QuantizedMatrix  # (d_ff, d_model)
     key_bias: torch.Tensor | None  # (d_ff,)
-    values: torch.Tensor  # (d_ff, d_model)
+    values: torch.Tensor | QuantizedMatrix  # (d_ff, d_model)
     out_bias: torch.Tensor | None  # (d_model,)
     activation: str  # a key of transformers.activations.ACT2FN
-    up: torch.Tensor | None = None  # (d_ff, d_model), gated MLPs only
+    up: torch.Tensor | QuantizedMatrix | None = None  # (d_ff, d_model), gated MLPs only
     up_bias: torch.Tensor | None = None  # (d_ff,)
     topk: int | None = None  # Top-k Transformer: only the k largest pre-activations are kept
     threshold: float | None = None  # FATReLU: only pre-activations above it are kept
@@ -50,6 +53,12 @@ class MlpWeights:
     @property
     def gated(self) -> bool:
         return self.up is not None
+
+    @property
+    def narrow_rows(self) -> bool:
+        """Whether the model holds its rows in fewer bytes than float32 (bfloat16, float16, GGUF
+        blocks): indexes then re-score from those rows rather than from 8-bit codes of their own."""
+        return isinstance(self.keys, QuantizedMatrix) or self.keys.dtype in (torch.bfloat16, torch.float16)
 
 
 class FamilyAdapter(ABC):

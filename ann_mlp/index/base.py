@@ -16,6 +16,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from ann_mlp.quantized import QuantizedMatrix
+
 BYTES_PER_FLOAT = 4
 
 
@@ -107,7 +109,7 @@ class MipsIndex(ABC):
 
     def key_table(self) -> torch.Tensor | None:
         """The augmented keys as this index holds them in memory: (num_keys, >= dim), float32 or
-        the model's dtype (hold_keys_in), rows in table_order(), columns past `dim` zero padding;
+        the model's dtype (hold_keys_like), rows in table_order(), columns past `dim` zero padding;
         None when it holds no such table.
 
         ApproxModel points the model's key parameters into this table when it is in the
@@ -115,11 +117,12 @@ class MipsIndex(ABC):
         """
         return None
 
-    def hold_keys_in(self, dtype: torch.dtype) -> None:
-        """Hold the key rows this index re-scores from in the model's dtype, where the backend
-        can: a bfloat16 model's index then re-scores the very rows the model holds (shared by
-        ApproxModel.open), not a float32 copy of them twice their size. faiss and ScaNN keep
-        float32 keys inside their own structures."""
+    def hold_keys_like(self, model_keys: torch.Tensor | QuantizedMatrix) -> None:
+        """Hold the key rows this index re-scores from as the model holds its keys (d_ff, d_model),
+        where the backend can: in a bfloat16 model's dtype, so the index re-scores the very rows
+        the model holds (shared by ApproxModel.open), not a float32 copy of them twice their size;
+        a GGUF model's quantized blocks themselves. faiss and ScaNN keep float32 keys inside their
+        own structures."""
         return None
 
     def table_order(self) -> np.ndarray | None:
@@ -151,10 +154,13 @@ class KeyRowsIndex(MipsIndex):
 
     exact_scores = True
     parts: ClassVar[tuple[str, ...]] = ()
+    # Whether searches read the keys only a selected row at a time (rows_dot, best_candidates),
+    # which rows of GGUF blocks serve; a backend scoring every key at once holds float keys.
+    scores_rows_only: ClassVar[bool] = False
 
     def __init__(self, keys: np.ndarray, build_params: dict[str, Any], search_params: dict[str, Any]) -> None:
         super().__init__(keys.shape[0], keys.shape[1], build_params, search_params)
-        # (n, D), not copied if float32 (hold_keys_in: the model's dtype); None when no search
+        # (n, D), not copied if float32 (hold_keys_like: as the model holds them); None when no search
         # reads them (the index's codes suffice).
         self.keys = (
             torch.from_numpy(np.ascontiguousarray(keys, dtype=np.float32)) if self.reads_keys(build_params) else None
@@ -169,9 +175,13 @@ class KeyRowsIndex(MipsIndex):
     def key_table(self) -> torch.Tensor | None:
         return self.keys
 
-    def hold_keys_in(self, dtype: torch.dtype) -> None:
-        if self.keys is not None:
-            self.keys = self.keys.to(dtype)
+    def hold_keys_like(self, model_keys: torch.Tensor | QuantizedMatrix) -> None:
+        if self.keys is None:
+            return
+        if not isinstance(model_keys, QuantizedMatrix):
+            self.keys = self.keys.to(model_keys.dtype)
+        elif self.scores_rows_only and not self.keys[:, -1].any():  # a key bias would need a column of its own
+            self.keys = model_keys
 
     def effort_range(self, k: int) -> tuple[int, int]:
         """By default the effort is how many candidates are re-scored exactly: from k to every key."""

@@ -17,7 +17,7 @@ Each stage is one field of LowRankParams:
 - `rerank_bits=8`: candidates re-ranked from 8-bit codes of the full keys (scores within about 1 %
   of exact), only the k kept scored from the full keys, none with `kept_bits=8` as well (the
   activations then see the approximate scores: `exact_scores` is false). At 32, the full keys as
-  the model holds them: float32, or a bfloat16/float16 model's own rows (`hold_keys_in`), which
+  the model holds them: float32, or a bfloat16/float16 model's own rows (`hold_keys_like`), which
   then cost no memory beside the model's.
 - `margin_rank` t > 0: how many are re-ranked adapts to each query. Every key whose approximate
   score is within `margin` (the effort, in hundredths of σ_q) of the query's k-th best is a
@@ -68,6 +68,7 @@ SEARCH_CHUNK = 256
 
 class LowRankIndex(KeyRowsIndex):
     name = "lowrank"
+    scores_rows_only = True
     needs_queries = True
     # key codes with rerank_bits = 8, the refinement stage's codes with refine_rank > 0, the error
     # basis with margin_rank > 0 (as 8-bit codes with error_basis_bits = 8)
@@ -260,7 +261,7 @@ class LowRankIndex(KeyRowsIndex):
             values.numpy(),
             ids.numpy(),
             keys_scored=len(q) * self.num_keys,
-            bytes_read=len(q) * per_query + within_margin * self.dim * rerank_bytes(self.params, key_bytes),
+            bytes_read=round(len(q) * per_query + within_margin * self.dim * rerank_bytes(self.params, key_bytes)),
         )
 
     def _project(self, q: np.ndarray) -> np.ndarray:

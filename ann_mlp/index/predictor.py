@@ -23,6 +23,7 @@ from ann_mlp.linalg import best_candidates
 
 class NeuronPredictorIndex(KeyRowsIndex):
     name = "dejavu"
+    scores_rows_only = True
     effort_param = "rerank"  # candidates re-scored exactly per query
     needs_queries = True
     parts = ("first", "second")
@@ -88,7 +89,7 @@ class NeuronPredictorIndex(KeyRowsIndex):
             values.numpy(),
             ids.numpy(),
             keys_scored=len(q) * self.num_keys,
-            bytes_read=len(q) * (predictor_bytes + rerank * self.dim * self.keys.element_size()),
+            bytes_read=round(len(q) * (predictor_bytes + rerank * self.dim * self.keys.element_size())),
         )
 
     def arrays(self) -> dict[str, np.ndarray]:

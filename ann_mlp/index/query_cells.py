@@ -25,6 +25,7 @@ from ann_mlp.linalg import best_candidates
 
 class QueryCellsIndex(KeyRowsIndex):
     name = "cells"
+    scores_rows_only = True
     effort_param = "budget"  # neurons scored exactly per query
     needs_queries = True
     parts = ("centroids", "ranking")
@@ -86,7 +87,7 @@ class QueryCellsIndex(KeyRowsIndex):
         n_queries = len(q)
         per_query = (len(self.centroids) * BYTES_PER_FLOAT + budget * self.keys.element_size()) * self.dim
         return SearchResult(
-            values.numpy(), ids.numpy(), keys_scored=n_queries * budget, bytes_read=n_queries * per_query
+            values.numpy(), ids.numpy(), keys_scored=n_queries * budget, bytes_read=round(n_queries * per_query)
         )
 
     def arrays(self) -> dict[str, np.ndarray]:

@@ -1,0 +1,107 @@
+"""A GGUF checkpoint with its quantized matrices kept in their blocks.
+
+transformers de-quantizes every GGUF tensor to float32 when it loads one: a Q4_1 model then
+takes 6-7 times its file's size. Here the model is laid out on the meta device (no memory),
+and each tensor of the file is put in place: a Q8_0 / Q4_0 / Q4_1 matrix of a linear layer or of
+the embedding stays in its blocks (QuantizedLinear, QuantizedEmbedding); every other tensor
+(norms, and matrices of other block types) is de-quantized to float32 as transformers would.
+Names and LLaMA's rotary row order are transformers' own GGUF mapping.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import numpy as np
+import torch
+from torch import nn
+
+from ann_mlp.quantized import FORMATS, QuantizedEmbedding, QuantizedLinear, QuantizedMatrix, owned_blocks
+
+log = logging.getLogger(__name__)
+
+# GGUF architectures whose tensors transformers maps by name, reordering at most the rows of
+# LLaMA's query and key projections (a permutation of whole rows, which blocks allow).
+ROW_ORDER_ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+
+def load_quantized(path: str, auto: type, config) -> nn.Module | None:
+    """The model in `path` with its supported matrices kept quantized; None when the file's
+    architecture is not one whose tensors map onto the model row for row (then transformers'
+    own de-quantizing loader applies)."""
+    from gguf import GGUFReader, dequantize
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+        load_gguf_checkpoint,
+    )
+
+    reader = GGUFReader(path)
+    architecture = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    if architecture not in ROW_ORDER_ARCHITECTURES:
+        return None
+    parsed = load_gguf_checkpoint(path, return_tensors=False)
+    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=parsed["config"])
+    with torch.device("meta"):
+        model = auto.from_config(config, dtype=torch.float32)
+    names = get_gguf_hf_weights_map(model, processor)
+    kept, widened = Counter(), Counter()
+    for tensor in reader.tensors:
+        name = names.get(tensor.name)
+        if name is None:
+            continue
+        module_path, _, attribute = name.rpartition(".")
+        module = model.get_submodule(module_path)
+        if tensor.tensor_type in FORMATS and attribute == "weight" and isinstance(module, (nn.Linear, nn.Embedding)):
+            model.set_submodule(module_path, _quantized_module(module, tensor, processor))
+            kept[tensor.tensor_type.name] += 1
+            continue
+        weights = processor.process(weights=dequantize(tensor.data, tensor.tensor_type), name=tensor.name).weights
+        setattr(module, attribute, nn.Parameter(torch.from_numpy(np.array(weights, dtype=np.float32)), False))
+        widened[tensor.tensor_type.name] += 1
+    _tie_output_to_embedding(model, config)
+    _materialise_buffers(model)
+    meta = [name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta]
+    if meta:
+        raise ValueError(f"{path} holds no tensor for {', '.join(meta[:3])}")
+    log.info("kept quantized: %s; loaded as float32: %s", dict(kept), dict(widened))
+    return model
+
+
+def _quantized_module(module: nn.Module, tensor, processor) -> nn.Module:
+    """The module `module` stands for, with the GGUF tensor's blocks as its weight."""
+    blocks = owned_blocks(tensor.data)  # (rows, row bytes)
+    rows = blocks.shape[0]
+    # The processor reorders rows (LLaMA's query and key): ask it where each row goes.
+    order = processor.process(weights=np.arange(rows, dtype=np.float32)[:, None], name=tensor.name).weights
+    order = torch.from_numpy(np.asarray(order[:, 0], dtype=np.int64))
+    if not torch.equal(order, torch.arange(rows)):
+        blocks = blocks[order].contiguous()
+    matrix = QuantizedMatrix(blocks, tensor.tensor_type, cols=int(tensor.shape[0]))
+    if isinstance(module, nn.Embedding):
+        return QuantizedEmbedding(matrix)
+    bias = None if module.bias is None or module.bias.is_meta else module.bias
+    quantized = QuantizedLinear(matrix, bias)
+    if module.bias is not None:  # filled by its own tensor later in the file
+        quantized.bias = module.bias
+    return quantized
+
+
+def _tie_output_to_embedding(model: nn.Module, config) -> None:
+    """A tied output layer (no output.weight in the file) reads the embedding's blocks."""
+    output, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if output is not None and not isinstance(output, QuantizedLinear) and getattr(output, "weight", None) is not None:
+        if output.weight.is_meta and getattr(config, "tie_word_embeddings", False):
+            if isinstance(embedding, QuantizedEmbedding):
+                model.set_output_embeddings(QuantizedLinear(embedding.weight))
+            else:
+                output.weight = embedding.weight
+
+
+def _materialise_buffers(model: nn.Module) -> None:
+    """Buffers computed at construction (rotary frequencies) are built again off the meta device."""
+    for path, module in list(model.named_modules()):
+        if any(buffer.is_meta for buffer in module.buffers(recurse=False)) and not list(module.parameters(False)):
+            model.set_submodule(path, type(module)(config=model.config))
