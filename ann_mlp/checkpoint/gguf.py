@@ -31,19 +31,14 @@ def load_quantized(path: str, auto: type, config) -> nn.Module | None:
     architecture is not one whose tensors map onto the model row for row (then transformers'
     own de-quantizing loader applies)."""
     from gguf import GGUFReader, dequantize
-    from transformers.modeling_gguf_pytorch_utils import (
-        TENSOR_PROCESSORS,
-        TensorProcessor,
-        get_gguf_hf_weights_map,
-        load_gguf_checkpoint,
-    )
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
 
     reader = GGUFReader(path)
     architecture = bytes(reader.fields["general.architecture"].parts[-1]).decode()
     if architecture not in ROW_ORDER_ARCHITECTURES:
         return None
-    parsed = load_gguf_checkpoint(path, return_tensors=False)
-    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=parsed["config"])
+    # The processor reads head counts from the config (transformers' own GGUF reading of it).
+    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config.to_dict())
     with torch.device("meta"):
         model = auto.from_config(config, dtype=torch.float32)
     names = get_gguf_hf_weights_map(model, processor)
