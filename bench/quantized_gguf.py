@@ -33,22 +33,28 @@ def write_float32_copy(gguf: Path, folder: Path) -> None:
         return
     import torch
     import transformers
+    from safetensors.torch import save_model
 
     model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     partial = folder.with_name(folder.name + ".partial")
-    model.save_pretrained(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    # save_pretrained refuses a model transformers loaded from GGUF; its tensors and config are plain.
+    save_model(model, str(partial / "model.safetensors"))
+    config = model.config
+    del config.quantization_config  # the copy holds float32 tensors, not GGUF blocks
+    config.save_pretrained(partial)
     transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(partial)
     partial.rename(folder)
 
 
-def measure(name: str, checkpoint: str, file_bytes: int, work: Path, tokens: int) -> dict:
-    store = work / f"{name}-store"
+def measure(name: str, slug: str, checkpoint: str, file_bytes: int, work: Path, tokens: int) -> dict:
+    store = work / f"{slug}-store"
     build_s, build_peak = run_measured(
         "build", checkpoint, "--out", str(store), "--k", "96", "--target-recall", "0.9",
         "--calib-tokens", str(tokens), "--check-text", "none", "--force",
     )  # fmt: skip
     serve_gb = served_rss_gb(store)
-    decode_json = work / f"{name}-decode.jsonl"
+    decode_json = work / f"{slug}-decode.jsonl"
     decode_json.unlink(missing_ok=True)
     run_measured("bench", "decode", str(store), "--new-tokens", "16", "--num-prompts", "2", "--turns", "2",
                  "--json", str(decode_json))  # fmt: skip
@@ -88,8 +94,8 @@ def main() -> int:
     write_float32_copy(gguf, float32)
     float32_bytes = sum(p.stat().st_size for p in float32.glob("*.safetensors"))
     runs = [
-        measure("Q4_1 GGUF, kept in blocks", str(gguf), gguf.stat().st_size, args.work, args.calib_tokens),
-        measure("float32 copy", str(float32), float32_bytes, args.work, args.calib_tokens),
+        measure("Q4_1 GGUF, kept in blocks", "q4_1", str(gguf), gguf.stat().st_size, args.work, args.calib_tokens),
+        measure("float32 copy", "float32", str(float32), float32_bytes, args.work, args.calib_tokens),
     ]
     float32_serve = runs[1]["serve_mb"]
     rows = [
