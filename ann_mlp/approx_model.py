@@ -19,7 +19,6 @@ from ann_mlp.checkpoint import (
     load_checkpoint,
     release_mapped_weights,
     resolve_checkpoint,
-    return_free_heap,
 )
 from ann_mlp.checkpoint.base import MlpWeights
 from ann_mlp.errors import InputError, StoreError
@@ -87,13 +86,8 @@ class ApproxModel:
             if not isinstance(weights.keys, QuantizedMatrix):  # quantized layers share no tables
                 keys[entry.layer] = layer_keys
         orders = share_model_tables(checkpoint, indexes, keys)
-        del keys
         arrays = {entry.layer: store.load_layer_arrays(entry.layer) for entry in store.manifest.layers}
-        opened = cls(store.manifest, checkpoint, indexes, layer_arrays=arrays, neuron_orders=orders, **options)
-        # Loading left free heap behind (each layer's float32 keys, the tokenizer's conversion):
-        # a served SmolLM2 GGUF store held 80 MB more without handing it back.
-        return_free_heap()
-        return opened
+        return cls(store.manifest, checkpoint, indexes, layer_arrays=arrays, neuron_orders=orders, **options)
 
     def configure(
         self, k: int | None = None, search_params: dict[str, Any] | None = None, candidate_factor: float | None = None
