@@ -15,6 +15,7 @@ and every product de-quantizes what it reads into float32 first:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -147,26 +148,28 @@ class QuantizedMatrix:
             values += self.mins[:, block].float()
         return values
 
-    def times_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ storedᵀ: x (N, cols) -> (N, rows) float32, de-quantizing a chunk of rows at a time."""
+    def stored_row_chunks(self) -> Iterator[tuple[slice, torch.Tensor]]:
+        """The stored rows in order, de-quantized a chunk at a time: (rows, (chunk, cols) float32)."""
         rows, cols = self.stored_shape
-        x = x.float()
-        out = torch.empty(x.shape[0], rows)
         chunk = max(1, MAX_DEQUANTIZED // cols)
         for start in range(0, rows, chunk):
             stop = min(start + chunk, rows)
-            out[:, start:stop] = x @ self.stored_rows(torch.arange(start, stop)).T
+            yield slice(start, stop), self.stored_rows(torch.arange(start, stop))
+
+    def times_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ storedᵀ: x (N, cols) -> (N, rows) float32."""
+        x = x.float()
+        out = torch.empty(x.shape[0], self.stored_shape[0])
+        for rows, dequantized in self.stored_row_chunks():
+            out[:, rows] = x @ dequantized.T
         return out
 
     def times_columns(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ stored: x (N, rows) -> (N, cols) float32, de-quantizing a chunk of rows at a time."""
-        rows, cols = self.stored_shape
+        """x @ stored: x (N, rows) -> (N, cols) float32."""
         x = x.float()
-        out = torch.zeros(x.shape[0], cols)
-        chunk = max(1, MAX_DEQUANTIZED // cols)
-        for start in range(0, rows, chunk):
-            stop = min(start + chunk, rows)
-            out.addmm_(x[:, start:stop], self.stored_rows(torch.arange(start, stop)))
+        out = torch.zeros(x.shape[0], self.stored_shape[1])
+        for rows, dequantized in self.stored_row_chunks():
+            out.addmm_(x[:, rows], dequantized)
         return out
 
     def right_multiply(self, x: torch.Tensor) -> torch.Tensor:

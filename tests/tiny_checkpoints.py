@@ -112,16 +112,8 @@ def write_tiny_gguf(path: Path, qtype_name: str, seed: int = 0) -> Path:
 
     qtype = GGMLQuantizationType[qtype_name]
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=D_MODEL,
-        intermediate_size=D_FF,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
+    config = _config("llama")
+    config.tie_word_embeddings = True
     model = transformers.LlamaForCausalLM(config)
     writer = GGUFWriter(path, "llama")
     writer.add_name("tiny-llama")
