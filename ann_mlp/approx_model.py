@@ -83,7 +83,7 @@ class ApproxModel:
             layer_keys = augmented_keys(weights)  # (d_ff, d_model + 1)
             indexes[entry.layer] = store.load_index(entry.layer, layer_keys)
             indexes[entry.layer].hold_keys_like(weights.keys)
-            if not isinstance(weights.keys, QuantizedMatrix):  # quantized layers share no tables
+            if indexes[entry.layer].key_table() is None:  # what share_model_tables shares instead
                 keys[entry.layer] = layer_keys
         orders = share_model_tables(checkpoint, indexes, keys)
         arrays = {entry.layer: store.load_layer_arrays(entry.layer) for entry in store.manifest.layers}
@@ -184,8 +184,8 @@ def share_model_tables(
 ) -> dict[int, np.ndarray]:
     """share_layer_tables for every indexed layer; returns the neuron order of each layer whose
     neurons were put in its index's table order (ApproxModel's neuron_orders). A weight the model
-    no longer holds gives back its pages if it was memory-mapped from its file. keys: each layer's
-    augmented keys where the caller has them already (computed here otherwise, when needed)."""
+    no longer holds gives back its pages if it was memory-mapped from its file. keys: augmented
+    keys the caller has already, of layers whose index holds no table (computed here otherwise)."""
     orders = {}
     for layer, index in indexes.items():
         weights = checkpoint.adapter.mlp_weights(layer)
@@ -193,7 +193,7 @@ def share_model_tables(
             continue
         held, order = index.key_table(), index.table_order()
         if held is None:  # the model's own keys, augmented: (d_ff, d_model + 1)
-            held = torch.from_numpy(keys[layer] if keys else augmented_keys(weights))
+            held = torch.from_numpy(keys[layer] if keys and layer in keys else augmented_keys(weights))
         share_layer_tables(checkpoint.model, weights, held, order)  # held (d_ff, >= d_model + 1)
         release_mapped_weights([weights.keys, weights.key_bias, weights.values, weights.up, weights.up_bias])
         if order is not None:

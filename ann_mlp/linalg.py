@@ -62,7 +62,7 @@ def rows_dot(
             stop = start + chunk
             out[start:stop] = (x[start:stop].float() @ table.T).gather(1, ids[start:stop])
         return out
-    if isinstance(rows, QuantizedMatrix):  # GGUF blocks: only the selected rows, de-quantized
+    if quantized:  # GGUF blocks: only the selected rows, de-quantized
         return rows.rows_dot(ids, x)
     if rows.dtype != torch.float32:  # bfloat16 or float16: only the selected rows, each once in float32
         return _gathered_rows_dot(rows, ids, x, max_gathered)

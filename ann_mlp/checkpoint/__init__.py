@@ -143,13 +143,12 @@ def check_gguf(path: Path) -> None:
         ) from None
 
 
-def _model_type(source: CheckpointSource) -> str:
-    if source.gguf_file is None:
-        config = json.loads((source.folder / "config.json").read_text())
-        return config.get("model_type", "")
+def _gguf_config(source: CheckpointSource):
+    """The model config transformers reads from a GGUF file's metadata (a parse of the whole
+    header, the tokenizer's vocabulary included: done once per load)."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(source.folder, gguf_file=source.gguf_file).model_type
+    return AutoConfig.from_pretrained(source.folder, gguf_file=source.gguf_file)
 
 
 # Weight dtypes served as they are stored; others load as float32.
@@ -211,7 +210,12 @@ def load_checkpoint(spec: str | CheckpointSource, own_memory: bool = True) -> Ch
     import transformers
 
     source = spec if isinstance(spec, CheckpointSource) else resolve_checkpoint(spec)
-    family = _model_type(source)
+    gguf_config = _gguf_config(source) if source.gguf_file else None
+    family = (
+        gguf_config.model_type
+        if gguf_config
+        else json.loads((source.folder / "config.json").read_text()).get("model_type", "")
+    )
     adapter_cls = ADAPTERS.get(family)
     if adapter_cls is None:
         raise CheckpointError(f"unsupported model family {family!r}; supported: {', '.join(sorted(ADAPTERS))}")
@@ -230,7 +234,9 @@ def load_checkpoint(spec: str | CheckpointSource, own_memory: bool = True) -> Ch
     weights = gguf or {"use_safetensors": True}
     log.info("loading %s (%s) from %s", source.spec, family, source.folder)
     try:
-        model = _load_quantized(source, auto) if source.gguf_file else None
+        # A GGUF model keeps its Q8_0 / Q4_0 / Q4_1 matrices in their blocks (checkpoint.gguf), in
+        # memory of its own; None for an architecture that loader does not map.
+        model = load_quantized(str(source.folder / source.gguf_file), auto, gguf_config) if gguf_config else None
         if model is None:
             model = auto.from_pretrained(source.folder, dtype=serving_dtype(source), **weights)
             if own_memory:
@@ -245,15 +251,6 @@ def load_checkpoint(spec: str | CheckpointSource, own_memory: bool = True) -> Ch
     if adapter.sparse_activation:  # the stock module tree knows only the plain activation
         install_activations(adapter)
     return Checkpoint(model=model, tokenizer=tokenizer, adapter=adapter, family=family, source=source)
-
-
-def _load_quantized(source: CheckpointSource, auto: type) -> torch.nn.Module | None:
-    """A GGUF model with its Q8_0 / Q4_0 / Q4_1 matrices kept in their blocks (checkpoint.gguf),
-    already in memory of its own; None for an architecture that loader does not map."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(source.folder, gguf_file=source.gguf_file)
-    return load_quantized(str(source.folder / source.gguf_file), auto, config)
 
 
 def _own_memory(model: torch.nn.Module) -> None:

@@ -77,22 +77,20 @@ def _quantized_module(module: nn.Module, tensor, processor) -> nn.Module:
     matrix = QuantizedMatrix(blocks, tensor.tensor_type, cols=int(tensor.shape[0]))
     if isinstance(module, nn.Embedding):
         return QuantizedEmbedding(matrix)
-    bias = None if module.bias is None or module.bias.is_meta else module.bias
-    quantized = QuantizedLinear(matrix, bias)
-    if module.bias is not None:  # filled by its own tensor later in the file
-        quantized.bias = module.bias
+    quantized = QuantizedLinear(matrix)
+    quantized.bias = module.bias  # None, or a placeholder its own tensor in the file fills
     return quantized
 
 
 def _tie_output_to_embedding(model: nn.Module, config) -> None:
     """A tied output layer (no output.weight in the file) reads the embedding's blocks."""
     output, embedding = model.get_output_embeddings(), model.get_input_embeddings()
-    if output is not None and not isinstance(output, QuantizedLinear) and getattr(output, "weight", None) is not None:
-        if output.weight.is_meta and getattr(config, "tie_word_embeddings", False):
-            if isinstance(embedding, QuantizedEmbedding):
-                model.set_output_embeddings(QuantizedLinear(embedding.weight))
-            else:
-                output.weight = embedding.weight
+    if not isinstance(output, nn.Linear) or not output.weight.is_meta or not config.tie_word_embeddings:
+        return  # no output layer, or its own tensor was in the file
+    if isinstance(embedding, QuantizedEmbedding):
+        model.set_output_embeddings(QuantizedLinear(embedding.weight))
+    else:
+        output.weight = embedding.weight
 
 
 def _materialise_buffers(model: nn.Module) -> None:
