@@ -11,6 +11,7 @@ import torch
 from ann_mlp.checkpoint import Checkpoint, release_mapped_weights
 from ann_mlp.config import TextConfig
 from ann_mlp.errors import InputError
+from ann_mlp.packing import pack
 
 
 @dataclass
@@ -137,8 +138,14 @@ def batches(
         raise InputError("the text is empty: no tokens to run")
 
 
-def forward(checkpoint: Checkpoint, batch: Batch):
+def forward(checkpoint: Checkpoint, batch: Batch, packed: bool = False):
+    """The model's output over the batch. packed: run its inputs packed end to end into rows where
+    the family can (ann_mlp.packing); the output is then only last_hidden_state, in the batch's
+    padded shape, equal to the padded pass's up to float32 summation order."""
     with torch.inference_mode():
+        packing = pack(checkpoint.adapter, batch.input_ids, batch.mask) if packed else None
+        if packing is not None:
+            return packing.forward(checkpoint.model, batch.mask)
         return checkpoint.model(**batch.inputs)
 
 

@@ -153,12 +153,14 @@ class Batches:
                 _fail(request.future, err)
                 continue
             live.append(request)
-        for chunk in _chunks(live, engine.settings.max_batch_tokens):
+        packs = group.served.approx.checkpoint.adapter.packs_inputs
+        for chunk in _chunks(live, engine.settings.max_batch_tokens, packs):
             self._run_pass(group, chunk)
 
     def _run_pass(self, group: PassGroup, requests: list[PassRequest]) -> None:
         engine = self.engine
         ids = [x for request in requests for x in request.ids]
+        engine.metrics.batch_rows.labels(group.served.name, "pass").observe(len(ids))
         try:
             with engine.running([r.state for r in requests]):
                 run = engine.run(group.served, batch_from_ids(group.served.approx.checkpoint, ids), group.knobs)
@@ -218,6 +220,7 @@ class Batches:
                     self._join_waiting(group)
                     if group.batch.rows:
                         rows = len(group.batch.rows)
+                        engine.metrics.batch_rows.labels(group.served.name, "decode").observe(rows)
                         with engine.running([g.state for g in group.running]):
                             group.batch.step()
                         for generation in group.running:
@@ -297,16 +300,18 @@ class Batches:
         group.batch.leave(list(group.batch.rows))
 
 
-def _chunks(requests: list[PassRequest], max_tokens: int) -> list[list[PassRequest]]:
+def _chunks(requests: list[PassRequest], max_tokens: int, packed: bool) -> list[list[PassRequest]]:
     """Requests in passes by length: a pass's padded size (rows x longest) stays within max_tokens
     and within MAX_PADDING of its real tokens, since every padded position costs a real one in
-    every layer. A request's inputs stay in one pass; a request over the limits runs alone."""
+    every layer. A model that runs packed inputs (ann_mlp.packing) computes little padding, so
+    there only its real tokens count, and unlike lengths share a pass. A request's inputs stay in
+    one pass; a request over the limits runs alone."""
     chunks: list[list[PassRequest]] = []
     rows = real = 0
     for request in sorted(requests, key=lambda r: max(len(x) for x in r.ids)):
         longest = max(len(x) for x in request.ids)  # the pass's longest: requests come shortest first
         grown_rows, grown_real = rows + len(request.ids), real + sum(len(x) for x in request.ids)
-        padded = grown_rows * longest
+        padded = grown_real if packed else grown_rows * longest
         if chunks and padded <= max_tokens and padded <= (1 + MAX_PADDING) * grown_real:
             chunks[-1].append(request)
             rows, real = grown_rows, grown_real

@@ -333,8 +333,8 @@ class Engine:
             if knobs.mode == "exact":
                 output = forward(approx.checkpoint, batch)
             elif knobs.mode in ("approx", "auto"):
-                with approx.approximate(planned=knobs.mode == "auto"):
-                    output = forward(approx.checkpoint, batch)
+                with approx.approximate(planned=knobs.mode == "auto"):  # merged passes: no padding computed
+                    output = forward(approx.checkpoint, batch, packed=True)
             else:
                 comparison = Comparison(approx)
                 _, output = comparison.add(batch)

@@ -69,12 +69,12 @@ def generation(engine: Engine, prompt: list[int], max_tokens: int, knobs: Knobs)
     return engine.batches.generate(served, knobs, 1, prepare, finish)
 
 
-# Lengths close enough to share a pass (12 padded positions for 11 tokens), and one far longer.
-BERT_INPUTS = [[[5, 6, 7]], [[8, 9, 10]], [[15, 16], [17, 18, 19]]]
-LONG_INPUT = [list(range(30, 40))]
+# Inputs of short, close lengths, and one far longer: padded, their pass would be mostly padding.
+BERT_INPUTS = [[[5, 6, 7]], [[8, 9, 10]], [[15, 16], [17, 18, 19]], [list(range(30, 40))]]
 
 
 def test_compatible_passes_merge_and_each_gets_its_rows(engine):
+    """BERT packs its inputs end to end (ann_mlp.packing), so unlike lengths share one pass."""
     approx, other_k, exact = Knobs(mode="approx"), Knobs(mode="approx", k=8), Knobs(mode="exact")
 
     async def main():
@@ -82,15 +82,22 @@ def test_compatible_passes_merge_and_each_gets_its_rows(engine):
         held = Held(engine)
         tasks = [asyncio.ensure_future(forward(engine, "tiny-bert", ids, approx)) for ids in BERT_INPUTS]
         tasks.append(asyncio.ensure_future(forward(engine, "tiny-bert", BERT_INPUTS[0], other_k)))
-        tasks.append(asyncio.ensure_future(forward(engine, "tiny-bert", LONG_INPUT, approx)))
         tasks += [asyncio.ensure_future(forward(engine, "tiny-bert", ids, exact)) for ids in BERT_INPUTS[:2]]
         await queued(engine, len(tasks))
         held.release()
         return alone, await asyncio.gather(*tasks)
 
+    def passes_of_5_to_8_inputs() -> float:
+        sample = engine.metrics.registry.get_sample_value
+        labels = {"model": "tiny-bert", "kind": "pass"}
+        return sample("ann_mlp_batch_rows_bucket", {**labels, "le": "8.0"}) - sample(
+            "ann_mlp_batch_rows_bucket", {**labels, "le": "4.0"}
+        )
+
     alone, together = asyncio.run(main())
     merged_rows = sum(len(ids) for ids in BERT_INPUTS)
-    for ids, single, run in zip(BERT_INPUTS, alone, together[:3]):
+    assert merged_rows == 5 and passes_of_5_to_8_inputs() == 1  # the metric saw the merged pass
+    for ids, single, run in zip(BERT_INPUTS, alone, together):
         assert single.batch_size == len(ids) and run.batch_size == merged_rows
         assert run.batch.mask.sum(1).tolist() == [len(x) for x in ids]
         width = single.output.last_hidden_state.shape[1]
@@ -100,9 +107,26 @@ def test_compatible_passes_merge_and_each_gets_its_rows(engine):
             atol=1e-4,
             rtol=1e-4,
         )
-    assert together[3].batch_size == 1 and together[3].k == [8] * len(together[3].k)  # other knobs: own pass
-    assert together[4].batch_size == 1  # its padding would cost more than its company saves: own pass
-    assert [run.batch_size for run in together[5:]] == [1, 1]  # exact is never merged
+    other, exact_runs = together[len(BERT_INPUTS)], together[len(BERT_INPUTS) + 1 :]
+    assert other.batch_size == 1 and other.k == [8] * len(other.k)  # other knobs: own pass
+    assert [run.batch_size for run in exact_runs] == [1, 1]  # exact is never merged
+
+
+def test_a_padded_family_cuts_passes_where_padding_would_cost_more_than_company_saves(engine):
+    """LLaMA runs right-padded batches: close lengths share a pass, a far longer input runs alone."""
+    knobs = Knobs(mode="approx")
+    inputs = [[[5, 6, 7]], [[8, 9, 10]], [[15, 16], [17, 18, 19]], [list(range(30, 40))]]
+
+    async def main():
+        held = Held(engine)
+        tasks = [asyncio.ensure_future(forward(engine, "tiny-llama", ids, knobs)) for ids in inputs]
+        await queued(engine, len(tasks))
+        held.release()
+        return await asyncio.gather(*tasks)
+
+    runs = asyncio.run(main())
+    assert [run.batch_size for run in runs] == [4, 4, 4, 1]
+    assert runs[0].batch.mask.shape[1] == 3 and runs[3].batch.mask.shape[1] == 10  # widths of their passes
 
 
 def test_decode_rows_join_and_leave_between_steps_and_one_requests_end_spares_the_others(engine):

@@ -76,6 +76,9 @@ class FamilyAdapter(ABC):
     # holding layer i's MLP: what a build runs block by block (capture.LayerByLayer). None where
     # blocks need more than the first block's inputs (T5's blocks pass each other a position bias).
     blocks_path: ClassVar[str | None] = None
+    # Whether the family can run inputs packed end to end into rows (ann_mlp.packing): its forward
+    # takes per-token positions and a per-row (L, L) attention mask; see packed_inputs.
+    packs_inputs: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -130,6 +133,13 @@ class FamilyAdapter(ABC):
             parent_path, _, name = path.rpartition(".")
             self._slots[path] = (self.model.get_submodule(parent_path) if parent_path else self.model, name)
         return self._slots[path]
+
+    def packed_inputs(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attention: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """forward() keyword arguments for packed rows: input_ids and positions (R, L), each input's
+        positions counting from 0; attention (R, 1, L, L) bool, True where a token may attend."""
+        raise NotImplementedError(f"{type(self).__name__} cannot run packed inputs")
 
     @abstractmethod
     def replacement(self, layer: int) -> tuple[str, tuple[str, ...]]:

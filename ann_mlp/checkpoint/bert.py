@@ -8,6 +8,8 @@ identity so the residual and LayerNorm still run.
 
 from __future__ import annotations
 
+import torch
+
 from ann_mlp.checkpoint.base import FamilyAdapter, MlpWeights
 
 
@@ -16,6 +18,7 @@ class BertAdapter(FamilyAdapter):
     kind = "encoder"
     activation_setting = "hidden_act"
     blocks_path = "encoder.layer"
+    packs_inputs = True
 
     def num_layers(self) -> int:
         return len(self.model.encoder.layer)
@@ -32,6 +35,14 @@ class BertAdapter(FamilyAdapter):
             out_bias=fc_out.bias.detach(),
             activation=self.model.config.hidden_act,
         )
+
+    def packed_inputs(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attention: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        # RoBERTa counts positions from padding_idx + 1 (its padding's position is padding_idx).
+        padding_idx = getattr(self.model.embeddings, "padding_idx", None)
+        first = 0 if padding_idx is None else padding_idx + 1
+        return {"input_ids": input_ids, "position_ids": positions + first, "attention_mask": attention}
 
     def activation_path(self, layer: int) -> str:
         return f"encoder.layer.{layer}.intermediate.intermediate_act_fn"
