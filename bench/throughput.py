@@ -123,6 +123,9 @@ def measure(workload: Workload, setup: Setup, clients: int, seconds: float) -> d
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
+    parser.add_argument(
+        "--setups", nargs="+", choices=[s.name for s in setups(0)], default=None, help="rows to run (default: all)"
+    )
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--replica-clients", type=int, default=32, help="clients for the Ray Serve rows")
     parser.add_argument("--seconds", type=float, default=30.0)
@@ -134,6 +137,8 @@ def main() -> int:
         workload = WORKLOADS[key]
         serial = None
         for setup in setups(args.replica_clients):
+            if args.setups and setup.name not in args.setups:
+                continue
             clients = setup.clients or args.clients
             result = measure(workload, setup, clients, args.seconds)
             serial = serial or result

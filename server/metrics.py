@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 FRACTION_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.125, 0.2, 0.3, 0.5, 0.75, 0.9, 1.0, 1.5)
 
 
@@ -24,6 +25,13 @@ class Metrics:
             "Keys scored per token / d_ff, per approximate request",
             ["model"],
             buckets=FRACTION_BUCKETS,
+            registry=r,
+        )
+        self.batch_rows = Histogram(
+            "ann_mlp_batch_rows",
+            "Inputs per forward pass (kind pass) and rows per decode step (kind decode): how much work requests share",
+            ["model", "kind"],
+            buckets=ROWS_BUCKETS,
             registry=r,
         )
         self.live_recall = Gauge(
