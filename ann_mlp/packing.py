@@ -74,4 +74,8 @@ def pack(adapter: FamilyAdapter, input_ids: torch.Tensor, mask: torch.Tensor) ->
             start += n
     same_input = (owner.unsqueeze(2) == owner.unsqueeze(1)) & (owner >= 0).unsqueeze(2)  # (R, L, L)
     same_input |= torch.eye(width, dtype=torch.bool)  # a padded position attends to itself: no empty softmax
-    return Packing(adapter.packed_inputs(packed_ids, positions, same_input.unsqueeze(1)), places)
+    # Additive, in the model's dtype: every attention implementation adds a float mask as it is
+    # (eager would add a boolean one as 0 and 1).
+    dtype = adapter.model.dtype
+    attention = torch.zeros(same_input.shape, dtype=dtype).masked_fill(~same_input, torch.finfo(dtype).min)
+    return Packing(adapter.packed_inputs(packed_ids, positions, attention.unsqueeze(1)), places)

@@ -138,7 +138,8 @@ class FamilyAdapter(ABC):
         self, input_ids: torch.Tensor, positions: torch.Tensor, attention: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """forward() keyword arguments for packed rows: input_ids and positions (R, L), each input's
-        positions counting from 0; attention (R, 1, L, L) bool, True where a token may attend."""
+        positions counting from 0; attention (R, 1, L, L), an additive mask in the model's dtype
+        (0 where a token may attend, the dtype's minimum elsewhere)."""
         raise NotImplementedError(f"{type(self).__name__} cannot run packed inputs")
 
     @abstractmethod
