@@ -141,7 +141,7 @@ def batches(
 def forward(checkpoint: Checkpoint, batch: Batch, packed: bool = False):
     """The model's output over the batch. packed: run its inputs packed end to end into rows where
     the family can (ann_mlp.packing); the output is then only last_hidden_state, in the batch's
-    padded shape, equal to the padded pass's up to float32 summation order."""
+    padded shape, equal to the padded pass's up to rounding (the order of summation changes)."""
     with torch.inference_mode():
         packing = pack(checkpoint.adapter, batch.input_ids, batch.mask) if packed else None
         if packing is not None:

@@ -40,14 +40,11 @@ class Packing:
         return type(output)(last_hidden_state=unpacked)
 
 
-def pack(adapter: FamilyAdapter, input_ids: torch.Tensor, mask: torch.Tensor) -> Packing | None:
-    """The padded batch (input_ids, mask: (B, T), right-padded) packed into rows; None when the
-    family cannot take packed rows or packing would save no position."""
-    if not adapter.packs_inputs:
-        return None
-    lengths = mask.sum(1).tolist()
+def packed_rows(lengths: list[int]) -> list[list[int]]:
+    """Input indices per row: first fit, longest first, into rows as long as the longest input.
+    Every row but one is more than half full, so the rows hold under twice the real tokens plus a row."""
     width = max(lengths)
-    rows: list[list[int]] = []  # input indices per row
+    rows: list[list[int]] = []
     room: list[int] = []  # free positions per row
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
         row = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
@@ -57,6 +54,17 @@ def pack(adapter: FamilyAdapter, input_ids: torch.Tensor, mask: torch.Tensor) ->
             row = len(rows) - 1
         rows[row].append(i)
         room[row] -= lengths[i]
+    return rows
+
+
+def pack(adapter: FamilyAdapter, input_ids: torch.Tensor, mask: torch.Tensor) -> Packing | None:
+    """The padded batch (input_ids, mask: (B, T), right-padded) packed into rows; None when the
+    family cannot take packed rows or packing would save no position."""
+    if not adapter.packs_inputs:
+        return None
+    lengths = mask.sum(1).tolist()
+    width = max(lengths)
+    rows = packed_rows(lengths)
     if len(rows) == len(lengths):
         return None  # every input alone in its row: the padded batch itself
     packed_ids = torch.zeros((len(rows), width), dtype=torch.long)  # (R, L); padding's id does not matter

@@ -31,6 +31,7 @@ import torch
 from ann_mlp.capture import Batch, batch_from_ids
 from ann_mlp.decode import DecodeBatch, Sequence, pad_token_id
 from ann_mlp.errors import DeadlineError
+from ann_mlp.packing import packed_rows
 
 if TYPE_CHECKING:
     from server.engine import Engine, JobState, Knobs, Run, ServedModel
@@ -301,23 +302,23 @@ class Batches:
 
 
 def _chunks(requests: list[PassRequest], max_tokens: int, packed: bool) -> list[list[PassRequest]]:
-    """Requests in passes by length: a pass's padded size (rows x longest) stays within max_tokens
-    and within MAX_PADDING of its real tokens, since every padded position costs a real one in
-    every layer. A model that runs packed inputs (ann_mlp.packing) computes little padding, so
-    there only its real tokens count, and unlike lengths share a pass. A request's inputs stay in
-    one pass; a request over the limits runs alone."""
+    """Requests in passes by length: a pass's computed positions stay within max_tokens and within
+    MAX_PADDING of its real tokens, since every padded position costs a real one in every layer.
+    Computed positions are rows x longest for a padded batch, and the packed rows' for a model
+    that packs its inputs (ann_mlp.packing), where unlike lengths mostly fill each other's rows.
+    A request's inputs stay in one pass; a request over the limits runs alone."""
     chunks: list[list[PassRequest]] = []
-    rows = real = 0
+    lengths: list[int] = []  # the current pass's input lengths
     for request in sorted(requests, key=lambda r: max(len(x) for x in r.ids)):
-        longest = max(len(x) for x in request.ids)  # the pass's longest: requests come shortest first
-        grown_rows, grown_real = rows + len(request.ids), real + sum(len(x) for x in request.ids)
-        padded = grown_real if packed else grown_rows * longest
-        if chunks and padded <= max_tokens and padded <= (1 + MAX_PADDING) * grown_real:
+        grown = lengths + [len(x) for x in request.ids]
+        rows = len(packed_rows(grown)) if packed else len(grown)
+        computed = rows * max(grown)  # the pass's longest: requests come shortest first
+        if chunks and computed <= max_tokens and computed <= (1 + MAX_PADDING) * sum(grown):
             chunks[-1].append(request)
-            rows, real = grown_rows, grown_real
+            lengths = grown
         else:
             chunks.append([request])
-            rows, real = len(request.ids), sum(len(x) for x in request.ids)
+            lengths = [len(x) for x in request.ids]
     return chunks
 
 

@@ -69,8 +69,9 @@ def generation(engine: Engine, prompt: list[int], max_tokens: int, knobs: Knobs)
     return engine.batches.generate(served, knobs, 1, prepare, finish)
 
 
-# Inputs of short, close lengths, and one far longer: padded, their pass would be mostly padding.
-BERT_INPUTS = [[[5, 6, 7]], [[8, 9, 10]], [[15, 16], [17, 18, 19]], [list(range(30, 40))]]
+# Inputs of short lengths and one twice as long: padded, their pass would compute 30 positions for
+# 17 tokens; packed, the short ones fill two rows of 6 beside it (18 positions).
+BERT_INPUTS = [[[5, 6, 7]], [[8, 9, 10]], [[15, 16], [17, 18, 19]], [list(range(30, 36))]]
 
 
 def test_compatible_passes_merge_and_each_gets_its_rows(engine):
@@ -110,6 +111,22 @@ def test_compatible_passes_merge_and_each_gets_its_rows(engine):
     other, exact_runs = together[len(BERT_INPUTS)], together[len(BERT_INPUTS) + 1 :]
     assert other.batch_size == 1 and other.k == [8] * len(other.k)  # other knobs: own pass
     assert [run.batch_size for run in exact_runs] == [1, 1]  # exact is never merged
+
+
+def test_a_packing_family_cuts_passes_where_its_rows_cannot_be_filled(engine):
+    """Inputs longer than half the longest cannot share its rows: packed, they would compute 40
+    positions for 28 tokens, so the longest runs alone and the rest share a pass."""
+    knobs = Knobs(mode="approx")
+    inputs = [[list(range(5, 11))], [list(range(11, 17))], [list(range(17, 23))], [list(range(30, 40))]]
+
+    async def main():
+        held = Held(engine)
+        tasks = [asyncio.ensure_future(forward(engine, "tiny-bert", ids, knobs)) for ids in inputs]
+        await queued(engine, len(tasks))
+        held.release()
+        return await asyncio.gather(*tasks)
+
+    assert [run.batch_size for run in asyncio.run(main())] == [3, 3, 3, 1]
 
 
 def test_a_padded_family_cuts_passes_where_padding_would_cost_more_than_company_saves(engine):

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from ann_mlp.capture import batch_from_ids, forward
 from ann_mlp.checkpoint import load_checkpoint
 from ann_mlp.checkpoint.bert import BertAdapter
-from ann_mlp.packing import pack
+from ann_mlp.packing import pack, packed_rows
 
 TINY = dict(
     vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, pad_token_id=1
@@ -88,3 +88,13 @@ def test_the_tiny_berts_packed_forward_matches_its_padded_one(tiny_checkpoints):
     expected = forward(checkpoint, batch).last_hidden_state
     got = forward(checkpoint, batch, packed=True).last_hidden_state
     torch.testing.assert_close(got[batch.mask], expected[batch.mask], atol=2e-5, rtol=1e-5)
+
+
+@given(lengths=st.lists(st.integers(1, 64), min_size=1, max_size=40))
+def test_packed_rows_place_every_input_once_within_the_longests_width(lengths):
+    rows = packed_rows(lengths)
+    width = max(lengths)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    fill = [sum(lengths[i] for i in row) for row in rows]
+    assert max(fill) <= width
+    assert sum(2 * f <= width for f in fill) <= 1  # at most one row half full or less
