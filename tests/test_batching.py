@@ -56,6 +56,20 @@ def forward(engine: Engine, model: str, ids: list[list[int]], knobs: Knobs):
     return engine.batches.forward(served, knobs, len(ids), lambda: ids, lambda run: run)
 
 
+def queued_together(engine: Engine, model: str, requests: list[list[list[int]]]) -> list:
+    """Each request's inputs (mode approx), all queued behind the held worker: the runs of the
+    passes they meet in."""
+
+    async def main():
+        held = Held(engine)
+        tasks = [asyncio.ensure_future(forward(engine, model, ids, Knobs(mode="approx"))) for ids in requests]
+        await queued(engine, len(tasks))
+        held.release()
+        return await asyncio.gather(*tasks)
+
+    return asyncio.run(main())
+
+
 def generation(engine: Engine, prompt: list[int], max_tokens: int, knobs: Knobs):
     served = engine.model("tiny-llama")
 
@@ -116,32 +130,14 @@ def test_compatible_passes_merge_and_each_gets_its_rows(engine):
 def test_a_packing_family_cuts_passes_where_its_rows_cannot_be_filled(engine):
     """Inputs longer than half the longest cannot share its rows: packed, they would compute 40
     positions for 28 tokens, so the longest runs alone and the rest share a pass."""
-    knobs = Knobs(mode="approx")
     inputs = [[list(range(5, 11))], [list(range(11, 17))], [list(range(17, 23))], [list(range(30, 40))]]
-
-    async def main():
-        held = Held(engine)
-        tasks = [asyncio.ensure_future(forward(engine, "tiny-bert", ids, knobs)) for ids in inputs]
-        await queued(engine, len(tasks))
-        held.release()
-        return await asyncio.gather(*tasks)
-
-    assert [run.batch_size for run in asyncio.run(main())] == [3, 3, 3, 1]
+    assert [run.batch_size for run in queued_together(engine, "tiny-bert", inputs)] == [3, 3, 3, 1]
 
 
 def test_a_padded_family_cuts_passes_where_padding_would_cost_more_than_company_saves(engine):
     """LLaMA runs right-padded batches: close lengths share a pass, a far longer input runs alone."""
-    knobs = Knobs(mode="approx")
     inputs = [[[5, 6, 7]], [[8, 9, 10]], [[15, 16], [17, 18, 19]], [list(range(30, 40))]]
-
-    async def main():
-        held = Held(engine)
-        tasks = [asyncio.ensure_future(forward(engine, "tiny-llama", ids, knobs)) for ids in inputs]
-        await queued(engine, len(tasks))
-        held.release()
-        return await asyncio.gather(*tasks)
-
-    runs = asyncio.run(main())
+    runs = queued_together(engine, "tiny-llama", inputs)
     assert [run.batch_size for run in runs] == [4, 4, 4, 1]
     assert runs[0].batch.mask.shape[1] == 3 and runs[3].batch.mask.shape[1] == 10  # widths of their passes
 
