@@ -145,7 +145,7 @@ def forward(checkpoint: Checkpoint, batch: Batch, packed: bool = False):
     with torch.inference_mode():
         packing = pack(checkpoint.adapter, batch.input_ids, batch.mask) if packed else None
         if packing is not None:
-            return packing.forward(checkpoint.model, batch.mask)
+            return packing.forward(checkpoint.model)
         return checkpoint.model(**batch.inputs)
 
 

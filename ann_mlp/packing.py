@@ -28,15 +28,16 @@ class Packing:
 
     inputs: dict[str, torch.Tensor]  # keyword arguments of model.forward over the packed rows
     places: torch.Tensor  # (B, T) long: each padded position's place among the packed rows' positions
+    mask: torch.Tensor  # (B, T): the padded batch's real tokens
 
-    def forward(self, model: torch.nn.Module, mask: torch.Tensor):
+    def forward(self, model: torch.nn.Module):
         """The model's output over the packed rows, as the padded batch's: last_hidden_state
         (B, T, d_model), zero at padding. Outputs that mix a row's inputs (a pooler over each
         row's first token) have no per-input meaning here and are left out."""
         output = model(**self.inputs)
         hidden = output.last_hidden_state  # (R, L, d)
         flat = hidden.reshape(-1, hidden.shape[-1])  # (R*L, d)
-        unpacked = flat[self.places] * mask.unsqueeze(-1)  # (B, T, d)
+        unpacked = flat[self.places] * self.mask.unsqueeze(-1)  # (B, T, d)
         return type(output)(last_hidden_state=unpacked)
 
 
@@ -86,4 +87,4 @@ def pack(adapter: FamilyAdapter, input_ids: torch.Tensor, mask: torch.Tensor) ->
     # (eager would add a boolean one as 0 and 1).
     dtype = adapter.model.dtype
     attention = torch.zeros(same_input.shape, dtype=dtype).masked_fill(~same_input, torch.finfo(dtype).min)
-    return Packing(adapter.packed_inputs(packed_ids, positions, attention.unsqueeze(1)), places)
+    return Packing(adapter.packed_inputs(packed_ids, positions, attention.unsqueeze(1)), places, mask)

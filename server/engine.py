@@ -333,7 +333,7 @@ class Engine:
             if knobs.mode == "exact":
                 output = forward(approx.checkpoint, batch)
             elif knobs.mode in ("approx", "auto"):
-                with approx.approximate(planned=knobs.mode == "auto"):  # merged passes: no padding computed
+                with approx.approximate(planned=knobs.mode == "auto"):  # packed where the family can (ann_mlp.packing)
                     output = forward(approx.checkpoint, batch, packed=True)
             else:
                 comparison = Comparison(approx)

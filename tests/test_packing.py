@@ -63,7 +63,7 @@ def test_packed_rows_give_the_padded_batchs_hidden_states(encoder, lengths, seed
         return
     with torch.inference_mode():
         padded = model(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (B, T, d)
-        packed = packing.forward(model, mask).last_hidden_state  # (B, T, d)
+        packed = packing.forward(model).last_hidden_state  # (B, T, d)
     rows, width = packing.inputs["input_ids"].shape
     assert width == max(lengths) and rows < len(lengths)  # never longer rows, fewer of them
     real = mask.bool()
