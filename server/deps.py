@@ -1,4 +1,7 @@
-"""Shared route dependencies: the engine from app state, and the optional bearer key."""
+"""Shared route dependencies: the engine from app state, and the optional bearer key.
+
+Both are `async def` though neither awaits: FastAPI runs a plain `def` dependency in its
+thread pool, a thread hop per dependency and request on the path every request takes."""
 
 from __future__ import annotations
 
@@ -10,11 +13,11 @@ from server.engine import Engine
 from server.errors import Unauthorized
 
 
-def engine(request: Request) -> Engine:
+async def engine(request: Request) -> Engine:
     return request.app.state.engine
 
 
-def require_api_key(request: Request) -> None:
+async def require_api_key(request: Request) -> None:
     expected = request.app.state.settings.api_key
     if expected is None:
         return
