@@ -306,19 +306,28 @@ def _chunks(requests: list[PassRequest], max_tokens: int, packed: bool) -> list[
     MAX_PADDING of its real tokens, since every padded position costs a real one in every layer.
     Computed positions are rows x longest for a padded batch, and the packed rows' for a model
     that packs its inputs (ann_mlp.packing), where unlike lengths mostly fill each other's rows.
-    A request's inputs stay in one pass; a request over the limits runs alone."""
+    Shortest first, a pass takes every request left when they fit together (packed, longer inputs
+    fill the rows that shorter ones leave, so a pass that grows can fit again after it did not);
+    otherwise it grows while it fits. A request's inputs stay in one pass; a request over the
+    limits runs alone."""
+
+    def fits(chunk: list[PassRequest]) -> bool:
+        lengths = [len(x) for request in chunk for x in request.ids]
+        rows = len(packed_rows(lengths)) if packed else len(lengths)
+        computed = rows * max(lengths)
+        return computed <= max_tokens and computed <= (1 + MAX_PADDING) * sum(lengths)
+
+    ordered = sorted(requests, key=lambda r: max(len(x) for x in r.ids))
     chunks: list[list[PassRequest]] = []
-    lengths: list[int] = []  # the current pass's input lengths
-    for request in sorted(requests, key=lambda r: max(len(x) for x in r.ids)):
-        grown = lengths + [len(x) for x in request.ids]
-        rows = len(packed_rows(grown)) if packed else len(grown)
-        computed = rows * max(grown)  # the pass's longest: requests come shortest first
-        if chunks and computed <= max_tokens and computed <= (1 + MAX_PADDING) * sum(grown):
-            chunks[-1].append(request)
-            lengths = grown
-        else:
-            chunks.append([request])
-            lengths = [len(x) for x in request.ids]
+    start = 0
+    while start < len(ordered):
+        end = len(ordered)
+        if not fits(ordered[start:end]):
+            end = start + 1
+            while end < len(ordered) and fits(ordered[start : end + 1]):
+                end += 1
+        chunks.append(ordered[start:end])
+        start = end
     return chunks
 
 

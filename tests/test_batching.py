@@ -134,6 +134,14 @@ def test_a_packing_family_cuts_passes_where_its_rows_cannot_be_filled(engine):
     assert [run.batch_size for run in queued_together(engine, "tiny-bert", inputs)] == [3, 3, 3, 1]
 
 
+def test_a_packing_family_takes_every_request_when_longer_inputs_fill_what_shorter_ones_leave(engine):
+    """Shortest first, the two 3s and the 5 alone would leave a third of their rows empty (15
+    positions for 11 tokens), but with the 8s beside them the 5 and a 3 fill a row of 8: every
+    request fits one pass of 32 positions for 27 tokens."""
+    inputs = [[[5, 6, 7]], [[8, 9, 10]], [list(range(11, 16))], [list(range(20, 28))], [list(range(30, 38))]]
+    assert [run.batch_size for run in queued_together(engine, "tiny-bert", inputs)] == [5] * 5
+
+
 def test_a_padded_family_cuts_passes_where_padding_would_cost_more_than_company_saves(engine):
     """LLaMA runs right-padded batches: close lengths share a pass, a far longer input runs alone."""
     inputs = [[[5, 6, 7]], [[8, 9, 10]], [[15, 16], [17, 18, 19]], [list(range(30, 40))]]
