@@ -121,3 +121,29 @@ def test_a_gguf_store_reads_the_models_blocks_and_is_exact_at_full_k(tiny_ggufs,
         (ours,) = generate(model.checkpoint.model, [prompt], 8, eos_token_id=None, pad_token_id=0)
         (theirs,) = generate(reference, [prompt], 8, eos_token_id=None, pad_token_id=0)
         assert ours.tokens == theirs.tokens
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_gguf_tensor_names_map_as_transformers_maps_them(model_type):
+    """One build of gguf's name table maps every parameter as transformers' recursive mapping does."""
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
+
+    from ann_mlp.checkpoint.gguf import gguf_to_model_names
+
+    config = transformers.AutoConfig.for_model(
+        model_type,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+        tie_word_embeddings=False,
+    )
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    processor = TENSOR_PROCESSORS.get(model_type, TensorProcessor)(config=config.to_dict())
+    names = gguf_to_model_names(model, processor)
+    assert names == get_gguf_hf_weights_map(model, processor)
+    assert names["blk.2.ffn_gate.weight"] == "model.layers.2.mlp.gate_proj.weight"
+    assert sorted(names.values()) == sorted(model.state_dict())  # every parameter has its tensor

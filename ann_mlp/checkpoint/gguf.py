@@ -31,7 +31,7 @@ def load_quantized(path: str, auto: type, config) -> nn.Module | None:
     architecture is not one whose tensors map onto the model row for row (then transformers'
     own de-quantizing loader applies)."""
     from gguf import GGUFReader, dequantize
-    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
     reader = GGUFReader(path)
     architecture = bytes(reader.fields["general.architecture"].parts[-1]).decode()
@@ -41,7 +41,7 @@ def load_quantized(path: str, auto: type, config) -> nn.Module | None:
     processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config.to_dict())
     with torch.device("meta"):
         model = auto.from_config(config, dtype=torch.float32)
-    names = get_gguf_hf_weights_map(model, processor)
+    names = gguf_to_model_names(model, processor)
     kept, widened = Counter(), Counter()
     for tensor in reader.tensors:
         name = names.get(tensor.name)
@@ -63,6 +63,32 @@ def load_quantized(path: str, auto: type, config) -> nn.Module | None:
         raise ValueError(f"{path} holds no tensor for {', '.join(meta[:3])}")
     log.info("kept quantized: %s; loaded as float32: %s", dict(kept), dict(widened))
     return model
+
+
+def gguf_to_model_names(model: nn.Module, processor) -> dict[str, str]:
+    """GGUF tensor name -> the model's parameter name, as transformers' get_gguf_hf_weights_map
+    maps them, from one build of gguf's name table. transformers builds that table again for
+    every submodule it recurses into (for models whose GGUF tensors name a submodule's
+    parameters); a 30-layer LLaMA spent seconds of its load there."""
+    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
+    from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
+
+    config = model.config
+    arch = next((arch for arch, name in MODEL_ARCH_NAMES.items() if name == config.model_type), None)
+    if arch is None:
+        return get_gguf_hf_weights_map(model, processor)  # its own lookup, and its own error
+    table = get_tensor_name_map(arch, config.num_hidden_layers)
+    names = {}
+    for hf_name in model.state_dict():
+        name = processor.preprocess_name(hf_name)
+        module, suffix = name, ""
+        if name.endswith((".weight", ".bias")):
+            module, _, kind = name.rpartition(".")
+            suffix = f".{kind}"
+        gguf_name = table.get_name(module)
+        if gguf_name is not None:
+            names[gguf_name + suffix] = hf_name
+    return names
 
 
 def _quantized_module(module: nn.Module, tensor, processor) -> nn.Module:
