@@ -119,18 +119,34 @@ class QuantizedMatrix:
 
     def stored_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Stored rows ids (m,) -> (m, cols) float32."""
+        mins = None if self.mins is None else self.mins[ids]
+        out = torch.empty(len(ids), self.stored_shape[1])
+        return self._dequantize(self.codes[ids], self.scales[ids], mins, out)
+
+    def _dequantize(
+        self, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, out: torch.Tensor
+    ) -> torch.Tensor:
+        """Rows' blocks into out, in place: codes (m, blocks, 32 or 16) uint8, scales and mins
+        (m, blocks) float16 -> out (m, cols) float32, equal to gguf's de-quantizer bit for bit.
+
+        Every step writes the float32 rows where they stay, with no temporaries their size: at
+        one token a dense product's time is mostly this, not the product after it."""
         fmt = self.format
-        codes = self.codes[ids]  # (m, blocks, 32 or 16)
+        grid = out.view(codes.shape[0], codes.shape[1], BLOCK)  # (m, blocks, 32)
         if fmt.bits == 8:
-            levels = codes.contiguous().view(torch.int8).float()
+            grid.copy_(codes.view(torch.int8))
         else:
-            levels = torch.cat([codes & 15, codes >> 4], dim=-1).float()  # (m, blocks, 32): low nibbles first
+            # Four codes per int32: the nibble masks run on a quarter as many elements. A block's
+            # low nibbles are its elements 0-15, the high ones 16-31: (2, 16) per block.
+            words = codes.contiguous().view(torch.int32)  # (m, blocks, 4)
+            nibbles = torch.stack([words & 0x0F0F0F0F, (words >> 4) & 0x0F0F0F0F], dim=-2)  # (m, blocks, 2, 4)
+            grid.view(*codes.shape[:2], 2, BLOCK // 2).copy_(nibbles.view(torch.uint8))
         if fmt.code_offset:
-            levels -= fmt.code_offset
-        values = levels * self.scales[ids].float().unsqueeze(-1)
-        if self.mins is not None:
-            values += self.mins[ids].float().unsqueeze(-1)
-        return values.reshape(len(ids), -1)
+            grid.sub_(fmt.code_offset)
+        grid.mul_(scales.float().unsqueeze(-1))
+        if mins is not None:
+            grid.add_(mins.float().unsqueeze(-1))
+        return out
 
     def stored_columns(self, ids: torch.Tensor) -> torch.Tensor:
         """Stored columns ids (m,) -> (rows, m) float32."""
@@ -149,12 +165,18 @@ class QuantizedMatrix:
         return values
 
     def stored_row_chunks(self) -> Iterator[tuple[slice, torch.Tensor]]:
-        """The stored rows in order, de-quantized a chunk at a time: (rows, (chunk, cols) float32)."""
+        """The stored rows in order, de-quantized a chunk at a time into one buffer: (rows,
+        (chunk, cols) float32), each chunk valid until the next is read."""
         rows, cols = self.stored_shape
-        chunk = max(1, MAX_DEQUANTIZED // cols)
+        chunk = min(rows, max(1, MAX_DEQUANTIZED // cols))
+        buffer = torch.empty(chunk, cols)
         for start in range(0, rows, chunk):
             stop = min(start + chunk, rows)
-            yield slice(start, stop), self.stored_rows(torch.arange(start, stop))
+            mins = None if self.mins is None else self.mins[start:stop]
+            dequantized = self._dequantize(
+                self.codes[start:stop], self.scales[start:stop], mins, buffer[: stop - start]
+            )
+            yield slice(start, stop), dequantized
 
     def times_rows(self, x: torch.Tensor) -> torch.Tensor:
         """x @ storedᵀ: x (N, cols) -> (N, rows) float32."""

@@ -11,6 +11,7 @@ import transformers
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
+from ann_mlp import quantized
 from ann_mlp.approx_model import ApproxModel
 from ann_mlp.build import build_store
 from ann_mlp.checkpoint import load_checkpoint
@@ -61,6 +62,26 @@ def test_blocks_read_as_gguf_dequantizes_them(qtype):
     torch.testing.assert_close(
         matrix.t().weighted_rows_sum(value_ids, weights), torch.einsum("nk,nkd->nd", weights, reference.T[value_ids])
     )
+
+
+@pytest.mark.parametrize("qtype", GGUF_TYPES)
+def test_dense_products_de_quantize_a_chunk_of_rows_at_a_time_into_one_buffer(qtype, monkeypatch):
+    """Chunks of 3 stored rows, the last one short, each read into the same buffer: every chunk
+    equals gguf's rows while it is read, and the products over them equal the whole matrix's."""
+    monkeypatch.setattr(quantized, "MAX_DEQUANTIZED", 3 * 96)
+    rng = np.random.default_rng(1)
+    kind = GGMLQuantizationType[qtype]
+    blocks = quantize(rng.standard_normal((40, 96)).astype(np.float32), kind)
+    reference = torch.from_numpy(dequantize(blocks, kind))  # (40, 96)
+    matrix = QuantizedMatrix(owned_blocks(blocks), kind, cols=96)
+    chunks = []
+    for rows, chunk in matrix.stored_row_chunks():
+        assert torch.equal(chunk, reference[rows])
+        chunks.append((rows.start, rows.stop, chunk.data_ptr()))
+    assert chunks[-1][:2] == (39, 40) and len({pointer for *_, pointer in chunks}) == 1
+    x, h = torch.randn(5, 96), torch.randn(5, 40)
+    torch.testing.assert_close(matrix.times_rows(x), x @ reference.T)
+    torch.testing.assert_close(matrix.times_columns(h), h @ reference)
 
 
 @pytest.mark.parametrize("qtype", GGUF_TYPES)
