@@ -108,7 +108,7 @@ class QuantizedMatrix:
 
     def float(self) -> torch.Tensor:
         """Every element in float32, in this view's orientation: (shape) float32."""
-        stored = self.stored_rows(torch.arange(self.stored_shape[0]))
+        stored = self._dequantize(slice(None), torch.empty(self.stored_shape))
         return stored.T.contiguous() if self.transposed else stored
 
     # -- reads ----------------------------------------------------------------------------
@@ -119,19 +119,16 @@ class QuantizedMatrix:
 
     def stored_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Stored rows ids (m,) -> (m, cols) float32."""
-        mins = None if self.mins is None else self.mins[ids]
-        out = torch.empty(len(ids), self.stored_shape[1])
-        return self._dequantize(self.codes[ids], self.scales[ids], mins, out)
+        return self._dequantize(ids, torch.empty(len(ids), self.stored_shape[1]))
 
-    def _dequantize(
-        self, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, out: torch.Tensor
-    ) -> torch.Tensor:
-        """Rows' blocks into out, in place: codes (m, blocks, 32 or 16) uint8, scales and mins
-        (m, blocks) float16 -> out (m, cols) float32, equal to gguf's de-quantizer bit for bit.
+    def _dequantize(self, rows: torch.Tensor | slice, out: torch.Tensor) -> torch.Tensor:
+        """Stored rows `rows` (ids (m,), or a slice of m rows: read in place) into out (m, cols)
+        float32, equal to gguf's de-quantizer bit for bit.
 
         Every step writes the float32 rows where they stay, with no temporaries their size: at
         one token a dense product's time is mostly this, not the product after it."""
         fmt = self.format
+        codes = self.codes[rows]  # (m, blocks, 32 or 16) uint8
         grid = out.view(codes.shape[0], codes.shape[1], BLOCK)  # (m, blocks, 32)
         if fmt.bits == 8:
             grid.copy_(codes.view(torch.int8))
@@ -143,9 +140,9 @@ class QuantizedMatrix:
             grid.view(*codes.shape[:2], 2, BLOCK // 2).copy_(nibbles.view(torch.uint8))
         if fmt.code_offset:
             grid.sub_(fmt.code_offset)
-        grid.mul_(scales.float().unsqueeze(-1))
-        if mins is not None:
-            grid.add_(mins.float().unsqueeze(-1))
+        grid.mul_(self.scales[rows].float().unsqueeze(-1))
+        if self.mins is not None:
+            grid.add_(self.mins[rows].float().unsqueeze(-1))
         return out
 
     def stored_columns(self, ids: torch.Tensor) -> torch.Tensor:
@@ -172,11 +169,7 @@ class QuantizedMatrix:
         buffer = torch.empty(chunk, cols)
         for start in range(0, rows, chunk):
             stop = min(start + chunk, rows)
-            mins = None if self.mins is None else self.mins[start:stop]
-            dequantized = self._dequantize(
-                self.codes[start:stop], self.scales[start:stop], mins, buffer[: stop - start]
-            )
-            yield slice(start, stop), dequantized
+            yield slice(start, stop), self._dequantize(slice(start, stop), buffer[: stop - start])
 
     def times_rows(self, x: torch.Tensor) -> torch.Tensor:
         """x @ storedᵀ: x (N, cols) -> (N, rows) float32."""
