@@ -176,6 +176,11 @@ def _locked_folder(folder: Path, dest: Path) -> int:
     return descriptor
 
 
+def partial_folder(dest: Path) -> Path:
+    """Where a resumable build of `dest` keeps its finished layers until it commits."""
+    return dest.with_name(f".{dest.name}.partial")
+
+
 class StoreWriter:
     """Write a store atomically: `with StoreWriter(dest) as w: w.add_layer(...); w.commit(manifest)`.
 
@@ -195,7 +200,7 @@ class StoreWriter:
         if resume_key is None:
             self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.tmp-", dir=self.dest.parent))
         else:
-            self.tmp = self.dest.with_name(f".{self.dest.name}.partial")
+            self.tmp = partial_folder(self.dest)
             self.tmp.mkdir(exist_ok=True)
             self._lock = _locked_folder(self.tmp, self.dest)
             key_file = self.tmp / RESUME_KEY

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a file, `bench.*` imports still resolve
-from ann_mlp.store import ENTRY_PATTERN  # noqa: E402
+from ann_mlp.store import ENTRY_PATTERN, partial_folder  # noqa: E402
 from bench.load import free_port, start_server  # noqa: E402
 from bench.pages import REPO, commit, write_table_page  # noqa: E402
 
@@ -132,7 +132,7 @@ def measure(name: str, shape: Shape, work: Path, tokens: int) -> dict:
     write_checkpoint(shape, checkpoint)
     file_gb = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors")) / 2**30
     k = shape.intermediate // 16
-    resumed = len(list(store.with_name(f".{store.name}.partial").glob(ENTRY_PATTERN)))  # layers a stopped build left
+    resumed = len(list(partial_folder(store).glob(ENTRY_PATTERN)))  # layers a stopped build left
     build_s, build_peak = run_measured(
         "build", str(checkpoint), "--out", str(store), "--k", str(k), "--target-recall", "0.9",
         "--calib-tokens", str(tokens), "--check-text", "none", "--force",
